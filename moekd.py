@@ -1,0 +1,1155 @@
+"""moekd: knowledge distillation from Mixture-of-Experts teachers.
+
+Reference implementation of "Every Expert Matters: Towards Effective Knowledge
+Distillation for Mixture-of-Experts Language Models" (Kim, Chu, Yang; arXiv 2502.12947).
+A dense student learns from an MoE teacher; KA (knowledge augmentation) and SAR
+(student-aware router) let the student hear the experts the router did not pick.
+
+    python moekd.py --tiny --model tiny_moe --out runs/tiny-teacher   # SFT the tiny MoE on CPU
+    python moekd.py --method sft --model llama-moe/LLaMA-MoE-v1-3_5B-4_16 --device cuda
+    pytest -q                                                          # tests, CPU, offline
+
+Spec of every method: docs in the project README. Sections below flow downward:
+config -> data -> Llama-MoE model -> loading/saving -> losses -> generation ->
+method steps -> training loop -> main.  Shape legend: B batch, T time, H hidden,
+V vocab, E experts, K selected experts, N = B*T flattened tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+METHODS = ("sft", "kd", "gkd", "all", "ka", "sar")
+DOLLY_HUB = "databricks/databricks-dolly-15k"
+
+
+class MoekdError(ValueError):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class Config:
+    method: str = field(default="sft", metadata={"help": "training method", "choices": METHODS})
+    model: str = field(default="princeton-nlp/Sheared-LLaMA-1.3B", metadata={
+        "help": "model to train (the student; for sft the model itself): hub name or local dir"})
+    teacher: str = field(default="llama-moe/LLaMA-MoE-v1-3_5B-4_16", metadata={
+        "help": "MoE teacher for kd/gkd/all/ka/sar: hub name or local dir"})
+    data: str = field(default=DOLLY_HUB, metadata={
+        "help": "training data: 'synthetic', the Dolly hub name, a jsonl file (raw Dolly or "
+                "MiniLLM prompt/output), or a folder with train.jsonl (+ dev.jsonl)"})
+    dev_data: str | None = field(default=None, metadata={
+        "help": "dev data (same formats); default: the MiniLLM split of raw Dolly, the folder's "
+                "dev.jsonl, or the first --dev-size rows of --data"})
+    dev_size: int = field(default=1000, metadata={"help": "rows held out as dev when --dev-data is not given"})
+    out: str | None = field(default=None, metadata={"help": "run directory (default runs/<method>-<model>)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete an existing --out and start over"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
+    tiny: bool = field(default=False, metadata={
+        "help": "CPU preset: tiny_moe models, synthetic data, short sequences, large LR"})
+    device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda if available)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "compute dtype under autocast, master weights stay fp32 (auto: bf16 on cuda, fp32 on cpu)",
+        "choices": ("auto", "bf16", "fp16", "fp32")})
+    seed: int = field(default=10, metadata={"help": "seed for init, data order, gate noise, sampling"})
+    epochs: int = field(default=10, metadata={"help": "passes over the training data"})
+    max_steps: int | None = field(default=None, metadata={"help": "cap on optimizer steps (sets the schedule length)"})
+    stop_after: int | None = field(default=None, metadata={
+        "help": "checkpoint and exit after this many optimizer steps in this invocation (time-limited jobs)"})
+    batch_size: int = field(default=16, metadata={"help": "micro-batch per device; global batch = batch_size * grad_accum"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default 1e-5; sar 1e-6)"})
+    lr_schedule: str | None = field(default=None, metadata={
+        "help": "default cosine for sft/kd, constant for gkd/all/ka/sar", "choices": ("constant", "cosine")})
+    lr_min: float = field(default=1e-7, metadata={"help": "final LR of the cosine schedule"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=1e-2, metadata={
+        "help": "AdamW weight decay on matrices (not on norms/biases); the paper's MoE teacher SFT used 0.1"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (0: off)"})
+    loss_norm: str = field(default="global", metadata={
+        "help": "global: token mean over the whole global batch (invariant to micro-batching); "
+                "micro: mean of per-micro-batch token means (the official DeepSpeed split)",
+        "choices": ("global", "micro")})
+    max_prompt_len: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are dropped"})
+    max_len: int = field(default=512, metadata={"help": "prompt + response truncated to this many tokens"})
+    log_every: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
+    save_every: int = field(default=0, metadata={"help": "also checkpoint every N steps (0: only at epoch ends)"})
+    dev_eval: bool = field(default=True, metadata={"help": "dev loss and ROUGE-L after every epoch"})
+    dev_num: int | None = field(default=None, metadata={"help": "dev examples used for ROUGE-L (default all)"})
+    eval_batch_size: int = field(default=32, metadata={"help": "batch size of dev generation"})
+    synthetic_train: int = field(default=3000, metadata={"help": "rows of the synthetic training set"})
+    synthetic_dev: int = field(default=200, metadata={"help": "rows of the synthetic dev set"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise MoekdError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.lr is None:
+            self.lr = 1e-6 if self.method == "sar" else 1e-5
+        if self.lr_schedule is None:
+            self.lr_schedule = "cosine" if self.method in ("sft", "kd") else "constant"
+        for name in ("batch_size", "grad_accum", "epochs", "max_prompt_len", "max_len", "log_every"):
+            if getattr(self, name) < 1:
+                raise MoekdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_len >= self.max_len:
+            raise MoekdError(f"--max-prompt-len ({self.max_prompt_len}) must be < --max-len ({self.max_len})")
+        if self.resume and self.overwrite:
+            raise MoekdError("--resume and --overwrite contradict each other")
+        if self.out is None:
+            self.out = str(Path("runs") / f"{self.method}-{Path(self.model.rstrip('/')).name}")
+
+
+# `--tiny`: everything a laptop CPU needs for an end-to-end run in a minute or two.
+TINY_PRESET = dict(model=str(HERE / "tiny_moe" / "student"), teacher=str(HERE / "tiny_moe"),
+                   data="synthetic", lr=2e-3, epochs=3, batch_size=16, max_prompt_len=96,
+                   max_len=128, log_every=20, dev_num=64, warmup_steps=10)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """CLI generated from Config's fields; explicit flags > --tiny preset > paper defaults."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        kw: dict[str, Any] = dict(help=f"{f.metadata['help']} (default: {f.default})", default=argparse.SUPPRESS)
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            kw["choices"] = f.metadata.get("choices")
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
+    values = dict(TINY_PRESET) if given.get("tiny") else {}
+    values.update(given)
+    return Config(**values)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoekdError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+# ----------------------------------------------------------------------------
+# Data: Dolly, MiniLLM jsonl, and a synthetic instruction set
+
+def format_prompt(instruction: str, context: str = "") -> str:
+    """The Alpaca-style template of MiniLLM / MoEKD (spec §6), byte-exact."""
+    if context:
+        return ("Below is an instruction that describes a task, paired with an input that provides "
+                "further context. Write a response that appropriately completes the request.\n\n"
+                f"### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n")
+    return ("Below is an instruction that describes a task. Write a response that appropriately "
+            f"completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise MoekdError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoekdError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise MoekdError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(to_example(row, where=f"{path}:{lineno}"))
+    if not rows:
+        raise MoekdError(f"{path}: empty file, no examples")
+    return rows
+
+
+def to_example(row: dict, *, where: str) -> dict:
+    """One row -> {prompt, responses}: raw Dolly (instruction/context/response) or MiniLLM (prompt/output)."""
+    if "prompt" in row and "output" in row:
+        outputs = row["output"] if isinstance(row["output"], list) else [row["output"]]
+        if not isinstance(row["prompt"], str) or not outputs or not all(isinstance(o, str) for o in outputs):
+            raise MoekdError(f"{where}: 'prompt' must be a string and 'output' a string or list of strings")
+        return {"prompt": row["prompt"], "responses": outputs}
+    if "instruction" in row and "response" in row:
+        context = row.get("context") or row.get("input") or ""
+        return {"prompt": format_prompt(row["instruction"], context), "responses": [row["response"]]}
+    raise MoekdError(f"{where}: need fields instruction/response (Dolly) or prompt/output (MiniLLM), "
+                     f"got {sorted(row)}")
+
+
+def load_dolly_hub(name: str = DOLLY_HUB) -> list[dict]:
+    try:
+        import datasets
+        table = datasets.load_dataset(name, split="train")
+    except Exception as e:  # offline, unknown name, ...
+        raise MoekdError(f"--data {name}: could not load from the hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); pass a local jsonl") from None
+    return [to_example(dict(r), where=f"{name}[{i}]") for i, r in enumerate(table)]
+
+
+def load_splits(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """(train, dev) examples as {prompt, responses}.
+
+    Raw Dolly-15k (hub or a raw-schema file) without --dev-data follows MiniLLM's split:
+    rows 0-499 are the test set (shared/data/dolly/valid.jsonl), the next 1000 are dev,
+    the rest train. Otherwise dev is --dev-data, a folder's dev.jsonl, or the first
+    --dev-size rows (the official processing's first-1000-lines-are-valid rule)."""
+    if cfg.data == "synthetic":
+        train = [to_example(r, where="synthetic") for r in synthetic_rows(cfg.synthetic_train, seed=cfg.seed)]
+        dev = [to_example(r, where="synthetic") for r in synthetic_rows(cfg.synthetic_dev, seed=cfg.seed + 1)]
+        return train, (load_examples(cfg.dev_data) if cfg.dev_data else dev)
+    raw_dolly = cfg.data == DOLLY_HUB
+    if raw_dolly:
+        rows = load_dolly_hub(cfg.data)
+    else:
+        path = Path(cfg.data)
+        if path.is_dir():
+            rows = read_jsonl(path / "train.jsonl") if (path / "train.jsonl").exists() else None
+            if rows is None:
+                raise MoekdError(f"--data {path}: folder has no train.jsonl")
+            if cfg.dev_data is None and (path / "dev.jsonl").exists():
+                return rows, read_jsonl(path / "dev.jsonl")
+        elif not path.exists():
+            raise MoekdError(f"--data {path}: no such file or folder (or use 'synthetic' / {DOLLY_HUB})")
+        else:
+            rows = read_jsonl(path)
+            raw_dolly = _is_raw_dolly_file(path)
+    if cfg.dev_data is not None:
+        return rows, load_examples(cfg.dev_data)
+    skip, n_dev = (500, 1000) if raw_dolly else (0, cfg.dev_size)
+    if len(rows) <= skip + n_dev:
+        raise MoekdError(f"--data {cfg.data}: {len(rows)} rows leave no training rows after holding out "
+                         f"{skip} test + {n_dev} dev rows; pass --dev-data or a smaller --dev-size")
+    return rows[skip + n_dev:], rows[skip:skip + n_dev]
+
+
+def _is_raw_dolly_file(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        first = json.loads(next(line for line in f if line.strip()))
+    return {"instruction", "context", "response", "category"} <= set(first)
+
+
+def load_examples(source: str) -> list[dict]:
+    path = Path(source)
+    if path.is_dir():
+        for name in ("dev.jsonl", "valid.jsonl"):
+            if (path / name).exists():
+                return read_jsonl(path / name)
+        raise MoekdError(f"--dev-data {path}: folder has no dev.jsonl or valid.jsonl")
+    if not path.exists():
+        raise MoekdError(f"--dev-data {path}: no such file or folder")
+    return read_jsonl(path)
+
+
+# Synthetic instruction families with short verifiable answers, so the tiny default runs anywhere.
+# Facts ("where does X live") come from a fixed table shared by every split: closed-book knowledge
+# a bigger model memorises better; the other families are skills (arithmetic, copying, counting).
+_WORDS = ("apple river stone cloud tiger piano garden rocket silver candle forest mirror violet "
+          "window planet dragon ocean castle lemon falcon bridge copper meadow pepper").split()
+_COLORS = "red blue green yellow black white orange purple".split()
+_OBJECTS = "cup hat ball book lamp coat box key".split()
+_SYLLABLES = "ka lo mi ra tu ve zo pe ni sa do ru".split()
+
+
+def _fact_table() -> list[tuple[str, str]]:
+    rng = random.Random(1234)  # fixed: the same facts in every split and seed
+    def name() -> str:
+        return "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize()
+    cities = [name() for _ in range(8)]
+    return [(name(), rng.choice(cities)) for _ in range(48)]
+
+
+def synthetic_rows(n: int, *, seed: int) -> list[dict]:
+    """n Dolly-schema rows (instruction, context, response, category), deterministic in seed."""
+    rng, facts = random.Random(seed), _fact_table()
+    def nums(k: int, hi: int = 99) -> list[int]:
+        return [rng.randint(1, hi) for _ in range(k)]
+    def words(k: int) -> list[str]:
+        return [rng.choice(_WORDS) for _ in range(k)]
+    def add():
+        a, b = nums(2)
+        return "Add the two numbers.", f"{a} and {b}", str(a + b)
+    def reverse():
+        w = words(rng.randint(3, 5))
+        return "Reverse the order of the words.", " ".join(w), " ".join(reversed(w))
+    def sort():
+        x = nums(rng.randint(3, 5))
+        return "Sort the numbers from smallest to largest.", ", ".join(map(str, x)), ", ".join(map(str, sorted(x)))
+    def count():
+        w = words(rng.randint(2, 9))
+        return "How many words are in the text?", " ".join(w), str(len(w))
+    def spell():
+        w = rng.choice(_WORDS)
+        return "Spell the word with dashes between the letters.", w, "-".join(w)
+    def sequence():
+        a, d = rng.randint(1, 20), rng.randint(2, 9)
+        return ("Continue the sequence with the next two numbers.", ", ".join(str(a + d * i) for i in range(3)),
+                f"{a + 3 * d}, {a + 4 * d}")
+    def lookup():
+        people = rng.sample([p for p, _ in facts], 3)
+        items = [(p, rng.choice(_COLORS), rng.choice(_OBJECTS)) for p in people]
+        p, c, o = rng.choice(items)
+        return f"What color is {p}'s {o}?", " ".join(f"{a} has a {b} {c_}." for a, b, c_ in items), c
+    def fact():
+        p, city = rng.choice(facts)
+        return f"Which city does {p} live in?", "", city
+    families = {f.__name__: f for f in (add, reverse, sort, count, spell, sequence, lookup, fact)}
+    rows = []
+    for _ in range(n):
+        category = rng.choice(sorted(families))
+        instruction, context, response = families[category]()
+        rows.append(dict(instruction=instruction, context=context, response=response, category=category))
+    return rows
+
+
+def tokenize_example(tokenizer, prompt: str, response: str, *, max_prompt_len: int, max_len: int) -> dict | None:
+    """Token ids + labels for teacher forcing; None when the prompt is over max_prompt_len (dropped).
+
+    As in the official processing: no BOS, EOS appended to the response, truncation to max_len,
+    prompt labels -100. Labels come from lengths, never from `token == pad`, so the final EOS stays
+    a label even though pad == eos (TRL PR #6357)."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    if len(prompt_ids) > max_prompt_len:
+        return None
+    response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:max_len]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:max_len]
+    return {"input_ids": input_ids, "labels": labels, "prompt_ids": prompt_ids}
+
+
+def tokenize_examples(tokenizer, examples: list[dict], cfg: Config, *, name: str) -> list[dict]:
+    out, dropped = [], 0
+    for ex in examples:
+        item = tokenize_example(tokenizer, ex["prompt"], ex["responses"][0],
+                                max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len)
+        if item is None:
+            dropped += 1
+            continue
+        out.append({**item, "responses": ex["responses"]})
+    print(f"data {name}: {len(out)} examples kept, {dropped} dropped with prompts over "
+          f"{cfg.max_prompt_len} tokens")
+    if not out:
+        raise MoekdError(f"data {name}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
+    return out
+
+
+def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids [B, T] (pad), labels [B, T] (-100), attention_mask [B, T]."""
+    width = max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[i, :n] = torch.tensor(it["input_ids"])
+        labels[i, :n] = torch.tensor(it["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for generation: input_ids [B, T], attention_mask [B, T]."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, width - len(p):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
+    """A fixed permutation per (seed, epoch): the data position is just the step number."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+# ----------------------------------------------------------------------------
+# Llama-MoE (pjlab-sys4nlp/llama-moe) on a transformers-5 Llama backbone.
+# Pure tensor pieces first (copy-able), then the modules holding the checkpoint's parameters.
+
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation, var/mean^2 with torch's *unbiased* variance (official gate)."""
+    if x.numel() <= 1:
+        return x.new_zeros((), dtype=torch.float32)
+    x = x.float()
+    return x.var() / (x.mean() ** 2 + 1e-10)
+
+
+def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Llama-MoE selection: top-k on raw logits, softmax over the *selected* logits only, in fp32.
+
+    Returns (index [N, K], weights [N, K] in logits' dtype, top values [N, min(K+1, E)]);
+    the (K+1)-th value is the threshold the smooth load needs."""
+    top_values, top_index = logits.topk(min(k + 1, logits.shape[-1]), dim=-1)
+    weights = torch.softmax(top_values[:, :k].float(), dim=-1).to(logits.dtype)
+    return top_index[:, :k], weights, top_values
+
+
+def smooth_load(clean: torch.Tensor, noise: torch.Tensor, noise_std: torch.Tensor,
+                top_values: torch.Tensor, k: int) -> torch.Tensor:
+    """Shazeer et al.'s differentiable load, Sum_t P(expert e stays in the top-k) -> [E].
+
+    As the official Llama-MoE gate: `is_in` compares the *noise term* (not the noisy logit)
+    with the (k+1)-th largest noisy logit; that quirk is kept on purpose."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    threshold_in = top_values[:, k:k + 1]       # [N, 1], (k+1)-th largest noisy logit
+    threshold_out = top_values[:, k - 1:k]      # [N, 1], k-th largest
+    prob_in = normal.cdf((clean - threshold_in) / noise_std)
+    prob_out = normal.cdf((clean - threshold_out) / noise_std)
+    return torch.where(noise > threshold_in, prob_in, prob_out).sum(0)
+
+
+def llama_moe_balance_loss(importance: torch.Tensor, load: torch.Tensor, weight: float) -> torch.Tensor:
+    """w * (cv^2(importance) + cv^2(load)), one layer's balance loss."""
+    return weight * (cv_squared(importance) + cv_squared(load))
+
+
+class LlamaMoEGate(nn.Module):
+    """TopKBalancedNoisyGate: keys gate.gate_network.{0,2}.weight (mlp) or gate.gate_network.weight
+    (linear), gate.weight_noise.weight. forward(x [N, H]) -> (index [N, K], weights [N, K])
+    and stores this call's balance loss in `self.balance_loss`."""
+
+    def __init__(self, hidden_size: int, num_experts: int, num_selects: int, *, gate_network: str,
+                 add_noise: bool, noise_epsilon: float, use_balance: bool, balance_loss_weight: float):
+        super().__init__()
+        E = num_experts
+        if gate_network == "mlp":  # Linear -> Tanh -> Linear, no biases (index 1 is the Tanh)
+            self.gate_network = nn.Sequential(nn.Linear(hidden_size, E, bias=False), nn.Tanh(),
+                                              nn.Linear(E, E, bias=False))
+        else:
+            self.gate_network = nn.Linear(hidden_size, E, bias=False)
+        self.weight_noise = nn.Linear(hidden_size, E, bias=False) if add_noise else None
+        self.num_experts, self.num_selects = E, num_selects
+        self.add_noise, self.noise_epsilon = add_noise, noise_epsilon
+        self.use_balance, self.balance_loss_weight = use_balance, balance_loss_weight
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clean = self.gate_network(x)                                    # [N, E]
+        noise = noise_std = None
+        if self.training and self.add_noise:  # noise only in train mode (official)
+            noise_std = F.softplus(self.weight_noise(x)) + self.noise_epsilon
+            noise = torch.randn_like(clean) * noise_std
+        logits = clean if noise is None else clean + noise
+        k = self.num_selects
+        index, weights, top_values = topk_softmax(logits, k)            # [N, K], [N, K]
+        if self.use_balance:
+            full = torch.zeros_like(logits).scatter(1, index, weights)  # [N, E]
+            importance = full.sum(0)
+            if noise is not None and k < self.num_experts:
+                load = smooth_load(clean, noise, noise_std, top_values, k)
+            else:
+                load = (full > 0).sum(0)  # hard count, no gradient
+            self.balance_loss = llama_moe_balance_loss(importance, load, self.balance_loss_weight)
+        else:
+            self.balance_loss = None
+        return index, weights
+
+
+class LlamaMoEExperts(nn.Module):
+    """SwiGLU experts of per-expert sizes s_j: keys weight_gate.j [s_j, H], weight_up.j [s_j, H],
+    weight_down.j [H, s_j] (nn.ParameterLists, as the checkpoints)."""
+
+    def __init__(self, hidden_size: int, sizes: list[int]):
+        super().__init__()
+        H = hidden_size
+        self.weight_gate = nn.ParameterList([nn.Parameter(torch.empty(s, H)) for s in sizes])
+        self.weight_up = nn.ParameterList([nn.Parameter(torch.empty(s, H)) for s in sizes])
+        self.weight_down = nn.ParameterList([nn.Parameter(torch.empty(H, s)) for s in sizes])
+
+    def expert(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.weight_gate[j])) * F.linear(x, self.weight_up[j]),
+                        self.weight_down[j])
+
+
+class LlamaMoECalculator(nn.Module):
+    """UniversalCalculator: y = Sum_{j in selected} weight_j * score_scale_factor * expert_j(x)."""
+
+    def __init__(self, hidden_size: int, sizes: list[int], score_scale_factor: float):
+        super().__init__()
+        self.experts = LlamaMoEExperts(hidden_size, sizes)
+        self.score_scale_factor = score_scale_factor
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        y = torch.zeros_like(x)                                         # [N, H]
+        for j in range(len(self.experts.weight_gate)):
+            token, slot = (index == j).nonzero(as_tuple=True)          # tokens routed to expert j
+            if token.numel() == 0:
+                continue
+            scale = (weights[token, slot] * self.score_scale_factor).unsqueeze(1)
+            y.index_add_(0, token, (self.experts.expert(j, x[token]) * scale).to(y.dtype))
+        return y
+
+
+class LlamaMoELayer(nn.Module):
+    """LinearGLUMoELayer, the MLP of every Llama-MoE decoder layer (key prefix `mlp.`)."""
+
+    def __init__(self, moe_config: dict, layer_idx: int):
+        super().__init__()
+        c = moe_config
+        self.gate = LlamaMoEGate(c["hidden_size"], c["num_experts"], c["num_selects"],
+                                 gate_network=c["gate_network"], add_noise=c["gate_add_noise"],
+                                 noise_epsilon=c["gate_noise_epsilon"], use_balance=c["gate_use_balance"],
+                                 balance_loss_weight=c["gate_balance_loss_weight"])
+        self.calculator = LlamaMoECalculator(c["hidden_size"], expert_sizes(c, layer_idx),
+                                             layer_value(c["score_scale_factor"], layer_idx))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        B, T, H = hidden_states.shape
+        x = hidden_states.reshape(B * T, H)  # the gate sees pad tokens too (official)
+        index, weights = self.gate(x)
+        return self.calculator(x, index, weights).view(B, T, H)
+
+
+LLAMA_MOE_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_experts", "num_selects")
+LLAMA_MOE_DEFAULTS = dict(  # LlamaMoEConfig's defaults for the optional fields
+    num_key_value_heads=None, hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02,
+    rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    rope_scaling=None, attention_bias=False, size_experts=None, gate_type="TopKBalancedNoisyGate",
+    gate_network="mlp", gate_use_softmax=True, gate_use_balance=True, gate_balance_loss_weight=1e-2,
+    gate_add_noise=True, gate_noise_epsilon=1e-2, calculator_type="UniversalCalculator",
+    multiply_gate_scores=True, score_scale_factor=1.0)
+
+
+def layer_value(value, layer_idx: int):
+    """A config value that is either one scalar or a per-layer list."""
+    return value[layer_idx] if isinstance(value, list) else value
+
+
+def expert_sizes(c: dict, layer_idx: int) -> list[int]:
+    """Per-expert hidden sizes of one layer: size_experts[layer] or an even split of intermediate_size."""
+    if c["size_experts"] is None:
+        return [c["intermediate_size"] // c["num_experts"]] * c["num_experts"]
+    return list(c["size_experts"][layer_idx])
+
+
+def check_llama_moe_config(raw: dict, *, where: str) -> dict:
+    """Complete a llama_moe config.json with LlamaMoEConfig's defaults; reject what we can't run."""
+    missing = [k for k in LLAMA_MOE_REQUIRED if k not in raw]
+    if missing:
+        raise MoekdError(f"{where}: Llama-MoE config is missing required field(s) {', '.join(missing)}")
+    c = {**LLAMA_MOE_DEFAULTS, **raw}
+    unsupported = {"gate_type": "TopKBalancedNoisyGate", "calculator_type": "UniversalCalculator",
+                   "gate_use_softmax": True, "multiply_gate_scores": True, "hidden_act": "silu",
+                   "rope_scaling": None, "attention_bias": False, "tie_word_embeddings": False}
+    for key, supported in unsupported.items():
+        if c[key] != supported:
+            raise MoekdError(f"{where}: {key}={c[key]!r} is not supported (only {supported!r})")
+    if c["gate_network"] not in ("mlp", "linear"):
+        raise MoekdError(f"{where}: gate_network must be 'mlp' or 'linear', got {c['gate_network']!r}")
+    L, E = c["num_hidden_layers"], c["num_experts"]
+    if not 1 <= c["num_selects"] <= E:
+        raise MoekdError(f"{where}: num_selects={c['num_selects']} must be in [1, num_experts={E}]")
+    if isinstance(c["score_scale_factor"], list) and len(c["score_scale_factor"]) != L:
+        raise MoekdError(f"{where}: score_scale_factor has {len(c['score_scale_factor'])} entries, "
+                         f"need one per layer ({L})")
+    if c["size_experts"] is None:
+        if c["intermediate_size"] % E:
+            raise MoekdError(f"{where}: intermediate_size {c['intermediate_size']} is not divisible by "
+                             f"num_experts {E}; give size_experts")
+    elif len(c["size_experts"]) != L or any(
+            len(s) != E or sum(s) != c["intermediate_size"] for s in c["size_experts"]):
+        raise MoekdError(f"{where}: size_experts must be {L} lists of {E} sizes summing to "
+                         f"intermediate_size {c['intermediate_size']}")
+    return c
+
+
+def llama_config_from_moe(c: dict):
+    """The transformers LlamaConfig of the dense backbone. RoPE base 10000 is hard-coded in
+    Llama-MoE (its configs carry no rope_theta)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
+        num_key_value_heads=c["num_key_value_heads"], hidden_act="silu",
+        max_position_embeddings=c["max_position_embeddings"], initializer_range=c["initializer_range"],
+        rms_norm_eps=c["rms_norm_eps"], pad_token_id=c["pad_token_id"], bos_token_id=c["bos_token_id"],
+        eos_token_id=c["eos_token_id"], tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def build_llama_moe(moe_config: dict, *, device: torch.device | str = "cpu", dtype=torch.float32,
+                    init_seed: int | None = None) -> nn.Module:
+    """A transformers LlamaForCausalLM whose layers[i].mlp is a LlamaMoELayer.
+
+    Built on the meta device (no time or memory spent on the dense MLPs it replaces), then
+    materialised on `device`; with `init_seed` the weights are drawn like Llama's init
+    (normal(0, initializer_range), norms 1), else left empty for a checkpoint to fill."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    config = llama_config_from_moe(moe_config)
+    default_dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+            for i, layer in enumerate(model.model.layers):
+                layer.mlp = LlamaMoELayer(moe_config, i)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.to_empty(device=device)
+    with torch.device(device):  # non-persistent RoPE buffers were lost on meta
+        model.model.rotary_emb = LlamaRotaryEmbedding(config)
+    model.moe_config = moe_config
+    if init_seed is not None:
+        g = torch.Generator(device="cpu").manual_seed(init_seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 1:
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * moe_config["initializer_range"])
+    return model
+
+
+def moe_balance_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum over layers of the balance losses stored by the last forward (LlamaMoEModel's sum)."""
+    losses = [m.balance_loss for m in model.modules()
+              if isinstance(m, LlamaMoEGate) and m.balance_loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+# ----------------------------------------------------------------------------
+# Loading and saving models (safetensors out; .bin read only with torch's weights-only unpickler)
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def local_model_dir(name_or_path: str, *, what: str = "--model") -> Path:
+    """A local directory with config.json: the path itself, or a hub snapshot (config + weights)."""
+    path = Path(name_or_path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MoekdError(f"{what} {name_or_path}: directory has no config.json")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name_or_path, allow_patterns=[
+            "*.json", "*.safetensors", "*.bin", "*.model", "*.txt"], ignore_patterns=["*.pth"]))
+    except Exception as e:
+        raise MoekdError(f"{what} {name_or_path}: not a local directory and not loadable from the hub "
+                         f"({type(e).__name__})") from None
+
+
+def read_state_dict_files(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of a checkpoint, one shard in memory at a time."""
+    from safetensors.torch import load_file
+    for name in WEIGHT_FILES:
+        if (directory / name).exists():
+            break
+    else:
+        raise MoekdError(f"{directory}: no weights ({' / '.join(WEIGHT_FILES)})")
+    if name.endswith(".index.json"):
+        shards = sorted(set(json.loads((directory / name).read_text())["weight_map"].values()))
+    else:
+        shards = [name]
+    for shard in shards:
+        if shard.endswith(".safetensors"):
+            tensors = load_file(directory / shard)
+        else:  # never unpickle arbitrary objects
+            tensors = torch.load(directory / shard, map_location="cpu", weights_only=True, mmap=True)
+        yield from tensors.items()
+        del tensors
+
+
+def load_state_dict_strict(model: nn.Module, pairs: Iterator[tuple[str, torch.Tensor]], *, where: str) -> None:
+    """Copy every checkpoint tensor into the model; missing, unexpected or mis-shaped keys are errors.
+    Stray `rotary_emb.inv_freq` buffers of older checkpoints are ignored (recomputed)."""
+    params = dict(model.named_parameters())
+    seen = set()
+    with torch.no_grad():
+        for key, tensor in pairs:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            if key not in params:
+                raise MoekdError(f"{where}: unexpected checkpoint key {key}")
+            if params[key].shape != tensor.shape:
+                raise MoekdError(f"{where}: {key} has shape {tuple(tensor.shape)} in the checkpoint, "
+                                 f"model expects {tuple(params[key].shape)}")
+            params[key].copy_(tensor)
+            seen.add(key)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise MoekdError(f"{where}: checkpoint is missing {len(missing)} key(s), e.g. {missing[0]}")
+
+
+def has_weights(directory: Path) -> bool:
+    return any((directory / name).exists() for name in WEIGHT_FILES)
+
+
+def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=torch.float32,
+               what: str = "--model") -> nn.Module:
+    """A causal LM in eval mode: Llama-MoE natively (no remote code), anything else via
+    AutoModelForCausalLM. A local config with `moekd_init_seed` and no weights (tiny_moe/) is
+    initialised from that seed."""
+    directory = local_model_dir(name_or_path, what=what)
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise MoekdError(f"{directory / 'config.json'}: malformed JSON ({e.msg})") from None
+    init_seed = raw.get("moekd_init_seed") if not has_weights(directory) else None
+    if not has_weights(directory) and init_seed is None:
+        raise MoekdError(f"{what} {name_or_path}: no weights ({' / '.join(WEIGHT_FILES)})")
+    if init_seed is not None:
+        print(f"{what} {name_or_path}: no weights, initialising from moekd_init_seed={init_seed}")
+    if raw.get("model_type") == "llama_moe":
+        cfg = check_llama_moe_config(raw, where=str(directory / "config.json"))
+        model = build_llama_moe(cfg, device=device, dtype=dtype, init_seed=init_seed)
+        if init_seed is None:
+            load_state_dict_strict(model, read_state_dict_files(directory), where=str(directory))
+        return model.eval()
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    except (ValueError, OSError, KeyError) as e:
+        raise MoekdError(f"{what} {name_or_path}: transformers cannot load it "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str, *, what: str = "--model"):
+    """The model's tokenizer, pad = eos when it has none (as MoEKD for LLaMA)."""
+    from transformers import AutoTokenizer
+    directory = local_model_dir(name_or_path, what=what)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError) as e:
+        raise MoekdError(f"{what} {name_or_path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+    if tokenizer.eos_token_id is None:
+        raise MoekdError(f"{what} {name_or_path}: tokenizer has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """save_pretrained-style output in `directory` (safetensors); load_model reads it back."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if not hasattr(model, "moe_config"):
+        model.save_pretrained(directory)
+        return
+    from safetensors.torch import save_file
+    c = {k: v for k, v in model.moe_config.items() if k != "moekd_init_seed"}
+    c.update(model_type="llama_moe", architectures=["LlamaMoEForCausalLM"],
+             torch_dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    (directory / "config.json").write_text(json.dumps(c, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key], size = tensor, size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / name, metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def moe_blocks(model: nn.Module) -> list[nn.Module]:
+    """The MoE layers of a model: our Llama-MoE MLPs, or transformers-5 blocks with experts + router."""
+    return [m for m in model.modules() if isinstance(m, LlamaMoELayer)
+            or (hasattr(m, "experts") and (hasattr(m, "gate") or hasattr(m, "router")))]
+
+
+def is_moe(model: nn.Module) -> bool:
+    return bool(moe_blocks(model))
+
+
+def write_atomically(directory: Path, write) -> None:
+    """write(tmp_dir), then swap it into place: a crash never leaves a half-written `directory`."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    try:
+        write(tmp)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------
+# Losses (pure: logits in, scalar out; fp32 inside)
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of x where mask; `where`, not a product, so inf/nan at masked positions cannot leak."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE per position: logits [B, T, V], labels [B, T] (-100 = ignore) -> [B, T-1].
+    Position t predicts labels[t+1]; ignored positions give 0."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] bool: positions whose next token is a response token (the loss positions)."""
+    return labels[:, 1:] != -100
+
+
+# ----------------------------------------------------------------------------
+# Generation and dev evaluation
+
+def rouge_l(prediction: str, references: list[str]) -> float:
+    """ROUGE-L F1 x 100, max over references (rouge-score, stemmed: the paper's metric)."""
+    from rouge_score import rouge_scorer
+    scorer = _rouge_scorer_cache.get("s") or _rouge_scorer_cache.setdefault(
+        "s", rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True))
+    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+_rouge_scorer_cache: dict = {}
+
+
+@torch.no_grad()
+def sample_responses(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+                     batch_size: int, seed: int, desc: str = "generate", **generate_kwargs) -> list[str]:
+    """Sampled responses (top_k 0, top_p 1, temperature 1 as the paper) for token-id prompts.
+
+    Seeded on its own and restoring the global RNG afterwards, so evaluating in the middle of
+    training does not change the training run."""
+    from tqdm import tqdm
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    texts = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False,
+                          disable=len(prompts) <= batch_size):
+            batch = collate_prompts(prompts[start:start + batch_size], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model.generate(**batch, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+            for row in out[:, batch["input_ids"].shape[1]:]:
+                texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return texts
+
+
+@torch.no_grad()
+def evaluate_dev(model: nn.Module, tokenizer, dev: list[dict], cfg: Config, *, device, amp_dtype) -> dict:
+    """Dev CE (token mean over gold responses) and dev ROUGE-L of sampled responses."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(dev), cfg.eval_batch_size):
+        batch = {k: v.to(device) for k, v in collate(dev[start:start + cfg.eval_batch_size],
+                                                       tokenizer.pad_token_id).items()}
+        with autocast(device, amp_dtype):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce = token_cross_entropy(logits, batch["labels"])
+        total += masked_sum(ce, response_mask(batch["labels"])).item()
+        count += int(response_mask(batch["labels"]).sum())
+    subset = dev[:cfg.dev_num] if cfg.dev_num else dev
+    with autocast(device, amp_dtype):
+        responses = sample_responses(model, tokenizer, [it["prompt_ids"] for it in subset],
+                                     max_new_tokens=cfg.max_len - cfg.max_prompt_len,
+                                     batch_size=cfg.eval_batch_size, seed=cfg.seed, desc="dev")
+    scores = [rouge_l(r, it["responses"]) for r, it in zip(responses, subset)]
+    return {"dev_loss": total / max(count, 1), "dev_rougeL": sum(scores) / len(scores)}
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast with fp32 master weights; a no-op for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ----------------------------------------------------------------------------
+# Method steps: (model, teacher, batch, cfg) -> named losses; "loss" is what gets backpropagated.
+# Every loss is a *sum over tokens* divided by `norm`, the token count of the normalisation
+# group (the global batch by default), so micro-batching does not change the update.
+
+def aux_loss(model: nn.Module, outputs) -> torch.Tensor | None:
+    """The MoE's own load-balancing term: Llama-MoE balance loss (weight from its config, summed
+    over layers), or a transformers MoE's router_aux_loss_coef * aux_loss."""
+    if hasattr(model, "moe_config"):
+        return moe_balance_loss(model)
+    aux = getattr(outputs, "aux_loss", None)
+    return None if aux is None else model.config.router_aux_loss_coef * aux
+
+
+def sft_step(model: nn.Module, teacher: nn.Module | None, batch: dict, cfg: Config, *,
+             norm: float, n_micro: int) -> dict[str, torch.Tensor]:
+    """CE on response tokens (+ the balance loss for MoE models, gate noisy in train mode)."""
+    kwargs = {"output_router_logits": True} if is_moe(model) and not hasattr(model, "moe_config") else {}
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    ce = masked_sum(token_cross_entropy(outputs.logits, batch["labels"]), response_mask(batch["labels"])) / norm
+    parts = {"ce": ce, "loss": ce}
+    lb = aux_loss(model, outputs)
+    if lb is not None:  # one balance loss per micro-batch, averaged over the step's micro-batches
+        parts["lb"] = lb / n_micro
+        parts["loss"] = ce + parts["lb"]
+    return parts
+
+
+def not_yet(method: str):
+    def step(*args, **kwargs):
+        raise MoekdError(f"--method {method} is not implemented yet (arrives with the distillation issue)")
+    return step
+
+
+METHOD_STEPS = {"sft": sft_step, **{m: not_yet(m) for m in METHODS if m != "sft"}}
+
+
+# ----------------------------------------------------------------------------
+# Training loop: AdamW, LR schedule, accumulation, dev selection, atomic resumable checkpoints
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on norms and biases (the 1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def lr_at(step: int, *, lr: float, schedule: str, total: int, warmup: int = 0, lr_min: float = 0.0) -> float:
+    """Linear warm-up, then constant or cosine to lr_min at `total` (torch's CosineAnnealingLR)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_batches(items: list[dict], cfg: Config, step: int, steps_per_epoch: int, pad_id: int) -> list[dict]:
+    """The micro-batches of one optimizer step: a pure function of (seed, step)."""
+    epoch, i = divmod(step, steps_per_epoch)
+    order = epoch_order(len(items), seed=cfg.seed, epoch=epoch)
+    size = cfg.batch_size * cfg.grad_accum
+    rows = [items[j] for j in order[i * size:(i + 1) * size]]
+    return [collate(rows[m * cfg.batch_size:(m + 1) * cfg.batch_size], pad_id) for m in range(cfg.grad_accum)]
+
+
+def loss_norms(micro: list[dict], mode: str) -> list[float]:
+    """Divisor of each micro-batch's token-sum loss. global: all loss tokens of the step (TRL's fix
+    for accumulation, pitfalls #4); micro: own tokens x #micro-batches (mean of micro means)."""
+    counts = [max(int(response_mask(mb["labels"]).sum()), 1) for mb in micro]
+    return [float(sum(counts))] * len(micro) if mode == "global" else [c * len(micro) for c in counts]
+
+
+def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, extra: dict) -> None:
+    """checkpoints/step-N (model + trainer state), then the `latest` pointer, both atomic."""
+    ckpt_root = out / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step}"
+    def write(tmp: Path) -> None:
+        save_model(model, tokenizer, tmp)
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, **extra},
+                   tmp / "trainer_state.pt")
+    write_atomically(ckpt_root / name, write)
+    pointer = ckpt_root / "latest.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, ckpt_root / "latest")
+    for old in ckpt_root.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / "latest"
+    return out / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
+
+
+def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, train_items: list[dict],
+          dev_items: list[dict], *, out: Path, device: torch.device, amp_dtype: torch.dtype,
+          state: dict | None = None) -> dict:
+    global_batch = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = len(train_items) // global_batch
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    start, best, history = 0, -math.inf, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        start, best, history = state["step"], state["best_rougeL"], state["history"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    step_fn = METHOD_STEPS[cfg.method]
+    print(f"train: {len(train_items)} examples, global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} "
+          f"accumulation), {steps_per_epoch} steps/epoch, {total} steps, lr {cfg.lr:g} {cfg.lr_schedule}")
+    log = (out / "log.txt").open("a")
+    window, tokens, t_window = {}, 0, time.perf_counter()
+    step = start
+    for step in range(start, total):
+        model.train()
+        micro = step_batches(train_items, cfg, step, steps_per_epoch, tokenizer.pad_token_id)
+        for mb, norm in zip(micro, loss_norms(micro, cfg.loss_norm)):
+            mb = {k: v.to(device) for k, v in mb.items()}
+            with autocast(device, amp_dtype):
+                parts = step_fn(model, teacher, mb, cfg, norm=norm, n_micro=len(micro))
+            parts["loss"].backward()
+            for k, v in parts.items():
+                window[k] = window.get(k, 0.0) + v.item()
+            tokens += int(mb["attention_mask"].sum())
+        lr = lr_at(step, lr=cfg.lr, schedule=cfg.lr_schedule, total=total, warmup=cfg.warmup_steps, lr_min=cfg.lr_min)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            n = cfg.log_every if done % cfg.log_every == 0 else done - (done // cfg.log_every) * cfg.log_every
+            elapsed = time.perf_counter() - t_window
+            parts_txt = " | ".join(f"{k} {window[k] / n:.4f}" for k in sorted(window, key=lambda k: k != "loss"))
+            line = (f"step {done}/{total} | epoch {step // steps_per_epoch + 1} | {parts_txt} | lr {lr:.2e} | "
+                    f"{tokens / elapsed:.0f} tok/s | {1000 * elapsed / n:.0f} ms")
+            print(line)
+            log.write(line + "\n")
+            log.flush()
+            history.append({"step": done, **{k: v / n for k, v in window.items()}})
+            window, tokens, t_window = {}, 0, time.perf_counter()
+        epoch_end = done % steps_per_epoch == 0 or done == total
+        if epoch_end and cfg.dev_eval:
+            metrics = evaluate_dev(model, tokenizer, dev_items, cfg, device=device, amp_dtype=amp_dtype)
+            line = f"dev step {done} | dev_loss {metrics['dev_loss']:.4f} | dev_rougeL {metrics['dev_rougeL']:.2f}"
+            print(line)
+            log.write(line + "\n")
+            history.append({"step": done, **metrics})
+            if metrics["dev_rougeL"] > best:  # spec §6: keep the best dev ROUGE-L model
+                best = metrics["dev_rougeL"]
+                write_atomically(out / "best_rougeL", lambda d: save_model(model, tokenizer, d))
+        stopping = cfg.stop_after is not None and done - start >= cfg.stop_after
+        if epoch_end or stopping or done == total or (cfg.save_every and done % cfg.save_every == 0):
+            save_checkpoint(out, done, model, tokenizer, optimizer,
+                            {"best_rougeL": best, "history": history})
+        if stopping and done < total:
+            print(f"stopped after {cfg.stop_after} steps at step {done}/{total}; continue with --resume")
+            break
+    log.close()
+    finished = step + 1 >= total
+    if finished:
+        write_atomically(out / "final", lambda d: save_model(model, tokenizer, d))
+    dev = [h for h in history if "dev_rougeL" in h]
+    result = {"out": str(out), "step": step + 1 if total else 0, "total_steps": total, "finished": finished,
+              "best_rougeL": best if dev else None, "history": history, **(dev[-1] if dev else {})}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Main
+
+def prepare_out_dir(cfg: Config) -> tuple[Path, dict | None]:
+    """Check --out before any work: never touch an existing run unless --resume/--overwrite."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise MoekdError(f"--out {out}: exists and is not a directory")
+    busy = out.exists() and any(out.iterdir())
+    if cfg.resume:
+        ckpt = latest_checkpoint(out) if busy else None
+        if ckpt is None:
+            raise MoekdError(f"--out {out}: no checkpoint to resume from")
+        return out, torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if busy and not cfg.overwrite:
+        raise MoekdError(f"--out {out}: exists and is not empty; pass --resume or --overwrite")
+    return out, None
+
+
+RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "dtype", "log_every", "out", "tiny"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run one training job; returns its metrics. Raises MoekdError on bad input."""
+    cfg = parse_config(argv)
+    if cfg.method != "sft":
+        METHOD_STEPS[cfg.method]()  # raises "not implemented yet" before any work
+    out, state = prepare_out_dir(cfg)
+    if state is not None:  # the run's own config wins; only invocation flags may change
+        saved = json.loads((out / "run.json").read_text())
+        for key, value in dataclasses.asdict(cfg).items():
+            if key not in RESUME_MAY_CHANGE and saved.get(key) != value:
+                raise MoekdError(f"--{key.replace('_', '-')}={value!r} differs from the run being resumed "
+                                 f"({saved.get(key)!r}); --resume continues with the run's config")
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_dtype(cfg.dtype, device)
+    train_examples, dev_examples = load_splits(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    source = str(latest_checkpoint(out)) if state is not None else cfg.model
+    model = load_model(source, device=device, dtype=torch.float32)  # fp32 master weights
+    teacher = None
+    train_items = tokenize_examples(tokenizer, train_examples, cfg, name="train")
+    dev_items = tokenize_examples(tokenizer, dev_examples, cfg, name="dev")
+    if len(train_items) < cfg.batch_size * cfg.grad_accum:
+        raise MoekdError(f"--data {cfg.data}: {len(train_items)} training examples, fewer than one global "
+                         f"batch ({cfg.batch_size} x {cfg.grad_accum})")
+    if state is None:
+        if cfg.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        torch.manual_seed(cfg.seed)
+    print(f"{cfg.method}: model {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
+          f"{', MoE' if is_moe(model) else ''}) on {device}, {str(amp_dtype).removeprefix('torch.')}, out {out}")
+    result = train(cfg, model, teacher, tokenizer, train_items, dev_items, out=out, device=device,
+                   amp_dtype=amp_dtype, state=state)
+    if result.get("best_rougeL") is not None:
+        print(f"done: dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | "
+              f"best dev_rougeL {result['best_rougeL']:.2f} -> {out / 'best_rougeL'}")
+    return result
+
+
+def cli() -> int:
+    try:
+        main()
+    except MoekdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
