@@ -736,6 +736,8 @@ def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=t
     except (ValueError, OSError, KeyError) as e:
         raise MoekdError(f"{what} {name_or_path}: transformers cannot load it "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if torch.device(device).type == "cpu" and type(model)._can_set_experts_implementation():
+        model.set_experts_implementation("eager")  # torch's CPU grouped_mm needs 16-byte-aligned sizes
     return model.to(device).eval()
 
 
@@ -743,10 +745,15 @@ def load_tokenizer(name_or_path: str, *, what: str = "--model"):
     """The model's tokenizer, pad = eos when it has none (as MoEKD for LLaMA)."""
     from transformers import AutoTokenizer
     directory = local_model_dir(name_or_path, what=what)
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it reads config.json and warns that llama_moe is unknown
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (ValueError, OSError) as e:
         raise MoekdError(f"{what} {name_or_path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if tokenizer.eos_token_id is None:
         raise MoekdError(f"{what} {name_or_path}: tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:
@@ -1009,10 +1016,11 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
     steps_per_epoch = len(train_items) // global_batch
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    start, best, history = 0, -math.inf, []
-    if state is not None:
+    start, best, history, window, window_steps = 0, -math.inf, [], {}, 0
+    if state is not None:  # `window` holds the loss sums since the last log line
         optimizer.load_state_dict(state["optimizer"])
         start, best, history = state["step"], state["best_rougeL"], state["history"]
+        window, window_steps = state["window"], state["window_steps"]
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -1020,7 +1028,7 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
     print(f"train: {len(train_items)} examples, global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} "
           f"accumulation), {steps_per_epoch} steps/epoch, {total} steps, lr {cfg.lr:g} {cfg.lr_schedule}")
     log = (out / "log.txt").open("a")
-    window, tokens, t_window = {}, 0, time.perf_counter()
+    tokens, t_window = 0, time.perf_counter()
     step = start
     for step in range(start, total):
         model.train()
@@ -1040,10 +1048,9 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+        done, window_steps = step + 1, window_steps + 1
         if done % cfg.log_every == 0 or done == total:
-            n = cfg.log_every if done % cfg.log_every == 0 else done - (done // cfg.log_every) * cfg.log_every
-            elapsed = time.perf_counter() - t_window
+            n, elapsed = window_steps, time.perf_counter() - t_window
             parts_txt = " | ".join(f"{k} {window[k] / n:.4f}" for k in sorted(window, key=lambda k: k != "loss"))
             line = (f"step {done}/{total} | epoch {step // steps_per_epoch + 1} | {parts_txt} | lr {lr:.2e} | "
                     f"{tokens / elapsed:.0f} tok/s | {1000 * elapsed / n:.0f} ms")
@@ -1051,7 +1058,7 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             log.write(line + "\n")
             log.flush()
             history.append({"step": done, **{k: v / n for k, v in window.items()}})
-            window, tokens, t_window = {}, 0, time.perf_counter()
+            window, window_steps, tokens, t_window = {}, 0, 0, time.perf_counter()
         epoch_end = done % steps_per_epoch == 0 or done == total
         if epoch_end and cfg.dev_eval:
             metrics = evaluate_dev(model, tokenizer, dev_items, cfg, device=device, amp_dtype=amp_dtype)
@@ -1065,7 +1072,8 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
         stopping = cfg.stop_after is not None and done - start >= cfg.stop_after
         if epoch_end or stopping or done == total or (cfg.save_every and done % cfg.save_every == 0):
             save_checkpoint(out, done, model, tokenizer, optimizer,
-                            {"best_rougeL": best, "history": history})
+                            {"best_rougeL": best, "history": history, "window": window,
+                             "window_steps": window_steps})
         if stopping and done < total:
             print(f"stopped after {cfg.stop_after} steps at step {done}/{total}; continue with --resume")
             break
@@ -1099,14 +1107,23 @@ def prepare_out_dir(cfg: Config) -> tuple[Path, dict | None]:
     return out, None
 
 
+def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_tok, method: str) -> None:
+    """The logits must index the same vocabulary (pitfalls #6); KA/SAR/ALL need an MoE teacher."""
+    vt, vs = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    if vt != vs or teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise MoekdError(f"--teacher and --model have different vocabularies ({vt} vs {vs} logits"
+                         f"{'' if vt != vs else ', different tokenizers'}); distillation needs one vocabulary")
+    if method in ("all", "ka", "sar") and not is_moe(teacher):
+        raise MoekdError(f"--method {method} needs an MoE teacher; --teacher is a dense "
+                         f"{type(teacher).__name__}")
+
+
 RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "dtype", "log_every", "out", "tiny"}
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run one training job; returns its metrics. Raises MoekdError on bad input."""
     cfg = parse_config(argv)
-    if cfg.method != "sft":
-        METHOD_STEPS[cfg.method]()  # raises "not implemented yet" before any work
     out, state = prepare_out_dir(cfg)
     if state is not None:  # the run's own config wins; only invocation flags may change
         saved = json.loads((out / "run.json").read_text())
@@ -1121,6 +1138,10 @@ def main(argv: list[str] | None = None) -> dict:
     source = str(latest_checkpoint(out)) if state is not None else cfg.model
     model = load_model(source, device=device, dtype=torch.float32)  # fp32 master weights
     teacher = None
+    if cfg.method != "sft":
+        teacher = load_model(cfg.teacher, device=device, dtype=amp_dtype, what="--teacher")
+        check_teacher(teacher, model, load_tokenizer(cfg.teacher, what="--teacher"), tokenizer, cfg.method)
+        METHOD_STEPS[cfg.method]()  # not implemented yet: fail before any training or writing
     train_items = tokenize_examples(tokenizer, train_examples, cfg, name="train")
     dev_items = tokenize_examples(tokenizer, dev_examples, cfg, name="dev")
     if len(train_items) < cfg.batch_size * cfg.grad_accum:

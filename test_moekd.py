@@ -1,0 +1,651 @@
+"""Tests for moekd.py: CPU, offline, tiny models. Run: pytest -q"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import moekd
+
+ROOT = Path(__file__).resolve().parent
+TINY = ROOT / "tiny_moe"
+STUDENT = TINY / "student"
+SHARED = ROOT.parent / "shared" / "data"
+TINY_CFG = json.loads((TINY / "config.json").read_text())
+
+
+def assert_close(a, b, **kw):
+    torch.testing.assert_close(a, b, **{"atol": 1e-5, "rtol": 1e-4, **kw})
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return moekd.load_tokenizer(str(TINY))
+
+
+@pytest.fixture
+def teacher():
+    return moekd.load_model(str(TINY))
+
+
+@pytest.fixture
+def student():
+    return moekd.load_model(str(STUDENT))
+
+
+def write_model_dir(path: Path, config: dict, tokenizer_dir: Path = TINY) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
+# ----------------------------------------------------------------------------
+# Naive references, written from the spec without looking at moekd's code paths
+
+def naive_gate(x, w1, w2, k, *, linear=False):
+    """Per token: logits = W2 tanh(W1 x) (or W1 x), top-k by sorting, softmax over the selected."""
+    rows_idx, rows_w = [], []
+    for t in range(x.shape[0]):
+        logits = (w1 @ x[t]) if linear else (w2 @ torch.tanh(w1 @ x[t]))
+        order = sorted(range(len(logits)), key=lambda e: -float(logits[e].detach()))[:k]
+        sel = torch.tensor([float(logits[e].detach()) for e in order], dtype=torch.float64)
+        rows_idx.append(order)
+        rows_w.append((sel.exp() / sel.exp().sum()).float())
+    return torch.tensor(rows_idx), torch.stack(rows_w)
+
+
+def naive_cv2(v):
+    v = [float(a) for a in v]
+    mean = sum(v) / len(v)
+    var = sum((a - mean) ** 2 for a in v) / (len(v) - 1)
+    return var / (mean ** 2 + 1e-10)
+
+
+def naive_llama_moe_logits(sd: dict, c: dict, ids: list[int]) -> torch.Tensor:
+    """Whole Llama-MoE forward for one unpadded sequence, token by token where it matters."""
+    H, nh, L, E, k = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"], c["num_experts"], c["num_selects"]
+    hd, T = H // nh, len(ids)
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c["rms_norm_eps"]))
+
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    ang = torch.arange(T).float()[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rope(q):  # [nh, T, hd], rotate-half layout
+        return q * cos + torch.cat([-q[..., hd // 2:], q[..., :hd // 2]], -1) * sin
+
+    x = sd["model.embed_tokens.weight"][ids]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        h = rms(x, sd[p + "input_layernorm.weight"])
+        q, kk, v = (h @ sd[p + f"self_attn.{n}_proj.weight"].T for n in "qkv")
+        q, kk, v = (a.view(T, nh, hd).transpose(0, 1) for a in (q, kk, v))
+        q, kk = rope(q), rope(kk)
+        scores = q @ kk.transpose(-1, -2) / math.sqrt(hd)
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        att = (scores.softmax(-1) @ v).transpose(0, 1).reshape(T, H)
+        x = x + att @ sd[p + "self_attn.o_proj.weight"].T
+        h = rms(x, sd[p + "post_attention_layernorm.weight"])
+        idx, w = naive_gate(h, sd[p + "mlp.gate.gate_network.0.weight"], sd[p + "mlp.gate.gate_network.2.weight"], k)
+        scale = moekd.layer_value(c["score_scale_factor"], i)
+        y = torch.zeros_like(h)
+        for t in range(T):
+            for slot in range(k):
+                e = int(idx[t, slot])
+                ex = p + "mlp.calculator.experts."
+                out = (F.silu(sd[ex + f"weight_gate.{e}"] @ h[t]) * (sd[ex + f"weight_up.{e}"] @ h[t]))
+                y[t] += w[t, slot] * scale * (sd[ex + f"weight_down.{e}"] @ out)
+        x = x + y
+    return rms(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+# ----------------------------------------------------------------------------
+# Llama-MoE: gate math, balance loss, whole-model numerics, checkpoint format
+
+def test_topk_softmax_hand_computed():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    index, weights, top = moekd.topk_softmax(logits, 2)
+    assert index.tolist() == [[2, 1]]
+    e = math.e
+    assert_close(weights, torch.tensor([[e / (1 + e), 1 / (1 + e)]]))
+    assert top.shape == (1, 3)  # k+1 values for the smooth-load threshold
+
+
+def test_cv_squared_hand_computed():
+    # mean 2, unbiased variance 1 -> 1/4 (a biased variance would give 1/6)
+    assert_close(moekd.cv_squared(torch.tensor([1.0, 2.0, 3.0])), torch.tensor(0.25))
+    assert moekd.cv_squared(torch.tensor([5.0])) == 0
+
+
+def test_balance_loss_hand_computed():
+    # constant logits, 4 tokens, E=4, k=2: top-2 picks experts 0,1 (ties -> lowest index), weights 1/2
+    # importance = [2, 2, 0, 0], load = [4, 4, 0, 0]; cv2 = var/mean^2 = (4/3)/1 and (16/3)/4
+    gate = moekd.LlamaMoEGate(3, 4, 2, gate_network="linear", add_noise=False, noise_epsilon=0.01,
+                              use_balance=True, balance_loss_weight=0.01).eval()
+    torch.nn.init.zeros_(gate.gate_network.weight)
+    index, weights = gate(torch.randn(4, 3))
+    assert_close(weights, torch.full((4, 2), 0.5))
+    assert_close(gate.balance_loss, torch.tensor(0.01 * (4 / 3 + 4 / 3)))
+
+
+@given(st.integers(1, 7), st.integers(1, 9), st.integers(0, 10_000))
+@settings(max_examples=25, deadline=None)
+def test_topk_softmax_properties(k, n, seed):
+    logits = torch.randn(n, 7, generator=torch.Generator().manual_seed(seed)) * 5
+    index, weights, _ = moekd.topk_softmax(logits, k)
+    assert all(len(set(row)) == k for row in index.tolist())
+    assert_close(weights.sum(-1), torch.ones(n))
+    # softmax over all E renormalised over the top-k = softmax over the selected logits (doc §numerics 5)
+    full = logits.softmax(-1).gather(1, index)
+    assert_close(weights, full / full.sum(-1, keepdim=True))
+    assert torch.equal(logits.gather(1, index), logits.topk(k).values)
+
+
+@given(st.floats(0.1, 100.0), st.integers(0, 10_000))
+@settings(max_examples=25, deadline=None)
+def test_cv_squared_is_scale_invariant(c, seed):
+    x = torch.rand(7, generator=torch.Generator().manual_seed(seed)) + 0.1
+    assert_close(moekd.cv_squared(c * x), moekd.cv_squared(x), rtol=1e-3, atol=1e-6)
+
+
+def test_gate_eval_matches_naive(teacher):
+    gate = teacher.model.layers[1].mlp.gate
+    x = torch.randn(11, TINY_CFG["hidden_size"])
+    index, weights = gate(x)
+    ref_idx, ref_w = naive_gate(x, gate.gate_network[0].weight, gate.gate_network[2].weight, 2)
+    assert torch.equal(index, ref_idx)
+    assert_close(weights, ref_w)
+    full = torch.zeros(11, 7).scatter(1, ref_idx, ref_w)
+    load = [float((full[:, e] > 0).sum()) for e in range(7)]
+    expected = 0.01 * (naive_cv2(full.sum(0)) + naive_cv2(load))
+    assert_close(gate.balance_loss, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_gate_train_noise_and_smooth_load_match_naive(teacher):
+    """Train mode: noisy logits, and the official smooth load with its is_in quirk, per element."""
+    gate = teacher.model.layers[2].mlp.gate.train()
+    x, k, eps = torch.randn(9, TINY_CFG["hidden_size"]), 2, 0.01
+    torch.manual_seed(123)
+    index, weights = gate(x)
+    clean = gate.gate_network(x).detach()
+    std = F.softplus(gate.weight_noise(x)).detach() + eps
+    torch.manual_seed(123)
+    noise = torch.randn_like(clean) * std
+    noisy = clean + noise
+    assert torch.equal(index, noisy.topk(k).indices)
+    assert_close(weights, noisy.topk(k).values.softmax(-1))
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    load = []
+    for e in range(7):
+        total = 0.0
+        for t in range(9):
+            ranked = sorted(noisy[t].tolist(), reverse=True)
+            thr_in, thr_out = ranked[k], ranked[k - 1]
+            # official quirk: the *noise term* is compared with the (k+1)-th noisy logit
+            thr = thr_in if noise[t, e] > thr_in else thr_out
+            total += phi((clean[t, e] - thr) / std[t, e])
+        load.append(total)
+    full = torch.zeros(9, 7).scatter(1, index, weights.detach())
+    expected = 0.01 * (naive_cv2(full.sum(0)) + naive_cv2(load))
+    assert_close(gate.balance_loss.detach(), torch.tensor(expected, dtype=torch.float32))
+    gate.balance_loss.backward()  # the smooth load carries gradient into weight_noise
+    assert gate.weight_noise.weight.grad.abs().sum() > 0
+
+
+def test_model_logits_match_naive_reference(teacher):
+    ids = [1, 17, 250, 3, 999, 42, 7]
+    sd = {k: v.detach() for k, v in teacher.state_dict().items()}
+    ref = naive_llama_moe_logits(sd, TINY_CFG, ids)
+    with torch.no_grad():
+        got = teacher(input_ids=torch.tensor([ids])).logits[0]
+    assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_balance_loss_sums_over_layers(teacher):
+    teacher(input_ids=torch.tensor([[1, 5, 9, 13]]))
+    per_layer = [layer.mlp.gate.balance_loss for layer in teacher.model.layers]
+    assert_close(moekd.moe_balance_loss(teacher), sum(per_layer))
+
+
+def expected_keys(c: dict) -> dict[str, tuple]:
+    H, V, E, L = c["hidden_size"], c["vocab_size"], c["num_experts"], c["num_hidden_layers"]
+    keys = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        keys.update({p + f"self_attn.{n}_proj.weight": (H, H) for n in "qkvo"})
+        keys.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,)})
+        if c.get("gate_network", "mlp") == "mlp":
+            keys.update({p + "mlp.gate.gate_network.0.weight": (E, H), p + "mlp.gate.gate_network.2.weight": (E, E)})
+        else:
+            keys[p + "mlp.gate.gate_network.weight"] = (E, H)
+        if c.get("gate_add_noise", True):
+            keys[p + "mlp.gate.weight_noise.weight"] = (E, H)
+        sizes = c["size_experts"][i] if c.get("size_experts") else [c["intermediate_size"] // E] * E
+        for j, s in enumerate(sizes):
+            ex = p + "mlp.calculator.experts."
+            keys.update({ex + f"weight_gate.{j}": (s, H), ex + f"weight_up.{j}": (s, H), ex + f"weight_down.{j}": (H, s)})
+    return keys
+
+
+def test_state_dict_keys_match_llama_moe_checkpoints(teacher):
+    got = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
+    assert got == expected_keys(TINY_CFG)
+
+
+def test_linear_gate_without_noise_keys(tmp_path):
+    c = {**TINY_CFG, "gate_network": "linear", "gate_add_noise": False, "size_experts": None,
+         "intermediate_size": 7 * 13, "score_scale_factor": 4.0}
+    model = moekd.load_model(str(write_model_dir(tmp_path / "m", c)))
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected_keys(c)
+    x = torch.randn(5, c["hidden_size"])
+    gate = model.model.layers[0].mlp.gate.train()  # no weight_noise: train mode adds no noise
+    index, weights = gate(x)
+    ref_idx, ref_w = naive_gate(x, gate.gate_network.weight, None, 2, linear=True)
+    assert torch.equal(index, ref_idx)
+    assert_close(weights, ref_w)
+
+
+def logits_of(model, ids=((1, 8, 33, 700, 2038, 5),)):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits
+
+
+@pytest.mark.parametrize("source", [TINY, STUDENT])
+def test_save_load_round_trip_identical_logits(tmp_path, tokenizer, source):
+    model = moekd.load_model(str(source))
+    moekd.save_model(model, tokenizer, tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").exists()
+    assert not list((tmp_path / "saved").glob("*.bin"))
+    again = moekd.load_model(str(tmp_path / "saved"))
+    assert torch.equal(logits_of(model), logits_of(again))
+    saved_cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert "moekd_init_seed" not in saved_cfg or source == STUDENT
+    if source == TINY:
+        assert saved_cfg["model_type"] == "llama_moe"
+        assert saved_cfg["size_experts"] == TINY_CFG["size_experts"]
+
+
+def test_sharded_safetensors_round_trip(tmp_path, teacher, tokenizer):
+    moekd.save_model(teacher, tokenizer, tmp_path / "s", max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2 and all((tmp_path / "s" / s).exists() for s in shards)
+    assert torch.equal(logits_of(teacher), logits_of(moekd.load_model(str(tmp_path / "s"))))
+
+
+def test_sharded_bin_checkpoint_with_inv_freq_loads(tmp_path, teacher):
+    """The hub Llama-MoE checkpoints are sharded .bin files that carry rotary inv_freq buffers."""
+    d = write_model_dir(tmp_path / "bin", {k: v for k, v in TINY_CFG.items() if k != "moekd_init_seed"})
+    sd = teacher.state_dict()
+    names = sorted(sd)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(halves, 1):
+        shard = {k: sd[k].clone() for k in part}
+        shard[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+        torch.save(shard, d / f"pytorch_model-0000{i}-of-00002.bin")
+        weight_map.update({k: f"pytorch_model-0000{i}-of-00002.bin" for k in shard})
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert torch.equal(logits_of(teacher), logits_of(moekd.load_model(str(d))))
+
+
+def test_checkpoint_errors_name_the_key(tmp_path, teacher, tokenizer):
+    from safetensors.torch import save_file
+    moekd.save_model(teacher, tokenizer, tmp_path / "ok")
+    sd = load_file(tmp_path / "ok" / "model.safetensors")
+    cases = {
+        "missing": ({k: v for k, v in sd.items() if "weight_noise" not in k}, "missing .* key"),
+        "unexpected": ({**sd, "model.layers.0.mlp.extra": torch.zeros(1)}, "unexpected checkpoint key model.layers.0.mlp.extra"),
+        "shape": ({**sd, "lm_head.weight": torch.zeros(3, 3)}, r"lm_head.weight has shape \(3, 3\)"),
+    }
+    for name, (state, pattern) in cases.items():
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        save_file(state, tmp_path / name / "model.safetensors")
+        with pytest.raises(moekd.MoekdError, match=pattern):
+            moekd.load_model(str(tmp_path / name))
+
+
+def test_config_validation(tmp_path):
+    bad = {k: v for k, v in TINY_CFG.items() if k != "num_experts"}
+    with pytest.raises(moekd.MoekdError, match="missing required field.*num_experts"):
+        moekd.load_model(str(write_model_dir(tmp_path / "a", bad)))
+    bad = {**TINY_CFG, "size_experts": [[23] * 7] * 3, "intermediate_size": 160}
+    with pytest.raises(moekd.MoekdError, match="size_experts"):
+        moekd.load_model(str(write_model_dir(tmp_path / "b", bad)))
+    bad = {**TINY_CFG, "score_scale_factor": [1.0, 2.0]}
+    with pytest.raises(moekd.MoekdError, match="score_scale_factor has 2 entries"):
+        moekd.load_model(str(write_model_dir(tmp_path / "c", bad)))
+    no_seed = {k: v for k, v in TINY_CFG.items() if k != "moekd_init_seed"}
+    with pytest.raises(moekd.MoekdError, match="no weights"):
+        moekd.load_model(str(write_model_dir(tmp_path / "d", no_seed)))
+
+
+def test_tiny_init_is_deterministic(teacher):
+    assert torch.equal(logits_of(teacher), logits_of(moekd.load_model(str(TINY))))
+
+
+def test_hf_moe_teacher_loads_and_sft_adds_router_aux_loss(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM, MixtralConfig
+    c = MixtralConfig(vocab_size=2039, hidden_size=36, intermediate_size=37, num_hidden_layers=2,
+                      num_attention_heads=3, num_key_value_heads=1, num_local_experts=5, num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(c).save_pretrained(tmp_path / "mixtral")
+    model = moekd.load_model(str(tmp_path / "mixtral"))
+    assert moekd.is_moe(model) and len(moekd.moe_blocks(model)) == 2
+    item = moekd.tokenize_example(tokenizer, "Q: hi\n", "yes", max_prompt_len=50, max_len=60)
+    batch = moekd.collate([item, item], tokenizer.pad_token_id)
+    parts = moekd.sft_step(model, None, batch, None, norm=1.0, n_micro=2)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+    assert_close(parts["lb"], c.router_aux_loss_coef * out.aux_loss / 2)
+
+
+# ----------------------------------------------------------------------------
+# Data: template, masking, formats, synthetic set
+
+def test_template_golden_strings():
+    assert moekd.format_prompt("Say hi.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n")
+    assert moekd.format_prompt("Sum.", "1 and 2") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nSum.\n\n"
+        "### Input:\n1 and 2\n\n### Response:\n")
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_template_reproduces_minillm_prompts():
+    for name in ("dolly/valid.jsonl", "dolly/dev.jsonl"):
+        for line in (SHARED / name).read_text().splitlines():
+            row = json.loads(line)
+            assert moekd.format_prompt(row["instruction"], row["input"]) == row["prompt"]
+
+
+def test_labels_mask_prompt_and_keep_eos_when_pad_is_eos(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # MoEKD's LLaMA setting
+    eos = tokenizer.eos_token_id
+    a = moekd.tokenize_example(tokenizer, "### Q:\n", "red", max_prompt_len=50, max_len=60)
+    b = moekd.tokenize_example(tokenizer, "### Question here:\n", "blue green black", max_prompt_len=50, max_len=60)
+    n_prompt = len(tokenizer.encode("### Q:\n", add_special_tokens=False))
+    assert a["input_ids"][0] != tokenizer.bos_token_id  # no BOS in training (official processing)
+    assert a["labels"][:n_prompt] == [-100] * n_prompt
+    assert a["labels"][n_prompt:] == tokenizer.encode("red", add_special_tokens=False) + [eos]
+    batch = moekd.collate([a, b], tokenizer.pad_token_id)
+    mask = moekd.response_mask(batch["labels"])
+    # the final EOS of the shorter row is a loss target even though pad tokens are EOS too
+    last = len(a["input_ids"]) - 1
+    assert batch["input_ids"][0, last] == eos and batch["labels"][0, last] == eos and mask[0, last - 1]
+    assert batch["input_ids"][0, last + 1] == eos and not mask[0, last:].any()  # padding is not
+    assert int(mask.sum()) == sum(l != -100 for l in a["labels"] + b["labels"])
+    assert batch["attention_mask"][0].tolist() == [1] * (last + 1) + [0] * (batch["input_ids"].shape[1] - last - 1)
+
+
+def test_long_prompts_dropped_and_sequences_truncated(tokenizer):
+    assert moekd.tokenize_example(tokenizer, "word " * 40, "x", max_prompt_len=10, max_len=20) is None
+    item = moekd.tokenize_example(tokenizer, "Q", "word " * 40, max_prompt_len=10, max_len=20)
+    assert len(item["input_ids"]) == len(item["labels"]) == 20
+    cfg = moekd.Config(max_prompt_len=10, max_len=20)
+    kept = moekd.tokenize_examples(tokenizer, [{"prompt": "word " * 40, "responses": ["x"]},
+                                               {"prompt": "Q", "responses": ["x"]}], cfg, name="t")
+    assert len(kept) == 1
+
+
+def test_jsonl_formats(tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps({"instruction": "I", "context": "C", "response": "R", "category": "x"}) + "\n\n"
+                   + json.dumps({"prompt": "P", "output": ["a", "b"]}) + "\n")
+    rows = moekd.read_jsonl(raw)
+    assert rows == [{"prompt": moekd.format_prompt("I", "C"), "responses": ["R"]},
+                    {"prompt": "P", "responses": ["a", "b"]}]
+
+
+@pytest.mark.parametrize("content,pattern", [
+    ("", "empty file"),
+    ('{"prompt": "p", "output": "o"}\n{"prompt": "p", "output": \n', r"bad\.jsonl:2: malformed JSON"),
+    ('{"prompt": "p", "output": "o"}\n[1, 2]\n', r"bad\.jsonl:2: expected a JSON object"),
+    ('{"question": "q"}\n', r"bad\.jsonl:1: need fields"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, content, pattern):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(moekd.MoekdError, match=pattern):
+        moekd.read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_splits(tmp_path):
+    rows = [{"instruction": f"i{n}", "context": "", "response": "r", "category": "c"} for n in range(1600)]
+    (tmp_path / "dolly.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    train, dev = moekd.load_splits(moekd.Config(data=str(tmp_path / "dolly.jsonl")))
+    # raw Dolly: rows 0-499 are MiniLLM's test set, 500-1499 dev, the rest train
+    assert dev[0]["prompt"] == moekd.format_prompt("i500") and len(dev) == 1000
+    assert train[0]["prompt"] == moekd.format_prompt("i1500") and len(train) == 100
+    mini = [{"prompt": f"p{n}", "output": "o"} for n in range(30)]
+    (tmp_path / "mini.jsonl").write_text("\n".join(json.dumps(r) for r in mini))
+    train, dev = moekd.load_splits(moekd.Config(data=str(tmp_path / "mini.jsonl"), dev_size=10))
+    assert [d["prompt"] for d in dev] == [f"p{n}" for n in range(10)] and len(train) == 20
+    with pytest.raises(moekd.MoekdError, match="leave no training rows"):
+        moekd.load_splits(moekd.Config(data=str(tmp_path / "mini.jsonl")))
+
+
+def test_synthetic_set_is_deterministic_and_correct():
+    a, b = moekd.synthetic_rows(400, seed=3), moekd.synthetic_rows(400, seed=3)
+    assert a == b and a != moekd.synthetic_rows(400, seed=4)
+    assert len({r["category"] for r in a}) == 8
+    for r in a:
+        if r["category"] == "add":
+            x, y = map(int, r["context"].split(" and "))
+            assert r["response"] == str(x + y)
+        elif r["category"] == "sort":
+            assert r["response"] == ", ".join(map(str, sorted(map(int, r["context"].split(", ")))))
+        elif r["category"] == "reverse":
+            assert r["response"].split() == r["context"].split()[::-1]
+        elif r["category"] == "count":
+            assert r["response"] == str(len(r["context"].split()))
+
+
+def test_tokenizer_script_reproduces_committed_tokenizer():
+    sys.path.insert(0, str(TINY))
+    import make_tokenizer
+    dolly = SHARED / "dolly" / "dev.jsonl"
+    if not dolly.exists():
+        pytest.skip("needs ../shared/data")
+    tok = make_tokenizer.train(make_tokenizer.corpus(dolly))
+    committed = json.loads((TINY / "tokenizer.json").read_text())
+    assert json.loads(tok.backend_tokenizer.to_str()) == committed
+    assert (STUDENT / "tokenizer.json").read_text() == (TINY / "tokenizer.json").read_text()
+
+
+# ----------------------------------------------------------------------------
+# Losses, schedule, accumulation
+
+@given(st.integers(1, 3), st.integers(2, 6), st.integers(0, 10_000))
+@settings(max_examples=25, deadline=None)
+def test_masked_sum_ignores_garbage_at_masked_positions(b, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, mask = torch.randn(b, t, generator=g), torch.rand(b, t, generator=g) > 0.5
+    garbage = torch.where(mask, x, torch.full_like(x, float("nan")))
+    assert_close(moekd.masked_sum(garbage, mask), (x * mask).sum())
+
+
+def test_token_cross_entropy_matches_naive():
+    logits, labels = torch.randn(2, 5, 11), torch.tensor([[-100, -100, 3, 4, 5], [-100, 7, 8, -100, -100]])
+    ce = moekd.token_cross_entropy(logits, labels)
+    for b in range(2):
+        for t in range(4):
+            target = int(labels[b, t + 1])
+            expected = 0.0 if target == -100 else float(-logits[b, t].log_softmax(-1)[target])
+            assert abs(float(ce[b, t]) - expected) < 1e-5
+
+
+def test_lr_schedule():
+    kw = dict(lr=1e-3, total=100, lr_min=1e-7)
+    assert moekd.lr_at(0, schedule="constant", **kw) == moekd.lr_at(99, schedule="constant", **kw) == 1e-3
+    assert moekd.lr_at(0, schedule="cosine", **kw) == 1e-3
+    assert abs(moekd.lr_at(50, schedule="cosine", **kw) - (1e-3 + 1e-7) / 2) < 1e-12
+    assert abs(moekd.lr_at(100, schedule="cosine", **kw) - 1e-7) < 1e-12
+    assert moekd.lr_at(4, schedule="cosine", warmup=10, **kw) == pytest.approx(5e-4)
+
+
+def grads_of(model, tokenizer, rows, *, micro, mode):
+    model.zero_grad(set_to_none=True)
+    items = [moekd.tokenize_example(tokenizer, r["prompt"], r["responses"][0], max_prompt_len=96, max_len=128)
+             for r in rows]
+    batches = [moekd.collate(items[i:i + micro], tokenizer.pad_token_id) for i in range(0, len(items), micro)]
+    for mb, norm in zip(batches, moekd.loss_norms(batches, mode)):
+        moekd.sft_step(model, None, mb, None, norm=norm, n_micro=len(batches))["loss"].backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_gradient_accumulation_equivalence(student, tokenizer):
+    rows = [moekd.to_example(r, where="t") for r in moekd.synthetic_rows(8, seed=5)]
+    full = grads_of(student, tokenizer, rows, micro=8, mode="global")
+    split = grads_of(student, tokenizer, rows, micro=2, mode="global")
+    for a, b in zip(full, split):
+        assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # the official mean-of-micro-means differs when micro-batches hold different token counts
+    micro = grads_of(student, tokenizer, rows, micro=2, mode="micro")
+    assert max((a - b).abs().max() for a, b in zip(full, micro)) > 1e-4
+
+
+def test_sft_overfits_one_batch(teacher, tokenizer):
+    rows = [moekd.to_example(r, where="t") for r in moekd.synthetic_rows(4, seed=1)]
+    items = [moekd.tokenize_example(tokenizer, r["prompt"], r["responses"][0], max_prompt_len=96, max_len=128)
+             for r in rows]
+    batch = moekd.collate(items, tokenizer.pad_token_id)
+    norm = moekd.loss_norms([batch], "global")[0]
+    opt = torch.optim.AdamW(moekd.param_groups(teacher, 0.0), lr=3e-3)
+    teacher.train()  # gate noise on, balance loss added
+    losses = []
+    for _ in range(60):
+        parts = moekd.sft_step(teacher, None, batch, None, norm=norm, n_micro=1)
+        assert "lb" in parts and parts["lb"] > 0
+        parts["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(parts["ce"].item())
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_param_groups_skip_decay_on_norms(teacher):
+    decay, no_decay = moekd.param_groups(teacher, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 2 * TINY_CFG["num_hidden_layers"] + 1  # RMSNorm weights
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(p.numel() for p in teacher.parameters())
+
+
+# ----------------------------------------------------------------------------
+# main(): training runs, resume, bad input
+
+def tiny_args(out, *extra):
+    return ["--tiny", "--model", str(TINY), "--out", str(out), "--synthetic-train", "48",
+            "--synthetic-dev", "8", "--batch-size", "8", "--epochs", "2", "--dev-num", "4",
+            "--log-every", "2", *extra]
+
+
+def test_main_sft_tiny_moe_runs_and_selects_best(tmp_path):
+    result = moekd.main(tiny_args(tmp_path / "run"))
+    assert result["finished"] and result["step"] == result["total_steps"] == 12
+    dev = [h for h in result["history"] if "dev_rougeL" in h]
+    assert [h["step"] for h in dev] == [6, 12]
+    assert result["best_rougeL"] == max(h["dev_rougeL"] for h in dev)
+    losses = [h["loss"] for h in result["history"] if "loss" in h]
+    assert losses[-1] < losses[0]
+    for sub in ("best_rougeL", "final", "checkpoints/step-12"):
+        assert moekd.is_moe(moekd.load_model(str(tmp_path / "run" / sub)))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 12
+    assert "step 2/12 | epoch 1 | loss" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_resume_is_bit_identical(tmp_path):
+    whole = moekd.main(tiny_args(tmp_path / "a"))
+    part = moekd.main(tiny_args(tmp_path / "b", "--stop-after", "5"))
+    assert not part["finished"] and part["step"] == 5
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-5"
+    resumed = moekd.main(tiny_args(tmp_path / "b", "--resume"))
+    assert resumed["finished"]
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole["history"] == resumed["history"]  # the same log lines and dev scores
+    with pytest.raises(moekd.MoekdError, match="differs from the run being resumed"):
+        moekd.main(tiny_args(tmp_path / "b", "--resume", "--lr", "1e-2"))
+
+
+def test_existing_out_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(moekd.MoekdError, match="exists and is not empty; pass --resume or --overwrite"):
+        moekd.main(tiny_args(out))
+    with pytest.raises(moekd.MoekdError, match="no checkpoint to resume from"):
+        moekd.main(tiny_args(out, "--resume"))
+    assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+    moekd.main(tiny_args(out, "--overwrite", "--epochs", "1", "--no-dev-eval"))
+    assert not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: not a local directory"),
+    (["--model", "some-org/not-a-model"], "not loadable from the hub"),
+    (["--data", "/nonexistent/data"], "--data /nonexistent/data: no such file or folder"),
+    (["--data", "/tmp"], "--data /tmp: folder has no train.jsonl"),
+    (["--dev-data", "/nonexistent/dev.jsonl"], "--dev-data /nonexistent/dev.jsonl: no such file"),
+    (["--method", "ka", "--teacher", str(STUDENT)], "--method ka needs an MoE teacher"),
+    (["--method", "gkd"], "--method gkd is not implemented yet"),
+    (["--max-prompt-len", "300", "--max-len", "200"], "--max-prompt-len"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, extra, pattern):
+    out = tmp_path / "run"
+    with pytest.raises(moekd.MoekdError, match=pattern):
+        moekd.main(tiny_args(out, *extra))
+    assert not out.exists()
+
+
+def test_vocabulary_mismatch(tmp_path):
+    d = write_model_dir(tmp_path / "t", {**TINY_CFG, "vocab_size": 2041})
+    with pytest.raises(moekd.MoekdError, match="different vocabularies \\(2041 vs 2039"):
+        moekd.main(tiny_args(tmp_path / "run", "--method", "kd", "--teacher", str(d), "--model", str(STUDENT)))
+
+
+def test_missing_llama_moe_field_via_main(tmp_path):
+    d = write_model_dir(tmp_path / "m", {k: v for k, v in TINY_CFG.items() if k != "num_selects"})
+    with pytest.raises(moekd.MoekdError, match=r"config.json: Llama-MoE config is missing required field\(s\) num_selects"):
+        moekd.main(tiny_args(tmp_path / "run", "--model", str(d)))
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "x").write_text("x")
+    proc = subprocess.run([sys.executable, str(ROOT / "moekd.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --out {out}: exists and is not empty; pass --resume or --overwrite"]
+
+
+def test_help_lists_every_flag_with_defaults():
+    proc = subprocess.run([sys.executable, str(ROOT / "moekd.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for f in moekd.dataclasses.fields(moekd.Config):
+        assert "--" + f.name.replace("_", "-") in proc.stdout
+    assert "sft,kd,gkd,all,ka,sar" in proc.stdout.replace(" ", "").replace("{", ",").replace("}", ",")
