@@ -768,7 +768,14 @@ def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if not hasattr(model, "moe_config"):
-        model.save_pretrained(directory)
+        from transformers.utils import logging as hf_logging
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a bar per checkpoint of a tiny model is noise
+        try:
+            model.save_pretrained(directory)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         return
     from safetensors.torch import save_file
     c = {k: v for k, v in model.moe_config.items() if k != "moekd_init_seed"}
@@ -872,8 +879,7 @@ def sample_responses(model: nn.Module, tokenizer, prompts: list[list[int]], *, m
     texts = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False,
-                          disable=len(prompts) <= batch_size):
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
             batch = collate_prompts(prompts[start:start + batch_size], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model.generate(**batch, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
@@ -1029,9 +1035,10 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
     print(f"train: {len(train_items)} examples, global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} "
           f"accumulation), {steps_per_epoch} steps/epoch, {total} steps, lr {cfg.lr:g} {cfg.lr_schedule}")
     log = (out / "log.txt").open("a")
-    tokens, t_window = 0, time.perf_counter()
+    tokens, busy = 0, 0.0  # tokens and seconds of training work since the last log line
     step = start
     for step in range(start, total):
+        t0 = time.perf_counter()
         model.train()
         micro = step_batches(train_items, cfg, step, steps_per_epoch, tokenizer.pad_token_id)
         for mb, norm in zip(micro, loss_norms(micro, cfg.loss_norm)):
@@ -1049,9 +1056,9 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        done, window_steps = step + 1, window_steps + 1
+        done, window_steps, busy = step + 1, window_steps + 1, busy + time.perf_counter() - t0
         if done % cfg.log_every == 0 or done == total:
-            n, elapsed = window_steps, time.perf_counter() - t_window
+            n, elapsed = window_steps, busy
             parts_txt = " | ".join(f"{k} {window[k] / n:.4f}" for k in sorted(window, key=lambda k: k != "loss"))
             line = (f"step {done}/{total} | epoch {step // steps_per_epoch + 1} | {parts_txt} | lr {lr:.2e} | "
                     f"{tokens / elapsed:.0f} tok/s | {1000 * elapsed / n:.0f} ms")
@@ -1059,7 +1066,7 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             log.write(line + "\n")
             log.flush()
             history.append({"step": done, **{k: v / n for k, v in window.items()}})
-            window, window_steps, tokens, t_window = {}, 0, 0, time.perf_counter()
+            window, window_steps, tokens, busy = {}, 0, 0, 0.0
         epoch_end = done % steps_per_epoch == 0 or done == total
         if epoch_end and cfg.dev_eval:
             metrics = evaluate_dev(model, tokenizer, dev_items, cfg, device=device, amp_dtype=amp_dtype)

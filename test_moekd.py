@@ -607,6 +607,7 @@ def test_existing_out_is_never_overwritten(tmp_path):
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: not a local directory"),
     (["--model", "some-org/not-a-model"], "not loadable from the hub"),
     (["--data", "/nonexistent/data"], "--data /nonexistent/data: no such file or folder"),
+    (["--data", moekd.DOLLY_HUB], "--data databricks/databricks-dolly-15k: could not load from the hub"),
     (["--data", "/tmp"], "--data /tmp: folder has no train.jsonl"),
     (["--dev-data", "/nonexistent/dev.jsonl"], "--dev-data /nonexistent/dev.jsonl: no such file"),
     (["--method", "ka", "--teacher", str(STUDENT)], "--method ka needs an MoE teacher"),
