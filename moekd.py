@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -402,14 +404,54 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + 1e-10)
 
 
-def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Llama-MoE selection: top-k on raw logits, softmax over the *selected* logits only, in fp32.
+@dataclass(frozen=True)
+class Routing:
+    """How every MoE layer picks experts (see `moe_routing`).
 
-    Returns (index [N, K], weights [N, K] in logits' dtype, top values [N, min(K+1, E)]);
-    the (K+1)-th value is the threshold the smooth load needs."""
-    top_values, top_index = logits.topk(min(k + 1, logits.shape[-1]), dim=-1)
-    weights = torch.softmax(top_values[:, :k].float(), dim=-1).to(logits.dtype)
-    return top_index[:, :k], weights, top_values
+    mode  "topk": the k largest router logits (k=None: the model's native k);
+          "sample": KA, per token the top-k set is replaced, with probability `prob`, by k experts drawn
+                    without replacement from softmax(router logits) (prob=None: always the drawn set);
+          "all": every expert, weights = softmax over all E logits."""
+    mode: str = "topk"
+    k: int | None = None
+    prob: float | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("topk", "sample", "all"):
+            raise MoekdError(f"routing mode must be topk, sample or all, got {self.mode!r}")
+        if self.prob is not None and not 0.0 <= self.prob <= 1.0:
+            raise MoekdError(f"routing: sampling probability must be in [0, 1], got {self.prob}")
+
+
+NATIVE = Routing()
+
+
+def sample_experts(logits: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k distinct experts per row drawn without replacement from softmax(logits): [N, E] -> [N, K]."""
+    return torch.multinomial(torch.softmax(logits.float(), dim=-1), k, replacement=False, generator=generator)
+
+
+def select_experts(logits: torch.Tensor, routing: Routing, native_k: int) -> torch.Tensor:
+    """Expert indices [N, K] under a routing policy. As the official gate: the top set is the first k
+    of topk(k+1); in "sample" mode S and T are both drawn and one uniform per token picks S if u < prob."""
+    N, E = logits.shape
+    if routing.mode == "all":
+        return torch.arange(E, device=logits.device).expand(N, E)
+    k = routing.k or native_k
+    top = logits.topk(min(k + 1, E), dim=-1).indices[:, :k]
+    if routing.mode == "topk":
+        return top
+    sampled = sample_experts(logits, k, generator=routing.generator)
+    if routing.prob is None:
+        return sampled
+    u = torch.rand((N, 1), generator=routing.generator, device=logits.device)
+    return torch.where(u < routing.prob, sampled, top)
+
+
+def routing_weights(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Llama-MoE weights: softmax over the *selected* logits only, in fp32, cast back: [N, K]."""
+    return torch.softmax(logits.gather(1, index).float(), dim=-1).to(logits.dtype)
 
 
 def smooth_load(clean: torch.Tensor, noise: torch.Tensor, noise_std: torch.Tensor,
@@ -450,6 +492,7 @@ class LlamaMoEGate(nn.Module):
         self.add_noise, self.noise_epsilon = add_noise, noise_epsilon
         self.use_balance, self.balance_loss_weight = use_balance, balance_loss_weight
         self.balance_loss: torch.Tensor | None = None
+        self.routing: Routing | None = None  # set by moe_routing(); None = native top-k
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         clean = self.gate_network(x)                                    # [N, E]
@@ -458,12 +501,15 @@ class LlamaMoEGate(nn.Module):
             noise_std = F.softplus(self.weight_noise(x)) + self.noise_epsilon
             noise = torch.randn_like(clean) * noise_std
         logits = clean if noise is None else clean + noise
-        k = self.num_selects
-        index, weights, top_values = topk_softmax(logits, k)            # [N, K], [N, K]
+        routing = self.routing or NATIVE
+        index = select_experts(logits, routing, self.num_selects)     # [N, K]
+        weights = routing_weights(logits, index)                        # [N, K]
+        k = index.shape[1]
         if self.use_balance:
             full = torch.zeros_like(logits).scatter(1, index, weights)  # [N, E]
             importance = full.sum(0)
-            if noise is not None and k < self.num_experts:
+            if noise is not None and k < self.num_experts and routing.mode == "topk":
+                top_values = logits.topk(k + 1, dim=-1).values
                 load = smooth_load(clean, noise, noise_std, top_values, k)
             else:
                 load = (full > 0).sum(0)  # hard count, no gradient
@@ -812,6 +858,97 @@ def moe_blocks(model: nn.Module) -> list[nn.Module]:
 
 def is_moe(model: nn.Module) -> bool:
     return bool(moe_blocks(model))
+
+
+# ----------------------------------------------------------------------------
+# Routing control: one mechanism for every supported MoE teacher (KA sampling, ALL, SAR, k-sweeps)
+
+# transformers-5 routers: forward(h) -> (router_logits [N, E], weights [N, K], index [N, K]), weights from
+# softmax(logits) in fp32 gathered at the selected experts. name -> (family, renormalise?, cast back?)
+HF_ROUTERS = {
+    "MixtralTopKRouter": ("Mixtral", True, False),
+    "Qwen2MoeTopKRouter": ("Qwen2-MoE", None, True),   # None: the router's own norm_topk_prob
+    "Qwen3MoeTopKRouter": ("Qwen3-MoE", None, True),
+    "OlmoeTopKRouter": ("OLMoE", None, True),
+}
+
+
+def moe_routers(model: nn.Module) -> list[nn.Module]:
+    """The router of every MoE layer; an MoE family whose router we cannot steer is an error,
+    never silently left on native routing."""
+    routers = []
+    for block in moe_blocks(model):
+        router = block.gate if isinstance(block, LlamaMoELayer) else getattr(block, "gate", None) or block.router
+        if not isinstance(router, LlamaMoEGate) and type(router).__name__ not in HF_ROUTERS:
+            family = getattr(getattr(model, "config", None), "model_type", "?")
+            raise MoekdError(f"MoE family {family!r} ({type(router).__name__}) is not supported for routing "
+                             f"control; supported: Llama-MoE, " + ", ".join(f for f, _, _ in HF_ROUTERS.values()))
+        routers.append(router)
+    if not routers:
+        raise MoekdError(f"{type(model).__name__} has no MoE layers")
+    return routers
+
+
+def num_experts(model: nn.Module) -> int:
+    return moe_routers(model)[0].num_experts
+
+
+def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.Tensor):
+    """A transformers router's forward under `routing`: same logits, same weight rule as the family
+    (softmax probabilities at the chosen experts, renormalised where the family renormalises)."""
+    _, renorm, cast = HF_ROUTERS[type(router).__name__]
+    renorm = router.norm_topk_prob if renorm is None else renorm
+    h = hidden_states.reshape(-1, router.hidden_dim)
+    logits = F.linear(h, router.weight)                                 # [N, E]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+    index = select_experts(logits, routing, router.top_k)              # [N, K]
+    weights = probs.gather(1, index)
+    if renorm:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    full = torch.zeros_like(probs).scatter(1, index, weights)
+    router.balance_terms = cv_squared(full.sum(0)) + cv_squared((full > 0).sum(0))  # for SAR
+    return logits, weights.to(logits.dtype) if cast else weights, index
+
+
+@contextmanager
+def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, prob: float | None = None,
+                generator: torch.Generator | None = None) -> Iterator[list[nn.Module]]:
+    """Change how every MoE layer of `model` routes inside the block; the original behaviour is restored
+    on exit, also on exceptions. Yields the routers. See `Routing` for the modes."""
+    routing = Routing(mode, k, prob, generator)
+    routers = moe_routers(model)
+    for r in routers:
+        if k is not None and not 1 <= k <= r.num_experts:
+            raise MoekdError(f"routing: k={k} is outside [1, {r.num_experts}] experts")
+    saved = []
+    try:
+        for r in routers:
+            if isinstance(r, LlamaMoEGate):
+                saved.append((r, "routing", r.routing))
+                r.routing = routing
+            else:
+                saved.append((r, "forward", r.__dict__.get("forward")))
+                r.forward = functools.partial(hf_routed_forward, r, routing)
+        yield routers
+    finally:
+        for r, attr, value in reversed(saved):
+            if value is None and attr == "forward":
+                del r.forward
+            else:
+                setattr(r, attr, value)
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What SAR trains: Llama-MoE gate.gate_network + gate.weight_noise; transformers routers' weight."""
+    return [p for r in moe_routers(model) for p in r.parameters()]
+
+
+def teacher_balance_loss(model: nn.Module, beta: float) -> torch.Tensor:
+    """SAR's balance term of the last forward: Llama-MoE's own (its config weight, summed over layers,
+    pads included as the official gate); transformers routers: beta * Sum_layers cv2(importance) + cv2(load)."""
+    if hasattr(model, "moe_config"):
+        return moe_balance_loss(model)
+    return beta * torch.stack([r.balance_terms for r in moe_routers(model)]).sum()
 
 
 def write_atomically(directory: Path, write) -> None:
