@@ -17,6 +17,7 @@ V vocab, E experts, K selected experts, N = B*T flattened tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -27,7 +28,6 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -90,6 +90,28 @@ class Config:
         "help": "global: token mean over the whole global batch (invariant to micro-batching); "
                 "micro: mean of per-micro-batch token means (the official DeepSpeed split)",
         "choices": ("global", "micro")})
+    kd_ratio: float = field(default=0.5, metadata={"help": "kd: weight r of the KL term in (1-r) CE + r KL"})
+    teacher_k: int | None = field(default=None, metadata={
+        "help": "kd/gkd: the teacher's top-k (default its native k; the paper's Fig. 2 sweeps it)"})
+    ka_m: int = field(default=2, metadata={"help": "ka: M, teacher passes per sample, each with fresh expert draws"})
+    ka_lambda: float = field(default=0.05, metadata={
+        "help": "ka: lambda, per token and layer probability of the sampled expert set"})
+    ka_k: int | None = field(default=None, metadata={"help": "ka: experts per token (default N-1, as the official scripts)"})
+    ka_updates: str = field(default="mean", metadata={
+        "help": "ka: mean = one update on the mean of the M losses (official code); each = M updates per "
+                "sampled batch, one per teacher pass (the paper's Algorithm 1)", "choices": ("mean", "each")})
+    router_lr: float = field(default=1e-6, metadata={
+        "help": "sar: LR of the teacher routers' own AdamW (official loop scripts; the paper says 1e-5)"})
+    sar_beta: float = field(default=0.01, metadata={
+        "help": "sar: balance-loss weight for transformers teachers (Llama-MoE uses its config's gate_balance_loss_weight)"})
+    teacher_routers: str | None = field(default=None, metadata={
+        "help": "load teacher router weights from this teacher_routers.safetensors (or a run dir holding one)"})
+    teacher_device: str | None = field(default=None, metadata={"help": "device of the teacher (default --device)"})
+    restart_epochs: bool | None = field(default=None, metadata={
+        "help": "reset the optimizer state and reuse the first epoch's data order every epoch, as the official "
+                "*_loop.sh scripts' 1-epoch jobs (default on for gkd/all/ka/sar)"})
+    gen_batch_size: int = field(default=16, metadata={"help": "rows per on-policy generate() call"})
+    kl_chunk: int = field(default=1024, metadata={"help": "tokens per chunk of the exact full-vocabulary KL"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are dropped"})
     max_len: int = field(default=512, metadata={"help": "prompt + response truncated to this many tokens"})
     log_every: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
@@ -107,7 +129,12 @@ class Config:
             self.lr = 1e-6 if self.method == "sar" else 1e-5
         if self.lr_schedule is None:
             self.lr_schedule = "cosine" if self.method in ("sft", "kd") else "constant"
-        for name in ("batch_size", "grad_accum", "epochs", "max_prompt_len", "max_len", "log_every"):
+        if self.restart_epochs is None:
+            self.restart_epochs = self.method in ("gkd", "all", "ka", "sar")
+        if not 0.0 <= self.ka_lambda <= 1.0 or not 0.0 <= self.kd_ratio <= 1.0:
+            raise MoekdError("--ka-lambda and --kd-ratio must be in [0, 1]")
+        for name in ("batch_size", "grad_accum", "epochs", "max_prompt_len", "max_len", "log_every", "ka_m",
+                     "gen_batch_size", "kl_chunk"):
             if getattr(self, name) < 1:
                 raise MoekdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_len >= self.max_len:
@@ -130,7 +157,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     for f in dataclasses.fields(Config):
         shown = "" if f.default is None else f" (default: {f.default})"
         kw: dict[str, Any] = dict(help=f.metadata["help"] + shown, default=argparse.SUPPRESS)
-        if f.type == "bool":
+        if str(f.type).startswith("bool"):
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
@@ -727,9 +754,10 @@ def read_state_dict_files(directory: Path) -> Iterator[tuple[str, torch.Tensor]]
         del tensors
 
 
-def load_state_dict_strict(model: nn.Module, pairs: Iterator[tuple[str, torch.Tensor]], *, where: str) -> None:
-    """Copy every checkpoint tensor into the model; missing, unexpected or mis-shaped keys are errors.
-    Stray `rotary_emb.inv_freq` buffers of older checkpoints are ignored (recomputed)."""
+def load_state_dict_strict(model: nn.Module, pairs: Iterator[tuple[str, torch.Tensor]], *, where: str,
+                           partial: bool = False) -> None:
+    """Copy every checkpoint tensor into the model; missing (unless `partial`), unexpected or mis-shaped
+    keys are errors. Stray `rotary_emb.inv_freq` buffers of older checkpoints are ignored (recomputed)."""
     params = dict(model.named_parameters())
     seen = set()
     with torch.no_grad():
@@ -744,7 +772,7 @@ def load_state_dict_strict(model: nn.Module, pairs: Iterator[tuple[str, torch.Te
             params[key].copy_(tensor)
             seen.add(key)
     missing = sorted(set(params) - seen)
-    if missing:
+    if missing and not partial:
         raise MoekdError(f"{where}: checkpoint is missing {len(missing)} key(s), e.g. {missing[0]}")
 
 
@@ -910,7 +938,7 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
     return logits, weights.to(logits.dtype) if cast else weights, index
 
 
-@contextmanager
+@contextlib.contextmanager
 def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, prob: float | None = None,
                 generator: torch.Generator | None = None) -> Iterator[list[nn.Module]]:
     """Change how every MoE layer of `model` routes inside the block; the original behaviour is restored
@@ -976,16 +1004,81 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
 
 
+def loss_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: position t is a loss position when its next token labels[t+1] is a response token.
+    Kept [B, T] (last column False) so logits never need a non-contiguous [:, :-1] copy."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token CE per position: logits [B, T, V], labels [B, T] (-100 = ignore) -> [B, T-1].
-    Position t predicts labels[t+1]; ignored positions give 0."""
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
-    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    """Next-token CE per position: logits [B, T, V], labels [B, T] (-100 = ignore) -> [B, T].
+    Position t predicts labels[t+1]; non-loss positions (and the last) give 0."""
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
 
 
-def response_mask(labels: torch.Tensor) -> torch.Tensor:
-    """[B, T-1] bool: positions whose next token is a response token (the loss positions)."""
-    return labels[:, 1:] != -100
+class _RowKL(torch.autograd.Function):
+    """KL(softmax(a) || softmax(b)) for the rows `rows` of a, b [N, V] -> [N] fp32 (0 elsewhere).
+
+    Exact over the vocabulary, fp32 inside, in chunks of rows: no full-vocabulary fp32 tensor of the
+    whole batch is ever alive, and backward recomputes from the saved logits instead of keeping
+    softmaxes. Gradients: dKL/da = p_a (log p_a - log p_b - KL), dKL/db = p_b - p_a."""
+
+    @staticmethod
+    def forward(ctx, a, b, rows, chunk):
+        out = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
+        for idx in rows.split(chunk):
+            out[idx] = _kl_rows(a[idx], b[idx])[0]
+        ctx.save_for_backward(a, b, rows)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, rows = ctx.saved_tensors
+        grad_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
+        grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
+        for idx in rows.split(ctx.chunk):
+            kl, log_pa, log_pb = _kl_rows(a[idx], b[idx])
+            g, pa = grad[idx].unsqueeze(1), log_pa.exp()
+            if grad_a is not None:  # rows where p_a = 0 (log p_a = -inf) contribute nothing
+                term = torch.where(pa > 0, pa * (log_pa - log_pb - kl.unsqueeze(1)), 0.0)
+                grad_a[idx] = (g * term).to(a.dtype)
+            if grad_b is not None:
+                grad_b[idx] = (g * (log_pb.exp() - pa)).to(b.dtype)
+        return grad_a, grad_b, None, None
+
+
+def _kl_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    log_pa, log_pb = a.float().log_softmax(-1), b.float().log_softmax(-1)
+    pa = log_pa.exp()
+    return torch.where(pa > 0, pa * (log_pa - log_pb), 0.0).sum(-1), log_pa, log_pb
+
+
+def kl_per_token(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, *,
+                 chunk: int = 1024) -> torch.Tensor:
+    """KL(softmax(p) || softmax(q)) per position: logits [B, T, V], mask [B, T] -> [B, T] fp32, 0 where
+    not mask. Differentiable in both arguments; -inf logits are fine (0 log 0 = 0)."""
+    V = p_logits.shape[-1]
+    if q_logits.shape[-1] != V:
+        raise MoekdError(f"KL over different vocabularies: {V} vs {q_logits.shape[-1]} logits")
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    return _RowKL.apply(p_logits.reshape(-1, V), q_logits.reshape(-1, V), rows, chunk).view(mask.shape)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(q_student || p_teacher) = Sum_v q (log q - log p), mean over masked tokens (0 if none).
+    The on-policy objective of GKD, ALL, KA and SAR (spec §3)."""
+    return kl_per_token(student_logits, teacher_logits, mask).sum() / mask.sum().clamp_min(1)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || q_student) = Sum_v p (log p - log q), mean over masked tokens (0 if none).
+    (torch's F.kl_div(input, target) computes KL(target || input): the argument order is swapped.)"""
+    return kl_per_token(teacher_logits, student_logits, mask).sum() / mask.sum().clamp_min(1)
 
 
 # ----------------------------------------------------------------------------
@@ -1003,29 +1096,62 @@ _rouge_scorer_cache: dict = {}
 
 
 @torch.no_grad()
-def sample_responses(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-                     batch_size: int, seed: int, desc: str = "generate", **generate_kwargs) -> list[str]:
-    """Sampled responses (top_k 0, top_p 1, temperature 1 as the paper) for token-id prompts.
-
-    Seeded on its own and restoring the global RNG afterwards, so evaluating in the middle of
-    training does not change the training run."""
+def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
+                  batch_size: int, desc: str = "generate", **options) -> list[list[int]]:
+    """Sampled continuations of token-id prompts, left-padded in batches: top_k 0, top_p 1,
+    temperature 1 (the paper's sampling), pure ancestral sampling from the global torch RNG.
+    The model's own generation_config (e.g. a checkpoint's temperature 0.6) is not consulted."""
     from tqdm import tqdm
+    from transformers import GenerationConfig
+    config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
+                              pad_token_id=pad_id, eos_token_id=eos_id, **options)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    texts = []
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
+        batch = {k: v.to(device) for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
+        sequences = model.generate(**batch, generation_config=config)
+        out.extend(sequences[:, batch["input_ids"].shape[1]:].tolist())
+    model.train(was_training)
+    return out
+
+
+def sample_responses(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+                     batch_size: int, seed: int, desc: str = "generate", **options) -> list[str]:
+    """Decoded sampled responses, seeded on their own: the global RNG is restored afterwards, so
+    evaluating in the middle of training does not change the training run."""
+    device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
-            batch = collate_prompts(prompts[start:start + batch_size], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model.generate(**batch, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
-            for row in out[:, batch["input_ids"].shape[1]:]:
-                texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    model.train(was_training)
-    return texts
+        rows = sample_tokens(model, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc, **options)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+
+def response_through_eos(tokens: list[int], eos_id: int) -> list[int]:
+    """A sampled response cut after its first EOS, which is kept (the student must learn to stop);
+    one that never stopped gets its last token replaced by EOS, as the official code forces the last
+    generated column to pad (= eos)."""
+    if eos_id in tokens:
+        return tokens[:tokens.index(eos_id) + 1]
+    return tokens[:-1] + [eos_id]
+
+
+def generate_on_policy(model: nn.Module, items: list[dict], tokenizer, cfg: Config) -> list[dict]:
+    """On-policy training items (spec §3): the student samples a response to each prompt (left-padded,
+    at most max_len - max_prompt_len new tokens); the sequence is the gold prompt (no BOS) + response,
+    truncated to max_len, with the prompt masked out of the labels."""
+    eos = tokenizer.eos_token_id
+    responses = sample_tokens(model, [it["prompt_ids"] for it in items], pad_id=tokenizer.pad_token_id,
+                              eos_id=eos, max_new_tokens=cfg.max_len - cfg.max_prompt_len,
+                              batch_size=cfg.gen_batch_size, desc="on-policy")
+    out = []
+    for it, row in zip(items, responses):
+        prompt, response = it["prompt_ids"], response_through_eos(row, eos)
+        out.append({"input_ids": (prompt + response)[:cfg.max_len],
+                    "labels": ([-100] * len(prompt) + response)[:cfg.max_len]})
+    return out
 
 
 @torch.no_grad()
@@ -1039,8 +1165,8 @@ def evaluate_dev(model: nn.Module, tokenizer, dev: list[dict], cfg: Config, *, d
         with autocast(device, amp_dtype):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ce = token_cross_entropy(logits, batch["labels"])
-        total += masked_sum(ce, response_mask(batch["labels"])).item()
-        count += int(response_mask(batch["labels"]).sum())
+        total += masked_sum(ce, loss_mask(batch["labels"])).item()
+        count += int(loss_mask(batch["labels"]).sum())
     subset = dev[:cfg.dev_num] if cfg.dev_num else dev
     with autocast(device, amp_dtype):
         responses = sample_responses(model, tokenizer, [it["prompt_ids"] for it in subset],
@@ -1069,27 +1195,110 @@ def aux_loss(model: nn.Module, outputs) -> torch.Tensor | None:
     return None if aux is None else model.config.router_aux_loss_coef * aux
 
 
-def sft_step(model: nn.Module, teacher: nn.Module | None, batch: dict, cfg: Config, *,
-             norm: float, n_micro: int) -> dict[str, torch.Tensor]:
-    """CE on response tokens (+ the balance loss for MoE models, gate noisy in train mode)."""
+def forward_with_aux(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits [B, T, V] and the model's own balance loss (None for dense models)."""
     kwargs = {"output_router_logits": True} if is_moe(model) and not hasattr(model, "moe_config") else {}
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-    ce = masked_sum(token_cross_entropy(outputs.logits, batch["labels"]), response_mask(batch["labels"])) / norm
-    parts = {"ce": ce, "loss": ce}
-    lb = aux_loss(model, outputs)
-    if lb is not None:  # one balance loss per micro-batch, averaged over the step's micro-batches
-        parts["lb"] = lb / n_micro
-        parts["loss"] = ce + parts["lb"]
+    return outputs.logits, aux_loss(model, outputs)
+
+
+def with_aux(parts: dict, aux: torch.Tensor | None, n_micro: int) -> dict:
+    """Add a balance loss, once per micro-batch and averaged over the step's micro-batches."""
+    if aux is not None:
+        parts["lb"] = aux / n_micro
+        parts["loss"] = parts["loss"] + parts["lb"]
     return parts
 
 
-def not_yet(method: str):
-    def step(*args, **kwargs):
-        raise MoekdError(f"--method {method} is not implemented yet (arrives with the distillation issue)")
-    return step
+def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator | None):
+    """The teacher's routing for a method: KA samples N-1 of N experts with probability lambda (else its
+    top-(N-1)), ALL and SAR use every expert, KD/GKD the native top-k (or --teacher-k)."""
+    if cfg.method == "ka":
+        k = cfg.ka_k or num_experts(teacher) - 1
+        return moe_routing(teacher, "sample", k=k, prob=cfg.ka_lambda, generator=generator)
+    if cfg.method in ("all", "sar"):
+        return moe_routing(teacher, "all")
+    if cfg.teacher_k is not None:
+        return moe_routing(teacher, "topk", k=cfg.teacher_k)
+    return contextlib.nullcontext()
 
 
-METHOD_STEPS = {"sft": sft_step, **{m: not_yet(m) for m in METHODS if m != "sft"}}
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, batch: dict, *, repeat: int = 1) -> torch.Tensor:
+    """Teacher logits on the teacher's device, [repeat*B, T, V]. Repeating the rows runs KA's M passes
+    as one batched forward; every row gets its own expert draws in every layer."""
+    device = next(teacher.parameters()).device
+    ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    return teacher(input_ids=ids.repeat(repeat, 1), attention_mask=attn.repeat(repeat, 1)).logits
+
+
+def sft_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -> dict[str, torch.Tensor]:
+    """SFT: CE on gold response tokens (+ the model's balance loss, gate noise on in train mode)."""
+    logits, aux = forward_with_aux(model, batch)
+    ce = masked_sum(token_cross_entropy(logits, batch["labels"]), loss_mask(batch["labels"])) / norm
+    return with_aux({"loss": ce, "ce": ce}, aux, n_micro)
+
+
+def kd_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -> dict[str, torch.Tensor]:
+    """KD (Sanh 2019) on gold data: (1 - r) CE + r KL(p_teacher || q_student), r = --kd-ratio (0.5).
+    The official code writes the soft term as -Sum p log q; it differs from KL by H(p), a constant."""
+    amp_dtype = (extras or {}).get("amp_dtype", torch.float32)
+    with teacher_routing(teacher, cfg, None), autocast(next(teacher.parameters()).device, amp_dtype):
+        t = teacher_logits(teacher, batch)
+    logits, aux = forward_with_aux(model, batch)
+    mask = loss_mask(batch["labels"])
+    ce = masked_sum(token_cross_entropy(logits, batch["labels"]), mask) / norm
+    fkl = kl_per_token(t.to(logits.device), logits, mask, chunk=cfg.kl_chunk).sum() / norm
+    return with_aux({"loss": (1 - cfg.kd_ratio) * ce + cfg.kd_ratio * fkl, "ce": ce, "fkl": fkl}, aux, n_micro)
+
+
+def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -> dict[str, torch.Tensor]:
+    """GKD, ALL, KA and SAR's student update: KL(q_student || p_teacher) on the student's own samples,
+    the teacher under the method's routing. KA: mean of the M sampled teachers' losses (spec §2)."""
+    M = cfg.ka_m if cfg.method == "ka" and cfg.ka_updates == "mean" else 1
+    extras = extras or {}
+    with teacher_routing(teacher, cfg, extras.get("generator")), \
+            autocast(next(teacher.parameters()).device, extras.get("amp_dtype", torch.float32)):
+        t = teacher_logits(teacher, batch, repeat=M)                   # [M*B, T, V]
+    logits, aux = forward_with_aux(model, batch)
+    mask = loss_mask(batch["labels"])
+    rkl = sum(kl_per_token(logits, tm.to(logits.device), mask, chunk=cfg.kl_chunk).sum() for tm in t.chunk(M))
+    rkl = rkl / (M * norm)
+    return with_aux({"loss": rkl, "rkl": rkl}, aux, n_micro)
+
+
+def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg: Config,
+                      extras: dict) -> dict[str, float]:
+    """SAR step (a), before the student's: only the teacher's routers learn, teacher in train mode
+    (gate noise on), all experts; loss KL(p_teacher || q_student) + beta * balance (spec §4, Eq. 9)."""
+    device, t_device = next(model.parameters()).device, next(teacher.parameters()).device
+    model.eval()
+    teacher.train()
+    logs = {"router_kl": 0.0, "router_lb": 0.0}
+    for mb, norm in zip(micro, norms):
+        mb = {k: v.to(device) for k, v in mb.items()}
+        with torch.no_grad(), autocast(device, extras["amp_dtype"]):
+            q = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        with moe_routing(teacher, "all"), autocast(t_device, extras["amp_dtype"]):
+            p = teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device)).logits
+            lb = teacher_balance_loss(teacher, cfg.sar_beta) / len(micro)
+        kl = kl_per_token(p.to(device), q, loss_mask(mb["labels"]), chunk=cfg.kl_chunk).sum() / norm
+        (kl + lb).backward()
+        logs["router_kl"] += kl.item()
+        logs["router_lb"] += lb.item()
+    params = router_parameters(teacher)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    extras["router_optimizer"].step()
+    extras["router_optimizer"].zero_grad(set_to_none=True)
+    teacher.eval()
+    return logs
+
+
+METHOD_STEPS = {"sft": sft_step, "kd": kd_step, "gkd": reverse_kl_step, "all": reverse_kl_step,
+                "ka": reverse_kl_step, "sar": reverse_kl_step}
+ON_POLICY = ("gkd", "all", "ka", "sar")
+MOE_TEACHER = ("all", "ka", "sar")
 
 
 # ----------------------------------------------------------------------------
@@ -1112,33 +1321,100 @@ def lr_at(step: int, *, lr: float, schedule: str, total: int, warmup: int = 0, l
     return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def step_batches(items: list[dict], cfg: Config, step: int, steps_per_epoch: int, pad_id: int) -> list[dict]:
-    """The micro-batches of one optimizer step: a pure function of (seed, step)."""
+def step_rows(items: list[dict], cfg: Config, step: int, steps_per_epoch: int) -> list[dict]:
+    """The global batch of one optimizer step: a pure function of (seed, step). With --restart-epochs
+    every epoch repeats the first epoch's order, as the official loop scripts (same seed, set_epoch(0))."""
     epoch, i = divmod(step, steps_per_epoch)
-    order = epoch_order(len(items), seed=cfg.seed, epoch=epoch)
+    order = epoch_order(len(items), seed=cfg.seed, epoch=0 if cfg.restart_epochs else epoch)
     size = cfg.batch_size * cfg.grad_accum
-    rows = [items[j] for j in order[i * size:(i + 1) * size]]
+    return [items[j] for j in order[i * size:(i + 1) * size]]
+
+
+def micro_batches(rows: list[dict], cfg: Config, pad_id: int) -> list[dict]:
     return [collate(rows[m * cfg.batch_size:(m + 1) * cfg.batch_size], pad_id) for m in range(cfg.grad_accum)]
 
 
 def loss_norms(micro: list[dict], mode: str) -> list[float]:
     """Divisor of each micro-batch's token-sum loss. global: all loss tokens of the step (TRL's fix
     for accumulation, pitfalls #4); micro: own tokens x #micro-batches (mean of micro means)."""
-    counts = [max(int(response_mask(mb["labels"]).sum()), 1) for mb in micro]
+    counts = [max(int(loss_mask(mb["labels"]).sum()), 1) for mb in micro]
     return [float(sum(counts))] * len(micro) if mode == "global" else [c * len(micro) for c in counts]
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, extra: dict) -> None:
-    """checkpoints/step-N (model + trainer state), then the `latest` pointer, both atomic."""
+def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimizer, lr: float,
+               extras: dict) -> dict[str, float]:
+    """One optimizer step on a global batch: on-policy samples (gkd/all/ka/sar), SAR's router update,
+    then the student's micro-batches, grad clip and AdamW. Returns summed loss parts and token count."""
+    device, amp_dtype = next(model.parameters()).device, extras["amp_dtype"]
+    if cfg.method in ON_POLICY:
+        with autocast(device, amp_dtype):
+            rows = generate_on_policy(model, rows, tokenizer, cfg)
+    micro = micro_batches(rows, cfg, tokenizer.pad_token_id)
+    norms = loss_norms(micro, cfg.loss_norm)
+    logs = sar_router_update(model, teacher, micro, norms, cfg, extras) if cfg.method == "sar" else {}
+    updates = cfg.ka_m if cfg.method == "ka" and cfg.ka_updates == "each" else 1
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for _ in range(updates):
+        model.train()
+        for mb, norm in zip(micro, norms):
+            mb = {k: v.to(device) for k, v in mb.items()}
+            with autocast(device, amp_dtype):
+                parts = METHOD_STEPS[cfg.method](model, teacher, mb, cfg, norm=norm, n_micro=len(micro), extras=extras)
+            parts["loss"].backward()
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + v.item() / updates
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    logs["tokens"] = float(sum(int(mb["attention_mask"].sum()) for mb in micro))
+    return logs
+
+
+ROUTERS_FILE = "teacher_routers.safetensors"
+
+
+def router_state_dict(teacher: nn.Module) -> dict[str, torch.Tensor]:
+    ids = {id(p) for p in router_parameters(teacher)}
+    return {name: p.detach().contiguous().cpu() for name, p in teacher.named_parameters() if id(p) in ids}
+
+
+def load_routers(teacher: nn.Module, path: str | Path) -> None:
+    """Load SAR-trained routers (a teacher_routers.safetensors, or a directory holding one)."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    path = path / ROUTERS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise MoekdError(f"--teacher-routers {path}: no such file")
+    load_state_dict_strict_subset(teacher, load_file(path), set(router_state_dict(teacher)), where=str(path))
+
+
+def load_state_dict_strict_subset(model: nn.Module, tensors: dict, expected: set[str], *, where: str) -> None:
+    if set(tensors) != expected:
+        raise MoekdError(f"{where}: router keys do not match the teacher "
+                         f"({len(set(tensors) ^ expected)} differ, e.g. {sorted(set(tensors) ^ expected)[0]})")
+    load_state_dict_strict(model, ((k, v) for k, v in tensors.items()), where=where, partial=True)
+
+
+def save_run_model(directory: Path, model, tokenizer, teacher, cfg: Config) -> None:
+    """A student directory load_model reads; SAR runs add the trained teacher routers beside it."""
+    save_model(model, tokenizer, directory)
+    if cfg.method == "sar":
+        from safetensors.torch import save_file
+        save_file(router_state_dict(teacher), directory / ROUTERS_FILE)
+
+
+def save_checkpoint(out: Path, step: int, model, tokenizer, teacher, cfg: Config, state: dict) -> None:
+    """checkpoints/step-N (model, routers, trainer state), then the `latest` pointer, both atomic."""
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step}"
     def write(tmp: Path) -> None:
-        save_model(model, tokenizer, tmp)
+        save_run_model(tmp, model, tokenizer, teacher, cfg)
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, **extra},
-                   tmp / "trainer_state.pt")
+        torch.save({"step": step, "rng": rng, **state}, tmp / "trainer_state.pt")
     write_atomically(ckpt_root / name, write)
     pointer = ckpt_root / "latest.tmp"
     pointer.write_text(name + "\n")
@@ -1153,6 +1429,18 @@ def latest_checkpoint(out: Path) -> Path | None:
     return out / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
 
 
+def method_extras(cfg: Config, teacher, amp_dtype: torch.dtype) -> dict:
+    """Per-method training state beside the student's optimizer: SAR's router AdamW (constant LR, same
+    weight decay and clip as the student's), KA's expert-sampling generator."""
+    extras: dict[str, Any] = {"amp_dtype": amp_dtype}
+    if cfg.method == "sar":
+        extras["router_optimizer"] = torch.optim.AdamW(param_groups(teacher, cfg.weight_decay), lr=cfg.router_lr)
+    if cfg.method == "ka":
+        device = next(teacher.parameters()).device
+        extras["generator"] = torch.Generator(device=device).manual_seed(cfg.seed)
+    return extras
+
+
 def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, train_items: list[dict],
           dev_items: list[dict], *, out: Path, device: torch.device, amp_dtype: torch.dtype,
           state: dict | None = None) -> dict:
@@ -1160,6 +1448,7 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
     steps_per_epoch = len(train_items) // global_batch
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    extras = method_extras(cfg, teacher, amp_dtype)
     start, best, history, window, window_steps = 0, -math.inf, [], {}, 0
     if state is not None:  # `window` holds the loss sums since the last log line
         optimizer.load_state_dict(state["optimizer"])
@@ -1168,42 +1457,36 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    step_fn = METHOD_STEPS[cfg.method]
+        if "router_optimizer" in extras:
+            extras["router_optimizer"].load_state_dict(state["router_optimizer"])
+        if "generator" in extras:
+            extras["generator"].set_state(state["generator"])
     print(f"train: {len(train_items)} examples, global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} "
           f"accumulation), {steps_per_epoch} steps/epoch, {total} steps, lr {cfg.lr:g} {cfg.lr_schedule}")
     log = (out / "log.txt").open("a")
-    tokens, busy = 0, 0.0  # tokens and seconds of training work since the last log line
+    busy = 0.0  # seconds of training work since the last log line
     step = start
     for step in range(start, total):
         t0 = time.perf_counter()
-        model.train()
-        micro = step_batches(train_items, cfg, step, steps_per_epoch, tokenizer.pad_token_id)
-        for mb, norm in zip(micro, loss_norms(micro, cfg.loss_norm)):
-            mb = {k: v.to(device) for k, v in mb.items()}
-            with autocast(device, amp_dtype):
-                parts = step_fn(model, teacher, mb, cfg, norm=norm, n_micro=len(micro))
-            parts["loss"].backward()
-            for k, v in parts.items():
-                window[k] = window.get(k, 0.0) + v.item()
-            tokens += int(mb["attention_mask"].sum())
+        if cfg.restart_epochs and step % steps_per_epoch == 0 and step > 0:
+            for opt in [optimizer] + ([extras["router_optimizer"]] if "router_optimizer" in extras else []):
+                opt.state.clear()  # each official loop epoch is a fresh job with a fresh optimizer
         lr = lr_at(step, lr=cfg.lr, schedule=cfg.lr_schedule, total=total, warmup=cfg.warmup_steps, lr_min=cfg.lr_min)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        logs = train_step(cfg, model, teacher, tokenizer, step_rows(train_items, cfg, step, steps_per_epoch),
+                          optimizer, lr, extras)
+        for k, v in logs.items():
+            window[k] = window.get(k, 0.0) + v
         done, window_steps, busy = step + 1, window_steps + 1, busy + time.perf_counter() - t0
         if done % cfg.log_every == 0 or done == total:
-            n, elapsed = window_steps, busy
+            n, tokens = window_steps, window.pop("tokens")
             parts_txt = " | ".join(f"{k} {window[k] / n:.4f}" for k in sorted(window, key=lambda k: k != "loss"))
             line = (f"step {done}/{total} | epoch {step // steps_per_epoch + 1} | {parts_txt} | lr {lr:.2e} | "
-                    f"{tokens / elapsed:.0f} tok/s | {1000 * elapsed / n:.0f} ms")
+                    f"{tokens / busy:.0f} tok/s | {1000 * busy / n:.0f} ms")
             print(line)
             log.write(line + "\n")
             log.flush()
             history.append({"step": done, **{k: v / n for k, v in window.items()}})
-            window, window_steps, tokens, busy = {}, 0, 0, 0.0
+            window, window_steps, busy = {}, 0, 0.0
         epoch_end = done % steps_per_epoch == 0 or done == total
         if epoch_end and cfg.dev_eval:
             metrics = evaluate_dev(model, tokenizer, dev_items, cfg, device=device, amp_dtype=amp_dtype)
@@ -1213,19 +1496,23 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             history.append({"step": done, **metrics})
             if metrics["dev_rougeL"] > best:  # spec §6: keep the best dev ROUGE-L model
                 best = metrics["dev_rougeL"]
-                write_atomically(out / "best_rougeL", lambda d: save_model(model, tokenizer, d))
+                write_atomically(out / "best_rougeL", lambda d: save_run_model(d, model, tokenizer, teacher, cfg))
         stopping = cfg.stop_after is not None and done - start >= cfg.stop_after
         if epoch_end or stopping or done == total or (cfg.save_every and done % cfg.save_every == 0):
-            save_checkpoint(out, done, model, tokenizer, optimizer,
-                            {"best_rougeL": best, "history": history, "window": window,
-                             "window_steps": window_steps})
+            state = {"optimizer": optimizer.state_dict(), "best_rougeL": best, "history": history,
+                     "window": window, "window_steps": window_steps}
+            if "router_optimizer" in extras:
+                state["router_optimizer"] = extras["router_optimizer"].state_dict()
+            if "generator" in extras:
+                state["generator"] = extras["generator"].get_state()
+            save_checkpoint(out, done, model, tokenizer, teacher, cfg, state)
         if stopping and done < total:
             print(f"stopped after {cfg.stop_after} steps at step {done}/{total}; continue with --resume")
             break
     log.close()
     finished = step + 1 >= total
     if finished:
-        write_atomically(out / "final", lambda d: save_model(model, tokenizer, d))
+        write_atomically(out / "final", lambda d: save_run_model(d, model, tokenizer, teacher, cfg))
     dev = [h for h in history if "dev_rougeL" in h]
     result = {"out": str(out), "step": step + 1 if total else 0, "total_steps": total, "finished": finished,
               "best_rougeL": best if dev else None, "history": history, **(dev[-1] if dev else {})}
@@ -1252,18 +1539,43 @@ def prepare_out_dir(cfg: Config) -> tuple[Path, dict | None]:
     return out, None
 
 
-def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_tok, method: str) -> None:
-    """The logits must index the same vocabulary (pitfalls #6); KA/SAR/ALL need an MoE teacher."""
+def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.dtype) -> nn.Module | None:
+    """Load and check the teacher: frozen, in the compute dtype (bf16 on GPU); SAR unfreezes the routers
+    and keeps them in fp32 so small updates (LR 1e-6) are not lost to bf16 rounding."""
+    if cfg.method == "sft":
+        return None
+    device = resolve_device(cfg.teacher_device or cfg.device)
+    teacher = load_model(cfg.teacher, device=device, dtype=amp_dtype, what="--teacher")
+    check_teacher(teacher, student, load_tokenizer(cfg.teacher, what="--teacher"), tokenizer, cfg)
+    teacher.requires_grad_(False)
+    if cfg.method == "sar":
+        for p in router_parameters(teacher):
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    if cfg.teacher_routers:
+        load_routers(teacher, cfg.teacher_routers)
+    return teacher
+
+
+def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_tok, cfg: Config) -> None:
+    """The logits must index the same vocabulary (pitfalls #6); KA/SAR/ALL need an MoE teacher whose
+    routing we control; expert counts must fit the flags."""
     vt, vs = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
     if vt != vs or teacher_tok.get_vocab() != student_tok.get_vocab():
         raise MoekdError(f"--teacher and --model have different vocabularies ({vt} vs {vs} logits"
                          f"{'' if vt != vs else ', different tokenizers'}); distillation needs one vocabulary")
-    if method in ("all", "ka", "sar") and not is_moe(teacher):
-        raise MoekdError(f"--method {method} needs an MoE teacher; --teacher is a dense "
-                         f"{type(teacher).__name__}")
+    needs_moe = cfg.method in MOE_TEACHER or cfg.teacher_k is not None
+    if needs_moe and not is_moe(teacher):
+        flag = f"--method {cfg.method}" if cfg.method in MOE_TEACHER else "--teacher-k"
+        raise MoekdError(f"{flag} needs an MoE teacher; --teacher is a dense {type(teacher).__name__}")
+    if needs_moe:
+        E = num_experts(teacher)  # also rejects MoE families whose routing we cannot steer
+        for flag, k in (("--teacher-k", cfg.teacher_k), ("--ka-k", cfg.ka_k)):
+            if k is not None and not 1 <= k <= E:
+                raise MoekdError(f"{flag} {k} is outside [1, {E}] (the teacher has {E} experts)")
 
 
-RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "dtype", "log_every", "out", "tiny"}
+RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1282,11 +1594,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     source = str(latest_checkpoint(out)) if state is not None else cfg.model
     model = load_model(source, device=device, dtype=torch.float32)  # fp32 master weights
-    teacher = None
-    if cfg.method != "sft":
-        teacher = load_model(cfg.teacher, device=device, dtype=amp_dtype, what="--teacher")
-        check_teacher(teacher, model, load_tokenizer(cfg.teacher, what="--teacher"), tokenizer, cfg.method)
-        METHOD_STEPS[cfg.method]()  # not implemented yet: fail before any training or writing
+    teacher = setup_teacher(cfg, model, tokenizer, amp_dtype)
+    if state is not None and cfg.method == "sar":
+        load_routers(teacher, latest_checkpoint(out))
     train_items = tokenize_examples(tokenizer, train_examples, cfg, name="train")
     dev_items = tokenize_examples(tokenizer, dev_examples, cfg, name="dev")
     if len(train_items) < cfg.batch_size * cfg.grad_accum:
@@ -1298,8 +1608,10 @@ def main(argv: list[str] | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         torch.manual_seed(cfg.seed)
-    print(f"{cfg.method}: model {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
-          f"{', MoE' if is_moe(model) else ''}) on {device}, {str(amp_dtype).removeprefix('torch.')}, out {out}")
+    describe = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params{', MoE' if is_moe(m) else ''}"  # noqa: E731
+    print(f"{cfg.method}: model {cfg.model} ({describe(model)})"
+          + (f", teacher {cfg.teacher} ({describe(teacher)})" if teacher is not None else "")
+          + f" on {device}, {str(amp_dtype).removeprefix('torch.')}, out {out}")
     result = train(cfg, model, teacher, tokenizer, train_items, dev_items, out=out, device=device,
                    amp_dtype=amp_dtype, state=state)
     if result.get("best_rougeL") is not None:

@@ -391,7 +391,7 @@ def test_labels_mask_prompt_and_keep_eos_when_pad_is_eos(tokenizer):
     assert a["labels"][:n_prompt] == [-100] * n_prompt
     assert a["labels"][n_prompt:] == tokenizer.encode("red", add_special_tokens=False) + [eos]
     batch = moekd.collate([a, b], tokenizer.pad_token_id)
-    mask = moekd.response_mask(batch["labels"])
+    mask = moekd.loss_mask(batch["labels"])
     # the final EOS of the shorter row is a loss target even though pad tokens are EOS too
     last = len(a["input_ids"]) - 1
     assert batch["input_ids"][0, last] == eos and batch["labels"][0, last] == eos and mask[0, last - 1]
@@ -611,7 +611,6 @@ def test_existing_out_is_never_overwritten(tmp_path):
     (["--data", "/tmp"], "--data /tmp: folder has no train.jsonl"),
     (["--dev-data", "/nonexistent/dev.jsonl"], "--dev-data /nonexistent/dev.jsonl: no such file"),
     (["--method", "ka", "--teacher", str(STUDENT)], "--method ka needs an MoE teacher"),
-    (["--method", "gkd"], "--method gkd is not implemented yet"),
     (["--max-prompt-len", "300", "--max-len", "200"], "--max-prompt-len"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
 ])
