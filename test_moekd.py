@@ -649,3 +649,414 @@ def test_help_lists_every_flag_with_defaults():
     for f in moekd.dataclasses.fields(moekd.Config):
         assert "--" + f.name.replace("_", "-") in proc.stdout
     assert "sft,kd,gkd,all,ka,sar" in proc.stdout.replace(" ", "").replace("{", ",").replace("}", ",")
+
+
+# ----------------------------------------------------------------------------
+# Distillation losses: direction, exactness, gradients, masking
+
+def naive_kl(p_logits, q_logits):
+    """KL(softmax(p) || softmax(q)) per row, one row at a time, in float64."""
+    out = []
+    for a, b in zip(p_logits.reshape(-1, p_logits.shape[-1]).double(), q_logits.reshape(-1, q_logits.shape[-1]).double()):
+        pa, pb = a.softmax(-1), b.softmax(-1)
+        out.append(sum(float(pa[v] * (pa[v].log() - pb[v].log())) for v in range(len(pa)) if pa[v] > 0))
+    return torch.tensor(out, dtype=torch.float32).view(p_logits.shape[:-1])
+
+
+logit_pairs = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(2, 9), st.integers(0, 10_000)).map(
+    lambda s: (torch.randn(*s[:3], generator=torch.Generator().manual_seed(s[3])) * 4,
+               torch.randn(*s[:3], generator=torch.Generator().manual_seed(s[3] + 1)) * 4,
+               torch.rand(*s[:2], generator=torch.Generator().manual_seed(s[3] + 2)) > 0.3))
+
+
+@given(logit_pairs)
+@settings(max_examples=25, deadline=None)
+def test_kl_properties(pair):
+    s, t, mask = pair
+    rkl = moekd.reverse_kl(s, t, mask)
+    assert rkl >= 0
+    assert moekd.reverse_kl(s, s, mask) == 0
+    assert_close(rkl, moekd.forward_kl(t, s, mask))  # reverse_kl(s, t) == forward_kl(t, s)
+    n = mask.sum().clamp_min(1)
+    assert_close(rkl, (naive_kl(s, t) * mask).sum() / n)              # KL(q_student || p_teacher)
+    assert_close(moekd.forward_kl(s, t, mask), (naive_kl(t, s) * mask).sum() / n)
+    # F.kl_div(input, target) = KL(target || input): reverse KL is kl_div(input=log p_teacher, target=q_student)
+    per_tok = F.kl_div(t.log_softmax(-1), s.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    assert_close(rkl, (per_tok * mask).sum() / n)
+    garbage = torch.where(mask.unsqueeze(-1), s, torch.full_like(s, float("nan")))
+    assert_close(moekd.reverse_kl(garbage, t, mask), rkl)  # masked positions change nothing
+
+
+def test_kl_edge_cases():
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    assert moekd.reverse_kl(s, t, none) == 0 and not torch.isnan(moekd.forward_kl(s, t, none))
+    # -inf student logits: 0 log 0 = 0, no NaN; hand-computed: q = [1/2, 1/2, 0], p uniform over 3
+    s = torch.tensor([[[0.0, 0.0, float("-inf")]]])
+    t = torch.zeros(1, 1, 3)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    assert_close(moekd.reverse_kl(s, t, mask), torch.tensor(math.log(3 / 2)))
+    s.requires_grad_(True)
+    moekd.reverse_kl(s, t, mask).backward()
+    assert not torch.isnan(s.grad).any()
+
+
+def test_kl_gradients_match_autograd_of_the_formula():
+    a = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0]], dtype=torch.bool)
+    weights = torch.randn(2, 4, dtype=torch.float64)
+    (moekd.kl_per_token(a, b, mask, chunk=3) * weights).sum().backward()
+    ga, gb = a.grad.clone(), b.grad.clone()
+    a.grad = b.grad = None
+    pa = a.softmax(-1)
+    ref = (pa * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1)
+    (ref * mask * weights).sum().backward()
+    assert_close(ga, a.grad)
+    assert_close(gb, b.grad)
+
+
+def test_kl_chunking_does_not_change_values():
+    a, b, mask = torch.randn(3, 5, 11), torch.randn(3, 5, 11), torch.rand(3, 5) > 0.2
+    assert_close(moekd.kl_per_token(a, b, mask, chunk=1), moekd.kl_per_token(a, b, mask, chunk=4096))
+
+
+# ----------------------------------------------------------------------------
+# Routing control
+
+@given(st.integers(1, 7), st.floats(0.0, 1.0), st.integers(0, 10_000))
+@settings(max_examples=25, deadline=None)
+def test_sampled_routing_picks_k_distinct_experts(k, prob, seed):
+    logits = torch.randn(13, 7, generator=torch.Generator().manual_seed(seed)) * 3
+    routing = moekd.Routing("sample", k=k, prob=prob, generator=torch.Generator().manual_seed(seed))
+    index = moekd.select_experts(logits, routing, 2)
+    assert index.shape == (13, k) and all(len(set(row)) == k for row in index.tolist())
+    assert_close(moekd.routing_weights(logits, index).sum(-1), torch.ones(13))
+
+
+def test_sampling_without_replacement_frequencies():
+    """With lambda = 1 the chosen sets follow sampling without replacement from softmax(logits):
+    P({i, j}) = p_i p_j / (1 - p_i) + p_j p_i / (1 - p_j)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    p = logits.softmax(-1).tolist()
+    n = 40_000
+    routing = moekd.Routing("sample", k=2, prob=1.0, generator=torch.Generator().manual_seed(7))
+    index = moekd.select_experts(logits.expand(n, 4), routing, 2).sort(-1).values
+    for i in range(4):
+        for j in range(i + 1, 4):
+            expected = p[i] * p[j] / (1 - p[i]) + p[j] * p[i] / (1 - p[j])
+            observed = ((index[:, 0] == i) & (index[:, 1] == j)).float().mean().item()
+            assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / n), (i, j)
+
+
+def test_fraction_routed_off_topk_is_lambda():
+    """Off-top-k fraction = lambda * P(a drawn set differs from the top set), the latter measured at lambda = 1."""
+    logits = torch.randn(40_000, 8, generator=torch.Generator().manual_seed(0)) * 2
+    top = moekd.select_experts(logits, moekd.Routing("topk", k=7), 2).sort(-1).values
+
+    def off(lam, seed):
+        routing = moekd.Routing("sample", k=7, prob=lam, generator=torch.Generator().manual_seed(seed))
+        return (moekd.select_experts(logits, routing, 2).sort(-1).values != top).any(-1).float().mean().item()
+
+    differs = off(1.0, 1)
+    assert 0.3 < differs < 0.95
+    for lam in (0.05, 0.3):
+        expected = lam * differs
+        assert abs(off(lam, 2) - expected) < 4 * math.sqrt(expected * (1 - expected) / 40_000) + 1e-3, lam
+
+
+def ids_batch():
+    return torch.tensor([[1, 5, 9, 13, 400, 7], [1, 44, 2000, 3, 3, 81]])
+
+
+def test_routing_context_restores_exactly(teacher):
+    with torch.no_grad():
+        before = teacher(ids_batch()).logits
+        with moekd.moe_routing(teacher, "all"):
+            inside = teacher(ids_batch()).logits
+        with pytest.raises(RuntimeError, match="boom"):
+            with moekd.moe_routing(teacher, "sample", prob=1.0):
+                raise RuntimeError("boom")
+        after = teacher(ids_batch()).logits
+    assert not torch.equal(before, inside) and torch.equal(before, after)
+    assert all(layer.mlp.gate.routing is None for layer in teacher.model.layers)
+
+
+def test_lambda_zero_is_bit_identical_to_topk(teacher):
+    with torch.no_grad():
+        native = teacher(ids_batch()).logits
+        with moekd.moe_routing(teacher, "sample", prob=0.0, generator=torch.Generator().manual_seed(0)):
+            sampled_native_k = teacher(ids_batch()).logits
+        with moekd.moe_routing(teacher, "sample", k=6, prob=0.0, generator=torch.Generator().manual_seed(0)):
+            sampled6 = teacher(ids_batch()).logits
+        with moekd.moe_routing(teacher, "topk", k=6):
+            top6 = teacher(ids_batch()).logits
+        with moekd.moe_routing(teacher, "sample", k=6, prob=1.0, generator=torch.Generator().manual_seed(0)):
+            drawn6 = teacher(ids_batch()).logits
+    assert torch.equal(native, sampled_native_k) and torch.equal(sampled6, top6)
+    assert not torch.equal(drawn6, top6)
+
+
+def test_all_experts_weights_and_gradients_reach_routers_only(teacher):
+    captured = []
+    hook = teacher.model.layers[0].mlp.calculator.register_forward_hook(lambda m, args, out: captured.append(args))
+    with torch.no_grad(), moekd.moe_routing(teacher, "all"):
+        teacher(ids_batch())
+    hook.remove()
+    x, index, weights = captured[0]
+    assert index.shape == (12, 7) and torch.equal(index[0], torch.arange(7))
+    assert_close(weights, teacher.model.layers[0].mlp.gate.gate_network(x).softmax(-1))  # softmax over all E
+    assert_close(weights.sum(-1), torch.ones(12))
+    # SAR's setting: everything frozen but the routers, train mode (gate noise on)
+    teacher.requires_grad_(False)
+    routers = moekd.router_parameters(teacher)
+    names = {n for n, p in teacher.named_parameters() if any(p is r for r in routers)}
+    assert names == {f"model.layers.{i}.mlp.gate.{w}" for i in range(3)
+                     for w in ("gate_network.0.weight", "gate_network.2.weight", "weight_noise.weight")}
+    for p in routers:
+        p.requires_grad_(True)
+    teacher.train()
+    with moekd.moe_routing(teacher, "all"):
+        teacher(ids_batch()).logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)  # weight_noise via the noise std
+    assert all(p.grad is None for p in teacher.parameters() if not any(p is r for r in routers))
+
+
+def hf_moe(tmp_path, family: str, seed: int = 0) -> Path:
+    """A tiny transformers-5 MoE checkpoint with the tiny tokenizer."""
+    from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    common = dict(vocab_size=2039, hidden_size=36, num_hidden_layers=2, num_attention_heads=3,
+                  num_key_value_heads=1, num_experts_per_tok=2, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    config = {
+        "mixtral": lambda: MixtralConfig(num_local_experts=5, intermediate_size=37, **common),
+        "qwen3_moe": lambda: Qwen3MoeConfig(num_experts=5, moe_intermediate_size=19, intermediate_size=37,
+                                            norm_topk_prob=False, **common),
+        "qwen2_moe": lambda: Qwen2MoeConfig(num_experts=5, moe_intermediate_size=19, intermediate_size=37,
+                                            shared_expert_intermediate_size=23, **common),
+        "olmoe": lambda: OlmoeConfig(num_experts=5, intermediate_size=19, **common),
+    }[family]()
+    torch.manual_seed(seed)
+    path = tmp_path / family
+    if not path.exists():
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(TINY / name, path / name)
+    return path
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_hf_routing_modes(tmp_path, family):
+    model = moekd.load_model(str(hf_moe(tmp_path, family)))
+    with torch.no_grad():
+        native = model(ids_batch()).logits
+        with moekd.moe_routing(model, "topk"):
+            assert torch.equal(model(ids_batch()).logits, native)
+        with moekd.moe_routing(model, "sample", prob=0.0, generator=torch.Generator().manual_seed(0)):
+            assert torch.equal(model(ids_batch()).logits, native)  # lambda = 0 is the native top-k path
+        with moekd.moe_routing(model, "all") as routers:
+            dense = model(ids_batch()).logits
+            captured = []
+            hook = routers[0].register_forward_hook(lambda m, a, out: captured.append(out))
+            model(ids_batch())
+            hook.remove()
+        assert torch.equal(model(ids_batch()).logits, native)
+    logits, weights, index = captured[0]
+    assert index.shape == (12, 5) and torch.equal(index[0], torch.arange(5))
+    assert_close(weights.float(), logits.float().softmax(-1))  # all experts: softmax over all E
+    assert not torch.equal(dense, native)
+    assert len(moekd.router_parameters(model)) == 2
+
+
+def test_unsupported_moe_family_is_an_error():
+    from transformers import AutoModelForCausalLM, GraniteMoeConfig
+    model = AutoModelForCausalLM.from_config(GraniteMoeConfig(
+        vocab_size=101, hidden_size=36, intermediate_size=37, num_hidden_layers=1, num_attention_heads=3,
+        num_key_value_heads=1, num_local_experts=5, num_experts_per_tok=2))
+    with pytest.raises(moekd.MoekdError, match="MoE family 'granitemoe' .* not supported"):
+        with moekd.moe_routing(model, "all"):
+            pass
+
+
+def test_batched_ka_passes_equal_looped_passes_at_lambda_zero(teacher, student, tokenizer):
+    cfg = moekd.Config(method="ka", ka_m=3, ka_lambda=0.0)
+    items = [moekd.tokenize_example(tokenizer, r["prompt"], r["responses"][0], max_prompt_len=96, max_len=128)
+             for r in (moekd.to_example(x, where="t") for x in moekd.synthetic_rows(4, seed=2))]
+    batch = moekd.collate(items, tokenizer.pad_token_id)
+    with moekd.teacher_routing(teacher, cfg, torch.Generator().manual_seed(0)):
+        batched = moekd.teacher_logits(teacher, batch, repeat=3)
+        looped = torch.cat([moekd.teacher_logits(teacher, batch) for _ in range(3)])
+    assert_close(batched, looped, atol=1e-6, rtol=1e-5)
+    parts = moekd.reverse_kl_step(student, teacher, batch, cfg, norm=10.0, n_micro=1)
+    mask = moekd.loss_mask(batch["labels"])
+    expected = sum(moekd.kl_per_token(student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+                                      looped[m * 4:(m + 1) * 4], mask).sum() for m in range(3)) / 30.0
+    assert_close(parts["rkl"], expected, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# On-policy data, method steps, SAR, every method end to end
+
+class StubStudent(torch.nn.Module):
+    """Returns canned continuations from generate(), so masking is tested without a real model."""
+
+    def __init__(self, continuations, eos):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.continuations, self.eos, self.seen = continuations, eos, None
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        self.seen = (input_ids.clone(), attention_mask.clone(), generation_config)
+        width = max(len(c) for c in self.continuations)
+        rows = [input_ids[i].tolist() + c + [self.eos] * (width - len(c)) for i, c in enumerate(self.continuations)]
+        return torch.tensor(rows)
+
+
+def test_generate_on_policy_masks_prompt_and_keeps_first_eos(tokenizer):
+    eos = tokenizer.eos_token_id
+    stub = StubStudent([[5, 6, eos, 9], [7, 8, 9, 4]], eos)  # the second never stops
+    cfg = moekd.Config(max_prompt_len=4, max_len=8, gen_batch_size=16)
+    items = moekd.generate_on_policy(stub, [{"prompt_ids": [10, 11]}, {"prompt_ids": [12]}], tokenizer, cfg)
+    assert items[0] == {"input_ids": [10, 11, 5, 6, eos], "labels": [-100, -100, 5, 6, eos]}
+    assert items[1] == {"input_ids": [12, 7, 8, 9, eos], "labels": [-100, 7, 8, 9, eos]}  # last forced to EOS
+    ids, attn, gen = stub.seen
+    assert ids.tolist() == [[10, 11], [eos, 12]] and attn.tolist() == [[1, 1], [0, 1]]  # left-padded prompts
+    assert (gen.do_sample, gen.top_k, gen.top_p, gen.temperature, gen.max_new_tokens) == (True, 0, 1.0, 1.0, 4)
+    batch = moekd.collate(items, eos)
+    assert moekd.loss_mask(batch["labels"]).tolist() == [[False, True, True, True, False], [True, True, True, True, False]]
+
+
+def test_response_through_eos():
+    assert moekd.response_through_eos([4, 2, 2, 7], 2) == [4, 2]
+    assert moekd.response_through_eos([2, 5], 2) == [2]
+    assert moekd.response_through_eos([4, 5, 6], 2) == [4, 5, 2]
+
+
+def training_setup(method, *, teacher=TINY, student=STUDENT, **overrides):
+    cfg = moekd.Config(method=method, model=str(student), teacher=str(teacher), max_prompt_len=96, max_len=128,
+                       **overrides)
+    tok = moekd.load_tokenizer(str(student))
+    model = moekd.load_model(str(student))
+    t = moekd.setup_teacher(cfg, model, tok, torch.float32)
+    examples = [moekd.to_example(r, where="t") for r in moekd.synthetic_rows(16, seed=4)]
+    return cfg, model, t, tok, moekd.tokenize_examples(tok, examples, cfg, name="t")
+
+
+def one_step(cfg, model, teacher, tok, rows, lr=1e-3, seed=0, sgd=False):
+    optimizer = (torch.optim.SGD(model.parameters(), lr=lr) if sgd
+                 else torch.optim.AdamW(moekd.param_groups(model, cfg.weight_decay), lr=lr))
+    extras = moekd.method_extras(cfg, teacher, torch.float32)
+    torch.manual_seed(seed)
+    logs = moekd.train_step(cfg, model, teacher, tok, rows, optimizer, lr, extras)
+    return logs, optimizer
+
+
+@pytest.mark.parametrize("router_lr", [1e-2, 0.0])
+def test_sar_step_changes_only_the_routers(router_lr):
+    cfg, model, teacher, tok, rows = training_setup("sar", router_lr=router_lr, batch_size=4)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    logs, _ = one_step(cfg, model, teacher, tok, rows[:4])
+    assert {"router_kl", "router_lb", "rkl"} <= set(logs) and not teacher.training
+    after = teacher.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == (set(moekd.router_state_dict(teacher)) if router_lr else set())
+
+
+def test_sar_student_learns_from_the_updated_teacher():
+    students = []
+    for router_lr in (0.0, 1e-1):
+        cfg, model, teacher, tok, rows = training_setup("sar", router_lr=router_lr, batch_size=4)
+        one_step(cfg, model, teacher, tok, rows[:4])
+        students.append(model.state_dict())
+    assert any(not torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
+@pytest.mark.parametrize("method", ["kd", "gkd", "all", "ka"])
+def test_accumulation_equivalence(method):
+    """micro-batch 8 x 1 and 2 x 4 give the same update (loss normalised by the global token count)."""
+    states = []
+    for batch_size, accum in ((8, 1), (2, 4)):
+        cfg, model, teacher, tok, rows = training_setup(method, batch_size=batch_size, grad_accum=accum, ka_lambda=0.0)
+        one_step(cfg, model, teacher, tok, rows[:8], lr=1.0, sgd=True)  # the update is the (clipped) gradient
+        states.append(model.state_dict())
+    for k in states[0]:
+        assert_close(states[0][k], states[1][k], atol=1e-6, rtol=1e-5)
+
+
+def test_ka_updates_each_makes_m_updates():
+    cfg, model, teacher, tok, rows = training_setup("ka", ka_m=3, ka_updates="each", batch_size=4)
+    _, optimizer = one_step(cfg, model, teacher, tok, rows[:4])
+    assert {int(s["step"]) for s in optimizer.state.values()} == {3}
+
+
+def test_restart_epochs_repeat_the_first_order():
+    items = list(range(12))
+    on, off = moekd.Config(method="gkd", batch_size=4), moekd.Config(method="gkd", batch_size=4, restart_epochs=False)
+    assert on.restart_epochs and not moekd.Config(method="sft").restart_epochs
+    assert moekd.step_rows(items, on, 3, 3) == moekd.step_rows(items, on, 0, 3)
+    assert moekd.step_rows(items, off, 3, 3) != moekd.step_rows(items, off, 0, 3)
+
+
+def run_args(out, method, *extra):
+    return ["--tiny", "--method", method, "--out", str(out), "--synthetic-train", "16", "--batch-size", "4",
+            "--max-steps", "2", "--no-dev-eval", "--log-every", "1", *extra]
+
+
+@pytest.mark.parametrize("family", ["llama_moe", "mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("method", ["kd", "gkd", "all", "ka", "sar"])
+def test_every_method_runs_on_every_teacher_family(tmp_path, method, family):
+    teacher = TINY if family == "llama_moe" else hf_moe(tmp_path, family)
+    result = moekd.main(run_args(tmp_path / "run", method, "--teacher", str(teacher)))
+    assert result["finished"] and result["step"] == 2
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
+    trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    init = moekd.load_model(str(STUDENT)).state_dict()
+    assert any(not torch.equal(trained[k], init[k]) for k in init)
+    if method == "sar":
+        routers = load_file(tmp_path / "run" / "final" / moekd.ROUTERS_FILE)
+        original = moekd.load_model(str(teacher)).state_dict()
+        assert routers.keys() <= original.keys() and any(not torch.equal(routers[k], original[k]) for k in routers)
+
+
+@pytest.mark.parametrize("student_family", ["llama_moe", "mixtral"])
+@pytest.mark.parametrize("method", ["gkd", "sar"])
+def test_moe_student_adds_its_own_balance_loss(tmp_path, method, student_family):
+    student = TINY if student_family == "llama_moe" else hf_moe(tmp_path, student_family)
+    result = moekd.main(run_args(tmp_path / "run", method, "--model", str(student)))
+    assert all("lb" in h and h["lb"] > 0 for h in result["history"])
+
+
+@pytest.mark.parametrize("method", ["sft", "ka", "sar"])
+def test_resume_is_bit_identical_for_stateful_methods(tmp_path, method):
+    args = ["--method", method, "--epochs", "1", "--synthetic-train", "32", "--batch-size", "4"]
+    whole = moekd.main(tiny_args(tmp_path / "a", *args))
+    moekd.main(tiny_args(tmp_path / "b", *args, "--stop-after", "3"))
+    resumed = moekd.main(tiny_args(tmp_path / "b", *args, "--resume"))
+    assert whole["history"] == resumed["history"]
+    for name in ["model.safetensors"] + ([moekd.ROUTERS_FILE] if method == "sar" else []):
+        a, b = load_file(tmp_path / "a" / "final" / name), load_file(tmp_path / "b" / "final" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saved_routers_reload(tmp_path):
+    moekd.main(run_args(tmp_path / "run", "sar", "--router-lr", "1e-2"))
+    saved = load_file(tmp_path / "run" / "final" / moekd.ROUTERS_FILE)
+    teacher = moekd.load_model(str(TINY))
+    moekd.load_routers(teacher, tmp_path / "run" / "final")
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in saved.items())
+    result = moekd.main(run_args(tmp_path / "again", "gkd", "--teacher-routers", str(tmp_path / "run" / "final")))
+    assert result["finished"]
+    with pytest.raises(moekd.MoekdError, match="--teacher-routers .*: no such file"):
+        moekd.main(run_args(tmp_path / "x", "gkd", "--teacher-routers", str(tmp_path / "nothing.safetensors")))
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--method", "kd", "--teacher", str(STUDENT), "--teacher-k", "2"], "--teacher-k needs an MoE teacher"),
+    (["--method", "ka", "--ka-k", "9"], r"--ka-k 9 is outside \[1, 7\]"),
+    (["--method", "gkd", "--teacher-k", "0"], r"--teacher-k 0 is outside"),
+    (["--method", "ka", "--ka-lambda", "1.5"], "--ka-lambda and --kd-ratio must be in"),
+])
+def test_bad_distillation_flags(tmp_path, extra, pattern):
+    with pytest.raises(moekd.MoekdError, match=pattern):
+        moekd.main(run_args(tmp_path / "run", "gkd", *extra))
+    assert not (tmp_path / "run").exists()
