@@ -1,18 +1,21 @@
 """moekd: knowledge distillation from Mixture-of-Experts teachers.
 
-Reference implementation of "Every Expert Matters: Towards Effective Knowledge
-Distillation for Mixture-of-Experts Language Models" (Kim, Chu, Yang; arXiv 2502.12947).
-A dense student learns from an MoE teacher; KA (knowledge augmentation) and SAR
-(student-aware router) let the student hear the experts the router did not pick.
+Reference implementation of "Every Expert Matters: Towards Effective Knowledge Distillation for
+Mixture-of-Experts Language Models" (Kim, Chu, Yang; arXiv 2502.12947). A dense student learns from an
+MoE teacher by on-policy reverse KL (GKD, Agarwal et al. 2024); the paper's two MoE-specific methods let
+it hear the experts the router did not pick:
+  KA  (knowledge augmentation, Sec. 4.1): M teacher passes, each token and layer routed w.p. lambda to
+      N-1 experts sampled without replacement from the router softmax; the M reverse KLs are averaged.
+  SAR (student-aware router, Sec. 4.2): all experts on; every step the teacher's routers first learn
+      KL(teacher || student) + beta * balance loss, then the student learns from the updated teacher.
 
-    python moekd.py --tiny --model tiny_moe --out runs/tiny-teacher   # SFT the tiny MoE on CPU
-    python moekd.py --method sft --model llama-moe/LLaMA-MoE-v1-3_5B-4_16 --device cuda
-    pytest -q                                                          # tests, CPU, offline
+    python moekd.py --tiny --model tiny_moe --out runs/tiny-teacher    # SFT the tiny MoE on CPU
+    python moekd.py --method sar --model SFT_STUDENT --teacher SFT_MOE --device cuda
+    pytest -q                                                           # tests, CPU, offline
 
-Spec of every method: docs in the project README. Sections below flow downward:
-config -> data -> Llama-MoE model -> loading/saving -> losses -> generation ->
-method steps -> training loop -> main.  Shape legend: B batch, T time, H hidden,
-V vocab, E experts, K selected experts, N = B*T flattened tokens.
+Sections flow downward: config -> data -> Llama-MoE model -> loading/saving -> routing control ->
+losses -> generation -> method steps -> training loop -> main. Shape legend: B batch, T time,
+H hidden, V vocab, E experts, K selected experts, N flattened tokens.
 """
 from __future__ import annotations
 
