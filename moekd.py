@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -827,7 +828,9 @@ def load_tokenizer(name_or_path: str, *, what: str = "--model"):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # it reads config.json and warns that llama_moe is unknown
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        with warnings.catch_warnings():  # ... and that Llama-MoE's `rope_scaling: null` is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            tokenizer = AutoTokenizer.from_pretrained(directory)
     except (ValueError, OSError) as e:
         raise MoekdError(f"{what} {name_or_path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
     finally:
@@ -967,6 +970,23 @@ def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, p
                 del r.forward
             else:
                 setattr(r, attr, value)
+
+
+@contextlib.contextmanager
+def record_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the noise-free router logits [N, E] of every MoE layer, in layer order, for each forward
+    run inside the block (Llama-MoE: the gate network's output, before any noise; transformers: the
+    router's first output). Hooks are removed on exit."""
+    records: list[torch.Tensor] = []
+    def keep(module, args, out):
+        records.append((out[0] if isinstance(out, tuple) else out).detach())
+    handles = [(r.gate_network if isinstance(r, LlamaMoEGate) else r).register_forward_hook(keep)
+               for r in moe_routers(model)]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,401 @@
+"""eval.py: the paper's ROUGE-L evaluation protocol and its MoE analyses.
+
+    python eval.py --model runs/sar-4_16/best_rougeL --data-dir ../shared/data --out results/sar-4_16
+    python eval.py --analysis gate-mass --model runs/sft-moe/best_rougeL --data-dir ../shared/data   # Fig. 1
+    python eval.py --analysis k-sweep --model runs/sft-moe/best_rougeL --data-dir ../shared/data     # Fig. 2, teacher
+    python eval.py --analysis router-shift --model runs/sft-moe/best_rougeL \
+        --routers runs/sar-4_16/best_rougeL --data-dir ../shared/data                              # Fig. 5
+
+Protocol (MiniLLM / MoEKD evaluate.py): MiniLLM-format sets (`prompt`, `output` = one reference or a list);
+the prompt is encoded *with* special tokens (BOS), cut to its first 256 tokens and left-padded; responses
+are sampled with top_k 0, top_p 1, temperature 1, no_repeat_ngram_size 6, at most 256 new tokens, under
+seeds 10, 20, 30, 40, 50; ROUGE-L F (rouge-score, Porter stemming) against the best reference, mean x 100.
+Per set: mean and population std over seeds; "Avg" = mean of the set means (= mean of all scores).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import moekd
+from moekd import MoekdError
+
+SETS = {"dolly": "dolly/valid.jsonl", "self-inst": "self-inst/valid.jsonl", "vicuna": "vicuna/valid.jsonl",
+        "sinst": "sinst/11_/valid.jsonl", "uinst": "uinst/11_/valid.jsonl"}
+PAPER_NAMES = {"dolly": "Dolly", "self-inst": "SelfInst", "vicuna": "Vicuna", "sinst": "S-NI", "uinst": "UnNI"}
+ANALYSES = ("rouge", "gate-mass", "router-shift", "k-sweep")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="anything moekd.load_model loads: Llama-MoE dir, HF name or dir")
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent / "shared" / "data"),
+                   help="folder with the MiniLLM sets (dolly/valid.jsonl, self-inst/valid.jsonl, ...)")
+    p.add_argument("--sets", default=",".join(SETS),
+                   help="comma-separated set names, or name=path.jsonl for any other MiniLLM-format file")
+    p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
+    p.add_argument("--analysis", default="rouge", choices=ANALYSES, help="what to run")
+    p.add_argument("--out", default=None, help="output folder (default results/<analysis>-<model>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--max-examples", type=int, default=None, help="first N examples of each set (quick runs)")
+    p.add_argument("--batch-size", type=int, default=64, help="generation batch (official eval batch 64)")
+    p.add_argument("--max-prompt-len", type=int, default=256, help="prompts are cut to their first N tokens")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="512 - 256 in the official protocol")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=6, help="the official evaluation's default")
+    p.add_argument("--routing", default=None, choices=("topk", "all", "sample"),
+                   help="evaluate an MoE under this routing (default: its native top-k)")
+    p.add_argument("--num-selects", type=int, default=None, help="k for --routing topk/sample")
+    p.add_argument("--sample-prob", type=float, default=None,
+                   help="lambda for --routing sample (default: always the sampled set)")
+    p.add_argument("--routers", default=None, help="load SAR-trained routers (teacher_routers.safetensors or its dir)")
+    p.add_argument("--label", default=None, help="row name in the table (default: from --model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--no-plots", action="store_true", help="CSV only (no matplotlib needed)")
+    args = p.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise MoekdError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    if not args.seeds:
+        raise MoekdError("--seeds: need at least one seed")
+    return args
+
+
+# ----------------------------------------------------------------------------
+# Data and generation
+
+def resolve_sets(spec: str, data_dir: str | Path) -> dict[str, Path | None]:
+    """Set name -> file (None when missing: reported, never silently dropped). Unknown names are errors."""
+    sets: dict[str, Path | None] = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, _, path = item.partition("=")
+        if path:
+            sets[name] = Path(path)
+        elif name in SETS:
+            sets[name] = Path(data_dir) / SETS[name]
+        else:
+            raise MoekdError(f"--sets: unknown set {name!r}; known: {', '.join(SETS)} (or name=path.jsonl)")
+    for name, path in sets.items():
+        if not path.is_file():
+            print(f"warning: set {name}: {path} not found, listed as missing", file=sys.stderr)
+            sets[name] = None
+    return sets
+
+
+def load_set(path: Path, max_examples: int | None) -> list[dict]:
+    """[{prompt, references}] from a MiniLLM-format jsonl (errors name the file and line)."""
+    rows = moekd.read_jsonl(path)
+    return [{"prompt": r["prompt"], "references": r["responses"]} for r in rows[:max_examples]]
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> list[list[int]]:
+    """With special tokens (BOS), as the official evaluation (training had none); first N tokens kept."""
+    return [tokenizer.encode(p)[:max_prompt_len] for p in prompts]
+
+
+def clean_response(text: str) -> str:
+    return text.split("<|endoftext|>")[0].strip()
+
+
+def routing_context(model, args, seed: int):
+    if args.routing is None:
+        return contextlib.nullcontext()
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    return moekd.moe_routing(model, args.routing, k=args.num_selects, prob=args.sample_prob, generator=generator)
+
+
+def generate(model, tokenizer, examples: list[dict], seed: int, args, *, desc: str) -> list[str]:
+    device = next(model.parameters()).device
+    prompts = encode_prompts(tokenizer, [e["prompt"] for e in examples], args.max_prompt_len)
+    with routing_context(model, args, seed), moekd.autocast(device, args.amp_dtype):
+        texts = moekd.sample_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                       batch_size=args.batch_size, seed=seed, desc=desc,
+                                       no_repeat_ngram_size=args.no_repeat_ngram_size)
+    return [clean_response(t) for t in texts]
+
+
+# ----------------------------------------------------------------------------
+# ROUGE-L over sets and seeds
+
+def summarize(scores: dict[str, dict[int, float] | None]) -> dict:
+    """Per set mean and population std over seeds; Avg over the sets that were evaluated."""
+    out = {"sets": {}, "missing": [name for name, s in scores.items() if s is None]}
+    for name, per_seed in scores.items():
+        if per_seed is None:
+            continue
+        values = list(per_seed.values())
+        mean = sum(values) / len(values)
+        out["sets"][name] = {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)),
+                             "scores": {str(k): v for k, v in per_seed.items()}}
+    means = [s["mean"] for s in out["sets"].values()]
+    out["avg"] = sum(means) / len(means) if means else None
+    return out
+
+
+def markdown_table(rows: dict[str, dict], set_names: list[str]) -> str:
+    """Table 1's shape: one row per model, mean ± std per set, then Avg."""
+    head = "| Model | " + " | ".join(PAPER_NAMES.get(n, n) for n in set_names) + " | Avg |"
+    lines = [head, "|" + "---|" * (len(set_names) + 2)]
+    for label, summary in rows.items():
+        cells = []
+        for name in set_names:
+            s = summary["sets"].get(name)
+            cells.append("missing" if s is None else f"{s['mean']:.2f} ± {s['std']:.2f}")
+        avg = "-" if summary["avg"] is None else f"{summary['avg']:.2f}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_rouge(model, tokenizer, sets: dict[str, list[dict] | None], args, *, generations=None) -> dict:
+    """ROUGE-L of `model` on every set and seed; appends every generation to `generations` if given."""
+    scores: dict[str, dict[int, float] | None] = {}
+    for name, examples in sets.items():
+        if examples is None:
+            scores[name] = None
+            continue
+        scores[name] = {}
+        for seed in args.seeds:
+            responses = generate(model, tokenizer, examples, seed, args, desc=f"{name} seed {seed}")
+            values = [moekd.rouge_l(r, e["references"]) for r, e in zip(responses, examples)]
+            scores[name][seed] = sum(values) / len(values)
+            print(f"{name} seed {seed}: ROUGE-L {scores[name][seed]:.2f} ({len(values)} examples)")
+            if generations is not None:
+                generations.extend({"set": name, "seed": seed, "prompt": e["prompt"], "references": e["references"],
+                                    "response": r, "rougeL": v} for e, r, v in zip(examples, responses, values))
+    return summarize(scores)
+
+
+def run_rouge(model, tokenizer, sets, args, out: Path) -> dict:
+    generations: list[dict] = []
+    summary = evaluate_rouge(model, tokenizer, sets, args, generations=generations)
+    table = markdown_table({args.label: summary}, list(sets))
+    (out / "table.md").write_text(table)
+    (out / "results.json").write_text(json.dumps({"model": args.model, **protocol(args), **summary}, indent=2) + "\n")
+    with (out / "generations.jsonl").open("w", encoding="utf-8") as f:
+        for g in generations:
+            f.write(json.dumps(g, ensure_ascii=False) + "\n")
+    print(table, end="")
+    return summary
+
+
+def protocol(args) -> dict:
+    return {"protocol": {k: getattr(args, k) for k in ("seeds", "max_examples", "max_prompt_len", "max_new_tokens",
+                                                        "no_repeat_ngram_size", "routing", "num_selects", "sample_prob",
+                                                        "routers")}}
+
+
+# ----------------------------------------------------------------------------
+# MoE analyses
+
+def gold_batches(tokenizer, name: str, examples: list[dict], args, batch_size: int = 16):
+    """Teacher-forced gold sequences (first reference) in the training format, with a mask of the
+    response tokens."""
+    cfg = moekd.Config(max_prompt_len=args.max_prompt_len, max_len=args.max_prompt_len + args.max_new_tokens)
+    rows = [{"prompt": e["prompt"], "responses": e["references"]} for e in examples]
+    items = moekd.tokenize_examples(tokenizer, rows, cfg, name=name)
+    for start in range(0, len(items), batch_size):
+        batch = moekd.collate(items[start:start + batch_size], tokenizer.pad_token_id)
+        yield batch, batch["labels"] != -100
+
+
+@torch.no_grad()
+def router_probs_on_responses(model, batches) -> list[torch.Tensor]:
+    """Per layer, the router softmax [n_response_tokens, E] (noise-free, eval) on response tokens."""
+    device = next(model.parameters()).device
+    per_layer: list[list[torch.Tensor]] = []
+    for batch, mask in batches:
+        with moekd.record_router_logits(model) as records:
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        for i, logits in enumerate(records):
+            if len(per_layer) <= i:
+                per_layer.append([])
+            per_layer[i].append(logits.float().softmax(-1)[mask.reshape(-1).to(device)].cpu())
+    return [torch.cat(chunks) for chunks in per_layer]
+
+
+def activated_mass(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the probability mass of the k most probable experts, k = 1..E: [E]."""
+    return probs.sort(dim=-1, descending=True).values.cumsum(-1).mean(0)
+
+
+def router_kl(p_orig: torch.Tensor, p_new: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """KL(p_orig || p_new) per token; negative rounding is clamped to 0 and counted (as the official script)."""
+    kl = (p_orig * (p_orig.clamp_min(1e-30).log() - p_new.clamp_min(1e-30).log())).sum(-1)
+    return kl.clamp_min(0.0), int((kl < 0).sum())
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def first_set(sets: dict[str, list[dict] | None]) -> tuple[str, list[dict]]:
+    for name, examples in sets.items():
+        if examples is not None:
+            return name, examples
+    raise MoekdError("--sets: none of the requested sets exists")
+
+
+def run_gate_mass(model, tokenizer, sets, args, out: Path) -> dict:
+    name, examples = first_set(sets)
+    masses = [activated_mass(p) for p in router_probs_on_responses(model, gold_batches(tokenizer, name, examples, args))]
+    E, k = masses[0].numel(), moekd.moe_routers(model)[0].num_selects if hasattr(
+        moekd.moe_routers(model)[0], "num_selects") else moekd.moe_routers(model)[0].top_k
+    write_csv(out / "gate_mass.csv", ["layer"] + [f"k={j}" for j in range(1, E + 1)],
+              [[i] + [f"{v:.6f}" for v in m.tolist()] for i, m in enumerate(masses)])
+    if not args.no_plots:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        layers = list(range(len(masses)))
+        for j in range(E):
+            native = j + 1 == k
+            ax.plot(layers, [m[j].item() for m in masses], lw=2.5 if native else 0.8, color="C3" if native else "0.6",
+                    label=f"top-{k} (native)" if native else ("top-1 ... top-%d" % E if j == 0 else None))
+        ax.set(title=f"Router probability mass of the top-k experts ({name}, response tokens)",
+               xlabel="layer", ylabel="mean probability mass", ylim=(0, 1.02), xticks=layers)
+        ax.legend()
+        save_fig(fig, out / "gate_mass.png")
+    native = [m[k - 1].item() for m in masses]
+    print("layer  mass of native top-%d: " % k + " ".join(f"{v:.3f}" for v in native))
+    return {"set": name, "native_k": k, "mass": [m.tolist() for m in masses]}
+
+
+def run_router_shift(model, tokenizer, sets, args, out: Path) -> dict:
+    name, examples = first_set(sets)
+    original = router_probs_on_responses(model, gold_batches(tokenizer, name, examples, args))
+    moekd.load_routers(model, args.routers)
+    shifted = router_probs_on_responses(model, gold_batches(tokenizer, name, examples, args))
+    rows, stats = [], []
+    for i, (p, q) in enumerate(zip(original, shifted)):
+        kl, clamped = router_kl(p, q)
+        stats.append(kl)
+        rows.append([i, f"{kl.mean():.6g}", f"{kl.min():.6g}", f"{kl.max():.6g}", clamped, kl.numel()])
+    write_csv(out / "router_shift.csv", ["layer", "mean_kl", "min_kl", "max_kl", "clamped_negative", "tokens"], rows)
+    if not args.no_plots:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        layers, floor = list(range(len(stats))), 1e-12  # a log axis; exact zeros drawn at the floor
+        ax.plot(layers, [max(s.mean().item(), floor) for s in stats], marker="o", label="mean")
+        ax.fill_between(layers, [max(s.min().item(), floor) for s in stats],
+                        [max(s.max().item(), floor) for s in stats], alpha=0.2, label="min-max over tokens")
+        ax.set(title="Router shift after SAR: KL(p_original || p_SAR) per layer", xlabel="layer",
+               ylabel="KL (nats, log scale)", yscale="log", xticks=layers)
+        ax.legend()
+        save_fig(fig, out / "router_shift.png")
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        bins = [10 ** (e / 10) for e in range(-90, 1)]  # 10^[-9, 0] in steps of 0.1, as the official script
+        for i in sorted({0, len(stats) // 2, len(stats) - 1}):
+            ax.hist(stats[i].clamp(1e-9, 1.0).numpy(), bins=bins, histtype="step", lw=1.5, label=f"layer {i}")
+        ax.set(title="Per-token router KL after SAR", xlabel="KL(p_original || p_SAR), clamped to [1e-9, 1]",
+               ylabel="tokens", xscale="log")
+        ax.legend()
+        save_fig(fig, out / "router_shift_hist.png")
+    print("layer  mean KL: " + " ".join(f"{s.mean():.3g}" for s in stats))
+    return {"set": name, "mean_kl": [s.mean().item() for s in stats]}
+
+
+def run_k_sweep(model, tokenizer, sets, args, out: Path) -> dict:
+    router = moekd.moe_routers(model)[0]
+    native = router.num_selects if hasattr(router, "num_selects") else router.top_k
+    results = {}
+    for k in range(native, router.num_experts + 1):
+        args.routing, args.num_selects = "topk", k
+        print(f"k = {k}")
+        results[k] = evaluate_rouge(model, tokenizer, sets, args)
+    names = [n for n, examples in sets.items() if examples is not None]
+    write_csv(out / "k_sweep.csv", ["k"] + names + ["avg"],
+              [[k] + [f"{r['sets'][n]['mean']:.4f}" for n in names] + [f"{r['avg']:.4f}"] for k, r in results.items()])
+    (out / "table.md").write_text(markdown_table({f"k={k}": r for k, r in results.items()}, list(sets)))
+    if not args.no_plots:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ks = list(results)
+        ax.errorbar(ks, [results[k]["avg"] for k in ks], marker="o", capsize=3,
+                    yerr=[sum(results[k]["sets"][n]["std"] for n in names) / len(names) for k in ks])
+        ax.set(title="Teacher ROUGE-L vs number of active experts k", xlabel="k (active experts)",
+               ylabel="ROUGE-L (avg over sets)", xticks=ks)
+        save_fig(fig, out / "k_sweep.png")
+    print(markdown_table({f"k={k}": r for k, r in results.items()}, list(sets)), end="")
+    return {"k": {str(k): r for k, r in results.items()}}
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MoekdError("plots need matplotlib (pip install matplotlib), or pass --no-plots") from None
+    return plt
+
+
+def save_fig(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    fig.clf()
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------
+# Main
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    name = Path(args.model.rstrip("/")).name
+    out = Path(args.out or Path("results") / f"{args.analysis}-{name}")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise MoekdError(f"--out {out}: exists and is not empty; pass --overwrite")
+    if args.analysis == "router-shift" and args.routers is None:
+        raise MoekdError("--analysis router-shift needs --routers (the SAR run's teacher_routers)")
+    sets = {name: None if path is None else load_set(path, args.max_examples)  # bad files fail before any work
+            for name, path in resolve_sets(args.sets, args.data_dir).items()}
+    device = moekd.resolve_device(args.device)
+    args.amp_dtype = moekd.resolve_dtype(args.dtype, device)
+    model = moekd.load_model(args.model, device=device, dtype=args.amp_dtype)
+    tokenizer = moekd.load_tokenizer(args.model)
+    needs_moe = args.analysis != "rouge" or args.routing is not None or args.routers is not None
+    if needs_moe and not moekd.is_moe(model):
+        what = f"--analysis {args.analysis}" if args.analysis != "rouge" else "--routing/--routers"
+        raise MoekdError(f"{what} needs an MoE model; --model {args.model} is a dense {type(model).__name__}")
+    if needs_moe:
+        moekd.moe_routers(model)  # an MoE family we cannot steer is an error before any work
+    if args.routers is not None and args.analysis != "router-shift":
+        moekd.load_routers(model, args.routers)
+    args.label = args.label or (name if name not in ("best_rougeL", "final") else
+                                f"{Path(args.model.rstrip('/')).parent.name}/{name}")
+    args.label += (f" ({args.routing}{'' if args.num_selects is None else f', k={args.num_selects}'})"
+                         if args.routing else "")
+    if out.exists() and args.overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"rouge": run_rouge, "gate-mass": run_gate_mass, "router-shift": run_router_shift,
+           "k-sweep": run_k_sweep}[args.analysis]
+    result = run(model, tokenizer, sets, args, out)
+    if args.analysis != "rouge":
+        (out / f"{args.analysis}.json").write_text(json.dumps({"model": args.model, **result}, indent=2) + "\n")
+    return {"out": str(out), **result}
+
+
+def cli() -> int:
+    try:
+        main()
+    except MoekdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
