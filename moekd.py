@@ -115,7 +115,7 @@ class Config:
         "help": "reset the optimizer state and reuse the first epoch's data order every epoch, as the official "
                 "*_loop.sh scripts' 1-epoch jobs (default on for gkd/all/ka/sar)"})
     gen_batch_size: int = field(default=16, metadata={"help": "rows per on-policy generate() call"})
-    kl_chunk: int = field(default=1024, metadata={"help": "tokens per chunk of the exact full-vocabulary KL"})
+    kl_chunk: int = field(default=256, metadata={"help": "tokens per chunk of the exact full-vocabulary KL"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are dropped"})
     max_len: int = field(default=512, metadata={"help": "prompt + response truncated to this many tokens"})
     log_every: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
@@ -301,8 +301,9 @@ def load_examples(source: str) -> list[dict]:
 
 
 # Synthetic instruction families with short verifiable answers, so the tiny default runs anywhere.
-# Facts ("where does X live") come from a fixed table shared by every split: closed-book knowledge
-# a bigger model memorises better; the other families are skills (arithmetic, copying, counting).
+# Facts ("which city does X live in") come from a fixed table of 240 made-up people shared by every
+# split: closed-book knowledge, which a bigger model memorises better; the other families are skills
+# over small spaces (arithmetic on 1..20, copying, counting, spelling, reading a colour from a context).
 _WORDS = ("apple river stone cloud tiger piano garden rocket silver candle forest mirror violet "
           "window planet dragon ocean castle lemon falcon bridge copper meadow pepper").split()
 _COLORS = "red blue green yellow black white orange purple".split()
@@ -314,14 +315,14 @@ def _fact_table() -> list[tuple[str, str]]:
     rng = random.Random(1234)  # fixed: the same facts in every split and seed
     def name() -> str:
         return "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize()
-    cities = [name() for _ in range(8)]
-    return [(name(), rng.choice(cities)) for _ in range(48)]
+    cities = [name() for _ in range(12)]
+    return [(name(), rng.choice(cities)) for _ in range(240)]
 
 
 def synthetic_rows(n: int, *, seed: int) -> list[dict]:
     """n Dolly-schema rows (instruction, context, response, category), deterministic in seed."""
     rng, facts = random.Random(seed), _fact_table()
-    def nums(k: int, hi: int = 99) -> list[int]:
+    def nums(k: int, hi: int = 20) -> list[int]:
         return [rng.randint(1, hi) for _ in range(k)]
     def words(k: int) -> list[str]:
         return [rng.choice(_WORDS) for _ in range(k)]
@@ -341,7 +342,7 @@ def synthetic_rows(n: int, *, seed: int) -> list[dict]:
         w = rng.choice(_WORDS)
         return "Spell the word with dashes between the letters.", w, "-".join(w)
     def sequence():
-        a, d = rng.randint(1, 20), rng.randint(2, 9)
+        a, d = rng.randint(1, 10), rng.randint(2, 5)
         return ("Continue the sequence with the next two numbers.", ", ".join(str(a + d * i) for i in range(3)),
                 f"{a + 3 * d}, {a + 4 * d}")
     def lookup():
@@ -575,14 +576,29 @@ class LlamaMoECalculator(nn.Module):
         self.score_scale_factor = score_scale_factor
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        E = len(self.experts.weight_gate)
+        if index.shape[1] == E:
+            return self.all_experts(x, index, weights)
         y = torch.zeros_like(x)                                         # [N, H]
-        for j in range(len(self.experts.weight_gate)):
+        for j in range(E):
             token, slot = (index == j).nonzero(as_tuple=True)          # tokens routed to expert j
             if token.numel() == 0:
                 continue
             scale = (weights[token, slot] * self.score_scale_factor).unsqueeze(1)
             y.index_add_(0, token, (self.experts.expert(j, x[token]) * scale).to(y.dtype))
         return y
+
+
+    def all_experts(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token (ALL, SAR, k = N): the experts are slices of one SwiGLU FFN, so
+        three matmuls over the concatenated weights replace the per-expert loop; each expert's hidden
+        units are scaled by its routing weight before the down projection."""
+        ex = self.experts
+        sizes = torch.tensor([w.shape[0] for w in ex.weight_gate], device=x.device)
+        full = torch.zeros(x.shape[0], len(sizes), dtype=weights.dtype, device=x.device).scatter(1, index, weights)
+        scale = (full * self.score_scale_factor).repeat_interleave(sizes, dim=1)          # [N, I]
+        hidden = F.silu(F.linear(x, torch.cat(list(ex.weight_gate)))) * F.linear(x, torch.cat(list(ex.weight_up)))
+        return F.linear((hidden * scale).to(x.dtype), torch.cat(list(ex.weight_down), dim=1))
 
 
 class LlamaMoELayer(nn.Module):
@@ -1054,7 +1070,7 @@ class _RowKL(torch.autograd.Function):
     def forward(ctx, a, b, rows, chunk):
         out = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
         for idx in rows.split(chunk):
-            out[idx] = _kl_rows(a[idx], b[idx])[0]
+            out[idx] = _kl_rows(a[idx], b[idx])
         ctx.save_for_backward(a, b, rows)
         ctx.chunk = chunk
         return out
@@ -1065,24 +1081,27 @@ class _RowKL(torch.autograd.Function):
         grad_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
         grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
         for idx in rows.split(ctx.chunk):
-            kl, log_pa, log_pb = _kl_rows(a[idx], b[idx])
-            g, pa = grad[idx].unsqueeze(1), log_pa.exp()
-            if grad_a is not None:  # rows where p_a = 0 (log p_a = -inf) contribute nothing
-                term = torch.where(pa > 0, pa * (log_pa - log_pb - kl.unsqueeze(1)), 0.0)
-                grad_a[idx] = (g * term).to(a.dtype)
-            if grad_b is not None:
-                grad_b[idx] = (g * (log_pb.exp() - pa)).to(b.dtype)
+            kl, pa, diff = _kl_rows(a[idx], b[idx], keep=True)
+            g = grad[idx].unsqueeze(1)
+            if grad_b is not None:  # p_b - p_a, with p_b = p_a exp(-diff)... computed directly instead
+                grad_b[idx] = (g * (b[idx].float().softmax(-1) - pa)).to(b.dtype)
+            if grad_a is not None:  # p_a (log p_a - log p_b - KL); rows where p_a = 0 contribute nothing
+                grad_a[idx] = diff.sub_(kl.unsqueeze(1)).mul_(pa).mul_(g).to(a.dtype)
         return grad_a, grad_b, None, None
 
 
-def _kl_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    log_pa, log_pb = a.float().log_softmax(-1), b.float().log_softmax(-1)
-    pa = log_pa.exp()
-    return torch.where(pa > 0, pa * (log_pa - log_pb), 0.0).sum(-1), log_pa, log_pb
+def _kl_rows(a: torch.Tensor, b: torch.Tensor, *, keep: bool = False):
+    """Row-wise KL(softmax(a) || softmax(b)) in fp32 with as few full-width temporaries as possible;
+    keep=True also returns p_a and log p_a - log p_b (zeroed where p_a = 0, so 0 log 0 = 0)."""
+    diff = a.float().log_softmax(-1)
+    pa = diff.exp()
+    diff.sub_(b.float().log_softmax(-1)).masked_fill_(pa == 0, 0.0)
+    kl = (pa * diff).sum(-1)
+    return (kl, pa, diff) if keep else kl
 
 
 def kl_per_token(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, *,
-                 chunk: int = 1024) -> torch.Tensor:
+                 chunk: int = 256) -> torch.Tensor:
     """KL(softmax(p) || softmax(q)) per position: logits [B, T, V], mask [B, T] -> [B, T] fp32, 0 where
     not mask. Differentiable in both arguments; -inf logits are fine (0 log 0 = 0)."""
     V = p_logits.shape[-1]

@@ -42,8 +42,8 @@ PRESETS = {
     "synthetic": dict(
         data=["--data", "synthetic", "--synthetic-train", "4000", "--synthetic-dev", "200"],
         lengths=["--max-prompt-len", "96", "--max-len", "128"],
-        sft=["--lr", "3e-3", "--epochs", "8", "--warmup-steps", "20", "--dev-num", "100"],
-        distill=["--lr", "5e-4", "--router-lr", "5e-4", "--epochs", "1", "--dev-num", "100"],
+        sft=["--lr", "3e-3", "--epochs", "10", "--warmup-steps", "20", "--dev-num", "100"],
+        distill=["--lr", "3e-4", "--router-lr", "3e-4", "--epochs", "2", "--dev-num", "100"],
         eval=["--max-prompt-len", "96", "--max-new-tokens", "32", "--batch-size", "64"],
         test_examples=100,
     ),

@@ -223,6 +223,18 @@ def test_model_logits_match_naive_reference(teacher):
     assert_close(got, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_all_experts_fast_path_equals_the_expert_loop(teacher):
+    calc = teacher.model.layers[2].mlp.calculator  # uneven expert sizes 29, 11, 31, ...
+    x = torch.randn(10, TINY_CFG["hidden_size"])
+    index = torch.stack([torch.randperm(7) for _ in range(10)])  # any order of all experts
+    weights = torch.rand(10, 7).softmax(-1)
+    expected = torch.zeros_like(x)
+    for t in range(10):
+        for slot in range(7):
+            expected[t] += weights[t, slot] * calc.score_scale_factor * calc.experts.expert(int(index[t, slot]), x[t:t + 1])[0]
+    assert_close(calc(x, index, weights), expected)
+
+
 def test_balance_loss_sums_over_layers(teacher):
     teacher(input_ids=torch.tensor([[1, 5, 9, 13]]))
     per_layer = [layer.mlp.gate.balance_loss for layer in teacher.model.layers]
@@ -1193,3 +1205,34 @@ def test_eval_malformed_set_names_file_and_line(tmp_path):
     with pytest.raises(moekd.MoekdError, match=r"bad\.jsonl:2: malformed JSON"):
         moe_eval.main(eval_args(tmp_path, "--sets", f"mine={tmp_path / 'bad.jsonl'}"))
     assert not (tmp_path / "ev").exists()
+
+
+# ----------------------------------------------------------------------------
+# repro.py and bench.py smoke tests (the full runs are commands, not tests)
+
+def test_repro_pipeline_smoke_and_resume(tmp_path, capsys):
+    import repro
+    args = ["--out", str(tmp_path / "r"), "--max-steps", "2", "--test-examples", "2", "--seeds", "10,20",
+            "--methods", "gkd,ka", "--no-k-sweep"]
+    summary = repro.main(args)
+    assert list(summary["rows"]) == ["teacher (SFT)", "student (SFT)", "GKD", "KA"]
+    assert set(summary["rows"]["KA"]["sets"]) == {"add", "count", "fact", "lookup", "reverse", "sequence", "sort", "spell"}
+    table = (tmp_path / "r" / "table.md").read_text()
+    assert "| Model | add | count | fact |" in table and "| KA |" in table and "Teacher - student gap" in table
+    for name in ("results.json", "results.png", "experts.png", "experts.csv"):
+        assert (tmp_path / "r" / name).stat().st_size > 0
+    share = torch.tensor(summary["expert_top1_share"])  # [layers, families, experts], rows sum to 1
+    assert_close(share.sum(-1), torch.ones(share.shape[:2]))
+    capsys.readouterr()
+    again = repro.main(args)  # a finished pipeline redoes nothing
+    assert "training" not in capsys.readouterr().out and again["rows"] == summary["rows"]
+
+
+def test_bench_smoke():
+    import bench
+    result = bench.main(["--sizes", "tiny", "--steps", "2", "--warmup", "0", "--methods", "gkd,ka-m2,sar",
+                         "--no-scaling", "--no-kl-memory"])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"gkd", "ka-m2", "sar"}
+    assert rows["sar"]["router_ms"] > 0 and rows["gkd"]["router_ms"] == 0 and rows["gkd"]["gen_ms"] > 0
+    assert all(r["step_ms"] > 0 and r["overhead"] > 0 and r["peak_mb"] > 0 for r in rows.values())

@@ -1,0 +1,282 @@
+"""bench.py: what each method costs, per training step and per part, on random tokens of a fixed shape.
+
+    python bench.py                      # both sizes, every method, the derived figures; about 10 minutes on 2 cores
+    python bench.py --sizes tiny --steps 2 --json bench.json
+
+For each method (sft, kd, gkd, all, ka with M = 1, 2, 4, sar) and size (tiny; realistic-vocab: V = 32000,
+H = 256) it times moekd.train_step on one global batch (median over --steps after --warmup) and, separately,
+its parts: student generation, teacher forward(s), student forward + backward, SAR's router update, the
+optimizer. Each (size, method) runs in its own process so its peak memory (peak RSS on CPU, peak CUDA
+allocation on GPU) is its own. Derived figures, with the targets the project holds itself to:
+  overhead  = step / sum of parts                                         <= 1.10
+  KA cost   = (step(M) - step(1)) / (teacher(M) - teacher(1))              <= 1.10
+  KL memory = peak of reverse-KL loss + backward / that of cross-entropy  <= 1.25  (V 32000, B 4, T 512)
+  scaling   = step time vs experts N (4, 8, 16) and vs M
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import moekd
+
+HERE = Path(__file__).resolve().parent
+METHODS = {"sft": ("sft", 1), "kd": ("kd", 1), "gkd": ("gkd", 1), "all": ("all", 1),
+           "ka-m1": ("ka", 1), "ka-m2": ("ka", 2), "ka-m4": ("ka", 4), "sar": ("sar", 1)}
+SIZES = {
+    "tiny": dict(teacher=dict(vocab_size=2039, hidden_size=48, intermediate_size=161, num_hidden_layers=3,
+                              num_attention_heads=3, num_experts=7, num_selects=2),
+                 student=dict(vocab_size=2039, hidden_size=36, intermediate_size=75, num_hidden_layers=2,
+                              num_attention_heads=3)),
+    "realistic-vocab": dict(teacher=dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                         num_attention_heads=4, num_experts=8, num_selects=2),
+                            student=dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                         num_attention_heads=4)),
+}
+BATCH, PROMPT, RESPONSE = 4, 64, 64
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sizes", default=",".join(SIZES))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--steps", type=int, default=10, help="timed repetitions (median)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write every figure to this file")
+    p.add_argument("--no-scaling", action="store_true", help="skip the N and M scaling table")
+    p.add_argument("--no-kl-memory", action="store_true", help="skip the KL vs CE memory probe")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)        # worker: size,method[,experts]
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # worker: kl | ce
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Worker: one (size, method) in this process
+
+def build(size: str, experts: int | None, device) -> tuple:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    spec = SIZES[size]
+    t = {**moekd.LLAMA_MOE_DEFAULTS, **spec["teacher"], "max_position_embeddings": 512}
+    if experts is not None:
+        t.update(num_experts=experts, intermediate_size=t["intermediate_size"] // t["num_experts"] * experts)
+    teacher = moekd.build_llama_moe(moekd.check_llama_moe_config(t, where="bench"), device=device, init_seed=0).eval()
+    torch.manual_seed(1)
+    student = LlamaForCausalLM(LlamaConfig(**spec["student"], bos_token_id=1, eos_token_id=2)).to(device)
+    return teacher, student
+
+
+class Tokens:
+    """Just what moekd's generation and collation read from a tokenizer."""
+    pad_token_id = eos_token_id = 2
+
+
+def fixed_length_responses(monkey: bool):
+    """Make generate() produce exactly RESPONSE tokens (min_new_tokens forbids an earlier EOS; the last
+    one then becomes EOS) so every step has the same shape."""
+    original = moekd.sample_tokens
+    def sample(*args, **kwargs):
+        return original(*args, **{**kwargs, "min_new_tokens": kwargs["max_new_tokens"]})
+    moekd.sample_tokens = sample if monkey else original
+
+
+def timed(fn, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def run_one(size: str, name: str, experts: int | None, steps: int, warmup: int, device) -> dict:
+    method, M = METHODS[name]
+    torch.manual_seed(0)
+    teacher, student = build(size, experts, device)
+    vocab = SIZES[size]["teacher"]["vocab_size"]
+    cfg = moekd.Config(method=method, ka_m=M, batch_size=BATCH, max_prompt_len=PROMPT, max_len=PROMPT + RESPONSE,
+                       gen_batch_size=BATCH, lr=1e-5, router_lr=1e-6)
+    tok = Tokens()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(BATCH):
+        ids = torch.randint(3, vocab, (PROMPT + RESPONSE,), generator=g).tolist()
+        rows.append({"prompt_ids": ids[:PROMPT], "input_ids": ids, "labels": [-100] * PROMPT + ids[PROMPT:]})
+    teacher.requires_grad_(False)
+    if method == "sar":
+        for p in moekd.router_parameters(teacher):
+            p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(moekd.param_groups(student, cfg.weight_decay), lr=cfg.lr)
+    extras = moekd.method_extras(cfg, teacher, torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fixed_length_responses(True)
+    step_times = []
+    for i in range(warmup + steps):
+        t = timed(lambda: moekd.train_step(cfg, student, teacher, tok, rows, optimizer, cfg.lr, extras), sync)
+        if i >= warmup:
+            step_times.append(t)
+    parts = time_parts(cfg, student, teacher, tok, rows, optimizer, extras, steps, warmup, sync)
+    fixed_length_responses(False)
+    step = statistics.median(step_times)
+    tokens = BATCH * (PROMPT + RESPONSE)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"size": size, "method": name, "experts": experts or SIZES[size]["teacher"]["num_experts"],
+            "step_ms": 1000 * step, **{f"{k}_ms": 1000 * v for k, v in parts.items()},
+            "overhead": step / max(sum(parts.values()), 1e-12), "tokens_per_s": tokens / step, "peak_mb": peak / 2**20}
+
+
+def time_parts(cfg, student, teacher, tok, rows, optimizer, extras, steps, warmup, sync) -> dict[str, float]:
+    """Median time of each part of a step, each run on its own."""
+    on_policy = cfg.method in moekd.ON_POLICY
+    items = moekd.generate_on_policy(student, rows, tok, cfg) if on_policy else rows
+    batch = moekd.collate(items, tok.pad_token_id)
+    norm = float(moekd.loss_mask(batch["labels"]).sum())
+    M = cfg.ka_m if cfg.method == "ka" else 1
+
+    def teacher_part():
+        with moekd.teacher_routing(teacher, cfg, extras.get("generator")):
+            return moekd.teacher_logits(teacher, batch, repeat=M)
+    t_logits = teacher_part() if cfg.method != "sft" else None
+
+    def student_part():
+        student.train()
+        logits, aux = moekd.forward_with_aux(student, batch)
+        mask = moekd.loss_mask(batch["labels"])
+        if cfg.method == "sft":
+            loss = moekd.masked_sum(moekd.token_cross_entropy(logits, batch["labels"]), mask) / norm
+        elif cfg.method == "kd":
+            loss = 0.5 * moekd.masked_sum(moekd.token_cross_entropy(logits, batch["labels"]), mask) / norm \
+                + 0.5 * moekd.kl_per_token(t_logits, logits, mask).sum() / norm
+        else:
+            loss = sum(moekd.kl_per_token(logits, tm, mask).sum() for tm in t_logits.chunk(M)) / (M * norm)
+        loss.backward()
+
+    def optimizer_part():
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        optimizer.step()
+
+    parts = {}
+    if on_policy:
+        parts["gen"] = lambda: moekd.generate_on_policy(student, rows, tok, cfg)
+    if cfg.method != "sft":
+        parts["teacher"] = teacher_part
+    parts["student"] = student_part
+    if cfg.method == "sar":
+        parts["router"] = lambda: moekd.sar_router_update(student, teacher, [batch], [norm], cfg, extras)
+    parts["optimizer"] = optimizer_part
+    out = {}
+    for name, fn in parts.items():
+        times = [timed(fn, sync) for _ in range(warmup + steps)][warmup:]
+        out[name] = statistics.median(times)
+        if name == "student":
+            student.zero_grad(set_to_none=True)
+    for name in ("gen", "teacher", "router"):
+        out.setdefault(name, 0.0)
+    return out
+
+
+def memory_probe(kind: str) -> dict:
+    """Peak extra memory of a loss + backward on [4, 512, 32000] fp32 logits (RSS high-water mark)."""
+    B, T, V = 4, 512, 32000
+    logits = torch.randn(B, T, V, requires_grad=True)
+    other = torch.randn(B, T, V)
+    labels = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    # touch every page now, so the baseline high-water mark includes the inputs
+    logits.data.add_(0)
+    other.add_(0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if kind == "kl":
+        moekd.reverse_kl(logits, other, mask).backward()
+    else:
+        torch.nn.functional.cross_entropy(logits.view(-1, V), labels.view(-1)).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"kind": kind, "extra_mb": (peak - base) / 2**20, "logits_mb": logits.numel() * 4 / 2**20}
+
+
+# ----------------------------------------------------------------------------
+# Driver: one subprocess per configuration, then the table and derived figures
+
+def worker(args_list: list[str]) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "bench.py"), *args_list], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench worker {args_list} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["size", "method", "step_ms", "gen_ms", "teacher_ms", "student_ms", "router_ms", "optimizer_ms",
+            "overhead", "tokens_per_s", "peak_mb"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = moekd.resolve_device(args.device)
+    if args.one:
+        size, name, *experts = args.one.split(",")
+        print(json.dumps(run_one(size, name, int(experts[0]) if experts else None, args.steps, args.warmup, device)))
+        return {}
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe)))
+        return {}
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+    rows = [worker(["--one", f"{size},{name}", *common]) for size in args.sizes.split(",") for name in args.methods.split(",")]
+    result: dict = {"shape": {"batch": BATCH, "prompt": PROMPT, "response": RESPONSE}, "device": str(device), "rows": rows}
+    print(f"median step and part times (ms) over {args.steps} steps, batch {BATCH} x ({PROMPT} prompt + {RESPONSE} "
+          f"response) tokens, {device}, torch threads {torch.get_num_threads()}")
+    print(table(rows))
+    derived = {}
+    for size in args.sizes.split(","):
+        by = {r["method"]: r for r in rows if r["size"] == size}
+        derived[size] = {"max_overhead": max(r["overhead"] for r in by.values())}
+        if {"ka-m1", "ka-m2", "ka-m4"} <= set(by):
+            derived[size]["ka_cost"] = {m: (by[f"ka-m{m}"]["step_ms"] - by["ka-m1"]["step_ms"])
+                                        / max(by[f"ka-m{m}"]["teacher_ms"] - by["ka-m1"]["teacher_ms"], 1e-9) for m in (2, 4)}
+    print("\nderived (targets: overhead <= 1.10, KA cost <= 1.10, KL memory <= 1.25)")
+    for size, d in derived.items():
+        ka = "" if "ka_cost" not in d else " | KA cost " + ", ".join(f"M={m}: {v:.2f}" for m, v in d["ka_cost"].items())
+        print(f"{size}: max overhead {d['max_overhead']:.2f}{ka}")
+    result["derived"] = derived
+    if not args.no_kl_memory:
+        kl, ce = worker(["--memory-probe", "kl"]), worker(["--memory-probe", "ce"])
+        result["kl_memory"] = {"kl_extra_mb": kl["extra_mb"], "ce_extra_mb": ce["extra_mb"],
+                               "ratio": kl["extra_mb"] / ce["extra_mb"], "logits_mb": kl["logits_mb"]}
+        print(f"KL memory: reverse KL + backward {kl['extra_mb']:.0f} MB vs cross-entropy + backward "
+              f"{ce['extra_mb']:.0f} MB over [4, 512, 32000] fp32 logits ({kl['logits_mb']:.0f} MB): "
+              f"ratio {result['kl_memory']['ratio']:.2f}")
+    if not args.no_scaling:
+        scaling = []
+        size = args.sizes.split(",")[0]
+        for n in (4, 8, 16):
+            for name in ("all", "ka-m2", "sar"):
+                scaling.append(worker(["--one", f"{size},{name},{n}", *common]))
+        result["scaling"] = scaling
+        print(f"\nscaling ({size}): step ms by experts N")
+        print("| method | N=4 | N=8 | N=16 |\n|---|---|---|---|")
+        for name in ("all", "ka-m2", "sar"):
+            cells = [f"{r['step_ms']:.1f}" for r in scaling if r["method"] == name]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"\nscaling ({size}): step ms by KA passes M: " + ", ".join(
+            f"M={r['method'][-1]}: {r['step_ms']:.1f}" for r in rows if r["size"] == size and r["method"].startswith("ka")))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
