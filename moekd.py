@@ -1423,20 +1423,18 @@ def router_state_dict(teacher: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_routers(teacher: nn.Module, path: str | Path) -> None:
-    """Load SAR-trained routers (a teacher_routers.safetensors, or a directory holding one)."""
+    """Load SAR-trained routers (a teacher_routers.safetensors, or a directory holding one); the file must
+    hold exactly the teacher's router parameters."""
     from safetensors.torch import load_file
     path = Path(path)
     path = path / ROUTERS_FILE if path.is_dir() else path
     if not path.is_file():
         raise MoekdError(f"--teacher-routers {path}: no such file")
-    load_state_dict_strict_subset(teacher, load_file(path), set(router_state_dict(teacher)), where=str(path))
-
-
-def load_state_dict_strict_subset(model: nn.Module, tensors: dict, expected: set[str], *, where: str) -> None:
+    tensors, expected = load_file(path), set(router_state_dict(teacher))
     if set(tensors) != expected:
-        raise MoekdError(f"{where}: router keys do not match the teacher "
-                         f"({len(set(tensors) ^ expected)} differ, e.g. {sorted(set(tensors) ^ expected)[0]})")
-    load_state_dict_strict(model, ((k, v) for k, v in tensors.items()), where=where, partial=True)
+        differ = sorted(set(tensors) ^ expected)
+        raise MoekdError(f"{path}: router keys do not match the teacher ({len(differ)} differ, e.g. {differ[0]})")
+    load_state_dict_strict(teacher, iter(tensors.items()), where=str(path), partial=True)
 
 
 def save_run_model(directory: Path, model, tokenizer, teacher, cfg: Config) -> None:

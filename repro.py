@@ -223,6 +223,11 @@ def report(args, results: dict[str, dict], set_names: list[str], sweep: dict, ex
         lines.append("")
     gap = results["teacher (SFT)"]["avg"] - results["student (SFT)"]["avg"]
     lines.append(f"Teacher - student gap (SFT rows, Avg): {gap:+.2f}")
+    if experts:
+        bits = [f"{b:.2f}" for b in specialisation_bits(torch.tensor(experts))]
+        lines.append(f"\nExpert specialisation, I(task family; top-1 expert) per teacher layer: {', '.join(bits)} bits "
+                     f"(0 = routing ignores the family, log2 {len(args.families)} = {math.log2(len(args.families)):.0f} "
+                     f"= the family decides the expert)")
     if sweep:
         lines += ["", "## Student side of Fig. 2 (kd, teacher top-k)", "",
                   moe_eval.markdown_table({f"kd, k={k}": r for k, r in sweep.items()}, set_names)]
@@ -234,6 +239,14 @@ def report(args, results: dict[str, dict], set_names: list[str], sweep: dict, ex
     plot(args, results, set_names, sweep, experts)
     print("\n".join(lines))
     return summary
+
+
+def specialisation_bits(share: torch.Tensor) -> list[float]:
+    """Mutual information (bits) between task family (uniform) and top-1 expert, per layer: share is
+    P(expert | family) [L, F, E]."""
+    p_e = share.mean(1, keepdim=True)                                   # [L, 1, E]
+    ratio = torch.where(share > 0, share / p_e.clamp_min(1e-12), torch.ones_like(share))
+    return (share * ratio.log2()).sum(-1).mean(-1).tolist()
 
 
 def plot(args, results, set_names, sweep, experts) -> None:

@@ -1236,3 +1236,20 @@ def test_bench_smoke():
     assert set(rows) == {"gkd", "ka-m2", "sar"}
     assert rows["sar"]["router_ms"] > 0 and rows["gkd"]["router_ms"] == 0 and rows["gkd"]["gen_ms"] > 0
     assert all(r["step_ms"] > 0 and r["overhead"] > 0 and r["peak_mb"] > 0 for r in rows.values())
+
+
+def test_specialisation_bits_hand_computed():
+    import repro
+    separated = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])   # each family its own expert: 1 bit
+    ignored = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])     # routing ignores the family: 0 bits
+    half = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])        # P(e) = (3/4, 1/4)
+    expected = 0.5 * math.log2(4 / 3) + 0.5 * (0.5 * math.log2(2 / 3) + 0.5 * math.log2(2))
+    assert repro.specialisation_bits(separated) == [1.0] and repro.specialisation_bits(ignored) == [0.0]
+    assert repro.specialisation_bits(half)[0] == pytest.approx(expected)
+
+
+def test_router_file_with_other_keys_is_rejected(tmp_path, teacher):
+    from safetensors.torch import save_file
+    save_file({"model.layers.0.mlp.gate.extra": torch.zeros(2)}, tmp_path / "r.safetensors")
+    with pytest.raises(moekd.MoekdError, match="router keys do not match the teacher"):
+        moekd.load_routers(teacher, tmp_path / "r.safetensors")
