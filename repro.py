@@ -213,13 +213,11 @@ def report(args, results: dict[str, dict], set_names: list[str], sweep: dict, ex
     table = moe_eval.markdown_table(results, set_names)
     lines = [f"# Reproduction, preset {args.preset}", "", table]
     base = results.get("GKD")
-    noise = {label: math.sqrt(sum(s["std"] ** 2 for s in r["sets"].values()) / len(r["sets"])) / math.sqrt(len(r["sets"]))
-             for label, r in results.items()}
     if base is not None:
-        lines.append("| Row | Avg - GKD Avg | seed noise of the Avg (std over seeds / sqrt(sets)) |")
+        lines.append("| Row | Avg - GKD Avg | std of the Avg over eval seeds |")
         lines.append("|---|---|---|")
         for label, r in results.items():
-            lines.append(f"| {label} | {r['avg'] - base['avg']:+.2f} | {noise[label]:.2f} |")
+            lines.append(f"| {label} | {r['avg'] - base['avg']:+.2f} | {avg_std(r):.2f} |")
         lines.append("")
     gap = results["teacher (SFT)"]["avg"] - results["student (SFT)"]["avg"]
     lines.append(f"Teacher - student gap (SFT rows, Avg): {gap:+.2f}")
@@ -241,6 +239,14 @@ def report(args, results: dict[str, dict], set_names: list[str], sweep: dict, ex
     return summary
 
 
+def avg_std(result: dict) -> float:
+    """Population std over eval seeds of the per-seed Avg (mean over sets): the seed noise of an Avg."""
+    seeds = list(next(iter(result["sets"].values()))["scores"])
+    per_seed = [sum(s["scores"][seed] for s in result["sets"].values()) / len(result["sets"]) for seed in seeds]
+    mean = sum(per_seed) / len(per_seed)
+    return math.sqrt(sum((v - mean) ** 2 for v in per_seed) / len(per_seed))
+
+
 def specialisation_bits(share: torch.Tensor) -> list[float]:
     """Mutual information (bits) between task family (uniform) and top-1 expert, per layer: share is
     P(expert | family) [L, F, E]."""
@@ -254,16 +260,15 @@ def plot(args, results, set_names, sweep, experts) -> None:
     labels = list(results)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     avg = [results[label]["avg"] for label in labels]
-    err = [math.sqrt(sum(s["std"] ** 2 for s in results[label]["sets"].values()) / len(set_names)) for label in labels]
+    err = [avg_std(results[label]) for label in labels]
     ax.bar(labels, avg, yerr=err, capsize=4, color=["0.4", "0.7"] + [f"C{i}" for i in range(len(labels) - 2)])
-    ax.set(title=f"ROUGE-L averaged over {len(set_names)} sets ({args.preset}; error bars: std over eval seeds)",
+    ax.set(title=f"ROUGE-L, mean over {len(set_names)} sets ({args.preset}; error bars: std over eval seeds)",
            ylabel="ROUGE-L", ylim=(min(avg) - 3 * max(err) - 2, max(avg) + 3 * max(err) + 2))
     moe_eval.save_fig(fig, args.out / "results.png")
     if sweep:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ks = list(sweep)
-        ax.errorbar(ks, [sweep[k]["avg"] for k in ks], capsize=3, marker="o",
-                    yerr=[math.sqrt(sum(s["std"] ** 2 for s in sweep[k]["sets"].values()) / len(set_names)) for k in ks])
+        ax.errorbar(ks, [sweep[k]["avg"] for k in ks], capsize=3, marker="o", yerr=[avg_std(sweep[k]) for k in ks])
         ax.set(title="Student ROUGE-L after KD vs the teacher's active experts k", xlabel="k", ylabel="ROUGE-L (avg)",
                xticks=ks)
         moe_eval.save_fig(fig, args.out / "k_sweep.png")
