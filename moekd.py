@@ -1060,17 +1060,19 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 class _RowKL(torch.autograd.Function):
-    """KL(softmax(a) || softmax(b)) for the rows `rows` of a, b [N, V] -> [N] fp32 (0 elsewhere).
+    """Mean over m of KL(softmax(a) || softmax(b_m)) for the rows `rows` of a [N, V], b [M, N, V] -> [N]
+    fp32 (0 elsewhere). Because Sum_v p_a (log p_a - mean_m log p_bm) is exactly that mean, KA's M
+    teacher passes cost one KL, not M.
 
     Exact over the vocabulary, fp32 inside, in chunks of rows: no full-vocabulary fp32 tensor of the
     whole batch is ever alive, and backward recomputes from the saved logits instead of keeping
-    softmaxes. Gradients: dKL/da = p_a (log p_a - log p_b - KL), dKL/db = p_b - p_a."""
+    softmaxes. Gradients: dKL/da = p_a (log p_a - log p_b - KL), dKL/db = p_b - p_a (M = 1)."""
 
     @staticmethod
     def forward(ctx, a, b, rows, chunk):
         out = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
         for idx in rows.split(chunk):
-            out[idx] = _kl_rows(a[idx], b[idx])
+            out[idx] = _kl_rows(a[idx], b[:, idx])
         ctx.save_for_backward(a, b, rows)
         ctx.chunk = chunk
         return out
@@ -1078,24 +1080,27 @@ class _RowKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b, rows = ctx.saved_tensors
+        if ctx.needs_input_grad[1] and b.shape[0] != 1:
+            raise NotImplementedError("gradient for the averaged side of the KL")
         grad_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
         grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
         for idx in rows.split(ctx.chunk):
-            kl, pa, diff = _kl_rows(a[idx], b[idx], keep=True)
+            kl, pa, diff = _kl_rows(a[idx], b[:, idx], keep=True)
             g = grad[idx].unsqueeze(1)
-            if grad_b is not None:  # p_b - p_a, with p_b = p_a exp(-diff)... computed directly instead
-                grad_b[idx] = (g * (b[idx].float().softmax(-1) - pa)).to(b.dtype)
-            if grad_a is not None:  # p_a (log p_a - log p_b - KL); rows where p_a = 0 contribute nothing
+            if grad_b is not None:
+                grad_b[0, idx] = (g * (b[0, idx].float().softmax(-1) - pa)).to(b.dtype)
+            if grad_a is not None:  # rows where p_a = 0 contribute nothing (diff was zeroed there)
                 grad_a[idx] = diff.sub_(kl.unsqueeze(1)).mul_(pa).mul_(g).to(a.dtype)
         return grad_a, grad_b, None, None
 
 
 def _kl_rows(a: torch.Tensor, b: torch.Tensor, *, keep: bool = False):
-    """Row-wise KL(softmax(a) || softmax(b)) in fp32 with as few full-width temporaries as possible;
-    keep=True also returns p_a and log p_a - log p_b (zeroed where p_a = 0, so 0 log 0 = 0)."""
+    """Rows of a [n, V] against b [M, n, V]: Sum_v p_a (log p_a - mean_m log p_bm), in fp32 with few
+    full-width temporaries; keep=True also returns p_a and the log-ratio (zeroed where p_a = 0)."""
     diff = a.float().log_softmax(-1)
     pa = diff.exp()
-    diff.sub_(b.float().log_softmax(-1)).masked_fill_(pa == 0, 0.0)
+    log_pb = b.float().log_softmax(-1)
+    diff.sub_(log_pb[0] if b.shape[0] == 1 else log_pb.mean(0)).masked_fill_(pa == 0, 0.0)
     kl = (pa * diff).sum(-1)
     return (kl, pa, diff) if keep else kl
 
@@ -1103,12 +1108,14 @@ def _kl_rows(a: torch.Tensor, b: torch.Tensor, *, keep: bool = False):
 def kl_per_token(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, *,
                  chunk: int = 256) -> torch.Tensor:
     """KL(softmax(p) || softmax(q)) per position: logits [B, T, V], mask [B, T] -> [B, T] fp32, 0 where
-    not mask. Differentiable in both arguments; -inf logits are fine (0 log 0 = 0)."""
+    not mask. q may be [M, B, T, V]: then the mean over m of KL(p || q_m) (KA's M teacher passes).
+    Differentiable in p, and in q when M = 1; -inf logits are fine (0 log 0 = 0)."""
     V = p_logits.shape[-1]
     if q_logits.shape[-1] != V:
         raise MoekdError(f"KL over different vocabularies: {V} vs {q_logits.shape[-1]} logits")
+    q = q_logits.reshape(-1 if q_logits.dim() > p_logits.dim() else 1, mask.numel(), V)
     rows = mask.reshape(-1).nonzero().squeeze(1)
-    return _RowKL.apply(p_logits.reshape(-1, V), q_logits.reshape(-1, V), rows, chunk).view(mask.shape)
+    return _RowKL.apply(p_logits.reshape(-1, V), q, rows, chunk).view(mask.shape)
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -1296,7 +1303,8 @@ def kd_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -> dict[s
 
 def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -> dict[str, torch.Tensor]:
     """GKD, ALL, KA and SAR's student update: KL(q_student || p_teacher) on the student's own samples,
-    the teacher under the method's routing. KA: mean of the M sampled teachers' losses (spec §2)."""
+    the teacher under the method's routing. KA: mean of the M sampled teachers' losses (spec §2),
+    computed as one KL against the mean of their log-probabilities (the same number)."""
     M = cfg.ka_m if cfg.method == "ka" and cfg.ka_updates == "mean" else 1
     extras = extras or {}
     with teacher_routing(teacher, cfg, extras.get("generator")), \
@@ -1304,8 +1312,8 @@ def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -
         t = teacher_logits(teacher, batch, repeat=M)                   # [M*B, T, V]
     logits, aux = forward_with_aux(model, batch)
     mask = loss_mask(batch["labels"])
-    rkl = sum(kl_per_token(logits, tm.to(logits.device), mask, chunk=cfg.kl_chunk).sum() for tm in t.chunk(M))
-    rkl = rkl / (M * norm)
+    t = t.view(M, *logits.shape).to(logits.device)                    # [M, B, T, V]: one KL for all M
+    rkl = kl_per_token(logits, t, mask, chunk=cfg.kl_chunk).sum() / norm
     return with_aux({"loss": rkl, "rkl": rkl}, aux, n_micro)
 
 

@@ -1253,3 +1253,15 @@ def test_router_file_with_other_keys_is_rejected(tmp_path, teacher):
     save_file({"model.layers.0.mlp.gate.extra": torch.zeros(2)}, tmp_path / "r.safetensors")
     with pytest.raises(moekd.MoekdError, match="router keys do not match the teacher"):
         moekd.load_routers(teacher, tmp_path / "r.safetensors")
+
+
+def test_ka_mean_of_m_kls_is_one_fused_kl():
+    s = torch.randn(2, 5, 13, requires_grad=True)
+    t = torch.randn(3, 2, 5, 13)
+    mask = torch.rand(2, 5) > 0.3
+    fused = moekd.kl_per_token(s, t, mask, chunk=3)
+    (g_fused,) = torch.autograd.grad(fused.sum(), s)
+    looped = sum(moekd.kl_per_token(s, t[m], mask) for m in range(3)) / 3
+    (g_looped,) = torch.autograd.grad(looped.sum(), s)
+    assert_close(fused, looped)
+    assert_close(g_fused, g_looped)
