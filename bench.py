@@ -150,9 +150,10 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
     norm = float(moekd.loss_mask(batch["labels"]).sum())
     M = cfg.ka_m if cfg.method == "ka" else 1
 
-    def teacher_part():
+    def teacher_part():  # KA's teacher work includes averaging the M passes' log-probabilities
         with moekd.teacher_routing(teacher, cfg, extras.get("generator")):
-            return moekd.teacher_logits(teacher, batch, repeat=M)
+            t = moekd.teacher_logits(teacher, batch, repeat=M)
+        return t if M == 1 else moekd.mean_log_probs(t.view(M, -1, *t.shape[1:]))
     t_logits = teacher_part() if cfg.method != "sft" else None
 
     def student_part():
@@ -166,7 +167,7 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
             loss = 0.5 * moekd.masked_sum(moekd.token_cross_entropy(logits, batch["labels"]), mask) / norm \
                 + 0.5 * moekd.kl_per_token(t_logits, logits, mask).sum() / norm
         else:
-            loss = moekd.kl_per_token(logits, t_logits.view(M, *logits.shape), mask).sum() / norm
+            loss = moekd.kl_per_token(logits, t_logits, mask, q_is_log_probs=M > 1).sum() / norm
         loss.backward()
 
     def optimizer_part():  # the gradients of the last student_part are still there
@@ -207,8 +208,14 @@ def memory_probe(kind: str) -> dict:
 # ----------------------------------------------------------------------------
 # Driver: one subprocess per configuration, then the table and derived figures
 
+# glibc hands large freed blocks back to the OS and page-faults them in again on the next step, which
+# made CPU step times swing by 2x between repetitions; keeping freed memory for reuse (what PyTorch's
+# caching allocator does on GPU) makes the CPU figures stable. Applied to the workers only.
+CPU_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36), "MALLOC_TOP_PAD_": str(2**30)}
+
+
 def worker(args_list: list[str]) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **CPU_MALLOC}
     proc = subprocess.run([sys.executable, str(HERE / "bench.py"), *args_list], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {args_list} failed:\n{proc.stderr[-3000:]}")

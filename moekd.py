@@ -1069,53 +1069,64 @@ class _RowKL(torch.autograd.Function):
     softmaxes. Gradients: dKL/da = p_a (log p_a - log p_b - KL), dKL/db = p_b - p_a (M = 1)."""
 
     @staticmethod
-    def forward(ctx, a, b, rows, chunk):
+    def forward(ctx, a, b, rows, chunk, b_is_log_probs=False):
         out = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
         for idx in rows.split(chunk):
-            out[idx] = _kl_rows(a[idx], b[:, idx])
+            out[idx] = _kl_rows(a[idx], b[:, idx], b_is_log_probs)
         ctx.save_for_backward(a, b, rows)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.b_is_log_probs = chunk, b_is_log_probs
         return out
 
     @staticmethod
     def backward(ctx, grad):
         a, b, rows = ctx.saved_tensors
-        if ctx.needs_input_grad[1] and b.shape[0] != 1:
+        if ctx.needs_input_grad[1] and (b.shape[0] != 1 or ctx.b_is_log_probs):
             raise NotImplementedError("gradient for the averaged side of the KL")
         grad_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
         grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
         for idx in rows.split(ctx.chunk):
-            kl, pa, diff = _kl_rows(a[idx], b[:, idx], keep=True)
+            kl, pa, diff = _kl_rows(a[idx], b[:, idx], ctx.b_is_log_probs, keep=True)
             g = grad[idx].unsqueeze(1)
             if grad_b is not None:
                 grad_b[0, idx] = (g * (b[0, idx].float().softmax(-1) - pa)).to(b.dtype)
             if grad_a is not None:  # rows where p_a = 0 contribute nothing (diff was zeroed there)
                 grad_a[idx] = diff.sub_(kl.unsqueeze(1)).mul_(pa).mul_(g).to(a.dtype)
-        return grad_a, grad_b, None, None
+        return grad_a, grad_b, None, None, None
 
 
-def _kl_rows(a: torch.Tensor, b: torch.Tensor, *, keep: bool = False):
+def _kl_rows(a: torch.Tensor, b: torch.Tensor, b_is_log_probs: bool = False, *, keep: bool = False):
     """Rows of a [n, V] against b [M, n, V]: Sum_v p_a (log p_a - mean_m log p_bm), in fp32 with few
     full-width temporaries; keep=True also returns p_a and the log-ratio (zeroed where p_a = 0)."""
     diff = a.float().log_softmax(-1)
     pa = diff.exp()
-    log_pb = b.float().log_softmax(-1)
+    log_pb = b.float() if b_is_log_probs else b.float().log_softmax(-1)
     diff.sub_(log_pb[0] if b.shape[0] == 1 else log_pb.mean(0)).masked_fill_(pa == 0, 0.0)
     kl = (pa * diff).sum(-1)
     return (kl, pa, diff) if keep else kl
 
 
 def kl_per_token(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, *,
-                 chunk: int = 256) -> torch.Tensor:
+                 chunk: int = 256, q_is_log_probs: bool = False) -> torch.Tensor:
     """KL(softmax(p) || softmax(q)) per position: logits [B, T, V], mask [B, T] -> [B, T] fp32, 0 where
-    not mask. q may be [M, B, T, V]: then the mean over m of KL(p || q_m) (KA's M teacher passes).
-    Differentiable in p, and in q when M = 1; -inf logits are fine (0 log 0 = 0)."""
+    not mask. q may be [M, B, T, V]: then the mean over m of KL(p || q_m) (KA's M teacher passes);
+    with q_is_log_probs, q already holds (mean) log-probabilities. Differentiable in p, and in q when it
+    is one set of logits; -inf logits are fine (0 log 0 = 0)."""
     V = p_logits.shape[-1]
     if q_logits.shape[-1] != V:
         raise MoekdError(f"KL over different vocabularies: {V} vs {q_logits.shape[-1]} logits")
     q = q_logits.reshape(-1 if q_logits.dim() > p_logits.dim() else 1, mask.numel(), V)
     rows = mask.reshape(-1).nonzero().squeeze(1)
-    return _RowKL.apply(p_logits.reshape(-1, V), q, rows, chunk).view(mask.shape)
+    return _RowKL.apply(p_logits.reshape(-1, V), q, rows, chunk, q_is_log_probs).view(mask.shape)
+
+
+@torch.no_grad()
+def mean_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the M passes of the log-softmax, [M, B, T, V] -> [B, T, V] fp32: computed once, so
+    Sum_v q (log q - mean_m log p_m), the mean of KA's M reverse KLs, costs one KL whatever M is."""
+    out = logits[0].float().log_softmax(-1)
+    for m in range(1, logits.shape[0]):
+        out += logits[m].float().log_softmax(-1)
+    return out.div_(logits.shape[0])
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -1312,8 +1323,11 @@ def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -
         t = teacher_logits(teacher, batch, repeat=M)                   # [M*B, T, V]
     logits, aux = forward_with_aux(model, batch)
     mask = loss_mask(batch["labels"])
-    t = t.view(M, *logits.shape).to(logits.device)                    # [M, B, T, V]: one KL for all M
-    rkl = kl_per_token(logits, t, mask, chunk=cfg.kl_chunk).sum() / norm
+    if M == 1:
+        rkl = kl_per_token(logits, t.to(logits.device), mask, chunk=cfg.kl_chunk).sum() / norm
+    else:  # one KL against the mean log-probabilities of the M passes: the mean of the M KLs
+        log_p = mean_log_probs(t.view(M, *logits.shape)).to(logits.device)
+        rkl = kl_per_token(logits, log_p, mask, chunk=cfg.kl_chunk, q_is_log_probs=True).sum() / norm
     return with_aux({"loss": rkl, "rkl": rkl}, aux, n_micro)
 
 

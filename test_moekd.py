@@ -1265,3 +1265,7 @@ def test_ka_mean_of_m_kls_is_one_fused_kl():
     (g_looped,) = torch.autograd.grad(looped.sum(), s)
     assert_close(fused, looped)
     assert_close(g_fused, g_looped)
+    precomputed = moekd.kl_per_token(s, moekd.mean_log_probs(t), mask, q_is_log_probs=True)
+    (g_pre,) = torch.autograd.grad(precomputed.sum(), s)
+    assert_close(precomputed, looped)
+    assert_close(g_pre, g_looped)
