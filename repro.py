@@ -53,7 +53,7 @@ PRESETS = {
         sft=["--lr", "2e-3", "--epochs", "6", "--warmup-steps", "20", "--dev-num", "50"],
         distill=["--lr", "5e-4", "--router-lr", "5e-4", "--epochs", "1", "--dev-num", "50"],
         eval=["--max-prompt-len", "128", "--max-new-tokens", "64", "--batch-size", "64"],
-        test_examples=100,
+        test_examples=None,  # the MiniLLM sets in full
     ),
 }
 
@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="10,20,30", help="evaluation seeds (>= 3 for a std)")
     p.add_argument("--methods", default=",".join(METHODS), help="distillation rows")
     p.add_argument("--max-steps", type=int, default=None, help="cap every training run (smoke tests)")
-    p.add_argument("--test-examples", type=int, default=None, help="examples per evaluation set")
+    p.add_argument("--test-examples", type=int, default=None,
+                   help="examples per evaluation set (synthetic: 100; dolly-mini: the full MiniLLM sets)")
     p.add_argument("--no-k-sweep", action="store_true", help="skip the student-side k sweep")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -110,9 +111,8 @@ def synthetic_test_sets(folder: Path, n_per_family: int, seed: int = 12345) -> d
 
 
 def eval_sets(args) -> dict[str, Path]:
-    n = args.test_examples or PRESETS[args.preset]["test_examples"]
     if args.preset == "synthetic":
-        return synthetic_test_sets(args.out / "data", n)
+        return synthetic_test_sets(args.out / "data", args.test_examples or PRESETS["synthetic"]["test_examples"])
     sets = {name: Path(args.data_dir) / rel for name, rel in moe_eval.SETS.items()}
     return {name: path for name, path in sets.items() if path.is_file()}
 
@@ -148,8 +148,9 @@ def evaluate(args, name: str, model: Path, sets: dict[str, Path], extra: list[st
         print(f"[repro] eval {name}: done, skipped")
         return json.loads((out / "results.json").read_text())
     spec = ",".join(f"{k}={v}" for k, v in sets.items())
+    limit = ["--max-examples", str(args.test_examples)] if args.test_examples else []
     moe_eval.main(["--model", str(model), "--sets", spec, "--seeds", args.seeds, "--out", str(out), "--overwrite",
-                   "--label", name, *PRESETS[args.preset]["eval"], *extra])
+                   "--label", name, *PRESETS[args.preset]["eval"], *limit, *extra])
     return json.loads((out / "results.json").read_text())
 
 
