@@ -1682,9 +1682,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def cli() -> int:
+def run_cli(entry) -> int:
+    """Run a main(); bad input (MoekdError) becomes one line on stderr and exit code 2."""
     try:
-        main()
+        entry()
     except MoekdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1692,4 +1693,4 @@ def cli() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))

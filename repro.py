@@ -297,14 +297,5 @@ def main(argv=None) -> dict:
     return run_pipeline(args)
 
 
-def cli() -> int:
-    try:
-        main()
-    except MoekdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(moekd.run_cli(main))
