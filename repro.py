@@ -277,7 +277,7 @@ def plot(args, results, set_names, sweep, experts) -> None:
         share = torch.tensor(experts)  # [L, F, E]
         fig, axes = plt.subplots(1, share.shape[0], figsize=(3.2 * share.shape[0], 3.6), sharey=True)
         for layer, ax in enumerate(axes):
-            ax.imshow(share[layer], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.imshow(share[layer].numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
             ax.set(title=f"layer {layer}", xlabel="top-1 expert", xticks=range(share.shape[2]))
         axes[0].set(yticks=range(len(args.families)), yticklabels=args.families)
         fig.suptitle("Teacher routing by task family: share of response tokens per top-1 expert")
