@@ -162,9 +162,9 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
         logits, aux = moekd.forward_with_aux(student, batch)
         mask = moekd.loss_mask(batch["labels"])
         if cfg.method == "sft":
-            loss = moekd.masked_sum(moekd.token_cross_entropy(logits, batch["labels"]), mask) / norm
+            loss = moekd.cross_entropy_sum(logits, batch["labels"]) / norm
         elif cfg.method == "kd":
-            loss = 0.5 * moekd.masked_sum(moekd.token_cross_entropy(logits, batch["labels"]), mask) / norm \
+            loss = 0.5 * moekd.cross_entropy_sum(logits, batch["labels"]) / norm \
                 + 0.5 * moekd.kl_per_token(t_logits, logits, mask).sum() / norm
         else:
             loss = moekd.kl_per_token(logits, t_logits, mask, q_is_log_probs=M > 1).sum() / norm

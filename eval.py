@@ -251,8 +251,7 @@ def first_set(sets: dict[str, list[dict] | None]) -> tuple[str, list[dict]]:
 def run_gate_mass(model, tokenizer, sets, args, out: Path) -> dict:
     name, examples = first_set(sets)
     masses = [activated_mass(p) for p in router_probs_on_responses(model, gold_batches(tokenizer, name, examples, args))]
-    E, k = masses[0].numel(), moekd.moe_routers(model)[0].num_selects if hasattr(
-        moekd.moe_routers(model)[0], "num_selects") else moekd.moe_routers(model)[0].top_k
+    E, k = masses[0].numel(), moekd.native_top_k(model)
     write_csv(out / "gate_mass.csv", ["layer"] + [f"k={j}" for j in range(1, E + 1)],
               [[i] + [f"{v:.6f}" for v in m.tolist()] for i, m in enumerate(masses)])
     if not args.no_plots:
@@ -307,10 +306,8 @@ def run_router_shift(model, tokenizer, sets, args, out: Path) -> dict:
 
 
 def run_k_sweep(model, tokenizer, sets, args, out: Path) -> dict:
-    router = moekd.moe_routers(model)[0]
-    native = router.num_selects if hasattr(router, "num_selects") else router.top_k
     results = {}
-    for k in range(native, router.num_experts + 1):
+    for k in range(moekd.native_top_k(model), moekd.num_experts(model) + 1):
         args.routing, args.num_selects = "topk", k
         print(f"k = {k}")
         results[k] = evaluate_rouge(model, tokenizer, sets, args)

@@ -943,6 +943,12 @@ def num_experts(model: nn.Module) -> int:
     return moe_routers(model)[0].num_experts
 
 
+def native_top_k(model: nn.Module) -> int:
+    """Experts per token of the model's own routing (Llama-MoE num_selects, transformers top_k)."""
+    router = moe_routers(model)[0]
+    return router.num_selects if isinstance(router, LlamaMoEGate) else router.top_k
+
+
 def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.Tensor):
     """A transformers router's forward under `routing`: same logits, same weight rule as the family
     (softmax probabilities at the chosen experts, renormalised where the family renormalises)."""
@@ -1057,6 +1063,11 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     targets = torch.full_like(labels, -100)
     targets[:, :-1] = labels[:, 1:]
     return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE summed over the loss positions (response tokens): the numerator of SFT's loss."""
+    return masked_sum(token_cross_entropy(logits, labels), loss_mask(labels))
 
 
 class _RowKL(torch.autograd.Function):
@@ -1224,8 +1235,7 @@ def evaluate_dev(model: nn.Module, tokenizer, dev: list[dict], cfg: Config, *, d
                                                        tokenizer.pad_token_id).items()}
         with autocast(device, amp_dtype):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce = token_cross_entropy(logits, batch["labels"])
-        total += masked_sum(ce, loss_mask(batch["labels"])).item()
+        total += cross_entropy_sum(logits, batch["labels"]).item()
         count += int(loss_mask(batch["labels"]).sum())
     subset = dev[:cfg.dev_num] if cfg.dev_num else dev
     with autocast(device, amp_dtype):
@@ -1284,30 +1294,32 @@ def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator 
 
 
 @torch.no_grad()
-def teacher_logits(teacher: nn.Module, batch: dict, *, repeat: int = 1) -> torch.Tensor:
-    """Teacher logits on the teacher's device, [repeat*B, T, V]. Repeating the rows runs KA's M passes
-    as one batched forward; every row gets its own expert draws in every layer."""
+def teacher_logits(teacher: nn.Module, batch: dict, *, repeat: int = 1,
+                   amp_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Teacher logits on the teacher's device, [repeat*B, T, V], under autocast on that device.
+    Repeating the rows runs KA's M passes as one batched forward; every row gets its own expert draws
+    in every layer."""
     device = next(teacher.parameters()).device
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    return teacher(input_ids=ids.repeat(repeat, 1), attention_mask=attn.repeat(repeat, 1)).logits
+    with autocast(device, amp_dtype):
+        return teacher(input_ids=ids.repeat(repeat, 1), attention_mask=attn.repeat(repeat, 1)).logits
 
 
 def sft_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -> dict[str, torch.Tensor]:
     """SFT: CE on gold response tokens (+ the model's balance loss, gate noise on in train mode)."""
     logits, aux = forward_with_aux(model, batch)
-    ce = masked_sum(token_cross_entropy(logits, batch["labels"]), loss_mask(batch["labels"])) / norm
+    ce = cross_entropy_sum(logits, batch["labels"]) / norm
     return with_aux({"loss": ce, "ce": ce}, aux, n_micro)
 
 
 def kd_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -> dict[str, torch.Tensor]:
     """KD (Sanh 2019) on gold data: (1 - r) CE + r KL(p_teacher || q_student), r = --kd-ratio (0.5).
     The official code writes the soft term as -Sum p log q; it differs from KL by H(p), a constant."""
-    amp_dtype = (extras or {}).get("amp_dtype", torch.float32)
-    with teacher_routing(teacher, cfg, None), autocast(next(teacher.parameters()).device, amp_dtype):
-        t = teacher_logits(teacher, batch)
+    with teacher_routing(teacher, cfg, None):
+        t = teacher_logits(teacher, batch, amp_dtype=(extras or {}).get("amp_dtype", torch.float32))
     logits, aux = forward_with_aux(model, batch)
     mask = loss_mask(batch["labels"])
-    ce = masked_sum(token_cross_entropy(logits, batch["labels"]), mask) / norm
+    ce = cross_entropy_sum(logits, batch["labels"]) / norm
     fkl = kl_per_token(t.to(logits.device), logits, mask, chunk=cfg.kl_chunk).sum() / norm
     return with_aux({"loss": (1 - cfg.kd_ratio) * ce + cfg.kd_ratio * fkl, "ce": ce, "fkl": fkl}, aux, n_micro)
 
@@ -1318,9 +1330,8 @@ def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -
     computed as one KL against the mean of their log-probabilities (the same number)."""
     M = cfg.ka_m if cfg.method == "ka" and cfg.ka_updates == "mean" else 1
     extras = extras or {}
-    with teacher_routing(teacher, cfg, extras.get("generator")), \
-            autocast(next(teacher.parameters()).device, extras.get("amp_dtype", torch.float32)):
-        t = teacher_logits(teacher, batch, repeat=M)                   # [M*B, T, V]
+    with teacher_routing(teacher, cfg, extras.get("generator")):
+        t = teacher_logits(teacher, batch, repeat=M, amp_dtype=extras.get("amp_dtype", torch.float32))  # [M*B, T, V]
     logits, aux = forward_with_aux(model, batch)
     mask = loss_mask(batch["labels"])
     if M == 1:

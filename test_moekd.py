@@ -876,7 +876,7 @@ def test_hf_routing_modes(tmp_path, family):
     assert index.shape == (12, 5) and torch.equal(index[0], torch.arange(5))
     assert_close(weights.float(), logits.float().softmax(-1))  # all experts: softmax over all E
     assert not torch.equal(dense, native)
-    assert len(moekd.router_parameters(model)) == 2
+    assert len(moekd.router_parameters(model)) == 2 and moekd.native_top_k(model) == 2 and moekd.num_experts(model) == 5
 
 
 def test_unsupported_moe_family_is_an_error():
@@ -1006,6 +1006,14 @@ def test_restart_epochs_repeat_the_first_order():
     assert on.restart_epochs and not moekd.Config(method="sft").restart_epochs
     assert moekd.step_rows(items, on, 3, 3) == moekd.step_rows(items, on, 0, 3)
     assert moekd.step_rows(items, off, 3, 3) != moekd.step_rows(items, off, 0, 3)
+
+
+@pytest.mark.parametrize("restart,steps", [("--restart-epochs", 2), ("--no-restart-epochs", 4)])
+def test_restart_epochs_reset_the_optimizer(tmp_path, restart, steps):
+    """Two epochs of two steps: with restarts AdamW's state starts over at the second epoch."""
+    moekd.main(run_args(tmp_path / "run", "gkd", "--max-steps", "4", "--epochs", "2", "--synthetic-train", "8", restart))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=True)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {steps}
 
 
 def run_args(out, method, *extra):
@@ -1152,6 +1160,7 @@ def test_eval_generation_is_deterministic_by_seed(tmp_path):
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
 def test_gate_mass_analysis(tmp_path):
     result = moe_eval.main(eval_args(tmp_path, "--analysis", "gate-mass", "--sets", "dolly", "--max-examples", "6"))
+    assert result["native_k"] == TINY_CFG["num_selects"]
     mass = torch.tensor(result["mass"])
     assert mass.shape == (TINY_CFG["num_hidden_layers"], TINY_CFG["num_experts"])
     assert ((mass >= 0) & (mass <= 1 + 1e-6)).all() and (mass.diff(dim=1) >= -1e-7).all()
