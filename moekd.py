@@ -14,7 +14,7 @@ it hear the experts the router did not pick:
     pytest -q                                                           # tests, CPU, offline
 
 Sections flow downward: config -> data -> Llama-MoE model -> loading/saving -> routing control ->
-losses -> generation -> method steps -> training loop -> main. Shape legend: B batch, T time,
+losses -> generation -> distributed (torchrun) -> method steps -> training loop -> main. Shape legend: B batch, T time,
 H hidden, V vocab, E experts, K selected experts, N flattened tokens.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -80,8 +81,12 @@ class Config:
     max_steps: int | None = field(default=None, metadata={"help": "cap on optimizer steps (sets the schedule length)"})
     stop_after: int | None = field(default=None, metadata={
         "help": "checkpoint and exit after this many optimizer steps in this invocation (time-limited jobs)"})
-    batch_size: int = field(default=16, metadata={"help": "micro-batch per device; global batch = batch_size * grad_accum"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    batch_size: int = field(default=16, metadata={
+        "help": "micro-batch per device; global batch = batch_size * devices * grad_accum"})
+    grad_accum: int | None = field(default=None, metadata={
+        "help": "micro-batches per device per optimizer step (default 1, or what --global-batch-size needs)"})
+    global_batch_size: int | None = field(default=None, metadata={
+        "help": "rows per optimizer step over all devices; sets --grad-accum from --batch-size and the device count"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default 1e-5; sar 1e-6)"})
     lr_schedule: str | None = field(default=None, metadata={
         "help": "default cosine for sft/kd, constant for gkd/all/ka/sar", "choices": ("constant", "cosine")})
@@ -111,6 +116,10 @@ class Config:
     teacher_routers: str | None = field(default=None, metadata={
         "help": "load teacher router weights from this teacher_routers.safetensors (or a run dir holding one)"})
     teacher_device: str | None = field(default=None, metadata={"help": "device of the teacher (default --device)"})
+    shard_teacher: bool = field(default=False, metadata={
+        "help": "torchrun: shard the teacher over all ranks with FSDP2 instead of a full copy per rank"})
+    dist_timeout: int = field(default=60, metadata={
+        "help": "torchrun: minutes a rank waits in a collective (rank 0 evaluates and saves while the others wait)"})
     restart_epochs: bool | None = field(default=None, metadata={
         "help": "reset the optimizer state and reuse the first epoch's data order every epoch, as the official "
                 "*_loop.sh scripts' 1-epoch jobs (default on for gkd/all/ka/sar)"})
@@ -137,12 +146,17 @@ class Config:
             self.restart_epochs = self.method in ("gkd", "all", "ka", "sar")
         if not 0.0 <= self.ka_lambda <= 1.0 or not 0.0 <= self.kd_ratio <= 1.0:
             raise MoekdError("--ka-lambda and --kd-ratio must be in [0, 1]")
-        for name in ("batch_size", "grad_accum", "epochs", "max_prompt_len", "max_len", "log_every", "ka_m",
+        for name in ("batch_size", "epochs", "dist_timeout", "max_prompt_len", "max_len", "log_every", "ka_m",
                      "gen_batch_size", "kl_chunk"):
             if getattr(self, name) < 1:
                 raise MoekdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("grad_accum", "global_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise MoekdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_len >= self.max_len:
             raise MoekdError(f"--max-prompt-len ({self.max_prompt_len}) must be < --max-len ({self.max_len})")
+        if self.grad_accum is None and self.global_batch_size is None:
+            self.grad_accum = 1  # with --global-batch-size, split_global_batch() sets it from the device count
         if self.resume and self.overwrite:
             raise MoekdError("--resume and --overwrite contradict each other")
         if self.out is None:
@@ -1166,23 +1180,43 @@ def rouge_l(prediction: str, references: list[str]) -> float:
 _rouge_scorer_cache: dict = {}
 
 
+class RowSeededSampler:
+    """A transformers logits processor that turns greedy decoding into exact ancestral sampling with
+    one random stream per row: argmax(logits + Gumbel noise) is a draw from softmax(logits) (the
+    Gumbel-max trick), and row i's noise comes from its own generator seeded with seeds[i]. A row's
+    response then depends on its seed, not on which batch, device or rank generated it."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        V = scores.shape[-1]  # finished rows draw too, so each stream advances once per position
+        u = torch.stack([torch.rand(V, generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
+        return scores.float() + gumbel
+
+
 @torch.no_grad()
 def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
-                  batch_size: int, desc: str = "generate", **options) -> list[list[int]]:
+                  batch_size: int, seeds: list[int] | None = None, desc: str = "generate", **options) -> list[list[int]]:
     """Sampled continuations of token-id prompts, left-padded in batches: top_k 0, top_p 1,
-    temperature 1 (the paper's sampling), pure ancestral sampling from the global torch RNG.
-    The model's own generation_config (e.g. a checkpoint's temperature 0.6) is not consulted."""
+    temperature 1 (the paper's sampling), pure ancestral sampling, from the global torch RNG or, with
+    `seeds` (one per prompt), from per-row streams (RowSeededSampler). The model's own
+    generation_config (e.g. a checkpoint's temperature 0.6) is not consulted."""
     from tqdm import tqdm
-    from transformers import GenerationConfig
-    config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
-                              pad_token_id=pad_id, eos_token_id=eos_id, **options)
+    from transformers import GenerationConfig, LogitsProcessorList
+    sampling = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0) if seeds is None else dict(do_sample=False)
+    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                              **options)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
         batch = {k: v.to(device) for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
-        sequences = model.generate(**batch, generation_config=config)
+        extra = {} if seeds is None else {"logits_processor": LogitsProcessorList(
+            [RowSeededSampler(seeds[start:start + batch_size], device)])}
+        sequences = model.generate(**batch, generation_config=config, **extra)
         out.extend(sequences[:, batch["input_ids"].shape[1]:].tolist())
     model.train(was_training)
     return out
@@ -1209,14 +1243,15 @@ def response_through_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[:-1] + [eos_id]
 
 
-def generate_on_policy(model: nn.Module, items: list[dict], tokenizer, cfg: Config) -> list[dict]:
+def generate_on_policy(model: nn.Module, items: list[dict], tokenizer, cfg: Config,
+                       seeds: list[int] | None = None) -> list[dict]:
     """On-policy training items (spec §3): the student samples a response to each prompt (left-padded,
-    at most max_len - max_prompt_len new tokens); the sequence is the gold prompt (no BOS) + response,
-    truncated to max_len, with the prompt masked out of the labels."""
+    at most max_len - max_prompt_len new tokens; `seeds`: one random stream per row); the sequence is
+    the gold prompt (no BOS) + response, truncated to max_len, with the prompt masked out of the labels."""
     eos = tokenizer.eos_token_id
     responses = sample_tokens(model, [it["prompt_ids"] for it in items], pad_id=tokenizer.pad_token_id,
                               eos_id=eos, max_new_tokens=cfg.max_len - cfg.max_prompt_len,
-                              batch_size=cfg.gen_batch_size, desc="on-policy")
+                              batch_size=cfg.gen_batch_size, seeds=seeds, desc="on-policy")
     out = []
     for it, row in zip(items, responses):
         prompt, response = it["prompt_ids"], response_through_eos(row, eos)
@@ -1252,6 +1287,143 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------
+# Distributed training (torchrun): a DDP student, the teacher replicated or sharded with FSDP2.
+# Every rank knows the whole global batch (rows are a pure function of seed and step) and works on its
+# own contiguous share of it. All randomness is seeded from the position in the global batch: each
+# row's on-policy sample from (seed, step, row), gate noise and KA draws from (seed, step, micro-batch).
+# So a run does not depend on how its global batch is split over devices and accumulation, and
+# resuming needs no RNG state.
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun launch (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = Dist()
+
+
+def stream_seed(seed: int, step: int, index: int, stream: str) -> int:
+    """Seed of one random stream: a hash of (run seed, step, index of the row or micro-batch in the
+    global batch, stream name), so streams never collide and do not depend on the device count."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{index}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def split_global_batch(cfg: Config, world: int) -> int:
+    """Set cfg.grad_accum from --global-batch-size (if given); returns the global batch, which must be
+    batch_size x devices x grad_accum."""
+    per_step = cfg.batch_size * world
+    if cfg.global_batch_size is not None:
+        accum, rest = divmod(cfg.global_batch_size, per_step)
+        if rest or accum == 0:
+            raise MoekdError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of --batch-size "
+                             f"{cfg.batch_size} x {world} device(s) = {per_step}")
+        if cfg.grad_accum is not None and cfg.grad_accum != accum:
+            raise MoekdError(f"--grad-accum {cfg.grad_accum} contradicts --global-batch-size {cfg.global_batch_size} "
+                             f"(= {cfg.batch_size} x {world} device(s) x {accum})")
+        cfg.grad_accum = accum
+    return per_step * cfg.grad_accum
+
+
+def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group (nccl on GPUs, gloo on CPU) and pick this rank's device;
+    without torchrun, a single process on --device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if cfg.shard_teacher:
+            raise MoekdError("--shard-teacher needs several processes: launch with torchrun --nproc_per_node N")
+        return SINGLE, resolve_device(cfg.device)
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
+    device = resolve_device(cfg.device)
+    if device.index is not None:
+        raise MoekdError(f"--device {cfg.device}: under torchrun every rank picks its own device (LOCAL_RANK); "
+                         f"pass --device {device.type}")
+    name = cfg.teacher_device
+    if name is not None and (torch.device(name).index is not None or (cfg.shard_teacher and name != cfg.device)):
+        raise MoekdError(f"--teacher-device {name}: under torchrun the teacher lives on each rank's --device"
+                         f"{' (sharded over them)' if cfg.shard_teacher else ' or on cpu'}")
+    if device.type == "cuda":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if torch.cuda.device_count() < local_world:
+            raise MoekdError(f"torchrun started {local_world} processes on this node, which has "
+                             f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node <= {torch.cuda.device_count()}")
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    import datetime
+    import torch.distributed as td
+    td.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=dist.rank, world_size=world,
+                          timeout=datetime.timedelta(minutes=cfg.dist_timeout))
+    return dist, device
+
+
+def barrier(dist: Dist) -> None:
+    if dist.world > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
+    """Sum a few numbers over ranks (fp64, so token counts and loss sums stay exact)."""
+    if dist.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def average_gradients(params: list[nn.Parameter], dist: Dist) -> None:
+    """What DDP does to the student, for the replicated teacher's routers: every rank ends with the
+    mean of the ranks' gradients (one flat all-reduce)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if dist.world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= dist.world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (generation, saving and attribute checks use it)."""
+    return getattr(model, "module", model)
+
+
+def wrap_student(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
+    """DDP over the student. An MoE student may leave experts without tokens in a micro-batch, so DDP
+    must look for unused parameters; the ranks load identical weights, so buffers need no broadcast."""
+    if dist.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=is_moe(model), forward_sync_buffers=False)
+
+
+def shard_teacher(teacher: nn.Module, mesh, *, separate_routers: bool) -> nn.Module:
+    """FSDP2 over the teacher: each decoder layer is one sharded unit (gathered for its forward, freed
+    after), embeddings and head the root's; parameters move to the mesh's device. SAR's routers stay
+    fp32 in a bf16 teacher and FSDP2 gathers one dtype per unit, so they get units of their own."""
+    from torch.distributed.fsdp import fully_shard
+    layers = getattr(getattr(teacher, "model", None), "layers", None)
+    if layers is None:
+        raise MoekdError(f"--shard-teacher: {type(teacher).__name__} has no model.layers to shard")
+    if separate_routers:
+        for router in moe_routers(teacher):
+            fully_shard(router, mesh=mesh)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(teacher, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------
 # Method steps: (model, teacher, batch, cfg) -> named losses; "loss" is what gets backpropagated.
 # Every loss is a *sum over tokens* divided by `norm`, the token count of the normalisation
 # group (the global batch by default), so micro-batching does not change the update.
@@ -1267,9 +1439,10 @@ def aux_loss(model: nn.Module, outputs) -> torch.Tensor | None:
 
 def forward_with_aux(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [B, T, V] and the model's own balance loss (None for dense models)."""
-    kwargs = {"output_router_logits": True} if is_moe(model) and not hasattr(model, "moe_config") else {}
+    inner = unwrap(model)  # the forward goes through a DDP wrapper, the attribute checks do not
+    kwargs = {"output_router_logits": True} if is_moe(inner) and not hasattr(inner, "moe_config") else {}
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-    return outputs.logits, aux_loss(model, outputs)
+    return outputs.logits, aux_loss(inner, outputs)
 
 
 def with_aux(parts: dict, aux: torch.Tensor | None, n_micro: int) -> dict:
@@ -1343,25 +1516,32 @@ def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -
 
 
 def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg: Config,
-                      extras: dict) -> dict[str, float]:
+                      extras: dict, *, step: int = 0, dist: Dist = SINGLE) -> dict[str, float]:
     """SAR step (a), before the student's: only the teacher's routers learn, teacher in train mode
-    (gate noise on), all experts; loss KL(p_teacher || q_student) + beta * balance (spec §4, Eq. 9)."""
-    device, t_device = next(model.parameters()).device, next(teacher.parameters()).device
-    model.eval()
+    (gate noise on), all experts; loss KL(p_teacher || q_student) + beta * balance (spec §4, Eq. 9).
+    Router gradients are averaged over ranks (FSDP2 does it for a sharded teacher), so with the
+    x world loss scale every rank applies the same update and the routers stay identical."""
+    student = unwrap(model)
+    device, t_device = next(student.parameters()).device, next(teacher.parameters()).device
+    student.eval()
     teacher.train()
     logs = {"router_kl": 0.0, "router_lb": 0.0}
-    for mb, norm in zip(micro, norms):
+    first, n_micro = dist.rank * len(micro), len(micro) * dist.world
+    for m, (mb, norm) in enumerate(zip(micro, norms)):
         mb = {k: v.to(device) for k, v in mb.items()}
         with torch.no_grad(), autocast(device, extras["amp_dtype"]):
-            q = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            q = student(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        torch.manual_seed(stream_seed(cfg.seed, step, first + m, "router"))  # the gates' noise
         with moe_routing(teacher, "all"), autocast(t_device, extras["amp_dtype"]):
             p = teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device)).logits
-            lb = teacher_balance_loss(teacher, cfg.sar_beta) / len(micro)
+            lb = teacher_balance_loss(teacher, cfg.sar_beta) / n_micro
         kl = kl_per_token(p.to(device), q, loss_mask(mb["labels"]), chunk=cfg.kl_chunk).sum() / norm
-        (kl + lb).backward()
+        ((kl + lb) * dist.world).backward()
         logs["router_kl"] += kl.item()
         logs["router_lb"] += lb.item()
     params = router_parameters(teacher)
+    if not extras.get("sharded_teacher"):
+        average_gradients(params, dist)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     extras["router_optimizer"].step()
@@ -1396,47 +1576,55 @@ def lr_at(step: int, *, lr: float, schedule: str, total: int, warmup: int = 0, l
     return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def step_rows(items: list[dict], cfg: Config, step: int, steps_per_epoch: int) -> list[dict]:
+def step_rows(items: list[dict], cfg: Config, step: int, steps_per_epoch: int, world: int = 1) -> list[dict]:
     """The global batch of one optimizer step: a pure function of (seed, step). With --restart-epochs
     every epoch repeats the first epoch's order, as the official loop scripts (same seed, set_epoch(0))."""
     epoch, i = divmod(step, steps_per_epoch)
     order = epoch_order(len(items), seed=cfg.seed, epoch=0 if cfg.restart_epochs else epoch)
-    size = cfg.batch_size * cfg.grad_accum
+    size = cfg.batch_size * world * cfg.grad_accum
     return [items[j] for j in order[i * size:(i + 1) * size]]
 
 
-def micro_batches(rows: list[dict], cfg: Config, pad_id: int) -> list[dict]:
-    return [collate(rows[m * cfg.batch_size:(m + 1) * cfg.batch_size], pad_id) for m in range(cfg.grad_accum)]
-
-
-def loss_norms(micro: list[dict], mode: str) -> list[float]:
-    """Divisor of each micro-batch's token-sum loss. global: all loss tokens of the step (TRL's fix
-    for accumulation, pitfalls #4); micro: own tokens x #micro-batches (mean of micro means)."""
+def loss_norms(micro: list[dict], mode: str, dist: Dist = SINGLE) -> list[float]:
+    """Divisor of each micro-batch's token-sum loss. global: all loss tokens of the step on every rank
+    (TRL's fix for accumulation, pitfalls #4); micro: own tokens x #micro-batches (mean of micro means)."""
     counts = [max(int(loss_mask(mb["labels"]).sum()), 1) for mb in micro]
-    return [float(sum(counts))] * len(micro) if mode == "global" else [c * len(micro) for c in counts]
+    if mode == "global":
+        return [all_reduce_sum([float(sum(counts))], dist)[0]] * len(micro)
+    return [float(c * len(micro) * dist.world) for c in counts]
 
 
 def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimizer, lr: float,
-               extras: dict) -> dict[str, float]:
-    """One optimizer step on a global batch: on-policy samples (gkd/all/ka/sar), SAR's router update,
-    then the student's micro-batches, grad clip and AdamW. Returns summed loss parts and token count."""
-    device, amp_dtype = next(model.parameters()).device, extras["amp_dtype"]
-    if cfg.method in ON_POLICY:
+               extras: dict, *, step: int = 0, dist: Dist = SINGLE) -> dict[str, float]:
+    """One optimizer step on a global batch: this rank's micro-batches, their on-policy samples
+    (gkd/all/ka/sar), SAR's router update, then the student's backward passes, grad clip and AdamW.
+    Returns the loss parts summed over all ranks' micro-batches, and the token count."""
+    device, amp_dtype, student = next(model.parameters()).device, extras["amp_dtype"], unwrap(model)
+    first, per_rank = dist.rank * cfg.grad_accum, cfg.batch_size * cfg.grad_accum
+    mine = rows[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+    if cfg.method in ON_POLICY:  # row i of the global batch samples from its own stream (seed, step, i)
+        seeds = [stream_seed(cfg.seed, step, dist.rank * per_rank + i, "sample") for i in range(len(mine))]
         with autocast(device, amp_dtype):
-            rows = generate_on_policy(model, rows, tokenizer, cfg)
-    micro = micro_batches(rows, cfg, tokenizer.pad_token_id)
-    norms = loss_norms(micro, cfg.loss_norm)
-    logs = sar_router_update(model, teacher, micro, norms, cfg, extras) if cfg.method == "sar" else {}
+            mine = generate_on_policy(student, mine, tokenizer, cfg, seeds)
+    B = cfg.batch_size
+    micro = [collate(mine[m * B:(m + 1) * B], tokenizer.pad_token_id) for m in range(cfg.grad_accum)]
+    norms, n_micro = loss_norms(micro, cfg.loss_norm, dist), len(micro) * dist.world
+    logs = sar_router_update(model, teacher, micro, norms, cfg, extras, step=step, dist=dist) \
+        if cfg.method == "sar" else {}
     updates = cfg.ka_m if cfg.method == "ka" and cfg.ka_updates == "each" else 1
     for group in optimizer.param_groups:
         group["lr"] = lr
-    for _ in range(updates):
+    for u in range(updates):
         model.train()
-        for mb, norm in zip(micro, norms):
+        for m, (mb, norm) in enumerate(zip(micro, norms)):
             mb = {k: v.to(device) for k, v in mb.items()}
-            with autocast(device, amp_dtype):
-                parts = METHOD_STEPS[cfg.method](model, teacher, mb, cfg, norm=norm, n_micro=len(micro), extras=extras)
-            parts["loss"].backward()
+            torch.manual_seed(stream_seed(cfg.seed, step, first + m, f"train{u}"))  # gate noise, dropout
+            if "generator" in extras:
+                extras["generator"].manual_seed(stream_seed(cfg.seed, step, first + m, f"ka{u}"))
+            last = m == len(micro) - 1  # DDP all-reduces the gradients in the last backward only
+            with autocast(device, amp_dtype), (contextlib.nullcontext() if last or dist.world == 1 else model.no_sync()):
+                parts = METHOD_STEPS[cfg.method](model, teacher, mb, cfg, norm=norm, n_micro=n_micro, extras=extras)
+                (parts["loss"] * dist.world).backward()  # DDP averages over ranks: x world makes it the sum
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / updates
         if cfg.grad_clip > 0:
@@ -1444,15 +1632,18 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     logs["tokens"] = float(sum(int(mb["attention_mask"].sum()) for mb in micro))
-    return logs
+    return dict(zip(sorted(logs), all_reduce_sum([logs[k] for k in sorted(logs)], dist)))
 
 
 ROUTERS_FILE = "teacher_routers.safetensors"
 
 
 def router_state_dict(teacher: nn.Module) -> dict[str, torch.Tensor]:
+    """The teacher's router parameters, full tensors on the CPU. On an FSDP2-sharded teacher this
+    gathers the shards: every rank must call it."""
     ids = {id(p) for p in router_parameters(teacher)}
-    return {name: p.detach().contiguous().cpu() for name, p in teacher.named_parameters() if id(p) in ids}
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731 (DTensor shards)
+    return {name: full(p.detach()).contiguous().cpu() for name, p in teacher.named_parameters() if id(p) in ids}
 
 
 def load_routers(teacher: nn.Module, path: str | Path) -> None:
@@ -1470,24 +1661,23 @@ def load_routers(teacher: nn.Module, path: str | Path) -> None:
     load_state_dict_strict(teacher, iter(tensors.items()), where=str(path), partial=True)
 
 
-def save_run_model(directory: Path, model, tokenizer, teacher, cfg: Config) -> None:
+def save_run_model(directory: Path, model, tokenizer, routers: dict[str, torch.Tensor] | None) -> None:
     """A student directory load_model reads; SAR runs add the trained teacher routers beside it."""
     save_model(model, tokenizer, directory)
-    if cfg.method == "sar":
+    if routers is not None:
         from safetensors.torch import save_file
-        save_file(router_state_dict(teacher), directory / ROUTERS_FILE)
+        save_file(routers, directory / ROUTERS_FILE)
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, teacher, cfg: Config, state: dict) -> None:
-    """checkpoints/step-N (model, routers, trainer state), then the `latest` pointer, both atomic."""
+def save_checkpoint(out: Path, step: int, model, tokenizer, routers, state: dict) -> None:
+    """checkpoints/step-N (model, routers, trainer state), then the `latest` pointer, both atomic.
+    No RNG state: every random draw of a step is seeded from (seed, step, micro-batch)."""
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step}"
     def write(tmp: Path) -> None:
-        save_run_model(tmp, model, tokenizer, teacher, cfg)
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save({"step": step, "rng": rng, **state}, tmp / "trainer_state.pt")
+        save_run_model(tmp, model, tokenizer, routers)
+        torch.save({"step": step, **state}, tmp / "trainer_state.pt")
     write_atomically(ckpt_root / name, write)
     pointer = ckpt_root / "latest.tmp"
     pointer.write_text(name + "\n")
@@ -1502,41 +1692,52 @@ def latest_checkpoint(out: Path) -> Path | None:
     return out / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
 
 
-def method_extras(cfg: Config, teacher, amp_dtype: torch.dtype) -> dict:
+def method_extras(cfg: Config, teacher, amp_dtype: torch.dtype, *, sharded_teacher: bool = False) -> dict:
     """Per-method training state beside the student's optimizer: SAR's router AdamW (constant LR, same
-    weight decay and clip as the student's), KA's expert-sampling generator."""
-    extras: dict[str, Any] = {"amp_dtype": amp_dtype}
+    weight decay and clip as the student's), KA's expert-sampling generator (seeded per micro-batch)."""
+    extras: dict[str, Any] = {"amp_dtype": amp_dtype, "sharded_teacher": sharded_teacher}
     if cfg.method == "sar":
         extras["router_optimizer"] = torch.optim.AdamW(param_groups(teacher, cfg.weight_decay), lr=cfg.router_lr)
     if cfg.method == "ka":
-        device = next(teacher.parameters()).device
-        extras["generator"] = torch.Generator(device=device).manual_seed(cfg.seed)
+        extras["generator"] = torch.Generator(device=next(teacher.parameters()).device)
     return extras
+
+
+def router_optimizer_state(teacher: nn.Module, optimizer) -> dict:
+    """The router AdamW's state keyed by parameter name with full tensors, so a checkpoint resumes on
+    any number of ranks, teacher sharded or not (a collective on a sharded teacher)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(teacher, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_router_optimizer_state(teacher: nn.Module, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(teacher, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, train_items: list[dict],
           dev_items: list[dict], *, out: Path, device: torch.device, amp_dtype: torch.dtype,
-          state: dict | None = None) -> dict:
-    global_batch = cfg.batch_size * cfg.grad_accum
+          state: dict | None = None, dist: Dist = SINGLE) -> dict:
+    """The optimizer steps of a run. Under torchrun `model` is DDP-wrapped; rank 0 alone logs,
+    evaluates and saves (the others wait at a barrier) and the returned metrics are rank 0's."""
+    global_batch = cfg.batch_size * dist.world * cfg.grad_accum
     steps_per_epoch = len(train_items) // global_batch
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    extras = method_extras(cfg, teacher, amp_dtype)
+    student = unwrap(model)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    extras = method_extras(cfg, teacher, amp_dtype, sharded_teacher=cfg.shard_teacher)
     start, best, history, window, window_steps = 0, -math.inf, [], {}, 0
     if state is not None:  # `window` holds the loss sums since the last log line
         optimizer.load_state_dict(state["optimizer"])
         start, best, history = state["step"], state["best_rougeL"], state["history"]
         window, window_steps = state["window"], state["window_steps"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if "router_optimizer" in extras:
-            extras["router_optimizer"].load_state_dict(state["router_optimizer"])
-        if "generator" in extras:
-            extras["generator"].set_state(state["generator"])
-    print(f"train: {len(train_items)} examples, global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} "
-          f"accumulation), {steps_per_epoch} steps/epoch, {total} steps, lr {cfg.lr:g} {cfg.lr_schedule}")
-    log = (out / "log.txt").open("a")
+            load_router_optimizer_state(teacher, extras["router_optimizer"], state["router_optimizer"])
+    say = print if dist.main else (lambda *a, **k: None)
+    say(f"train: {len(train_items)} examples, global batch {global_batch} ({cfg.batch_size} x {dist.world} device(s) "
+        f"x {cfg.grad_accum} accumulation), {steps_per_epoch} steps/epoch, {total} steps, lr {cfg.lr:g} {cfg.lr_schedule}")
+    log = (out / "log.txt").open("a") if dist.main else None
+    routers = lambda: router_state_dict(teacher) if cfg.method == "sar" else None  # noqa: E731 (all ranks call it)
     busy = 0.0  # seconds of training work since the last log line
     step = start
     for step in range(start, total):
@@ -1545,8 +1746,8 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             for opt in [optimizer] + ([extras["router_optimizer"]] if "router_optimizer" in extras else []):
                 opt.state.clear()  # each official loop epoch is a fresh job with a fresh optimizer
         lr = lr_at(step, lr=cfg.lr, schedule=cfg.lr_schedule, total=total, warmup=cfg.warmup_steps, lr_min=cfg.lr_min)
-        logs = train_step(cfg, model, teacher, tokenizer, step_rows(train_items, cfg, step, steps_per_epoch),
-                          optimizer, lr, extras)
+        logs = train_step(cfg, model, teacher, tokenizer, step_rows(train_items, cfg, step, steps_per_epoch, dist.world),
+                          optimizer, lr, extras, step=step, dist=dist)
         for k, v in logs.items():
             window[k] = window.get(k, 0.0) + v
         done, window_steps, busy = step + 1, window_steps + 1, busy + time.perf_counter() - t0
@@ -1555,41 +1756,51 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             parts_txt = " | ".join(f"{k} {window[k] / n:.4f}" for k in sorted(window, key=lambda k: k != "loss"))
             line = (f"step {done}/{total} | epoch {step // steps_per_epoch + 1} | {parts_txt} | lr {lr:.2e} | "
                     f"{tokens / busy:.0f} tok/s | {1000 * busy / n:.0f} ms")
-            print(line)
-            log.write(line + "\n")
-            log.flush()
+            say(line)
+            if log:
+                log.write(line + "\n")
+                log.flush()
             history.append({"step": done, **{k: v / n for k, v in window.items()}})
             window, window_steps, busy = {}, 0, 0.0
         epoch_end = done % steps_per_epoch == 0 or done == total
         if epoch_end and cfg.dev_eval:
-            metrics = evaluate_dev(model, tokenizer, dev_items, cfg, device=device, amp_dtype=amp_dtype)
-            line = f"dev step {done} | dev_loss {metrics['dev_loss']:.4f} | dev_rougeL {metrics['dev_rougeL']:.2f}"
-            print(line)
-            log.write(line + "\n")
-            history.append({"step": done, **metrics})
-            if metrics["dev_rougeL"] > best:  # spec §6: keep the best dev ROUGE-L model
-                best = metrics["dev_rougeL"]
-                write_atomically(out / "best_rougeL", lambda d: save_run_model(d, model, tokenizer, teacher, cfg))
+            if dist.main:
+                metrics = evaluate_dev(student, tokenizer, dev_items, cfg, device=device, amp_dtype=amp_dtype)
+                line = f"dev step {done} | dev_loss {metrics['dev_loss']:.4f} | dev_rougeL {metrics['dev_rougeL']:.2f}"
+                say(line)
+                log.write(line + "\n")
+                history.append({"step": done, **metrics})
+            improved = all_reduce_sum([float(dist.main and metrics["dev_rougeL"] > best)], dist)[0] > 0
+            if improved:  # spec §6: keep the best dev ROUGE-L model
+                weights = routers()
+                if dist.main:
+                    best = metrics["dev_rougeL"]
+                    write_atomically(out / "best_rougeL", lambda d: save_run_model(d, student, tokenizer, weights))
         stopping = cfg.stop_after is not None and done - start >= cfg.stop_after
         if epoch_end or stopping or done == total or (cfg.save_every and done % cfg.save_every == 0):
             state = {"optimizer": optimizer.state_dict(), "best_rougeL": best, "history": history,
                      "window": window, "window_steps": window_steps}
             if "router_optimizer" in extras:
-                state["router_optimizer"] = extras["router_optimizer"].state_dict()
-            if "generator" in extras:
-                state["generator"] = extras["generator"].get_state()
-            save_checkpoint(out, done, model, tokenizer, teacher, cfg, state)
+                state["router_optimizer"] = router_optimizer_state(teacher, extras["router_optimizer"])
+            weights = routers()
+            if dist.main:
+                save_checkpoint(out, done, student, tokenizer, weights, state)
+        barrier(dist)  # nobody runs ahead (or exits) while rank 0 evaluates or writes
         if stopping and done < total:
-            print(f"stopped after {cfg.stop_after} steps at step {done}/{total}; continue with --resume")
+            say(f"stopped after {cfg.stop_after} steps at step {done}/{total}; continue with --resume")
             break
-    log.close()
+    if log:
+        log.close()
     finished = step + 1 >= total
     if finished:
-        write_atomically(out / "final", lambda d: save_run_model(d, model, tokenizer, teacher, cfg))
+        weights = routers()
+        if dist.main:
+            write_atomically(out / "final", lambda d: save_run_model(d, student, tokenizer, weights))
     dev = [h for h in history if "dev_rougeL" in h]
     result = {"out": str(out), "step": step + 1 if total else 0, "total_steps": total, "finished": finished,
               "best_rougeL": best if dev else None, "history": history, **(dev[-1] if dev else {})}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if dist.main:
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -1612,12 +1823,31 @@ def prepare_out_dir(cfg: Config) -> tuple[Path, dict | None]:
     return out, None
 
 
-def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.dtype) -> nn.Module | None:
+def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.dtype, *,
+                  device: torch.device | None = None, routers: list[str | Path] = (), dist: Dist = SINGLE) -> nn.Module | None:
     """Load and check the teacher: frozen, in the compute dtype (bf16 on GPU); SAR unfreezes the routers
-    and keeps them in fp32 so small updates (LR 1e-6) are not lost to bf16 rounding."""
+    and keeps them in fp32 so small updates (LR 1e-6) are not lost to bf16 rounding. `routers` (files or
+    run dirs) are loaded in order. --shard-teacher: the ranks read the teacher into CPU memory one after
+    another and FSDP2 keeps 1/world of it on each rank's device."""
     if cfg.method == "sft":
         return None
-    device = resolve_device(cfg.teacher_device or cfg.device)
+    device = device or resolve_device(cfg.device)
+    if cfg.shard_teacher:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (dist.world,))
+        for r in range(dist.world):  # one full host copy at a time
+            if r == dist.rank:
+                teacher = _prepared_teacher(cfg, student, tokenizer, amp_dtype, torch.device("cpu"), routers)
+                if device.type != "cpu" and type(teacher)._can_set_experts_implementation():
+                    teacher.set_experts_implementation("grouped_mm")  # load_model chose eager for the CPU
+                shard_teacher(teacher, mesh, separate_routers=cfg.method == "sar")
+            barrier(dist)
+        return teacher
+    t_device = torch.device(cfg.teacher_device) if cfg.teacher_device else device
+    return _prepared_teacher(cfg, student, tokenizer, amp_dtype, t_device, routers)
+
+
+def _prepared_teacher(cfg, student, tokenizer, amp_dtype, device, routers) -> nn.Module:
     teacher = load_model(cfg.teacher, device=device, dtype=amp_dtype, what="--teacher")
     check_teacher(teacher, student, load_tokenizer(cfg.teacher, what="--teacher"), tokenizer, cfg)
     teacher.requires_grad_(False)
@@ -1625,8 +1855,8 @@ def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.d
         for p in router_parameters(teacher):
             p.data = p.data.float()
             p.requires_grad_(True)
-    if cfg.teacher_routers:
-        load_routers(teacher, cfg.teacher_routers)
+    for path in routers:
+        load_routers(teacher, path)
     return teacher
 
 
@@ -1648,46 +1878,73 @@ def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_t
                 raise MoekdError(f"{flag} {k} is outside [1, {E}] (the teacher has {E} experts)")
 
 
-RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny"}
+# Flags a --resume may change. The device count and its split (batch size, accumulation) may change
+# too, as long as the global batch stays the same.
+RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny",
+                     "dist_timeout", "batch_size", "grad_accum", "global_batch_size", "shard_teacher"}
+
+
+def check_resume_config(cfg: Config, saved: dict, world: int) -> None:
+    for key, value in dataclasses.asdict(cfg).items():
+        if key not in RESUME_MAY_CHANGE and saved.get(key) != value:
+            raise MoekdError(f"--{key.replace('_', '-')}={value!r} differs from the run being resumed "
+                             f"({saved.get(key)!r}); --resume continues with the run's config")
+    was = saved["batch_size"] * saved.get("world_size", 1) * saved["grad_accum"]
+    now = cfg.batch_size * world * cfg.grad_accum
+    if now != was:
+        raise MoekdError(f"global batch {now} ({cfg.batch_size} x {world} device(s) x {cfg.grad_accum}) differs from "
+                         f"the run being resumed ({was}); change --batch-size/--grad-accum to keep it")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run one training job; returns its metrics. Raises MoekdError on bad input."""
+    """Run one training job (one process of a torchrun launch); returns its metrics.
+    Raises MoekdError on bad input."""
     cfg = parse_config(argv)
+    dist, device = init_distributed(cfg)
+    try:
+        return _main(cfg, dist, device)
+    finally:
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
+    split_global_batch(cfg, dist.world)
     out, state = prepare_out_dir(cfg)
+    barrier(dist)  # every rank has looked at --out before rank 0 writes to it
     if state is not None:  # the run's own config wins; only invocation flags may change
-        saved = json.loads((out / "run.json").read_text())
-        for key, value in dataclasses.asdict(cfg).items():
-            if key not in RESUME_MAY_CHANGE and saved.get(key) != value:
-                raise MoekdError(f"--{key.replace('_', '-')}={value!r} differs from the run being resumed "
-                                 f"({saved.get(key)!r}); --resume continues with the run's config")
-    device = resolve_device(cfg.device)
+        check_resume_config(cfg, json.loads((out / "run.json").read_text()), dist.world)
+    if cfg.method == "sft" and cfg.shard_teacher:
+        raise MoekdError("--shard-teacher: --method sft has no teacher")
     amp_dtype = resolve_dtype(cfg.dtype, device)
     train_examples, dev_examples = load_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    source = str(latest_checkpoint(out)) if state is not None else cfg.model
-    model = load_model(source, device=device, dtype=torch.float32)  # fp32 master weights
-    teacher = setup_teacher(cfg, model, tokenizer, amp_dtype)
-    if state is not None and cfg.method == "sar":
-        load_routers(teacher, latest_checkpoint(out))
+    ckpt = latest_checkpoint(out) if state is not None else None
+    model = load_model(str(ckpt or cfg.model), device=device, dtype=torch.float32)  # fp32 master weights
+    routers = [p for p in (cfg.teacher_routers, ckpt if cfg.method == "sar" else None) if p]
+    teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist)
     train_items = tokenize_examples(tokenizer, train_examples, cfg, name="train")
     dev_items = tokenize_examples(tokenizer, dev_examples, cfg, name="dev")
-    if len(train_items) < cfg.batch_size * cfg.grad_accum:
+    global_batch = cfg.batch_size * dist.world * cfg.grad_accum
+    if len(train_items) < global_batch:
         raise MoekdError(f"--data {cfg.data}: {len(train_items)} training examples, fewer than one global "
-                         f"batch ({cfg.batch_size} x {cfg.grad_accum})")
-    if state is None:
+                         f"batch ({cfg.batch_size} x {dist.world} device(s) x {cfg.grad_accum})")
+    if state is None and dist.main:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        torch.manual_seed(cfg.seed)
+        (out / "run.json").write_text(json.dumps({**dataclasses.asdict(cfg), "world_size": dist.world}, indent=2) + "\n")
+    barrier(dist)
     describe = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params{', MoE' if is_moe(m) else ''}"  # noqa: E731
-    print(f"{cfg.method}: model {cfg.model} ({describe(model)})"
-          + (f", teacher {cfg.teacher} ({describe(teacher)})" if teacher is not None else "")
-          + f" on {device}, {str(amp_dtype).removeprefix('torch.')}, out {out}")
-    result = train(cfg, model, teacher, tokenizer, train_items, dev_items, out=out, device=device,
-                   amp_dtype=amp_dtype, state=state)
-    if result.get("best_rougeL") is not None:
+    if dist.main:
+        print(f"{cfg.method}: model {cfg.model} ({describe(model)})"
+              + (f", teacher {cfg.teacher} ({describe(teacher)}{', sharded' if cfg.shard_teacher else ''})"
+                 if teacher is not None else "")
+              + f" on {device}{f' x {dist.world} ranks' if dist.world > 1 else ''}, "
+              f"{str(amp_dtype).removeprefix('torch.')}, out {out}")
+    result = train(cfg, wrap_student(model, dist, device), teacher, tokenizer, train_items, dev_items, out=out,
+                   device=device, amp_dtype=amp_dtype, state=state, dist=dist)
+    if result.get("best_rougeL") is not None and dist.main:
         print(f"done: dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | "
               f"best dev_rougeL {result['best_rougeL']:.2f} -> {out / 'best_rougeL'}")
     return result

@@ -1278,3 +1278,117 @@ def test_ka_mean_of_m_kls_is_one_fused_kl():
     (g_pre,) = torch.autograd.grad(precomputed.sum(), s)
     assert_close(precomputed, looped)
     assert_close(g_pre, g_looped)
+
+
+# ----------------------------------------------------------------------------
+# Distributed (torchrun): the split of a global batch over ranks does not change a run
+
+def test_stream_seeds_are_distinct_and_reproducible():
+    seeds = {moekd.stream_seed(10, step, i, s) for step in range(3) for i in range(8) for s in ("sample", "train0")}
+    assert len(seeds) == 48 and all(0 <= x < 2**63 for x in seeds)
+    assert moekd.stream_seed(10, 2, 5, "sample") == moekd.stream_seed(10, 2, 5, "sample")
+
+
+def test_split_global_batch():
+    cfg = moekd.Config(batch_size=4, global_batch_size=16)
+    assert cfg.grad_accum is None and moekd.split_global_batch(cfg, 2) == 16 and cfg.grad_accum == 2
+    assert moekd.split_global_batch(moekd.Config(batch_size=4, grad_accum=3), 2) == 24
+    with pytest.raises(moekd.MoekdError, match="--global-batch-size 16 is not a multiple of --batch-size 4 x 3"):
+        moekd.split_global_batch(moekd.Config(batch_size=4, global_batch_size=16), 3)
+    with pytest.raises(moekd.MoekdError, match="--grad-accum 1 contradicts --global-batch-size 16"):
+        moekd.split_global_batch(moekd.Config(batch_size=4, grad_accum=1, global_batch_size=16), 2)
+
+
+def test_row_seeded_samples_do_not_depend_on_the_batch(student, tokenizer):
+    """A row's on-policy sample is a function of its seed: alone, or batched (left-padded) with a longer
+    prompt, it is the same; another seed gives another sample."""
+    prompts, seeds = [[5, 6, 7, 8, 9, 10], [11, 12]], [123, 456]
+    kw = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=12)
+    together = moekd.sample_tokens(student, prompts, batch_size=2, seeds=seeds, **kw)
+    alone = [moekd.sample_tokens(student, [p], batch_size=1, seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    cut = lambda row: moekd.response_through_eos(row, tokenizer.eos_token_id)  # noqa: E731 (pads after EOS)
+    assert [cut(r) for r in together] == [cut(r) for r in alone]
+    assert moekd.sample_tokens(student, prompts[1:], batch_size=1, seeds=[789], **kw) != alone[1:]
+
+
+def test_row_seeded_sampler_draws_from_the_softmax():
+    """Gumbel-max: the argmax of logits + noise is distributed as softmax(logits)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]).expand(4000, 5)
+    sampler = moekd.RowSeededSampler(list(range(4000)), torch.device("cpu"))
+    counts = torch.bincount(sampler(None, logits).argmax(-1), minlength=5).float()
+    expected = torch.softmax(logits[0], -1) * 4000
+    assert ((counts - expected) ** 2 / expected).sum() < 18.5  # chi-square, 4 dof, p = 0.001
+
+
+def test_launch_errors(tmp_path, monkeypatch):
+    with pytest.raises(moekd.MoekdError, match="--shard-teacher needs several processes"):
+        moekd.main(run_args(tmp_path / "run", "gkd", "--shard-teacher"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(moekd.MoekdError, match="--device cpu:0: under torchrun every rank picks its own device"):
+        moekd.main(run_args(tmp_path / "run", "gkd", "--device", "cpu:0"))
+    with pytest.raises(moekd.MoekdError, match="--teacher-device cpu:0: under torchrun the teacher lives"):
+        moekd.main(run_args(tmp_path / "run", "gkd", "--teacher-device", "cpu:0"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_keeps_the_global_batch(tmp_path):
+    moekd.main(run_args(tmp_path / "run", "gkd", "--stop-after", "1"))
+    with pytest.raises(moekd.MoekdError, match=r"global batch 8 \(4 x 1 device\(s\) x 2\) differs .* \(4\)"):
+        moekd.main(run_args(tmp_path / "run", "gkd", "--resume", "--grad-accum", "2"))
+    result = moekd.main(run_args(tmp_path / "run", "gkd", "--resume", "--batch-size", "2", "--grad-accum", "2"))
+    assert result["finished"]
+
+
+def torchrun(*args: str, nproc: int = 2) -> None:
+    """Run moekd.py under torchrun on CPU (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "moekd.py"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def assert_same_run(a: Path, b: Path, method: str) -> None:
+    """Same trained weights (and SAR routers) and the same logged losses, to float tolerance."""
+    for name in ["model.safetensors"] + ([moekd.ROUTERS_FILE] if method == "sar" else []):
+        x, y = load_file(a / "final" / name), load_file(b / "final" / name)
+        assert x.keys() == y.keys()
+        for k in x:
+            assert_close(x[k], y[k], msg=f"{name}: {k}")
+    ha, hb = (json.loads((d / "metrics.json").read_text())["history"] for d in (a, b))
+    assert [h.keys() for h in ha] == [h.keys() for h in hb]
+    for x, y in zip(ha, hb):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method,extra", [
+    ("sft", ["--model", str(TINY)]),  # an MoE student: DDP with experts that may get no tokens, gate noise
+    ("gkd", []), ("ka", ["--ka-lambda", "0"]), ("ka", ["--ka-lambda", "0.5"]),
+    ("sar", ["--router-lr", "1e-2"]),
+    ("gkd", ["--shard-teacher"]), ("sar", ["--router-lr", "1e-2", "--shard-teacher"])],
+    ids=["sft-moe", "gkd", "ka-0", "ka-0.5", "sar", "gkd-sharded", "sar-sharded"])
+def test_two_ranks_match_one_process(tmp_path, method, extra):
+    """torchrun 2 ranks x micro-batch 4 == 1 process x micro-batch 4 x 2 accumulation (global batch 8)."""
+    torchrun(*run_args(tmp_path / "two", method, *extra))
+    single = [e for e in extra if e != "--shard-teacher"]
+    moekd.main(run_args(tmp_path / "one", method, "--grad-accum", "2", *single))
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    assert_same_run(tmp_path / "two", tmp_path / "one", method)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("shard", [[], ["--shard-teacher"]], ids=["replicated", "sharded"])
+def test_resume_across_world_sizes(tmp_path, shard):
+    """SAR (student and router optimizers) stopped after 2 of 4 steps on 2 ranks, resumed on 2 ranks
+    and on 1 process, ends where an uninterrupted 1-process run ends."""
+    args = lambda out, *e: run_args(out, "sar", "--router-lr", "1e-2", "--synthetic-train", "32",  # noqa: E731
+                                    "--max-steps", "4", *e)
+    moekd.main(args(tmp_path / "whole", "--grad-accum", "2"))
+    torchrun(*args(tmp_path / "two", "--stop-after", "2", *shard))
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    torchrun(*args(tmp_path / "two", "--resume", *shard))
+    moekd.main(args(tmp_path / "one", "--resume", "--grad-accum", "2"))
+    assert_same_run(tmp_path / "two", tmp_path / "whole", "sar")
+    assert_same_run(tmp_path / "one", tmp_path / "whole", "sar")
