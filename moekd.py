@@ -118,6 +118,8 @@ class Config:
     teacher_device: str | None = field(default=None, metadata={"help": "device of the teacher (default --device)"})
     shard_teacher: bool = field(default=False, metadata={
         "help": "torchrun: shard the teacher over all ranks with FSDP2 instead of a full copy per rank"})
+    shard_student: bool = field(default=False, metadata={
+        "help": "torchrun: shard the student (weights, gradients, AdamW state) with FSDP2 instead of DDP"})
     dist_timeout: int = field(default=60, metadata={
         "help": "torchrun: minutes a rank waits in a collective (rank 0 evaluates and saves while the others wait)"})
     restart_epochs: bool | None = field(default=None, metadata={
@@ -872,8 +874,10 @@ def load_tokenizer(name_or_path: str, *, what: str = "--model"):
     return tokenizer
 
 
-def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
-    """save_pretrained-style output in `directory` (safetensors); load_model reads it back."""
+def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes: int = 5 * 2**30,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """save_pretrained-style output in `directory` (safetensors); load_model reads it back.
+    `state_dict`: the weights to write instead of the model's own (a sharded model's gathered copy)."""
     directory.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -882,7 +886,7 @@ def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes:
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a bar per checkpoint of a tiny model is noise
         try:
-            model.save_pretrained(directory)
+            model.save_pretrained(directory, state_dict=state_dict)
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
@@ -892,7 +896,7 @@ def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes:
     c.update(model_type="llama_moe", architectures=["LlamaMoEForCausalLM"],
              torch_dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
     (directory / "config.json").write_text(json.dumps(c, indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     shards, current, size = [], {}, 0
     for key, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -1180,6 +1184,12 @@ def rouge_l(prediction: str, references: list[str]) -> float:
 _rouge_scorer_cache: dict = {}
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Is this an FSDP2 (fully_shard) model, whose forward is a collective over all ranks?"""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
 class RowSeededSampler:
     """A transformers logits processor that turns greedy decoding into exact ancestral sampling with
     one random stream per row: argmax(logits + Gumbel noise) is a draw from softmax(logits) (the
@@ -1202,7 +1212,8 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
     """Sampled continuations of token-id prompts, left-padded in batches: top_k 0, top_p 1,
     temperature 1 (the paper's sampling), pure ancestral sampling, from the global torch RNG or, with
     `seeds` (one per prompt), from per-row streams (RowSeededSampler). The model's own
-    generation_config (e.g. a checkpoint's temperature 0.6) is not consulted."""
+    generation_config (e.g. a checkpoint's temperature 0.6) is not consulted. An FSDP-sharded model
+    needs every rank in each forward, so its ranks keep stepping until all are done (synced_gpus)."""
     from tqdm import tqdm
     from transformers import GenerationConfig, LogitsProcessorList
     sampling = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0) if seeds is None else dict(do_sample=False)
@@ -1216,7 +1227,7 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
         batch = {k: v.to(device) for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
         extra = {} if seeds is None else {"logits_processor": LogitsProcessorList(
             [RowSeededSampler(seeds[start:start + batch_size], device)])}
-        sequences = model.generate(**batch, generation_config=config, **extra)
+        sequences = model.generate(**batch, generation_config=config, synced_gpus=is_sharded(model), **extra)
         out.extend(sequences[:, batch["input_ids"].shape[1]:].tolist())
     model.train(was_training)
     return out
@@ -1337,8 +1348,10 @@ def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
     without torchrun, a single process on --device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        if cfg.shard_teacher:
-            raise MoekdError("--shard-teacher needs several processes: launch with torchrun --nproc_per_node N")
+        for flag in ("shard_teacher", "shard_student"):
+            if getattr(cfg, flag):
+                raise MoekdError(f"--{flag.replace('_', '-')} needs several processes: launch with torchrun "
+                                 f"--nproc_per_node N")
         return SINGLE, resolve_device(cfg.device)
     dist = Dist(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
     device = resolve_device(cfg.device)
@@ -1397,30 +1410,59 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def wrap_student(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
-    """DDP over the student. An MoE student may leave experts without tokens in a micro-batch, so DDP
-    must look for unused parameters; the ranks load identical weights, so buffers need no broadcast."""
+def wrap_student(model: nn.Module, cfg: Config, dist: Dist, device: torch.device, mesh=None) -> nn.Module:
+    """DDP over the student, or FSDP2 with --shard-student. An MoE student may leave experts without
+    tokens in a micro-batch, so DDP must look for unused parameters; the ranks load identical weights,
+    so buffers need no syncing during training."""
     if dist.world == 1:
         return model
+    if cfg.shard_student:
+        return shard_model(model, mesh)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    find_unused_parameters=is_moe(model), forward_sync_buffers=False)
 
 
-def shard_teacher(teacher: nn.Module, mesh, *, separate_routers: bool) -> nn.Module:
-    """FSDP2 over the teacher: each decoder layer is one sharded unit (gathered for its forward, freed
-    after), embeddings and head the root's; parameters move to the mesh's device. SAR's routers stay
-    fp32 in a bf16 teacher and FSDP2 gathers one dtype per unit, so they get units of their own."""
+def shard_model(model: nn.Module, mesh, separate: list[nn.Module] = ()) -> nn.Module:
+    """FSDP2 over a causal LM: each decoder layer is one sharded unit (gathered for its forward, freed
+    after), embeddings and head the root's; parameters move to the mesh's device. `separate` modules get
+    units of their own: FSDP2 gathers one dtype per unit, and SAR keeps fp32 routers in a bf16 teacher."""
     from torch.distributed.fsdp import fully_shard
-    layers = getattr(getattr(teacher, "model", None), "layers", None)
+    layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
-        raise MoekdError(f"--shard-teacher: {type(teacher).__name__} has no model.layers to shard")
-    if separate_routers:
-        for router in moe_routers(teacher):
-            fully_shard(router, mesh=mesh)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(teacher, mesh=mesh)
+        raise MoekdError(f"sharding: {type(model).__name__} has no model.layers to shard")
+    for module in [*separate, *layers]:
+        fully_shard(module, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Gradient all-reduce on (the last micro-batch of a step) or off (the ones before): DDP's no_sync(),
+    FSDP2's set_requires_gradient_sync(); nothing to do in a single process."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+    elif not enabled and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a (possibly sharded) model as full CPU tensors on rank 0, empty elsewhere; a
+    collective when sharded, so every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    """An optimizer's state keyed by parameter name with full tensors, so a checkpoint resumes on any
+    number of ranks, sharded or not (a collective for a sharded model: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------
@@ -1621,10 +1663,10 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
             torch.manual_seed(stream_seed(cfg.seed, step, first + m, f"train{u}"))  # gate noise, dropout
             if "generator" in extras:
                 extras["generator"].manual_seed(stream_seed(cfg.seed, step, first + m, f"ka{u}"))
-            last = m == len(micro) - 1  # DDP all-reduces the gradients in the last backward only
-            with autocast(device, amp_dtype), (contextlib.nullcontext() if last or dist.world == 1 else model.no_sync()):
+            last = m == len(micro) - 1  # ranks reduce gradients in the last backward only
+            with autocast(device, amp_dtype), gradient_sync(model, last):
                 parts = METHOD_STEPS[cfg.method](model, teacher, mb, cfg, norm=norm, n_micro=n_micro, extras=extras)
-                (parts["loss"] * dist.world).backward()  # DDP averages over ranks: x world makes it the sum
+                (parts["loss"] * dist.world).backward()  # DDP/FSDP average over ranks: x world makes it the sum
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / updates
         if cfg.grad_clip > 0:
@@ -1661,22 +1703,24 @@ def load_routers(teacher: nn.Module, path: str | Path) -> None:
     load_state_dict_strict(teacher, iter(tensors.items()), where=str(path), partial=True)
 
 
-def save_run_model(directory: Path, model, tokenizer, routers: dict[str, torch.Tensor] | None) -> None:
-    """A student directory load_model reads; SAR runs add the trained teacher routers beside it."""
-    save_model(model, tokenizer, directory)
+def save_run_model(directory: Path, model, tokenizer, routers: dict[str, torch.Tensor] | None, *,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A student directory load_model reads (`state_dict`: a sharded student's gathered weights);
+    SAR runs add the trained teacher routers beside it."""
+    save_model(model, tokenizer, directory, state_dict=state_dict)
     if routers is not None:
         from safetensors.torch import save_file
         save_file(routers, directory / ROUTERS_FILE)
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, routers, state: dict) -> None:
+def save_checkpoint(out: Path, step: int, model, tokenizer, weights, routers, state: dict) -> None:
     """checkpoints/step-N (model, routers, trainer state), then the `latest` pointer, both atomic.
     No RNG state: every random draw of a step is seeded from (seed, step, micro-batch)."""
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step}"
     def write(tmp: Path) -> None:
-        save_run_model(tmp, model, tokenizer, routers)
+        save_run_model(tmp, model, tokenizer, routers, state_dict=weights)
         torch.save({"step": step, **state}, tmp / "trainer_state.pt")
     write_atomically(ckpt_root / name, write)
     pointer = ckpt_root / "latest.tmp"
@@ -1703,18 +1747,6 @@ def method_extras(cfg: Config, teacher, amp_dtype: torch.dtype, *, sharded_teach
     return extras
 
 
-def router_optimizer_state(teacher: nn.Module, optimizer) -> dict:
-    """The router AdamW's state keyed by parameter name with full tensors, so a checkpoint resumes on
-    any number of ranks, teacher sharded or not (a collective on a sharded teacher)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(teacher, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_router_optimizer_state(teacher: nn.Module, optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(teacher, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
 def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, train_items: list[dict],
           dev_items: list[dict], *, out: Path, device: torch.device, amp_dtype: torch.dtype,
           state: dict | None = None, dist: Dist = SINGLE) -> dict:
@@ -1728,16 +1760,21 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
     extras = method_extras(cfg, teacher, amp_dtype, sharded_teacher=cfg.shard_teacher)
     start, best, history, window, window_steps = 0, -math.inf, [], {}, 0
     if state is not None:  # `window` holds the loss sums since the last log line
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(student, optimizer, state["optimizer"])
         start, best, history = state["step"], state["best_rougeL"], state["history"]
         window, window_steps = state["window"], state["window_steps"]
         if "router_optimizer" in extras:
-            load_router_optimizer_state(teacher, extras["router_optimizer"], state["router_optimizer"])
+            load_optimizer_state(teacher, extras["router_optimizer"], state["router_optimizer"])
     say = print if dist.main else (lambda *a, **k: None)
     say(f"train: {len(train_items)} examples, global batch {global_batch} ({cfg.batch_size} x {dist.world} device(s) "
         f"x {cfg.grad_accum} accumulation), {steps_per_epoch} steps/epoch, {total} steps, lr {cfg.lr:g} {cfg.lr_schedule}")
     log = (out / "log.txt").open("a") if dist.main else None
-    routers = lambda: router_state_dict(teacher) if cfg.method == "sar" else None  # noqa: E731 (all ranks call it)
+    def snapshot() -> tuple[dict | None, dict | None]:  # student and router weights; every rank calls it
+        return (full_state_dict(student) if is_sharded(student) else None,
+                router_state_dict(teacher) if cfg.method == "sar" else None)
+    def save(directory: Path, weights, routers) -> None:
+        write_atomically(directory, lambda d: save_run_model(d, student, tokenizer, routers, state_dict=weights))
+
     busy = 0.0  # seconds of training work since the last log line
     step = start
     for step in range(start, total):
@@ -1764,27 +1801,28 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             window, window_steps, busy = {}, 0, 0.0
         epoch_end = done % steps_per_epoch == 0 or done == total
         if epoch_end and cfg.dev_eval:
-            if dist.main:
+            if dist.main or is_sharded(student):  # a sharded student's forward needs every rank
                 metrics = evaluate_dev(student, tokenizer, dev_items, cfg, device=device, amp_dtype=amp_dtype)
+            if dist.main:
                 line = f"dev step {done} | dev_loss {metrics['dev_loss']:.4f} | dev_rougeL {metrics['dev_rougeL']:.2f}"
                 say(line)
                 log.write(line + "\n")
                 history.append({"step": done, **metrics})
             improved = all_reduce_sum([float(dist.main and metrics["dev_rougeL"] > best)], dist)[0] > 0
             if improved:  # spec §6: keep the best dev ROUGE-L model
-                weights = routers()
+                weights, routers = snapshot()
                 if dist.main:
                     best = metrics["dev_rougeL"]
-                    write_atomically(out / "best_rougeL", lambda d: save_run_model(d, student, tokenizer, weights))
+                    save(out / "best_rougeL", weights, routers)
         stopping = cfg.stop_after is not None and done - start >= cfg.stop_after
         if epoch_end or stopping or done == total or (cfg.save_every and done % cfg.save_every == 0):
-            state = {"optimizer": optimizer.state_dict(), "best_rougeL": best, "history": history,
+            state = {"optimizer": optimizer_state(student, optimizer), "best_rougeL": best, "history": history,
                      "window": window, "window_steps": window_steps}
             if "router_optimizer" in extras:
-                state["router_optimizer"] = router_optimizer_state(teacher, extras["router_optimizer"])
-            weights = routers()
+                state["router_optimizer"] = optimizer_state(teacher, extras["router_optimizer"])
+            weights, routers = snapshot()
             if dist.main:
-                save_checkpoint(out, done, student, tokenizer, weights, state)
+                save_checkpoint(out, done, student, tokenizer, weights, routers, state)
         barrier(dist)  # nobody runs ahead (or exits) while rank 0 evaluates or writes
         if stopping and done < total:
             say(f"stopped after {cfg.stop_after} steps at step {done}/{total}; continue with --resume")
@@ -1793,9 +1831,9 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
         log.close()
     finished = step + 1 >= total
     if finished:
-        weights = routers()
+        weights, routers = snapshot()
         if dist.main:
-            write_atomically(out / "final", lambda d: save_run_model(d, student, tokenizer, weights))
+            save(out / "final", weights, routers)
     dev = [h for h in history if "dev_rougeL" in h]
     result = {"out": str(out), "step": step + 1 if total else 0, "total_steps": total, "finished": finished,
               "best_rougeL": best if dev else None, "history": history, **(dev[-1] if dev else {})}
@@ -1824,7 +1862,8 @@ def prepare_out_dir(cfg: Config) -> tuple[Path, dict | None]:
 
 
 def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.dtype, *,
-                  device: torch.device | None = None, routers: list[str | Path] = (), dist: Dist = SINGLE) -> nn.Module | None:
+                  device: torch.device | None = None, routers: list[str | Path] = (), dist: Dist = SINGLE,
+                  mesh=None) -> nn.Module | None:
     """Load and check the teacher: frozen, in the compute dtype (bf16 on GPU); SAR unfreezes the routers
     and keeps them in fp32 so small updates (LR 1e-6) are not lost to bf16 rounding. `routers` (files or
     run dirs) are loaded in order. --shard-teacher: the ranks read the teacher into CPU memory one after
@@ -1833,14 +1872,12 @@ def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.d
         return None
     device = device or resolve_device(cfg.device)
     if cfg.shard_teacher:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (dist.world,))
         for r in range(dist.world):  # one full host copy at a time
             if r == dist.rank:
                 teacher = _prepared_teacher(cfg, student, tokenizer, amp_dtype, torch.device("cpu"), routers)
                 if device.type != "cpu" and type(teacher)._can_set_experts_implementation():
                     teacher.set_experts_implementation("grouped_mm")  # load_model chose eager for the CPU
-                shard_teacher(teacher, mesh, separate_routers=cfg.method == "sar")
+                shard_model(teacher, mesh, separate=moe_routers(teacher) if cfg.method == "sar" else [])
             barrier(dist)
         return teacher
     t_device = torch.device(cfg.teacher_device) if cfg.teacher_device else device
@@ -1881,7 +1918,8 @@ def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_t
 # Flags a --resume may change. The device count and its split (batch size, accumulation) may change
 # too, as long as the global batch stays the same.
 RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny",
-                     "dist_timeout", "batch_size", "grad_accum", "global_batch_size", "shard_teacher"}
+                     "dist_timeout", "batch_size", "grad_accum", "global_batch_size", "shard_teacher",
+                     "shard_student"}
 
 
 def check_resume_config(cfg: Config, saved: dict, world: int) -> None:
@@ -1922,7 +1960,11 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
     ckpt = latest_checkpoint(out) if state is not None else None
     model = load_model(str(ckpt or cfg.model), device=device, dtype=torch.float32)  # fp32 master weights
     routers = [p for p in (cfg.teacher_routers, ckpt if cfg.method == "sar" else None) if p]
-    teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist)
+    mesh = None
+    if cfg.shard_teacher or cfg.shard_student:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (dist.world,))
+    teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist, mesh=mesh)
     train_items = tokenize_examples(tokenizer, train_examples, cfg, name="train")
     dev_items = tokenize_examples(tokenizer, dev_examples, cfg, name="dev")
     global_batch = cfg.batch_size * dist.world * cfg.grad_accum
@@ -1937,12 +1979,12 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
     barrier(dist)
     describe = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params{', MoE' if is_moe(m) else ''}"  # noqa: E731
     if dist.main:
-        print(f"{cfg.method}: model {cfg.model} ({describe(model)})"
+        print(f"{cfg.method}: model {cfg.model} ({describe(model)}{', sharded' if cfg.shard_student else ''})"
               + (f", teacher {cfg.teacher} ({describe(teacher)}{', sharded' if cfg.shard_teacher else ''})"
                  if teacher is not None else "")
               + f" on {device}{f' x {dist.world} ranks' if dist.world > 1 else ''}, "
               f"{str(amp_dtype).removeprefix('torch.')}, out {out}")
-    result = train(cfg, wrap_student(model, dist, device), teacher, tokenizer, train_items, dev_items, out=out,
+    result = train(cfg, wrap_student(model, cfg, dist, device, mesh), teacher, tokenizer, train_items, dev_items, out=out,
                    device=device, amp_dtype=amp_dtype, state=state, dist=dist)
     if result.get("best_rougeL") is not None and dist.main:
         print(f"done: dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | "

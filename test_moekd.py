@@ -1321,8 +1321,9 @@ def test_row_seeded_sampler_draws_from_the_softmax():
 
 
 def test_launch_errors(tmp_path, monkeypatch):
-    with pytest.raises(moekd.MoekdError, match="--shard-teacher needs several processes"):
-        moekd.main(run_args(tmp_path / "run", "gkd", "--shard-teacher"))
+    for flag in ("--shard-teacher", "--shard-student"):
+        with pytest.raises(moekd.MoekdError, match=f"{flag} needs several processes"):
+            moekd.main(run_args(tmp_path / "run", "gkd", flag))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -1367,19 +1368,22 @@ def assert_same_run(a: Path, b: Path, method: str) -> None:
     ("sft", ["--model", str(TINY)]),  # an MoE student: DDP with experts that may get no tokens, gate noise
     ("gkd", []), ("ka", ["--ka-lambda", "0"]), ("ka", ["--ka-lambda", "0.5"]),
     ("sar", ["--router-lr", "1e-2"]),
-    ("gkd", ["--shard-teacher"]), ("sar", ["--router-lr", "1e-2", "--shard-teacher"])],
-    ids=["sft-moe", "gkd", "ka-0", "ka-0.5", "sar", "gkd-sharded", "sar-sharded"])
+    ("gkd", ["--shard-teacher"]), ("sar", ["--router-lr", "1e-2", "--shard-teacher"]),
+    ("sft", ["--model", str(TINY), "--shard-student", "--dev-eval", "--synthetic-dev", "8", "--dev-num", "4"]),
+    ("gkd", ["--shard-student", "--shard-teacher"])],
+    ids=["sft-moe", "gkd", "ka-0", "ka-0.5", "sar", "gkd-sharded-teacher", "sar-sharded-teacher",
+         "sft-moe-sharded-with-dev-eval", "gkd-both-sharded"])
 def test_two_ranks_match_one_process(tmp_path, method, extra):
     """torchrun 2 ranks x micro-batch 4 == 1 process x micro-batch 4 x 2 accumulation (global batch 8)."""
     torchrun(*run_args(tmp_path / "two", method, *extra))
-    single = [e for e in extra if e != "--shard-teacher"]
+    single = [e for e in extra if not e.startswith("--shard")]
     moekd.main(run_args(tmp_path / "one", method, "--grad-accum", "2", *single))
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     assert_same_run(tmp_path / "two", tmp_path / "one", method)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("shard", [[], ["--shard-teacher"]], ids=["replicated", "sharded"])
+@pytest.mark.parametrize("shard", [[], ["--shard-teacher", "--shard-student"]], ids=["ddp", "fsdp"])
 def test_resume_across_world_sizes(tmp_path, shard):
     """SAR (student and router optimizers) stopped after 2 of 4 steps on 2 ranks, resumed on 2 ranks
     and on 1 process, ends where an uninterrupted 1-process run ends."""
