@@ -1227,7 +1227,9 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
         batch = {k: v.to(device) for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
         extra = {} if seeds is None else {"logits_processor": LogitsProcessorList(
             [RowSeededSampler(seeds[start:start + batch_size], device)])}
-        sequences = model.generate(**batch, generation_config=config, synced_gpus=is_sharded(model), **extra)
+        if is_sharded(model):
+            extra["synced_gpus"] = True
+        sequences = model.generate(**batch, generation_config=config, **extra)
         out.extend(sequences[:, batch["input_ids"].shape[1]:].tolist())
     model.train(was_training)
     return out
