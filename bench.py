@@ -2,6 +2,7 @@
 
     python bench.py                      # both sizes, every method, the derived figures; about 10 minutes on 2 cores
     python bench.py --sizes tiny --steps 2 --json bench.json
+    python bench.py --dist               # per-rank memory of torchrun layouts (2 CPU ranks, gloo); about 2 minutes
 
 For each method (sft, kd, gkd, all, ka with M = 1, 2, 4, sar) and size (tiny; realistic-vocab: V = 32000,
 H = 256) it times moekd.train_step on one global batch (median over --steps after --warmup) and, separately,
@@ -12,6 +13,10 @@ allocation on GPU) is its own. Derived figures, with the targets the project hol
   KA cost   = (step(M) - step(1)) / (teacher(M) - teacher(1)), generation left out of both steps  <= 1.10
   KL memory = peak of reverse-KL loss + backward / that of cross-entropy  <= 1.25  (V 32000, B 4, T 512)
   scaling   = step time vs experts N (4, 8, 16) and vs M
+--dist runs moekd.py itself (SAR, all experts, router optimizer: the most state of any method) on both sizes
+as 1 process, 2 DDP ranks with a replicated teacher, 2 ranks with a sharded teacher, and 2 ranks with teacher
+and student sharded, and prints the per-rank memory moekd reports: student weights + gradients, teacher
+weights, optimizer state (each rank's shards) and the peak RSS.
 """
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write every figure to this file")
     p.add_argument("--no-scaling", action="store_true", help="skip the N and M scaling table")
     p.add_argument("--no-kl-memory", action="store_true", help="skip the KL vs CE memory probe")
+    p.add_argument("--dist", action="store_true", help="per-rank memory of torchrun layouts instead of timings")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)        # worker: size,method[,experts]
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # worker: kl | ce
     return p.parse_args(argv)
@@ -231,8 +237,65 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LAYOUTS = [("1 process", 1, []), ("2 ranks: DDP student, replicated teacher", 2, []),
+           ("2 ranks: DDP student, sharded teacher", 2, ["--shard-teacher"]),
+           ("2 ranks: sharded student and teacher", 2, ["--shard-teacher", "--shard-student"])]
+
+
+def model_dirs(size: str, root: Path) -> tuple[Path, Path]:
+    """The bench sizes as model directories moekd.py loads (weights from moekd_init_seed; the tiny
+    tokenizer, whose ids all fit the larger vocabulary)."""
+    spec, tok = SIZES[size], HERE / "tiny_moe"
+    per_layer = ("score_scale_factor", "size_experts")  # tiny_moe's per-layer lists fit only its 3 layers
+    teacher = {**{k: v for k, v in json.loads((tok / "config.json").read_text()).items() if k not in per_layer},
+               **spec["teacher"], "max_position_embeddings": 512,
+               "num_key_value_heads": spec["teacher"]["num_attention_heads"]}
+    student = {**json.loads((tok / "student" / "config.json").read_text()), **spec["student"],
+               "num_key_value_heads": spec["student"]["num_attention_heads"]}
+    dirs = root / f"{size}-teacher", root / f"{size}-student"
+    for d, config in zip(dirs, (teacher, student)):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(config))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (d / name).write_bytes((tok / name).read_bytes())
+    return dirs
+
+
+def dist_memory(sizes: list[str], root: Path) -> list[dict]:
+    rows = []
+    for size in sizes:
+        teacher, student = model_dirs(size, root)
+        for name, nproc, flags in LAYOUTS:
+            out = root / f"run-{size}-{len(rows)}"
+            launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                         f"--nproc_per_node={nproc}"]
+            run = [*launch, str(HERE / "moekd.py"), "--method", "sar", "--model", str(student), "--teacher", str(teacher),
+                   "--data", "synthetic", "--synthetic-train", "16", "--batch-size", "4", "--global-batch-size", "8",
+                   "--max-steps", "2", "--max-prompt-len", str(PROMPT), "--max-len", str(PROMPT + RESPONSE),
+                   "--no-dev-eval", "--device", "cpu", "--out", str(out), *flags]
+            proc = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(run)} failed:\n{proc.stderr[-3000:]}")
+            memory = json.loads((out / "metrics.json").read_text())["memory"]
+            rows.append({"size": size, "layout": name, **memory[0]})
+    return rows
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.dist:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = dist_memory(args.sizes.split(","), Path(tmp))
+        print(f"SAR, global batch 8 x ({PROMPT} prompt + {RESPONSE} response) tokens; MB on rank 0 (CPU, peak RSS "
+              f"includes Python, torch and transformers)")
+        print("| size | layout | student weights + grads | teacher weights | optimizer state | peak RSS |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['size']} | {r['layout']} | {r['student_mb']:.1f} | {r['teacher_mb']:.1f} | "
+                  f"{r['optimizer_mb']:.1f} | {r['peak_mb']:.0f} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"dist_memory": rows}, indent=2) + "\n")
+        return {"dist_memory": rows}
     device = moekd.resolve_device(args.device)
     if args.one:
         size, name, *experts = args.one.split(",")

@@ -1425,17 +1425,19 @@ def wrap_student(model: nn.Module, cfg: Config, dist: Dist, device: torch.device
                                    find_unused_parameters=is_moe(model), forward_sync_buffers=False)
 
 
-def shard_model(model: nn.Module, mesh, separate: list[nn.Module] = ()) -> nn.Module:
+def shard_model(model: nn.Module, mesh, separate: list[nn.Module] = (), *, frozen: bool = False) -> nn.Module:
     """FSDP2 over a causal LM: each decoder layer is one sharded unit (gathered for its forward, freed
     after), embeddings and head the root's; parameters move to the mesh's device. `separate` modules get
-    units of their own: FSDP2 gathers one dtype per unit, and SAR keeps fp32 routers in a bf16 teacher."""
+    units of their own: FSDP2 gathers one dtype per unit, and SAR keeps fp32 routers in a bf16 teacher.
+    FSDP2 keeps the root gathered between forward and backward; a `frozen` model (the teacher) has no
+    backward to wait for, so its root is freed after each forward too."""
     from torch.distributed.fsdp import fully_shard
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise MoekdError(f"sharding: {type(model).__name__} has no model.layers to shard")
     for module in [*separate, *layers]:
         fully_shard(module, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    return fully_shard(model, mesh=mesh, **({"reshard_after_forward": True} if frozen else {}))
 
 
 def gradient_sync(model: nn.Module, enabled: bool):
@@ -1460,6 +1462,32 @@ def optimizer_state(model: nn.Module, optimizer) -> dict:
     number of ranks, sharded or not (a collective for a sharded model: every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def local_mb(tensors) -> float:
+    """MB this rank holds for these tensors (its shard of a sharded one)."""
+    local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None)
+    return sum(t.numel() * t.element_size() for t in local) / 2**20
+
+
+def memory_per_rank(student: nn.Module, teacher: nn.Module | None, optimizers: list, device: torch.device,
+                    dist: Dist) -> list[dict[str, float]]:
+    """Per rank: MB of student weights + gradients, teacher weights, optimizer state (each rank's
+    shards), and the process's peak (CUDA allocation; on CPU the peak RSS, Python and libraries included).
+    Gradients are counted at their full size: they are freed after each step (zero_grad)."""
+    import resource
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    params = [p for p in student.parameters() if p.requires_grad]
+    mine = [2 * local_mb(params) + local_mb(p for p in student.parameters() if not p.requires_grad),
+            local_mb(teacher.parameters()) if teacher is not None else 0.0,
+            local_mb(v for opt in optimizers for st in opt.state.values() for v in st.values() if torch.is_tensor(v)),
+            peak]
+    table = [0.0] * (4 * dist.world)
+    table[4 * dist.rank:4 * dist.rank + 4] = mine
+    table = all_reduce_sum(table, dist)
+    names = ("student_mb", "teacher_mb", "optimizer_mb", "peak_mb")
+    return [dict(zip(names, table[4 * r:4 * r + 4])) for r in range(dist.world)]
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
@@ -1836,9 +1864,14 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
         weights, routers = snapshot()
         if dist.main:
             save(out / "final", weights, routers)
+    optimizers = [optimizer] + ([extras["router_optimizer"]] if "router_optimizer" in extras else [])
+    memory = memory_per_rank(student, teacher, optimizers, device, dist)
+    say("memory per rank (MB): " + "; ".join(
+        f"rank {r}: student {m['student_mb']:.1f} (weights + grads), teacher {m['teacher_mb']:.1f}, "
+        f"optimizer {m['optimizer_mb']:.1f}, peak {m['peak_mb']:.0f}" for r, m in enumerate(memory)))
     dev = [h for h in history if "dev_rougeL" in h]
     result = {"out": str(out), "step": step + 1 if total else 0, "total_steps": total, "finished": finished,
-              "best_rougeL": best if dev else None, "history": history, **(dev[-1] if dev else {})}
+              "best_rougeL": best if dev else None, "history": history, "memory": memory, **(dev[-1] if dev else {})}
     if dist.main:
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -1879,7 +1912,7 @@ def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.d
                 teacher = _prepared_teacher(cfg, student, tokenizer, amp_dtype, torch.device("cpu"), routers)
                 if device.type != "cpu" and type(teacher)._can_set_experts_implementation():
                     teacher.set_experts_implementation("grouped_mm")  # load_model chose eager for the CPU
-                shard_model(teacher, mesh, separate=moe_routers(teacher) if cfg.method == "sar" else [])
+                shard_model(teacher, mesh, separate=moe_routers(teacher) if cfg.method == "sar" else [], frozen=True)
             barrier(dist)
         return teacher
     t_device = torch.device(cfg.teacher_device) if cfg.teacher_device else device
