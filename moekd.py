@@ -125,6 +125,9 @@ class Config:
     restart_epochs: bool | None = field(default=None, metadata={
         "help": "reset the optimizer state and reuse the first epoch's data order every epoch, as the official "
                 "*_loop.sh scripts' 1-epoch jobs (default on for gkd/all/ka/sar)"})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each decoder layer in the backward (the student, and the teacher in SAR's router "
+                "update): activations of one layer instead of all, for about a third more compute"})
     gen_batch_size: int = field(default=16, metadata={"help": "rows per on-policy generate() call"})
     kl_chunk: int = field(default=256, metadata={"help": "tokens per chunk of the exact full-vocabulary KL"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are dropped"})
@@ -928,6 +931,15 @@ def is_moe(model: nn.Module) -> bool:
     return bool(moe_blocks(model))
 
 
+def enable_checkpointing(model: nn.Module, what: str) -> None:
+    """Activation checkpointing of every decoder layer: transformers' own, non-reentrant (so it composes
+    with DDP and FSDP2), and the recomputation replays the RNG state, so gate noise is the same."""
+    try:
+        model.activation_checkpointing_enable()
+    except (ValueError, AttributeError):
+        raise MoekdError(f"--grad-checkpointing: {what} ({type(model).__name__}) does not support it") from None
+
+
 # ----------------------------------------------------------------------------
 # Routing control: one mechanism for every supported MoE teacher (KA sampling, ALL, SAR, k-sweeps)
 
@@ -1604,11 +1616,12 @@ def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg
         with torch.no_grad(), autocast(device, extras["amp_dtype"]):
             q = student(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
         torch.manual_seed(stream_seed(cfg.seed, step, first + m, "router"))  # the gates' noise
-        with moe_routing(teacher, "all"), autocast(t_device, extras["amp_dtype"]):
-            p = teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device)).logits
-            lb = teacher_balance_loss(teacher, cfg.sar_beta) / n_micro
-        kl = kl_per_token(p.to(device), q, loss_mask(mb["labels"]), chunk=cfg.kl_chunk).sum() / norm
-        ((kl + lb) * dist.world).backward()
+        with moe_routing(teacher, "all"):  # also around the backward: --grad-checkpointing re-runs the forward
+            with autocast(t_device, extras["amp_dtype"]):
+                p = teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device)).logits
+                lb = teacher_balance_loss(teacher, cfg.sar_beta) / n_micro
+            kl = kl_per_token(p.to(device), q, loss_mask(mb["labels"]), chunk=cfg.kl_chunk).sum() / norm
+            ((kl + lb) * dist.world).backward()
         logs["router_kl"] += kl.item()
         logs["router_lb"] += lb.item()
     params = router_parameters(teacher)
@@ -2000,6 +2013,10 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (dist.world,))
     teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist, mesh=mesh)
+    if cfg.grad_checkpointing:
+        enable_checkpointing(model, "--model")
+        if cfg.method == "sar":  # the only method that backpropagates through the teacher
+            enable_checkpointing(teacher, "--teacher")
     train_items = tokenize_examples(tokenizer, train_examples, cfg, name="train")
     dev_items = tokenize_examples(tokenizer, dev_examples, cfg, name="dev")
     global_batch = cfg.batch_size * dist.world * cfg.grad_accum

@@ -1370,9 +1370,10 @@ def assert_same_run(a: Path, b: Path, method: str) -> None:
     ("sar", ["--router-lr", "1e-2"]),
     ("gkd", ["--shard-teacher"]), ("sar", ["--router-lr", "1e-2", "--shard-teacher"]),
     ("sft", ["--model", str(TINY), "--shard-student", "--dev-eval", "--synthetic-dev", "8", "--dev-num", "4"]),
-    ("gkd", ["--shard-student", "--shard-teacher"])],
+    ("gkd", ["--shard-student", "--shard-teacher"]),
+    ("sar", ["--router-lr", "1e-2", "--shard-student", "--shard-teacher", "--grad-checkpointing"])],
     ids=["sft-moe", "gkd", "ka-0", "ka-0.5", "sar", "gkd-sharded-teacher", "sar-sharded-teacher",
-         "sft-moe-sharded-with-dev-eval", "gkd-both-sharded"])
+         "sft-moe-sharded-with-dev-eval", "gkd-both-sharded", "sar-both-sharded-checkpointed"])
 def test_two_ranks_match_one_process(tmp_path, method, extra):
     """torchrun 2 ranks x micro-batch 4 == 1 process x micro-batch 4 x 2 accumulation (global batch 8)."""
     torchrun(*run_args(tmp_path / "two", method, *extra))
@@ -1396,3 +1397,11 @@ def test_resume_across_world_sizes(tmp_path, shard):
     moekd.main(args(tmp_path / "one", "--resume", "--grad-accum", "2"))
     assert_same_run(tmp_path / "two", tmp_path / "whole", "sar")
     assert_same_run(tmp_path / "one", tmp_path / "whole", "sar")
+
+
+@pytest.mark.parametrize("method,extra", [("sft", ["--model", str(TINY)]), ("sar", ["--router-lr", "1e-2"])])
+def test_grad_checkpointing_changes_memory_not_results(tmp_path, method, extra):
+    """Recomputed activations (gate noise replayed) give the same training run."""
+    moekd.main(run_args(tmp_path / "plain", method, *extra))
+    moekd.main(run_args(tmp_path / "ckpt", method, "--grad-checkpointing", *extra))
+    assert_same_run(tmp_path / "plain", tmp_path / "ckpt", method)
