@@ -3,6 +3,7 @@
     python bench.py                      # both sizes, every method, the derived figures; about 10 minutes on 2 cores
     python bench.py --sizes tiny --steps 2 --json bench.json
     python bench.py --dist               # per-rank memory of torchrun layouts (2 CPU ranks, gloo); about 2 minutes
+    python bench.py --plan               # the README's per-GPU memory plan for three real teacher/student pairs
 
 For each method (sft, kd, gkd, all, ka with M = 1, 2, 4, sar) and size (tiny; realistic-vocab: V = 32000,
 H = 256) it times moekd.train_step on one global batch (median over --steps after --warmup) and, separately,
@@ -62,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--no-scaling", action="store_true", help="skip the N and M scaling table")
     p.add_argument("--no-kl-memory", action="store_true", help="skip the KL vs CE memory probe")
     p.add_argument("--dist", action="store_true", help="per-rank memory of torchrun layouts instead of timings")
+    p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan of real pairs (arithmetic)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)        # worker: size,method[,experts]
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # worker: kl | ce
     return p.parse_args(argv)
@@ -281,8 +283,74 @@ def dist_memory(sizes: list[str], root: Path) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------
+# Memory plan on paper: per-GPU GB of real teacher/student pairs (public configs), checked against the
+# per-rank state moekd reports (--dist): 16 bytes per student parameter, 2 per bf16 teacher parameter.
+# Activations per token and layer, bf16 autocast over fp32 weights, SDPA (no T x T scores): a dense SwiGLU
+# layer keeps ~28 H + 8 I bytes (fp32 residual and norm inputs, bf16 q/k/v/attention/MLP tensors); an MoE
+# layer adds 2 H + 8 I_e per active expert and token (the routed copy of x and the expert's SwiGLU).
+# Activation checkpointing keeps one fp32 hidden state per layer plus one layer's activations.
+
+PAIRS = {  # name: (teacher, student, GPUs, per-device batch, methods' teacher experts)
+    "Llama-MoE-3.5B (4/16) -> Sheared-LLaMA-1.3B": dict(
+        teacher=dict(params=6.74e9, H=4096, L=32, I_e=688, K=4, E=16), student=dict(params=1.35e9, H=2048, L=24, I=5504),
+        V=32000, gpus=1, batch=4),
+    "Mixtral-8x7B -> Mistral-7B": dict(
+        teacher=dict(params=46.7e9, H=4096, L=32, I_e=14336, K=2, E=8), student=dict(params=7.24e9, H=4096, L=32, I=14336),
+        V=32000, gpus=8, batch=1),
+    "Qwen3-30B-A3B -> Qwen3-1.7B": dict(
+        teacher=dict(params=30.5e9, H=2048, L=48, I_e=768, K=8, E=128), student=dict(params=1.72e9, H=2048, L=28, I=6144),
+        V=151936, gpus=4, batch=4),
+}
+SEQ, GB = 512, 1e9
+
+
+def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpointing: bool, sar: bool,
+         chunked_kl: bool = True, ka_m: int = 1) -> dict[str, float]:
+    t, s, V, W, tokens = pair["teacher"], pair["student"], pair["V"], pair["gpus"], pair["batch"] * SEQ
+    dense = lambda m: 28 * m["H"] + 8 * m["I"]  # noqa: E731  bytes per token per layer
+    moe_all = 28 * t["H"] + t["E"] * (2 * t["H"] + 8 * t["I_e"])  # SAR: every expert on every token
+    ckpt = lambda m, per_layer: tokens * (4 * m["H"] * m["L"] + per_layer) / GB  # noqa: E731
+    row = {"teacher weights": 2 * t["params"] / (W if shard_teacher else 1) / GB,
+           "student weights + grads": 8 * s["params"] / (W if shard_student else 1) / GB,
+           "AdamW state": 8 * s["params"] / (W if shard_student else 1) / GB,
+           "student activations": ckpt(s, dense(s)) if grad_checkpointing else tokens * dense(s) * s["L"] / GB,
+           "teacher activations (SAR)": 0.0 if not sar else (ckpt(t, moe_all) if grad_checkpointing
+                                                              else tokens * moe_all * t["L"] / GB),
+           # bf16 student logits + their grad + M bf16 teacher logits (+ SAR's grad); the chunked fp32 KL
+           # adds 4 fp32 [256, V] temporaries, a full-vocabulary one 5 fp32 [tokens, V] tensors
+           "full-vocab logits": (tokens * V * 2 * (2 + ka_m + sar) + (4 * 4 * 256 * V if chunked_kl else 5 * 4 * tokens * V)) / GB}
+    gathered = (2 * t["params"] / t["L"] * 2 if shard_teacher else 0) + (4 * s["params"] / s["L"] * 2 if shard_student else 0)
+    row["FSDP gathered layers"] = gathered / GB  # the layer in use and the prefetched next one
+    row["total"] = sum(row.values())
+    return row
+
+
+def print_plan() -> None:
+    layouts = {  # the options each pair needs, SAR being the most demanding method
+        "Llama-MoE-3.5B (4/16) -> Sheared-LLaMA-1.3B": [dict(shard_teacher=False, shard_student=False, grad_checkpointing=False)],
+        "Mixtral-8x7B -> Mistral-7B": [dict(shard_teacher=False, shard_student=False, grad_checkpointing=False),
+                                       dict(shard_teacher=True, shard_student=True, grad_checkpointing=False)],
+        "Qwen3-30B-A3B -> Qwen3-1.7B": [dict(shard_teacher=False, shard_student=False, grad_checkpointing=False),
+                                        dict(shard_teacher=True, shard_student=False, grad_checkpointing=False),
+                                        dict(shard_teacher=True, shard_student=False, grad_checkpointing=True)],
+    }
+    for name, options in layouts.items():
+        pair = PAIRS[name]
+        print(f"\n{name}: {pair['gpus']} x 80 GB, per-device batch {pair['batch']} x {SEQ} tokens, V {pair['V']}, GB per GPU")
+        for opt in options:
+            flags = " ".join(f"--{k.replace('_', '-')}" for k, v in opt.items() if v) or "(no option)"
+            gkd, sar = plan(pair, **opt, sar=False), plan(pair, **opt, sar=True)
+            naive = plan(pair, **opt, sar=False, chunked_kl=False)
+            print(f"  {flags}: " + ", ".join(f"{k} {v:.1f}" for k, v in sar.items() if k != "total")
+                  + f" | total GKD {gkd['total']:.1f}, SAR {sar['total']:.1f}; GKD with an unchunked KL {naive['total']:.1f}")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.plan:
+        print_plan()
+        return {}
     if args.dist:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:

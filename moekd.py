@@ -1312,7 +1312,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------
-# Distributed training (torchrun): a DDP student, the teacher replicated or sharded with FSDP2.
+# Distributed training (torchrun): a DDP or FSDP2-sharded student, a replicated or FSDP2-sharded teacher.
 # Every rank knows the whole global batch (rows are a pure function of seed and step) and works on its
 # own contiguous share of it. All randomness is seeded from the position in the global batch: each
 # row's on-policy sample from (seed, step, row), gate noise and KA draws from (seed, step, micro-batch).
@@ -1395,11 +1395,17 @@ def barrier(dist: Dist) -> None:
         torch.distributed.barrier()
 
 
+def comm_device() -> torch.device:
+    """Where collectives' tensors must live: the rank's GPU for nccl, the CPU for gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+        else torch.device("cpu")
+
+
 def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
     """Sum a few numbers over ranks (fp64, so token counts and loss sums stay exact)."""
     if dist.world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
     torch.distributed.all_reduce(t)
     return t.tolist()
 
@@ -1410,7 +1416,7 @@ def average_gradients(params: list[nn.Parameter], dist: Dist) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if dist.world == 1 or not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(comm_device())  # a --teacher-device cpu under nccl moves
     torch.distributed.all_reduce(flat)
     flat /= dist.world
     offset = 0
