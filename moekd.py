@@ -192,12 +192,15 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return Config(**values)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MoekdError(f"{flag} {name}: not a device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MoekdError(f"--device {name}: CUDA is not available on this machine")
+        raise MoekdError(f"{flag} {name}: CUDA is not available on this machine")
     return device
 
 
@@ -1373,7 +1376,7 @@ def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
         raise MoekdError(f"--device {cfg.device}: under torchrun every rank picks its own device (LOCAL_RANK); "
                          f"pass --device {device.type}")
     name = cfg.teacher_device
-    if name is not None and (torch.device(name).index is not None or (cfg.shard_teacher and name != cfg.device)):
+    if name is not None and (resolve_device(name, "--teacher-device").index is not None or (cfg.shard_teacher and name != cfg.device)):
         raise MoekdError(f"--teacher-device {name}: under torchrun the teacher lives on each rank's --device"
                          f"{' (sharded over them)' if cfg.shard_teacher else ' or on cpu'}")
     if device.type == "cuda":
@@ -1934,7 +1937,7 @@ def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.d
                 shard_model(teacher, mesh, separate=moe_routers(teacher) if cfg.method == "sar" else [], frozen=True)
             barrier(dist)
         return teacher
-    t_device = torch.device(cfg.teacher_device) if cfg.teacher_device else device
+    t_device = resolve_device(cfg.teacher_device, "--teacher-device") if cfg.teacher_device else device
     return _prepared_teacher(cfg, student, tokenizer, amp_dtype, t_device, routers)
 
 

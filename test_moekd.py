@@ -1324,6 +1324,12 @@ def test_launch_errors(tmp_path, monkeypatch):
     for flag in ("--shard-teacher", "--shard-student"):
         with pytest.raises(moekd.MoekdError, match=f"{flag} needs several processes"):
             moekd.main(run_args(tmp_path / "run", "gkd", flag))
+    if not torch.cuda.is_available():  # a CUDA-only option on a CPU machine
+        for flag in ("--device", "--teacher-device"):
+            with pytest.raises(moekd.MoekdError, match=f"^{flag} cuda: CUDA is not available"):
+                moekd.main(run_args(tmp_path / "run", "gkd", flag, "cuda"))
+    with pytest.raises(moekd.MoekdError, match="^--teacher-device gpu7: not a device"):
+        moekd.main(run_args(tmp_path / "run", "gkd", "--teacher-device", "gpu7"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
