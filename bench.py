@@ -153,7 +153,8 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
     """The parts of a step as separate callables: generation, teacher forward(s), student forward +
     loss + backward, SAR's router update, clip + AdamW (run on real gradients)."""
     on_policy = cfg.method in moekd.ON_POLICY
-    items = moekd.generate_on_policy(student, rows, tok, cfg) if on_policy else rows
+    seeds = list(range(len(rows)))  # per-row streams, as train_step samples
+    items = moekd.generate_on_policy(student, rows, tok, cfg, seeds) if on_policy else rows
     batch = moekd.collate(items, tok.pad_token_id)
     norm = float(moekd.loss_mask(batch["labels"]).sum())
     M = cfg.ka_m if cfg.method == "ka" else 1
@@ -184,7 +185,7 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
 
     parts = {}
     if on_policy:
-        parts["gen"] = lambda: moekd.generate_on_policy(student, rows, tok, cfg)
+        parts["gen"] = lambda: moekd.generate_on_policy(student, rows, tok, cfg, seeds)
     if cfg.method != "sft":
         parts["teacher"] = teacher_part
     parts["student"] = student_part
