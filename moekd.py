@@ -1867,7 +1867,8 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
                     best = metrics["dev_rougeL"]
                     save(out / "best_rougeL", weights, routers)
         stopping = cfg.stop_after is not None and done - start >= cfg.stop_after
-        if epoch_end or stopping or done == total or (cfg.save_every and done % cfg.save_every == 0):
+        saving = epoch_end or stopping or done == total or bool(cfg.save_every and done % cfg.save_every == 0)
+        if saving:
             state = {"optimizer": optimizer_state(student, optimizer), "best_rougeL": best, "history": history,
                      "window": window, "window_steps": window_steps}
             if "router_optimizer" in extras:
@@ -1875,7 +1876,7 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             weights, routers = snapshot()
             if dist.main:
                 save_checkpoint(out, done, student, tokenizer, weights, routers, state)
-        barrier(dist)  # nobody runs ahead (or exits) while rank 0 evaluates or writes
+            barrier(dist)  # nobody runs ahead (or exits) while rank 0 evaluates (epoch ends) and writes
         if stopping and done < total:
             say(f"stopped after {cfg.stop_after} steps at step {done}/{total}; continue with --resume")
             break
