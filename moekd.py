@@ -1376,7 +1376,8 @@ def init_distributed(cfg: Config) -> tuple[Dist, torch.device]:
         raise MoekdError(f"--device {cfg.device}: under torchrun every rank picks its own device (LOCAL_RANK); "
                          f"pass --device {device.type}")
     name = cfg.teacher_device
-    if name is not None and (resolve_device(name, "--teacher-device").index is not None or (cfg.shard_teacher and name != cfg.device)):
+    pinned = name is not None and resolve_device(name, "--teacher-device").index is not None
+    if pinned or (name is not None and cfg.shard_teacher and name != cfg.device):
         raise MoekdError(f"--teacher-device {name}: under torchrun the teacher lives on each rank's --device"
                          f"{' (sharded over them)' if cfg.shard_teacher else ' or on cpu'}")
     if device.type == "cuda":
