@@ -1434,14 +1434,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def wrap_student(model: nn.Module, cfg: Config, dist: Dist, device: torch.device, mesh=None) -> nn.Module:
-    """DDP over the student, or FSDP2 with --shard-student. An MoE student may leave experts without
-    tokens in a micro-batch, so DDP must look for unused parameters; the ranks load identical weights,
-    so buffers need no syncing during training."""
-    if dist.world == 1:
+def wrap_student(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
+    """DDP over the student (a --shard-student one was sharded as it was loaded). An MoE student may
+    leave experts without tokens in a micro-batch, so DDP must look for unused parameters; the ranks
+    load identical weights, so buffers need no syncing during training."""
+    if dist.world == 1 or is_sharded(model):
         return model
-    if cfg.shard_student:
-        return shard_model(model, mesh)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    find_unused_parameters=is_moe(model), forward_sync_buffers=False)
@@ -1460,6 +1458,25 @@ def shard_model(model: nn.Module, mesh, separate: list[nn.Module] = (), *, froze
     for module in [*separate, *layers]:
         fully_shard(module, mesh=mesh)
     return fully_shard(model, mesh=mesh, **({"reshard_after_forward": True} if frozen else {}))
+
+
+def one_rank_at_a_time(dist: Dist, build):
+    """build() on each rank in turn, a barrier between turns: a model sharded right after it is read
+    into host memory then has one full host copy alive at a time, not one per rank."""
+    built = None
+    for r in range(dist.world):
+        if r == dist.rank:
+            built = build()
+        barrier(dist)
+    return built
+
+
+def shard_loaded(model: nn.Module, mesh, device: torch.device, **options) -> nn.Module:
+    """shard_model for a model load_model read onto the CPU: first restore the GPU experts kernel
+    (load_model picks the eager one for the CPU)."""
+    if device.type != "cpu" and type(model)._can_set_experts_implementation():
+        model.set_experts_implementation("grouped_mm")
+    return shard_model(model, mesh, **options)
 
 
 def gradient_sync(model: nn.Module, enabled: bool):
@@ -1931,14 +1948,11 @@ def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.d
         return None
     device = device or resolve_device(cfg.device)
     if cfg.shard_teacher:
-        for r in range(dist.world):  # one full host copy at a time
-            if r == dist.rank:
-                teacher = _prepared_teacher(cfg, student, tokenizer, amp_dtype, torch.device("cpu"), routers)
-                if device.type != "cpu" and type(teacher)._can_set_experts_implementation():
-                    teacher.set_experts_implementation("grouped_mm")  # load_model chose eager for the CPU
-                shard_model(teacher, mesh, separate=moe_routers(teacher) if cfg.method == "sar" else [], frozen=True)
-            barrier(dist)
-        return teacher
+        def build():
+            teacher = _prepared_teacher(cfg, student, tokenizer, amp_dtype, torch.device("cpu"), routers)
+            separate = moe_routers(teacher) if cfg.method == "sar" else []
+            return shard_loaded(teacher, mesh, device, separate=separate, frozen=True)
+        return one_rank_at_a_time(dist, build)
     t_device = resolve_device(cfg.teacher_device, "--teacher-device") if cfg.teacher_device else device
     return _prepared_teacher(cfg, student, tokenizer, amp_dtype, t_device, routers)
 
@@ -2017,12 +2031,16 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
     train_examples, dev_examples = load_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
     ckpt = latest_checkpoint(out) if state is not None else None
-    model = load_model(str(ckpt or cfg.model), device=device, dtype=torch.float32)  # fp32 master weights
-    routers = [p for p in (cfg.teacher_routers, ckpt if cfg.method == "sar" else None) if p]
     mesh = None
     if cfg.shard_teacher or cfg.shard_student:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (dist.world,))
+    source = str(ckpt or cfg.model)
+    if cfg.shard_student:  # fp32 master weights throughout
+        model = one_rank_at_a_time(dist, lambda: shard_loaded(load_model(source, dtype=torch.float32), mesh, device))
+    else:
+        model = load_model(source, device=device, dtype=torch.float32)
+    routers = [p for p in (cfg.teacher_routers, ckpt if cfg.method == "sar" else None) if p]
     teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist, mesh=mesh)
     if cfg.grad_checkpointing:
         enable_checkpointing(model, "--model")
@@ -2047,7 +2065,7 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
                  if teacher is not None else "")
               + f" on {device}{f' x {dist.world} ranks' if dist.world > 1 else ''}, "
               f"{str(amp_dtype).removeprefix('torch.')}, out {out}")
-    result = train(cfg, wrap_student(model, cfg, dist, device, mesh), teacher, tokenizer, train_items, dev_items, out=out,
+    result = train(cfg, wrap_student(model, dist, device), teacher, tokenizer, train_items, dev_items, out=out,
                    device=device, amp_dtype=amp_dtype, state=state, dist=dist)
     if result.get("best_rougeL") is not None and dist.main:
         print(f"done: dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | "

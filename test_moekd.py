@@ -1381,7 +1381,10 @@ def assert_same_run(a: Path, b: Path, method: str) -> None:
     ids=["sft-moe", "gkd", "ka-0", "ka-0.5", "sar", "gkd-sharded-teacher", "sar-sharded-teacher",
          "sft-moe-sharded-with-dev-eval", "gkd-both-sharded", "sar-both-sharded-checkpointed"])
 def test_two_ranks_match_one_process(tmp_path, method, extra):
-    """torchrun 2 ranks x micro-batch 4 == 1 process x micro-batch 4 x 2 accumulation (global batch 8)."""
+    """torchrun 2 ranks x micro-batch 4 == 1 process x micro-batch 4 x 2 accumulation (global batch 8).
+    Both generate 4 rows at a time: every row has its own sampling stream either way, but other batch
+    shapes change the logits in the last float bits, which can flip a near-tie between two tokens."""
+    extra = [*extra, "--gen-batch-size", "4"]
     torchrun(*run_args(tmp_path / "two", method, *extra))
     single = [e for e in extra if not e.startswith("--shard")]
     moekd.main(run_args(tmp_path / "one", method, "--grad-accum", "2", *single))
@@ -1395,7 +1398,7 @@ def test_resume_across_world_sizes(tmp_path, shard):
     """SAR (student and router optimizers) stopped after 2 of 4 steps on 2 ranks, resumed on 2 ranks
     and on 1 process, ends where an uninterrupted 1-process run ends."""
     args = lambda out, *e: run_args(out, "sar", "--router-lr", "1e-2", "--synthetic-train", "32",  # noqa: E731
-                                    "--max-steps", "4", *e)
+                                    "--max-steps", "4", "--gen-batch-size", "4", *e)
     moekd.main(args(tmp_path / "whole", "--grad-accum", "2"))
     torchrun(*args(tmp_path / "two", "--stop-after", "2", *shard))
     shutil.copytree(tmp_path / "two", tmp_path / "one")
