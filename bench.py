@@ -292,7 +292,7 @@ def dist_memory(sizes: list[str], root: Path) -> list[dict]:
 # layer adds 2 H + 8 I_e per active expert and token (the routed copy of x and the expert's SwiGLU).
 # Activation checkpointing keeps one fp32 hidden state per layer plus one layer's activations.
 
-PAIRS = {  # name: (teacher, student, GPUs, per-device batch, methods' teacher experts)
+PAIRS = {  # parameters and shapes from the public configs; E experts, K active, I_e expert FFN size
     "Llama-MoE-3.5B (4/16) -> Sheared-LLaMA-1.3B": dict(
         teacher=dict(params=6.74e9, H=4096, L=32, I_e=688, K=4, E=16), student=dict(params=1.35e9, H=2048, L=24, I=5504),
         V=32000, gpus=1, batch=4),

@@ -1503,6 +1503,11 @@ def optimizer_state(model: nn.Module, optimizer) -> dict:
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def local_mb(tensors) -> float:
     """MB this rank holds for these tensors (its shard of a sharded one)."""
     local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None)
@@ -1527,11 +1532,6 @@ def memory_per_rank(student: nn.Module, teacher: nn.Module | None, optimizers: l
     table = all_reduce_sum(table, dist)
     names = ("student_mb", "teacher_mb", "optimizer_mb", "peak_mb")
     return [dict(zip(names, table[4 * r:4 * r + 4])) for r in range(dist.world)]
-
-
-def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------
@@ -2020,7 +2020,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
-    split_global_batch(cfg, dist.world)
+    global_batch = split_global_batch(cfg, dist.world)
     out, state = prepare_out_dir(cfg)
     barrier(dist)  # every rank has looked at --out before rank 0 writes to it
     if state is not None:  # the run's own config wins; only invocation flags may change
@@ -2048,7 +2048,6 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
             enable_checkpointing(teacher, "--teacher")
     train_items = tokenize_examples(tokenizer, train_examples, cfg, name="train")
     dev_items = tokenize_examples(tokenizer, dev_examples, cfg, name="dev")
-    global_batch = cfg.batch_size * dist.world * cfg.grad_accum
     if len(train_items) < global_batch:
         raise MoekdError(f"--data {cfg.data}: {len(train_items)} training examples, fewer than one global "
                          f"batch ({cfg.batch_size} x {dist.world} device(s) x {cfg.grad_accum})")

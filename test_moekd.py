@@ -1390,6 +1390,13 @@ def test_two_ranks_match_one_process(tmp_path, method, extra):
     moekd.main(run_args(tmp_path / "one", method, "--grad-accum", "2", *single))
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     assert_same_run(tmp_path / "two", tmp_path / "one", method)
+    # each rank holds half of what it shards (the state the README's memory table counts), all of the rest
+    two, one = (json.loads((tmp_path / d / "metrics.json").read_text())["memory"] for d in ("two", "one"))
+    assert len(two) == 2 and len(one) == 1
+    for key, flag in (("student_mb", "--shard-student"), ("teacher_mb", "--shard-teacher"),
+                      ("optimizer_mb", "--shard-student")):
+        share = two[0][key] / one[0][key] if one[0][key] else 1.0
+        assert share == pytest.approx(0.5 if flag in extra else 1.0, abs=0.05), key
 
 
 @pytest.mark.distributed
