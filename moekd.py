@@ -387,29 +387,37 @@ def synthetic_rows(n: int, *, seed: int) -> list[dict]:
 def tokenize_example(tokenizer, prompt: str, response: str, *, max_prompt_len: int, max_len: int) -> dict | None:
     """Token ids + labels for teacher forcing; None when the prompt is over max_prompt_len (dropped).
 
-    As in the official processing: no BOS, EOS appended to the response, truncation to max_len,
-    prompt labels -100. Labels come from lengths, never from `token == pad`, so the final EOS stays
-    a label even though pad == eos (TRL PR #6357)."""
+    As the official processing (tools/process_data_dolly.py): prompt and response are tokenized
+    *together* and the response ids are the joint ids after the prompt's length, so a SentencePiece
+    tokenizer does not give the response a word-initial "▁" it never has after "### Response:\n". No BOS,
+    EOS appended, truncation to max_len, prompt labels -100. Labels come from lengths, never from
+    `token == pad`, so the final EOS stays a label even though pad == eos (TRL PR #6357).
+    `prefix_ok` is False when the prompt's own ids are not a prefix of the joint ids (a merge across
+    the boundary); the official slice is kept all the same and such rows are counted in the data log."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     if len(prompt_ids) > max_prompt_len:
         return None
-    response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+    joint = tokenizer.encode(prompt + response, add_special_tokens=False)
+    response_ids = joint[len(prompt_ids):] + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_len]
     labels = ([-100] * len(prompt_ids) + response_ids)[:max_len]
-    return {"input_ids": input_ids, "labels": labels, "prompt_ids": prompt_ids}
+    return {"input_ids": input_ids, "labels": labels, "prompt_ids": prompt_ids,
+            "prefix_ok": joint[:len(prompt_ids)] == prompt_ids}
 
 
 def tokenize_examples(tokenizer, examples: list[dict], cfg: Config, *, name: str) -> list[dict]:
-    out, dropped = [], 0
+    out, dropped, merged = [], 0, 0
     for ex in examples:
         item = tokenize_example(tokenizer, ex["prompt"], ex["responses"][0],
                                 max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len)
         if item is None:
             dropped += 1
             continue
+        merged += not item.pop("prefix_ok")
         out.append({**item, "responses": ex["responses"]})
     print(f"data {name}: {len(out)} examples kept, {dropped} dropped with prompts over "
-          f"{cfg.max_prompt_len} tokens")
+          f"{cfg.max_prompt_len} tokens, {merged} whose prompt tokens merge into the response "
+          f"(kept, split at the prompt's length as the official processing)")
     if not out:
         raise MoekdError(f"data {name}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
     return out
@@ -1227,7 +1235,8 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
     """Sampled continuations of token-id prompts, left-padded in batches: top_k 0, top_p 1,
     temperature 1 (the paper's sampling), pure ancestral sampling, from the global torch RNG or, with
     `seeds` (one per prompt), from per-row streams (RowSeededSampler). The model's own
-    generation_config (e.g. a checkpoint's temperature 0.6) is not consulted. An FSDP-sharded model
+    generation_config (a checkpoint's temperature 0.6, repetition_penalty 1.1, ...) is not consulted:
+    `options` (eval's no_repeat_ngram_size) are the only other settings. An FSDP-sharded model
     needs every rank in each forward, so its ranks keep stepping until all are done (synced_gpus)."""
     from tqdm import tqdm
     from transformers import GenerationConfig, LogitsProcessorList
@@ -1238,16 +1247,34 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
     was_training = model.training
     model.eval()
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
-        batch = {k: v.to(device) for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
-        extra = {} if seeds is None else {"logits_processor": LogitsProcessorList(
-            [RowSeededSampler(seeds[start:start + batch_size], device)])}
-        if is_sharded(model):
-            extra["synced_gpus"] = True
-        sequences = model.generate(**batch, generation_config=config, **extra)
-        out.extend(sequences[:, batch["input_ids"].shape[1]:].tolist())
+    with neutral_generation_defaults(model):
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
+            batch = {k: v.to(device) for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
+            extra = {} if seeds is None else {"logits_processor": LogitsProcessorList(
+                [RowSeededSampler(seeds[start:start + batch_size], device)])}
+            if is_sharded(model):
+                extra["synced_gpus"] = True
+            sequences = model.generate(**batch, generation_config=config, **extra)
+            out.extend(sequences[:, batch["input_ids"].shape[1]:].tolist())
     model.train(was_training)
     return out
+
+
+@contextlib.contextmanager
+def neutral_generation_defaults(model: nn.Module) -> Iterator[None]:
+    """transformers fills every decoding setting a call leaves unset from the model's own generation_config,
+    so a checkpoint's repetition_penalty, no_repeat_ngram_size, min_length, bad_words_ids, forced or
+    suppressed tokens would silently change the samples. Inside the block the model's defaults are the
+    library's neutral ones: sampling is softmax(logits) plus exactly what the caller set."""
+    from transformers import GenerationConfig
+    saved = getattr(model, "generation_config", None)
+    if saved is not None:
+        model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        if saved is not None:
+            model.generation_config = saved
 
 
 def sample_responses(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,

@@ -23,6 +23,7 @@ import moekd
 ROOT = Path(__file__).resolve().parent
 TINY = ROOT / "tiny_moe"
 STUDENT = TINY / "student"
+SP = TINY / "sp"  # the same tiny models for the LLaMA-like tokenizer's vocabulary
 SHARED = ROOT.parent / "shared" / "data"
 TINY_CFG = json.loads((TINY / "config.json").read_text())
 
@@ -39,6 +40,17 @@ def _seed():
 @pytest.fixture(scope="session")
 def tokenizer():
     return moekd.load_tokenizer(str(TINY))
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer():
+    """The LLaMA-like tokenizer (SentencePiece-style "▁" prefix, byte fallback, no pad token)."""
+    return moekd.load_tokenizer(str(SP))
+
+
+@pytest.fixture(params=["byte-level", "sentencepiece-like"])
+def any_tokenizer(request, tokenizer, sp_tokenizer):
+    return tokenizer if request.param == "byte-level" else sp_tokenizer
 
 
 @pytest.fixture
@@ -393,7 +405,14 @@ def test_template_reproduces_minillm_prompts():
             assert moekd.format_prompt(row["instruction"], row["input"]) == row["prompt"]
 
 
-def test_labels_mask_prompt_and_keep_eos_when_pad_is_eos(tokenizer):
+def official_response_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """The official processing's response ids: encode(prompt + response) after the prompt's length."""
+    n = len(tokenizer.encode(prompt, add_special_tokens=False))
+    return tokenizer.encode(prompt + response, add_special_tokens=False)[n:] + [tokenizer.eos_token_id]
+
+
+def test_labels_mask_prompt_and_keep_eos_when_pad_is_eos(any_tokenizer):
+    tokenizer = any_tokenizer
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # MoEKD's LLaMA setting
     eos = tokenizer.eos_token_id
     a = moekd.tokenize_example(tokenizer, "### Q:\n", "red", max_prompt_len=50, max_len=60)
@@ -401,7 +420,7 @@ def test_labels_mask_prompt_and_keep_eos_when_pad_is_eos(tokenizer):
     n_prompt = len(tokenizer.encode("### Q:\n", add_special_tokens=False))
     assert a["input_ids"][0] != tokenizer.bos_token_id  # no BOS in training (official processing)
     assert a["labels"][:n_prompt] == [-100] * n_prompt
-    assert a["labels"][n_prompt:] == tokenizer.encode("red", add_special_tokens=False) + [eos]
+    assert a["labels"][n_prompt:] == official_response_ids(tokenizer, "### Q:\n", "red")
     batch = moekd.collate([a, b], tokenizer.pad_token_id)
     mask = moekd.loss_mask(batch["labels"])
     # the final EOS of the shorter row is a loss target even though pad tokens are EOS too
@@ -412,7 +431,8 @@ def test_labels_mask_prompt_and_keep_eos_when_pad_is_eos(tokenizer):
     assert batch["attention_mask"][0].tolist() == [1] * (last + 1) + [0] * (batch["input_ids"].shape[1] - last - 1)
 
 
-def test_long_prompts_dropped_and_sequences_truncated(tokenizer):
+def test_long_prompts_dropped_and_sequences_truncated(any_tokenizer):
+    tokenizer = any_tokenizer
     assert moekd.tokenize_example(tokenizer, "word " * 40, "x", max_prompt_len=10, max_len=20) is None
     item = moekd.tokenize_example(tokenizer, "Q", "word " * 40, max_prompt_len=10, max_len=20)
     assert len(item["input_ids"]) == len(item["labels"]) == 20
@@ -420,6 +440,44 @@ def test_long_prompts_dropped_and_sequences_truncated(tokenizer):
     kept = moekd.tokenize_examples(tokenizer, [{"prompt": "word " * 40, "responses": ["x"]},
                                                {"prompt": "Q", "responses": ["x"]}], cfg, name="t")
     assert len(kept) == 1
+
+
+def test_sentencepiece_tokenizer_behaves_like_llama(sp_tokenizer):
+    tok = sp_tokenizer
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, len(tok)) == (0, 1, 2, 1543)
+    assert tok.encode("hi")[0] == tok.bos_token_id  # <s> added, as LLaMA's tokenizer
+    pieces = tok.convert_ids_to_tokens(tok.encode("Paris is\n日", add_special_tokens=False))
+    assert pieces[0].startswith("▁") and "<0x0A>" in pieces  # prefix on the first word; newline as a byte
+    assert pieces[-3:] == ["<0xE6>", "<0x97>", "<0xA5>"]  # byte fallback for a character outside the vocabulary
+    assert tok.decode(tok.encode("Paris is\n日 ok", add_special_tokens=False)) == "Paris is\n日 ok"
+
+
+@pytest.mark.parametrize("response", ["Paris is nice", "4, 5, 6", "été ✓"])
+def test_response_tokens_are_the_joint_tokenization(sp_tokenizer, response):
+    """The official processing tokenizes prompt + response together: after "### Response:\n" a response's
+    first word has no "▁", unlike the response tokenized on its own (what moekd did before)."""
+    tok, prompt = sp_tokenizer, moekd.format_prompt("Say something.")
+    item = moekd.tokenize_example(tok, prompt, response, max_prompt_len=200, max_len=300)
+    n = len(item["prompt_ids"])
+    assert item["input_ids"][n:] == item["labels"][n:] == official_response_ids(tok, prompt, response)
+    alone = tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+    assert item["labels"][n:] != alone and not tok.convert_ids_to_tokens(item["labels"][n])[0] == "▁"
+    assert item["prefix_ok"]
+
+
+def test_prompts_whose_tokens_merge_into_the_response_are_counted(tokenizer, capsys):
+    """A prompt ending inside a word: the joint ids do not start with the prompt's ids. The official slice
+    is kept (prompt ids + joint ids after the prompt's length) and the row is counted, not dropped."""
+    prompt, response = "Which city does Kalomi live in? Answer: Par", "is"
+    joint = tokenizer.encode(prompt + response, add_special_tokens=False)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    assert joint[:len(prompt_ids)] != prompt_ids  # the premise: a BPE merge across the boundary
+    cfg = moekd.Config(max_prompt_len=50, max_len=60)
+    items = moekd.tokenize_examples(tokenizer, [{"prompt": prompt, "responses": [response]},
+                                                {"prompt": "Q:\n", "responses": ["yes"]}], cfg, name="t")
+    assert len(items) == 2 and "prefix_ok" not in items[0]
+    assert items[0]["input_ids"] == prompt_ids + joint[len(prompt_ids):] + [tokenizer.eos_token_id]
+    assert "2 examples kept, 0 dropped with prompts over 50 tokens, 1 whose prompt tokens merge" in capsys.readouterr().out
 
 
 def test_jsonl_formats(tmp_path):
@@ -935,6 +993,61 @@ def test_generate_on_policy_masks_prompt_and_keeps_first_eos(tokenizer):
     assert (gen.do_sample, gen.top_k, gen.top_p, gen.temperature, gen.max_new_tokens) == (True, 0, 1.0, 1.0, 4)
     batch = moekd.collate(items, eos)
     assert moekd.loss_mask(batch["labels"]).tolist() == [[False, True, True, True, False], [True, True, True, True, False]]
+
+
+def saved_with_generation_config(tmp_path, tokenizer, **settings) -> Path:
+    """The tiny student saved as a real checkpoint whose generation_config.json carries `settings`."""
+    model = moekd.load_model(str(STUDENT))
+    for key, value in settings.items():
+        setattr(model.generation_config, key, value)
+    moekd.save_model(model, tokenizer, tmp_path / "ckpt")
+    loaded = moekd.load_model(str(tmp_path / "ckpt"))
+    assert all(getattr(loaded.generation_config, k) == v for k, v in settings.items())  # the premise
+    return tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("field", ["repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "bad_words_ids",
+                                   "suppress_tokens", "forced_eos_token_id", "temperature"])
+def test_sampling_ignores_the_checkpoints_generation_config(tmp_path, tokenizer, field):
+    """A checkpoint's own decoding settings must not reach moekd's sampling: the samples are those of the
+    same weights without them, on the seeded (on-policy) and the global-RNG (dev/eval) paths. Each setting
+    is chosen so that it would change these samples (e.g. it bans a token the plain model draws)."""
+    plain = moekd.load_model(str(STUDENT))
+    prompts = [tokenizer.encode(moekd.format_prompt("Add the two numbers.", "3 and 4"), add_special_tokens=False),
+               tokenizer.encode("Q: hi\n", add_special_tokens=False)]
+    kw = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=16, batch_size=2)
+    first = moekd.sample_tokens(plain, prompts, seeds=[11, 12], **kw)[0]
+    kw["eos_id"] = first[0]  # row 0 stops at once, unless a minimum length forbids it
+    settings = {"repetition_penalty": {"repetition_penalty": 5.0}, "no_repeat_ngram_size": {"no_repeat_ngram_size": 1},
+                "min_new_tokens": {"min_new_tokens": 10}, "bad_words_ids": {"bad_words_ids": [[t] for t in first[:3]]},
+                "suppress_tokens": {"suppress_tokens": first[:3]}, "forced_eos_token_id": {"forced_eos_token_id": 2},
+                "temperature": {"temperature": 0.3, "do_sample": True}}[field]
+    ckpt = moekd.load_model(str(saved_with_generation_config(tmp_path, tokenizer, **settings)))
+    for model in (plain, ckpt):
+        model.seeded = moekd.sample_tokens(model, prompts, seeds=[11, 12], **kw)
+        torch.manual_seed(3)
+        model.global_rng = moekd.sample_tokens(model, prompts, **kw)
+    assert ckpt.seeded == plain.seeded and ckpt.global_rng == plain.global_rng
+    assert ckpt.generation_config.to_dict() == moekd.load_model(str(tmp_path / "ckpt")).generation_config.to_dict()
+
+
+def test_eval_no_repeat_ngram_size_reaches_generate(tmp_path, tokenizer):
+    """eval.py's own setting (the paper's no_repeat_ngram_size 6) still applies, and only it: a checkpoint's
+    repetition penalty does not."""
+    import eval as moe_eval
+    model = moekd.load_model(str(saved_with_generation_config(tmp_path, tokenizer, repetition_penalty=5.0)))
+    seen = []
+    generate = model.generate
+    model.generate = lambda *a, **kw: seen.append(kw["generation_config"]) or generate(*a, **kw)
+    args = moe_eval.parse_args(["--model", "x", "--max-new-tokens", "8"])
+    args.amp_dtype = torch.float32
+    moe_eval.generate(model, tokenizer, [{"prompt": "Q: hi\n"}], 10, args, desc="t")
+    assert seen[0].no_repeat_ngram_size == 6 and seen[0].repetition_penalty in (None, 1.0)
+    # and the option has its effect: no token repeats with n = 1, repeats without it
+    prompts = [tokenizer.encode("Q: hi\n", add_special_tokens=False)] * 4
+    kw = dict(pad_id=tokenizer.pad_token_id, eos_id=-1, max_new_tokens=60, batch_size=4, seeds=[1, 2, 3, 4])
+    free, blocked = (moekd.sample_tokens(model, prompts, **kw, **opt) for opt in ({}, {"no_repeat_ngram_size": 1}))
+    assert any(len(set(r)) < len(r) for r in free) and all(len(set(r)) == len(r) for r in blocked)
 
 
 def test_response_through_eos():
