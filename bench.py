@@ -22,6 +22,7 @@ weights, optimizer state (each rank's shards) and the peak RSS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -157,27 +158,19 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
     items = moekd.generate_on_policy(student, rows, tok, cfg, seeds) if on_policy else rows
     batch = moekd.collate(items, tok.pad_token_id)
     norm = float(moekd.loss_mask(batch["labels"]).sum())
-    M = cfg.ka_m if cfg.method == "ka" else 1
+    M = cfg.ka_m if cfg.method in ("ka", "ka-gold") else 1
 
-    def teacher_part():  # KA's teacher work includes averaging the M passes' log-probabilities
+    def teacher_part():  # the teacher's forward(s) under the method's routing
         with moekd.teacher_routing(teacher, cfg, extras.get("generator")):
-            t = moekd.teacher_logits(teacher, batch, repeat=M)
-        return t if M == 1 else moekd.mean_log_probs(t.view(M, -1, *t.shape[1:]))
+            return moekd.teacher_logits(teacher, batch, repeat=M)
     t_logits = teacher_part() if cfg.method != "sft" else None
 
-    def student_part():
+    def student_part():  # the method's own step function, its teacher forward replaced by the logits above
         student.zero_grad(set_to_none=True)
         student.train()
-        logits, aux = moekd.forward_with_aux(student, batch)
-        mask = moekd.loss_mask(batch["labels"])
-        if cfg.method == "sft":
-            loss = moekd.cross_entropy_sum(logits, batch["labels"]) / norm
-        elif cfg.method == "kd":
-            loss = 0.5 * moekd.cross_entropy_sum(logits, batch["labels"]) / norm \
-                + 0.5 * moekd.kl_per_token(t_logits, logits, mask).sum() / norm
-        else:
-            loss = moekd.kl_per_token(logits, t_logits, mask, q_is_log_probs=M > 1).sum() / norm
-        loss.backward()
+        with cached_teacher_logits(t_logits):
+            parts = moekd.METHOD_STEPS[cfg.method](student, teacher, batch, cfg, norm=norm, n_micro=1, extras=extras)
+        parts["loss"].backward()
 
     def optimizer_part():  # the gradients of the last student_part are still there
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
@@ -193,6 +186,17 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
         parts["router"] = lambda: moekd.sar_router_update(student, teacher, [batch], [norm], cfg, extras)
     parts["optimizer"] = optimizer_part
     return parts
+
+
+@contextlib.contextmanager
+def cached_teacher_logits(logits):
+    """Inside the block moekd.teacher_logits returns `logits`: a method step then costs its student part."""
+    original = moekd.teacher_logits
+    moekd.teacher_logits = lambda *args, **kwargs: logits
+    try:
+        yield
+    finally:
+        moekd.teacher_logits = original
 
 
 def memory_probe(kind: str) -> dict:

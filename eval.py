@@ -51,11 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prompt-len", type=int, default=256, help="prompts are cut to their first N tokens")
     p.add_argument("--max-new-tokens", type=int, default=256, help="512 - 256 in the official protocol")
     p.add_argument("--no-repeat-ngram-size", type=int, default=6, help="the official evaluation's default")
-    p.add_argument("--routing", default=None, choices=("topk", "all", "sample"),
+    p.add_argument("--routing", default=None, choices=("topk", "all", "sample", "topp"),
                    help="evaluate an MoE under this routing (default: its native top-k)")
     p.add_argument("--num-selects", type=int, default=None, help="k for --routing topk/sample")
     p.add_argument("--sample-prob", type=float, default=None,
                    help="lambda for --routing sample (default: always the sampled set)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="P for --routing topp: per token the most probable experts until their softmax mass "
+                        "exceeds P (the official gate's --moe-top-p; its gate-dump scripts use 0.6)")
     p.add_argument("--routers", default=None, help="load SAR-trained routers (teacher_routers.safetensors or its dir)")
     p.add_argument("--label", default=None, help="row name in the table (default: from --model)")
     p.add_argument("--device", default="auto")
@@ -111,7 +114,8 @@ def routing_context(model, args, seed: int):
     if args.routing is None:
         return contextlib.nullcontext()
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    return moekd.moe_routing(model, args.routing, k=args.num_selects, prob=args.sample_prob, generator=generator)
+    return moekd.moe_routing(model, args.routing, k=args.num_selects, prob=args.sample_prob, generator=generator,
+                             top_p=args.top_p)
 
 
 def generate(model, tokenizer, examples: list[dict], seed: int, args, *, desc: str) -> list[str]:
@@ -191,7 +195,7 @@ def run_rouge(model, tokenizer, sets, args, out: Path) -> dict:
 def protocol(args) -> dict:
     return {"protocol": {k: getattr(args, k) for k in ("seeds", "max_examples", "max_prompt_len", "max_new_tokens",
                                                         "no_repeat_ngram_size", "routing", "num_selects", "sample_prob",
-                                                        "routers")}}
+                                                        "top_p", "routers")}}
 
 
 # ----------------------------------------------------------------------------
@@ -354,6 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or Path("results") / f"{args.analysis}-{name}")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise MoekdError(f"--out {out}: exists and is not empty; pass --overwrite")
+    if (args.routing == "topp") != (args.top_p is not None):
+        raise MoekdError("--top-p goes with --routing topp (and --routing topp needs --top-p)")
     if args.analysis == "router-shift" and args.routers is None:
         raise MoekdError("--analysis router-shift needs --routers (the SAR run's teacher_routers)")
     sets = {name: None if path is None else load_set(path, args.max_examples)  # bad files fail before any work
@@ -372,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
         moekd.load_routers(model, args.routers)
     args.label = args.label or (name if name not in ("best_rougeL", "final") else
                                 f"{Path(args.model.rstrip('/')).parent.name}/{name}")
-    args.label += (f" ({args.routing}{'' if args.num_selects is None else f', k={args.num_selects}'})"
-                         if args.routing else "")
+    args.label += (f" ({args.routing}{'' if args.num_selects is None else f', k={args.num_selects}'}"
+                   f"{'' if args.top_p is None else f', p={args.top_p}'})" if args.routing else "")
     if out.exists() and args.overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("sft", "kd", "gkd", "all", "ka", "sar")
+METHODS = ("sft", "kd", "gkd", "all", "ka", "sar", "ka-gold")
+ON_POLICY = ("gkd", "all", "ka", "sar")     # the student samples its own responses
+MOE_TEACHER = ("all", "ka", "sar", "ka-gold")  # the method changes the teacher's routing
 DOLLY_HUB = "databricks/databricks-dolly-15k"
 
 
@@ -89,7 +91,7 @@ class Config:
         "help": "rows per optimizer step over all devices; sets --grad-accum from --batch-size and the device count"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default 1e-5; sar 1e-6)"})
     lr_schedule: str | None = field(default=None, metadata={
-        "help": "default cosine for sft/kd, constant for gkd/all/ka/sar", "choices": ("constant", "cosine")})
+        "help": "default cosine for sft/kd/ka-gold, constant for gkd/all/ka/sar", "choices": ("constant", "cosine")})
     lr_min: float = field(default=1e-7, metadata={"help": "final LR of the cosine schedule"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=1e-2, metadata={
@@ -102,15 +104,23 @@ class Config:
     kd_ratio: float = field(default=0.5, metadata={"help": "kd: weight r of the KL term in (1-r) CE + r KL"})
     teacher_k: int | None = field(default=None, metadata={
         "help": "kd/gkd: the teacher's top-k (default its native k; the paper's Fig. 2 sweeps it)"})
-    ka_m: int = field(default=2, metadata={"help": "ka: M, teacher passes per sample, each with fresh expert draws"})
+    teacher_top_p: float | None = field(default=None, metadata={
+        "help": "kd/gkd: route the teacher by the official gate's top-p instead of top-k: per token the most "
+                "probable experts until their softmax mass exceeds P (the official --moe-top-p)"})
+    ka_m: int = field(default=2, metadata={"help": "ka, ka-gold: M, teacher passes per sample, each with fresh expert draws"})
     ka_lambda: float = field(default=0.05, metadata={
-        "help": "ka: lambda, per token and layer probability of the sampled expert set"})
-    ka_k: int | None = field(default=None, metadata={"help": "ka: experts per token (default N-1, as the official scripts)"})
+        "help": "ka, ka-gold: lambda, per token and layer probability of the sampled expert set"})
+    ka_k: int | None = field(default=None, metadata={
+        "help": "ka, ka-gold: experts per token (default N-1, as the official scripts)"})
     ka_updates: str = field(default="mean", metadata={
         "help": "ka: mean = one update on the mean of the M losses (official code); each = M updates per "
                 "sampled batch, one per teacher pass (the paper's Algorithm 1)", "choices": ("mean", "each")})
     router_lr: float = field(default=1e-6, metadata={
         "help": "sar: LR of the teacher routers' own AdamW (official loop scripts; the paper says 1e-5)"})
+    sar_kl: str = field(default="teacher-student", metadata={
+        "help": "sar: the routers' KL. teacher-student = KL(p_teacher || q_student) = Sum p (log p - log q), the "
+                "paper's Eq. 9 and the official --teacher-kld-type reverse; student-teacher = KL(q_student || "
+                "p_teacher), the official forward", "choices": ("teacher-student", "student-teacher")})
     sar_beta: float = field(default=0.01, metadata={
         "help": "sar: balance-loss weight for transformers teachers (Llama-MoE uses its config's gate_balance_loss_weight)"})
     teacher_routers: str | None = field(default=None, metadata={
@@ -135,6 +145,11 @@ class Config:
     log_every: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
     save_every: int = field(default=0, metadata={"help": "also checkpoint every N steps (0: only at epoch ends)"})
     dev_eval: bool = field(default=True, metadata={"help": "dev loss and ROUGE-L after every epoch"})
+    select: str | None = field(default=None, metadata={
+        "help": "the model a run hands on: best = best dev ROUGE-L over the epochs (best_rougeL/; the official sft, "
+                "kd and ka-gold runs), last = the model at the end (final/; the official gkd/all/ka/sar loop "
+                "scripts evaluate their last 1-epoch job). Default: the official choice for the method",
+        "choices": ("best", "last")})
     dev_num: int | None = field(default=None, metadata={"help": "dev examples used for ROUGE-L (default all)"})
     eval_batch_size: int = field(default=32, metadata={"help": "batch size of dev generation"})
     synthetic_train: int = field(default=3000, metadata={"help": "rows of the synthetic training set"})
@@ -146,11 +161,17 @@ class Config:
         if self.lr is None:
             self.lr = 1e-6 if self.method == "sar" else 1e-5
         if self.lr_schedule is None:
-            self.lr_schedule = "cosine" if self.method in ("sft", "kd") else "constant"
+            self.lr_schedule = "cosine" if self.method in ("sft", "kd", "ka-gold") else "constant"
         if self.restart_epochs is None:
-            self.restart_epochs = self.method in ("gkd", "all", "ka", "sar")
+            self.restart_epochs = self.method in ON_POLICY
+        if self.select is None:
+            self.select = "best" if self.method in ("sft", "kd", "ka-gold") and self.dev_eval else "last"
+        if self.select == "best" and not self.dev_eval:
+            raise MoekdError("--select best needs the dev evaluation (drop --no-dev-eval)")
         if not 0.0 <= self.ka_lambda <= 1.0 or not 0.0 <= self.kd_ratio <= 1.0:
             raise MoekdError("--ka-lambda and --kd-ratio must be in [0, 1]")
+        if self.teacher_top_p is not None and (self.teacher_k is not None or not 0.0 <= self.teacher_top_p <= 1.0):
+            raise MoekdError("--teacher-top-p must be in [0, 1] and cannot be combined with --teacher-k")
         for name in ("batch_size", "epochs", "dist_timeout", "max_prompt_len", "max_len", "log_every", "ka_m",
                      "gen_batch_size", "kl_chunk"):
             if getattr(self, name) < 1:
@@ -473,17 +494,22 @@ class Routing:
     mode  "topk": the k largest router logits (k=None: the model's native k);
           "sample": KA, per token the top-k set is replaced, with probability `prob`, by k experts drawn
                     without replacement from softmax(router logits) (prob=None: always the drawn set);
+          "topp": the official gate's top-p routing: per token the smallest set of most probable experts
+                  whose softmax mass exceeds `top_p` (at least one);
           "all": every expert, weights = softmax over all E logits."""
     mode: str = "topk"
     k: int | None = None
     prob: float | None = None
     generator: torch.Generator | None = None
+    top_p: float | None = None
 
     def __post_init__(self):
-        if self.mode not in ("topk", "sample", "all"):
-            raise MoekdError(f"routing mode must be topk, sample or all, got {self.mode!r}")
+        if self.mode not in ("topk", "sample", "topp", "all"):
+            raise MoekdError(f"routing mode must be topk, sample, topp or all, got {self.mode!r}")
         if self.prob is not None and not 0.0 <= self.prob <= 1.0:
             raise MoekdError(f"routing: sampling probability must be in [0, 1], got {self.prob}")
+        if (self.mode == "topp") != (self.top_p is not None) or not 0.0 <= (self.top_p or 0.0) <= 1.0:
+            raise MoekdError(f"routing: mode topp needs top_p in [0, 1] (and only it), got {self.top_p}")
 
 
 NATIVE = Routing()
@@ -494,26 +520,44 @@ def sample_experts(logits: torch.Tensor, k: int, *, generator: torch.Generator |
     return torch.multinomial(torch.softmax(logits.float(), dim=-1), k, replacement=False, generator=generator)
 
 
-def select_experts(logits: torch.Tensor, routing: Routing, native_k: int) -> torch.Tensor:
-    """Expert indices [N, K] under a routing policy. As the official gate: the top set is the first k
-    of topk(k+1); in "sample" mode S and T are both drawn and one uniform per token picks S if u < prob."""
+def top_p_experts(logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts by falling logit [N, K] and which of them are kept [N, K]: as the official gate, the first
+    expert always and each next one while the softmax mass before it is <= p. K is the largest kept
+    set of the batch; rows with fewer keep their other experts at weight 0 (no effect on the output)."""
+    values, index = logits.sort(dim=-1, descending=True)
+    mass_before = torch.softmax(values.float(), dim=-1).cumsum(-1)
+    keep = torch.ones_like(index, dtype=torch.bool)
+    keep[:, 1:] = mass_before[:, :-1] <= p
+    k = int(keep.sum(-1).max())
+    return index[:, :k], keep[:, :k]
+
+
+def select_experts(logits: torch.Tensor, routing: Routing, native_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Expert indices [N, K] under a routing policy, and which slots count (None: all; only "topp" has
+    slots at weight 0). As the official gate: the top set is the first k of topk(k+1); in "sample" mode
+    S and T are both drawn and one uniform per token picks S if u < prob."""
     N, E = logits.shape
     if routing.mode == "all":
-        return torch.arange(E, device=logits.device).expand(N, E)
+        return torch.arange(E, device=logits.device).expand(N, E), None
+    if routing.mode == "topp":
+        return top_p_experts(logits, routing.top_p)
     k = routing.k or native_k
     top = logits.topk(min(k + 1, E), dim=-1).indices[:, :k]
     if routing.mode == "topk":
-        return top
+        return top, None
     sampled = sample_experts(logits, k, generator=routing.generator)
     if routing.prob is None:
-        return sampled
+        return sampled, None
     u = torch.rand((N, 1), generator=routing.generator, device=logits.device)
-    return torch.where(u < routing.prob, sampled, top)
+    return torch.where(u < routing.prob, sampled, top), None
 
 
-def routing_weights(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Llama-MoE weights: softmax over the *selected* logits only, in fp32, cast back: [N, K]."""
-    return torch.softmax(logits.gather(1, index).float(), dim=-1).to(logits.dtype)
+def routing_weights(logits: torch.Tensor, index: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Llama-MoE weights: softmax over the *selected* (kept) logits only, in fp32, cast back: [N, K]."""
+    chosen = logits.gather(1, index).float()
+    if keep is not None:
+        chosen = chosen.masked_fill(~keep, -math.inf)
+    return torch.softmax(chosen, dim=-1).to(logits.dtype)
 
 
 def smooth_load(clean: torch.Tensor, noise: torch.Tensor, noise_std: torch.Tensor,
@@ -564,8 +608,8 @@ class LlamaMoEGate(nn.Module):
             noise = torch.randn_like(clean) * noise_std
         logits = clean if noise is None else clean + noise
         routing = self.routing or NATIVE
-        index = select_experts(logits, routing, self.num_selects)     # [N, K]
-        weights = routing_weights(logits, index)                        # [N, K]
+        index, keep = select_experts(logits, routing, self.num_selects)  # [N, K]
+        weights = routing_weights(logits, index, keep)                   # [N, K]
         k = index.shape[1]
         if self.use_balance:
             full = torch.zeros_like(logits).scatter(1, index, weights)  # [N, E]
@@ -998,8 +1042,10 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
     h = hidden_states.reshape(-1, router.hidden_dim)
     logits = F.linear(h, router.weight)                                 # [N, E]
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-    index = select_experts(logits, routing, router.top_k)              # [N, K]
+    index, keep = select_experts(logits, routing, router.top_k)        # [N, K]
     weights = probs.gather(1, index)
+    if keep is not None:
+        weights = weights * keep
     if renorm:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     full = torch.zeros_like(probs).scatter(1, index, weights)
@@ -1009,10 +1055,10 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
 
 @contextlib.contextmanager
 def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, prob: float | None = None,
-                generator: torch.Generator | None = None) -> Iterator[list[nn.Module]]:
+                generator: torch.Generator | None = None, top_p: float | None = None) -> Iterator[list[nn.Module]]:
     """Change how every MoE layer of `model` routes inside the block; the original behaviour is restored
     on exit, also on exceptions. Yields the routers. See `Routing` for the modes."""
-    routing = Routing(mode, k, prob, generator)
+    routing = Routing(mode, k, prob, generator, top_p)
     routers = moe_routers(model)
     for r in routers:
         if k is not None and not 1 <= k <= r.num_experts:
@@ -1592,15 +1638,18 @@ def with_aux(parts: dict, aux: torch.Tensor | None, n_micro: int) -> dict:
 
 
 def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator | None):
-    """The teacher's routing for a method: KA samples N-1 of N experts with probability lambda (else its
-    top-(N-1)), ALL and SAR use every expert, KD/GKD the native top-k (or --teacher-k)."""
-    if cfg.method == "ka":
+    """The teacher's routing for a method: KA (on-policy or gold) samples N-1 of N experts with probability
+    lambda (else its top-(N-1)), ALL and SAR use every expert, KD/GKD the native top-k (or --teacher-k,
+    --teacher-top-p)."""
+    if cfg.method in ("ka", "ka-gold"):
         k = cfg.ka_k or num_experts(teacher) - 1
         return moe_routing(teacher, "sample", k=k, prob=cfg.ka_lambda, generator=generator)
     if cfg.method in ("all", "sar"):
         return moe_routing(teacher, "all")
     if cfg.teacher_k is not None:
         return moe_routing(teacher, "topk", k=cfg.teacher_k)
+    if cfg.teacher_top_p is not None:
+        return moe_routing(teacher, "topp", top_p=cfg.teacher_top_p)
     return contextlib.nullcontext()
 
 
@@ -1625,13 +1674,18 @@ def sft_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -> dict[
 
 def kd_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -> dict[str, torch.Tensor]:
     """KD (Sanh 2019) on gold data: (1 - r) CE + r KL(p_teacher || q_student), r = --kd-ratio (0.5).
-    The official code writes the soft term as -Sum p log q; it differs from KL by H(p), a constant."""
-    with teacher_routing(teacher, cfg, None):
-        t = teacher_logits(teacher, batch, amp_dtype=(extras or {}).get("amp_dtype", torch.float32))
+    ka-gold (the official temp_nr scripts): the KL term is the mean of KL(p_m || q_student) over KA's M
+    sampled teachers. The official code writes the soft term as -Sum p log q; it differs from KL by
+    H(p), a constant."""
+    M = cfg.ka_m if cfg.method == "ka-gold" else 1
+    extras = extras or {}
+    with teacher_routing(teacher, cfg, extras.get("generator")):
+        t = teacher_logits(teacher, batch, repeat=M, amp_dtype=extras.get("amp_dtype", torch.float32))
     logits, aux = forward_with_aux(model, batch)
     mask = loss_mask(batch["labels"])
     ce = cross_entropy_sum(logits, batch["labels"]) / norm
-    fkl = kl_per_token(t.to(logits.device), logits, mask, chunk=cfg.kl_chunk).sum() / norm
+    fkl = sum(kl_per_token(t_m.to(logits.device), logits, mask, chunk=cfg.kl_chunk).sum()
+              for t_m in t.view(M, *logits.shape)) / (M * norm)
     return with_aux({"loss": (1 - cfg.kd_ratio) * ce + cfg.kd_ratio * fkl, "ce": ce, "fkl": fkl}, aux, n_micro)
 
 
@@ -1656,7 +1710,8 @@ def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, extras=None) -
 def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg: Config,
                       extras: dict, *, step: int = 0, dist: Dist = SINGLE) -> dict[str, float]:
     """SAR step (a), before the student's: only the teacher's routers learn, teacher in train mode
-    (gate noise on), all experts; loss KL(p_teacher || q_student) + beta * balance (spec §4, Eq. 9).
+    (gate noise on), all experts; loss KL(p_teacher || q_student) + beta * balance (the paper's Eq. 9;
+    --sar-kl student-teacher: KL(q_student || p_teacher)).
     Router gradients are averaged over ranks (FSDP2 does it for a sharded teacher), so with the
     x world loss scale every rank applies the same update and the routers stay identical."""
     student = unwrap(model)
@@ -1674,7 +1729,9 @@ def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg
             with autocast(t_device, extras["amp_dtype"]):
                 p = teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device)).logits
                 lb = teacher_balance_loss(teacher, cfg.sar_beta) / n_micro
-            kl = kl_per_token(p.to(device), q, loss_mask(mb["labels"]), chunk=cfg.kl_chunk).sum() / norm
+            p, mask = p.to(device), loss_mask(mb["labels"])
+            pair = (p, q) if cfg.sar_kl == "teacher-student" else (q, p)  # KL(first || second)
+            kl = kl_per_token(*pair, mask, chunk=cfg.kl_chunk).sum() / norm
             ((kl + lb) * dist.world).backward()
         logs["router_kl"] += kl.item()
         logs["router_lb"] += lb.item()
@@ -1690,9 +1747,7 @@ def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg
 
 
 METHOD_STEPS = {"sft": sft_step, "kd": kd_step, "gkd": reverse_kl_step, "all": reverse_kl_step,
-                "ka": reverse_kl_step, "sar": reverse_kl_step}
-ON_POLICY = ("gkd", "all", "ka", "sar")
-MOE_TEACHER = ("all", "ka", "sar")
+                "ka": reverse_kl_step, "sar": reverse_kl_step, "ka-gold": kd_step}
 
 
 # ----------------------------------------------------------------------------
@@ -1839,7 +1894,7 @@ def method_extras(cfg: Config, teacher, amp_dtype: torch.dtype, *, sharded_teach
     extras: dict[str, Any] = {"amp_dtype": amp_dtype, "sharded_teacher": sharded_teacher}
     if cfg.method == "sar":
         extras["router_optimizer"] = torch.optim.AdamW(param_groups(teacher, cfg.weight_decay), lr=cfg.router_lr)
-    if cfg.method == "ka":
+    if cfg.method in ("ka", "ka-gold"):
         extras["generator"] = torch.Generator(device=next(teacher.parameters()).device)
     return extras
 
@@ -1906,11 +1961,12 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
                 log.write(line + "\n")
                 history.append({"step": done, **metrics})
             improved = all_reduce_sum([float(dist.main and metrics["dev_rougeL"] > best)], dist)[0] > 0
-            if improved:  # spec §6: keep the best dev ROUGE-L model
+            if improved and cfg.select == "best":  # keep the best dev ROUGE-L model
                 weights, routers = snapshot()
                 if dist.main:
-                    best = metrics["dev_rougeL"]
                     save(out / "best_rougeL", weights, routers)
+            if improved and dist.main:
+                best = metrics["dev_rougeL"]
         stopping = cfg.stop_after is not None and done - start >= cfg.stop_after
         saving = epoch_end or stopping or done == total or bool(cfg.save_every and done % cfg.save_every == 0)
         if saving:
@@ -1938,8 +1994,9 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
         f"rank {r}: student {m['student_mb']:.1f} (weights + grads), teacher {m['teacher_mb']:.1f}, "
         f"optimizer {m['optimizer_mb']:.1f}, peak {m['peak_mb']:.0f}" for r, m in enumerate(memory)))
     dev = [h for h in history if "dev_rougeL" in h]
+    selected = out / ("best_rougeL" if cfg.select == "best" else "final")
     result = {"out": str(out), "step": step + 1 if total else 0, "total_steps": total, "finished": finished,
-              "best_rougeL": best if dev else None, "history": history, "memory": memory, **(dev[-1] if dev else {})}
+              "model": str(selected) if finished else None, "best_rougeL": best if dev else None, "history": history, "memory": memory, **(dev[-1] if dev else {})}
     if dist.main:
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -2004,9 +2061,10 @@ def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_t
     if vt != vs or teacher_tok.get_vocab() != student_tok.get_vocab():
         raise MoekdError(f"--teacher and --model have different vocabularies ({vt} vs {vs} logits"
                          f"{'' if vt != vs else ', different tokenizers'}); distillation needs one vocabulary")
-    needs_moe = cfg.method in MOE_TEACHER or cfg.teacher_k is not None
+    needs_moe = cfg.method in MOE_TEACHER or cfg.teacher_k is not None or cfg.teacher_top_p is not None
     if needs_moe and not is_moe(teacher):
-        flag = f"--method {cfg.method}" if cfg.method in MOE_TEACHER else "--teacher-k"
+        flag = f"--method {cfg.method}" if cfg.method in MOE_TEACHER else \
+            "--teacher-k" if cfg.teacher_k is not None else "--teacher-top-p"
         raise MoekdError(f"{flag} needs an MoE teacher; --teacher is a dense {type(teacher).__name__}")
     if needs_moe:
         E = num_experts(teacher)  # also rejects MoE families whose routing we cannot steer
@@ -2093,9 +2151,10 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
               f"{str(amp_dtype).removeprefix('torch.')}, out {out}")
     result = train(cfg, wrap_student(model, dist, device), teacher, tokenizer, train_items, dev_items, out=out,
                    device=device, amp_dtype=amp_dtype, state=state, dist=dist)
-    if result.get("best_rougeL") is not None and dist.main:
-        print(f"done: dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | "
-              f"best dev_rougeL {result['best_rougeL']:.2f} -> {out / 'best_rougeL'}")
+    if result["finished"] and dist.main:
+        dev = (f"dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | best dev_rougeL "
+               f"{result['best_rougeL']:.2f} | " if result.get("best_rougeL") is not None else "")
+        print(f"done: {dev}model ({cfg.select}) -> {result['model']}")
     return result
 
 

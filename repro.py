@@ -1,6 +1,6 @@
 """repro.py: the paper's whole pipeline (Table 1) at CPU scale, in one resumable command.
 
-    python repro.py                                  # preset synthetic: offline, about 25 minutes on 2 cores
+    python repro.py                                  # preset synthetic: offline, about 15-20 minutes on 2 cores
     python repro.py --preset dolly-mini --data-dir ../shared/data
 
 Stages, each a moekd.py / eval.py run in its own folder under --out:
@@ -121,11 +121,12 @@ def eval_sets(args) -> dict[str, Path]:
 # Stages (each skipped when complete, resumed when interrupted)
 
 def train(args, name: str, flags: list[str]) -> Path:
-    """One moekd.py run in out/runs/<name>; returns its best dev-ROUGE-L model."""
+    """One moekd.py run in out/runs/<name>; returns the model it hands on (--select: best dev ROUGE-L for
+    SFT and KD, the last model for the on-policy methods, as the official scripts)."""
     run = args.out / "runs" / name
     if (run / "final").exists():
         print(f"[repro] {name}: done, skipped")
-        return run / "best_rougeL"
+        return Path(json.loads((run / "metrics.json").read_text())["model"])
     preset = PRESETS[args.preset]
     data = preset["data"] + (["--data", str(Path(args.data_dir) / "dolly" / "dev.jsonl")]
                              if args.preset == "dolly-mini" else [])
@@ -138,8 +139,7 @@ def train(args, name: str, flags: list[str]) -> Path:
     else:
         argv.append("--overwrite")  # a folder without a checkpoint holds nothing worth keeping
         print(f"[repro] {name}: training")
-    moekd.main(argv)
-    return run / "best_rougeL"
+    return Path(moekd.main(argv)["model"])
 
 
 def evaluate(args, name: str, model: Path, sets: dict[str, Path], extra: list[str] = ()) -> dict:

@@ -138,7 +138,7 @@ def naive_llama_moe_logits(sd: dict, c: dict, ids: list[int]) -> torch.Tensor:
 
 def test_topk_selection_and_weights_hand_computed():
     logits = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
-    index = moekd.select_experts(logits, moekd.NATIVE, 2)
+    index, _ = moekd.select_experts(logits, moekd.NATIVE, 2)
     assert index.tolist() == [[2, 1]]
     e = math.e
     assert_close(moekd.routing_weights(logits, index), torch.tensor([[e / (1 + e), 1 / (1 + e)]]))
@@ -165,7 +165,7 @@ def test_balance_loss_hand_computed():
 @settings(max_examples=25, deadline=None)
 def test_topk_selection_properties(k, n, seed):
     logits = torch.randn(n, 7, generator=torch.Generator().manual_seed(seed)) * 5
-    index = moekd.select_experts(logits, moekd.Routing("topk", k=k), 3)
+    index, _ = moekd.select_experts(logits, moekd.Routing("topk", k=k), 3)
     weights = moekd.routing_weights(logits, index)
     assert all(len(set(row)) == k for row in index.tolist())
     assert_close(weights.sum(-1), torch.ones(n))
@@ -733,6 +733,12 @@ def naive_kl(p_logits, q_logits):
     return torch.tensor(out, dtype=torch.float32).view(p_logits.shape[:-1])
 
 
+def dense_kl(p_logits, q_logits):
+    """KL(softmax(p) || softmax(q)) per position, the textbook formula on whole tensors in float64."""
+    lp, lq = p_logits.detach().double().log_softmax(-1), q_logits.detach().double().log_softmax(-1)
+    return torch.where(lp.exp() > 0, lp.exp() * (lp - lq), 0.0).sum(-1).float()
+
+
 logit_pairs = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(2, 9), st.integers(0, 10_000)).map(
     lambda s: (torch.randn(*s[:3], generator=torch.Generator().manual_seed(s[3])) * 4,
                torch.randn(*s[:3], generator=torch.Generator().manual_seed(s[3] + 1)) * 4,
@@ -799,7 +805,7 @@ def test_kl_chunking_does_not_change_values():
 def test_sampled_routing_picks_k_distinct_experts(k, prob, seed):
     logits = torch.randn(13, 7, generator=torch.Generator().manual_seed(seed)) * 3
     routing = moekd.Routing("sample", k=k, prob=prob, generator=torch.Generator().manual_seed(seed))
-    index = moekd.select_experts(logits, routing, 2)
+    index, _ = moekd.select_experts(logits, routing, 2)
     assert index.shape == (13, k) and all(len(set(row)) == k for row in index.tolist())
     assert_close(moekd.routing_weights(logits, index).sum(-1), torch.ones(13))
 
@@ -811,7 +817,7 @@ def test_sampling_without_replacement_frequencies():
     p = logits.softmax(-1).tolist()
     n = 40_000
     routing = moekd.Routing("sample", k=2, prob=1.0, generator=torch.Generator().manual_seed(7))
-    index = moekd.select_experts(logits.expand(n, 4), routing, 2).sort(-1).values
+    index = moekd.select_experts(logits.expand(n, 4), routing, 2)[0].sort(-1).values
     for i in range(4):
         for j in range(i + 1, 4):
             expected = p[i] * p[j] / (1 - p[i]) + p[j] * p[i] / (1 - p[j])
@@ -822,11 +828,11 @@ def test_sampling_without_replacement_frequencies():
 def test_fraction_routed_off_topk_is_lambda():
     """Off-top-k fraction = lambda * P(a drawn set differs from the top set), the latter measured at lambda = 1."""
     logits = torch.randn(40_000, 8, generator=torch.Generator().manual_seed(0)) * 2
-    top = moekd.select_experts(logits, moekd.Routing("topk", k=7), 2).sort(-1).values
+    top = moekd.select_experts(logits, moekd.Routing("topk", k=7), 2)[0].sort(-1).values
 
     def off(lam, seed):
         routing = moekd.Routing("sample", k=7, prob=lam, generator=torch.Generator().manual_seed(seed))
-        return (moekd.select_experts(logits, routing, 2).sort(-1).values != top).any(-1).float().mean().item()
+        return (moekd.select_experts(logits, routing, 2)[0].sort(-1).values != top).any(-1).float().mean().item()
 
     differs = off(1.0, 1)
     assert 0.3 < differs < 0.95
@@ -865,6 +871,48 @@ def test_lambda_zero_is_bit_identical_to_topk(teacher):
             drawn6 = teacher(ids_batch()).logits
     assert torch.equal(native, sampled_native_k) and torch.equal(sampled6, top6)
     assert not torch.equal(drawn6, top6)
+
+
+def naive_top_p(row: torch.Tensor, p: float) -> tuple[list[int], torch.Tensor]:
+    """The official gate's top-p, one token: experts by falling logit, kept while the mass before <= p."""
+    order = sorted(range(len(row)), key=lambda e: -row[e].item())
+    probs, kept, mass = row.softmax(-1), [], 0.0
+    for e in order:
+        if kept and mass > p:
+            break
+        kept.append(e)
+        mass += probs[e].item()
+    return kept, torch.softmax(row[kept], -1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.0, 0.99))
+def test_top_p_routing_matches_the_official_rule(seed, p):
+    logits = torch.randn(9, 6, generator=torch.Generator().manual_seed(seed)) * 2
+    index, keep = moekd.select_experts(logits, moekd.Routing("topp", top_p=p), 2)
+    weights = moekd.routing_weights(logits, index, keep)
+    for n in range(9):
+        kept, w = naive_top_p(logits[n], p)
+        m = len(kept)
+        assert index[n, :m].tolist() == kept and keep[n, :m].all() and not keep[n, m:].any()
+        assert_close(weights[n, :m], w) and (weights[n, m:] == 0).all()
+
+
+def test_top_p_routing_in_models(tmp_path, teacher):
+    """p = 0 keeps one expert per token (= top-1); a larger p changes the output; routing is restored."""
+    model = moekd.load_model(str(hf_moe(tmp_path, "qwen2_moe")))
+    for m in (teacher, model):
+        with torch.no_grad():
+            native = m(ids_batch()).logits
+            with moekd.moe_routing(m, "topk", k=1):
+                top1 = m(ids_batch()).logits
+            with moekd.moe_routing(m, "topp", top_p=0.0):
+                assert torch.equal(m(ids_batch()).logits, top1)
+            with moekd.moe_routing(m, "topp", top_p=0.6):
+                assert not torch.equal(m(ids_batch()).logits, top1)
+            assert torch.equal(m(ids_batch()).logits, native)
+    with pytest.raises(moekd.MoekdError, match="topp needs top_p"):
+        moekd.Routing("topp")
 
 
 def test_all_experts_weights_and_gradients_reach_routers_only(teacher):
@@ -1075,6 +1123,103 @@ def one_step(cfg, model, teacher, tok, rows, lr=1e-3, seed=0, sgd=False):
     return logs, optimizer
 
 
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose logits are a fixed table [1, T, V] (a parameter, so gradients can be read)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.as_tensor(table, dtype=torch.float32))
+
+    def forward(self, input_ids, attention_mask, **kw):
+        from types import SimpleNamespace
+        return SimpleNamespace(logits=self.table.expand(input_ids.shape[0], -1, -1))
+
+
+def test_kd_step_is_forward_kl_with_the_teacher_as_target():
+    """Hand-computed: at the one loss position p_teacher = (.7, .2, .1), q_student = (.2, .5, .3).
+    KL(p || q) = .7 ln 3.5 + .2 ln .4 + .1 ln(1/3) = 0.58381; the reverse KL(q || p) would be 0.53718.
+    d KL(p || q) / d student logits = q - p."""
+    teacher = FixedLogits(torch.tensor([[0.7, 0.2, 0.1], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]).log().unsqueeze(0))
+    student = FixedLogits(torch.tensor([[0.2, 0.5, 0.3], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]).log().unsqueeze(0))
+    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "labels": torch.tensor([[-100, 1, -100]])}  # position 0 predicts the one response token
+    cfg = moekd.Config(method="kd", kd_ratio=0.5)
+    parts = moekd.kd_step(student, teacher, batch, cfg, norm=2.0, n_micro=1)
+    assert abs(parts["fkl"].item() - 0.58381 / 2) < 1e-4
+    parts["fkl"].backward()
+    assert_close(student.table.grad[0, 0], torch.tensor([0.2 - 0.7, 0.5 - 0.2, 0.3 - 0.1]) / 2)
+    assert teacher.table.grad is None
+
+
+def naive_router_kl(cfg, model, teacher, rows, *, swap: bool) -> float:
+    """SAR's router loss recomputed from its definition: teacher in train mode (gate noise from the same
+    stream), all experts, against the student in eval mode; KL(p_teacher || q_student) (swap: reversed)."""
+    batch = moekd.collate(rows, 2)
+    mask = moekd.loss_mask(batch["labels"])
+    with torch.no_grad():
+        q = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.manual_seed(moekd.stream_seed(cfg.seed, 0, 0, "router"))
+        teacher.train()
+        with moekd.moe_routing(teacher, "all"):
+            p = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        teacher.eval()
+    kl = dense_kl(q, p) if swap else dense_kl(p, q)
+    return (kl * mask).sum().item() / mask.sum().item()
+
+
+@pytest.mark.parametrize("direction", ["teacher-student", "student-teacher"])
+def test_sar_router_loss_direction(direction):
+    cfg, model, teacher, tok, rows = training_setup("sar", batch_size=4, sar_kl=direction)
+    rows = rows[:4]
+    with torch.no_grad():  # a peaked student, so that the two directions differ clearly
+        model.get_output_embeddings().weight.mul_(30)
+    micro = [moekd.collate(rows, tok.pad_token_id)]
+    norms = moekd.loss_norms(micro, "global")
+    expected = naive_router_kl(cfg, model, teacher, rows, swap=direction == "student-teacher")
+    other = naive_router_kl(cfg, model, teacher, rows, swap=direction == "teacher-student")
+    logs = moekd.sar_router_update(model, teacher, micro, norms, cfg, moekd.method_extras(cfg, teacher, torch.float32))
+    assert abs(logs["router_kl"] - expected) < 1e-4 * expected and abs(expected - other) > 0.1 * expected
+
+
+def test_ka_gold_is_the_mean_of_m_forward_kls():
+    """ka-gold: KD's loss with the KL term averaged over M teacher passes, each with its own expert draws
+    (lambda 1: always the sampled set), equal to M separate teacher forwards with the same draws."""
+    cfg, model, teacher, tok, rows = training_setup("ka-gold", batch_size=4, ka_m=3, ka_lambda=1.0)
+    batch = moekd.collate(rows[:4], tok.pad_token_id)
+    extras = moekd.method_extras(cfg, teacher, torch.float32)
+    extras["generator"].manual_seed(5)
+    parts = moekd.kd_step(model, teacher, batch, cfg, norm=10.0, n_micro=1, extras=extras)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad(), moekd.moe_routing(teacher, "sample", k=6, prob=1.0, generator=g):
+        rep = {k: v.repeat(3, 1) for k, v in batch.items()}
+        t = teacher(input_ids=rep["input_ids"], attention_mask=rep["attention_mask"]).logits.view(3, 4, *batch["labels"].shape[1:], -1)
+    s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = moekd.loss_mask(batch["labels"])
+    expected = sum((dense_kl(t[m], s) * mask).sum() for m in range(3)) / 3 / 10.0
+    assert_close(parts["fkl"], expected)
+    assert not torch.equal(t[0], t[1])  # the passes did draw different experts
+    ce = moekd.cross_entropy_sum(s, batch["labels"]) / 10.0
+    assert_close(parts["loss"], 0.5 * ce + 0.5 * expected)
+
+
+def test_teacher_top_p_routes_the_kd_teacher(monkeypatch):
+    seen = []
+    monkeypatch.setattr(moekd, "moe_routing", lambda model, mode, **kw: seen.append((mode, kw)) or moekd.contextlib.nullcontext())
+    cfg = moekd.Config(method="kd", teacher_top_p=0.6)
+    moekd.teacher_routing(None, cfg, None)
+    assert seen == [("topp", {"top_p": 0.6})]
+    with pytest.raises(moekd.MoekdError, match="--teacher-top-p"):
+        moekd.Config(method="kd", teacher_top_p=0.6, teacher_k=2)
+
+
+def test_select_defaults_follow_the_official_scripts():
+    assert [moekd.Config(method=m).select for m in moekd.METHODS] == \
+        ["best", "best", "last", "last", "last", "last", "best"]
+    assert moekd.Config(method="sft", dev_eval=False).select == "last"
+    with pytest.raises(moekd.MoekdError, match="--select best needs the dev evaluation"):
+        moekd.Config(method="gkd", select="best", dev_eval=False)
+
+
 @pytest.mark.parametrize("router_lr", [1e-2, 0.0])
 def test_sar_step_changes_only_the_routers(router_lr):
     cfg, model, teacher, tok, rows = training_setup("sar", router_lr=router_lr, batch_size=4)
@@ -1149,6 +1294,31 @@ def test_every_method_runs_on_every_teacher_family(tmp_path, method, family):
         routers = load_file(tmp_path / "run" / "final" / moekd.ROUTERS_FILE)
         original = moekd.load_model(str(teacher)).state_dict()
         assert routers.keys() <= original.keys() and any(not torch.equal(routers[k], original[k]) for k in routers)
+
+
+@pytest.mark.parametrize("method", moekd.METHODS)
+def test_every_method_steps_in_bf16_on_cpu(tmp_path, method):
+    """GPU runs are bf16 (autocast, fp32 master weights, fp32 SAR routers): dtype bugs must show up here."""
+    result = moekd.main(run_args(tmp_path / "run", method, "--dtype", "bf16", "--max-steps", "1"))
+    assert result["finished"] and all(math.isfinite(v) for h in result["history"] for v in h.values())
+    trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    init = moekd.load_model(str(STUDENT)).state_dict()
+    assert all(trained[k].dtype == torch.float32 for k in trained) and any(not torch.equal(trained[k], init[k]) for k in init)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["dtype"] == "bf16"
+
+
+def test_llama_like_tokenizer_end_to_end(tmp_path):
+    """SFT of the student, then kd and gkd from it, all with the SentencePiece-style tokenizer's models."""
+    common = ["--synthetic-train", "16", "--batch-size", "4", "--max-steps", "2", "--log-every", "1"]
+    sft = moekd.main(["--tiny", "--model", str(SP / "student"), "--out", str(tmp_path / "sft"), "--synthetic-dev", "4",
+                      "--dev-num", "2", *common])
+    assert sft["model"] == str(tmp_path / "sft" / "best_rougeL")
+    for method in ("kd", "gkd"):
+        result = moekd.main(["--tiny", "--method", method, "--model", sft["model"], "--teacher", str(SP),
+                             "--out", str(tmp_path / method), "--no-dev-eval", *common])
+        assert result["finished"] and result["model"] == str(tmp_path / method / "final")
+        assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in result["history"])
+        assert moekd.load_tokenizer(result["model"]).get_vocab() == moekd.load_tokenizer(str(SP)).get_vocab()
 
 
 @pytest.mark.parametrize("student_family", ["llama_moe", "mixtral"])
@@ -1307,6 +1477,9 @@ def test_k_sweep_and_routing_flags(tmp_path):
     result = moe_eval.main(eval_args(tmp_path, "--routing", "sample", "--num-selects", "6", "--sample-prob", "0.5",
                                      "--sets", "vicuna", name="sampled"))
     assert "vicuna" in result["sets"]
+    result = moe_eval.main(eval_args(tmp_path, "--routing", "topp", "--top-p", "0.6", "--sets", "vicuna", name="topp"))
+    protocol = json.loads((tmp_path / "topp" / "results.json").read_text())["protocol"]
+    assert (protocol["routing"], protocol["top_p"]) == ("topp", 0.6) and "vicuna" in result["sets"]
 
 
 @pytest.mark.parametrize("extra,pattern", [
@@ -1315,6 +1488,7 @@ def test_k_sweep_and_routing_flags(tmp_path):
     (["--routing", "all", "--model", str(STUDENT)], "--routing/--routers needs an MoE model"),
     (["--analysis", "router-shift"], "needs --routers"),
     (["--seeds", "ten"], "--seeds 'ten': expected comma-separated integers"),
+    (["--routing", "topp"], "--top-p goes with --routing topp"),
 ])
 def test_eval_bad_input(tmp_path, extra, pattern):
     with pytest.raises(moekd.MoekdError, match=pattern):
@@ -1358,6 +1532,29 @@ def test_bench_smoke():
     assert set(rows) == {"gkd", "ka-m2", "sar"}
     assert rows["sar"]["router_ms"] > 0 and rows["gkd"]["router_ms"] == 0 and rows["gkd"]["gen_ms"] > 0
     assert all(r["step_ms"] > 0 and r["overhead"] > 0 and r["peak_mb"] > 0 for r in rows.values())
+
+
+@pytest.mark.parametrize("method", ["kd", "ka-gold"])
+def test_bench_student_part_is_the_methods_own_step(method):
+    """bench.py times the step functions training uses (kd's --kd-ratio included), not a copy of them."""
+    import bench
+    teacher, student = bench.build("tiny", None, torch.device("cpu"))
+    teacher.requires_grad_(False)
+    cfg = moekd.Config(method=method, kd_ratio=0.3, batch_size=2, max_prompt_len=6, max_len=12, ka_lambda=0.0)
+    rows = [{"prompt_ids": [5, 6, 7], "input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, -100, 8, 9]},
+            {"prompt_ids": [9, 4], "input_ids": [9, 4, 3, 3], "labels": [-100, -100, 3, 3]}]
+    extras = moekd.method_extras(cfg, teacher, torch.float32)
+    parts = bench.step_parts(cfg, student, teacher, bench.Tokens(), rows, None, extras)
+    torch.manual_seed(1)
+    parts["student"]()
+    timed = {n: p.grad.clone() for n, p in student.named_parameters()}
+    batch = moekd.collate(rows, 2)
+    student.zero_grad()
+    norm = float(moekd.loss_mask(batch["labels"]).sum())
+    torch.manual_seed(1)
+    moekd.METHOD_STEPS[method](student, teacher, batch, cfg, norm=norm, n_micro=1, extras=extras)["loss"].backward()
+    for n, p in student.named_parameters():
+        assert_close(timed[n], p.grad)
 
 
 def test_specialisation_bits_hand_computed():
