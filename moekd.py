@@ -53,6 +53,10 @@ class MoekdError(ValueError):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+class RunStopped(MoekdError):
+    """Training cannot go on (non-finite numbers, full disk); main() names the last good checkpoint."""
+
+
 # ----------------------------------------------------------------------------
 # Config
 
@@ -71,8 +75,10 @@ class Config:
                 "dev.jsonl, or the first --dev-size rows of --data"})
     dev_size: int = field(default=1000, metadata={"help": "rows held out as dev when --dev-data is not given"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<method>-<model>)"})
-    overwrite: bool = field(default=False, metadata={"help": "delete an existing --out and start over"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "empty an existing --out and start over (only a moekd run folder: run.json, nothing foreign)"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in --out from its last checkpoint with its saved config (run.json)"})
     tiny: bool = field(default=False, metadata={
         "help": "CPU preset: tiny_moe models, synthetic data, short sequences, large LR"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda if available)"})
@@ -1196,7 +1202,7 @@ def write_atomically(directory: Path, write) -> None:
         if old is not None:
             shutil.rmtree(old)
     except BaseException as e:
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or disk_full(tmp)
+        full = isinstance(e, Exception) and (isinstance(e, OSError) and e.errno == errno.ENOSPC or disk_full(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
         if full:  # torch.save says "unexpected pos ..." on a full disk, safetensors its own error
             raise RunStopped(f"no space left on device writing {directory}") from None
@@ -1895,10 +1901,6 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
     logs = dict(zip(sorted(logs), all_reduce_sum([logs[k] for k in sorted(logs)], dist)))
     check_finite("loss", logs["loss"], step)
     return logs
-
-
-class RunStopped(MoekdError):
-    """Training cannot go on (non-finite numbers, full disk); main() names the last good checkpoint."""
 
 
 def check_finite(what: str, value, step: int) -> None:
