@@ -211,7 +211,6 @@ TINY_PRESET = dict(model=str(HERE / "tiny_moe" / "student"), teacher=str(HERE / 
 # Flags that apply to some methods only: one row per flag, Config field -> the methods that use it. Given
 # explicitly with any other method, a flag is an error. Flags without a row apply to every method.
 DISTILL = tuple(m for m in METHODS if m != "sft")
-# Flags that only some methods use (given for another method: an error); a flag without a row applies to all.
 METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "teacher": DISTILL,
     "teacher_routers": DISTILL,
