@@ -479,7 +479,7 @@ def test_prompts_whose_tokens_merge_into_the_response_are_counted(tokenizer, cap
                                                 {"prompt": "Q:\n", "responses": ["yes"]}], cfg, name="t")
     assert len(items) == 2 and "prefix_ok" not in items[0]
     assert items[0]["input_ids"] == prompt_ids + joint[len(prompt_ids):] + [tokenizer.eos_token_id]
-    assert "2 examples kept, 0 dropped with prompts over 50 tokens, 1 whose prompt tokens merge" in capsys.readouterr().out
+    assert "2 examples kept, 0 dropped with prompts over 50 tokens, 0 dropped with empty responses, 1 whose prompt tokens merge" in capsys.readouterr().out
 
 
 def test_jsonl_formats(tmp_path):
