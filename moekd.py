@@ -487,71 +487,6 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + 1e-10)
 
 
-@dataclass(frozen=True)
-class Routing:
-    """How every MoE layer picks experts (see `moe_routing`).
-
-    mode  "topk": the k largest router logits (k=None: the model's native k);
-          "sample": KA, per token the top-k set is replaced, with probability `prob`, by k experts drawn
-                    without replacement from softmax(router logits) (prob=None: always the drawn set);
-          "topp": the official gate's top-p routing: per token the smallest set of most probable experts
-                  whose softmax mass exceeds `top_p` (at least one);
-          "all": every expert, weights = softmax over all E logits."""
-    mode: str = "topk"
-    k: int | None = None
-    prob: float | None = None
-    generator: torch.Generator | None = None
-    top_p: float | None = None
-
-    def __post_init__(self):
-        if self.mode not in ("topk", "sample", "topp", "all"):
-            raise MoekdError(f"routing mode must be topk, sample, topp or all, got {self.mode!r}")
-        if self.prob is not None and not 0.0 <= self.prob <= 1.0:
-            raise MoekdError(f"routing: sampling probability must be in [0, 1], got {self.prob}")
-        if (self.mode == "topp") != (self.top_p is not None) or not 0.0 <= (self.top_p or 0.0) <= 1.0:
-            raise MoekdError(f"routing: mode topp needs top_p in [0, 1] (and only it), got {self.top_p}")
-
-
-NATIVE = Routing()
-
-
-def sample_experts(logits: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """k distinct experts per row drawn without replacement from softmax(logits): [N, E] -> [N, K]."""
-    return torch.multinomial(torch.softmax(logits.float(), dim=-1), k, replacement=False, generator=generator)
-
-
-def top_p_experts(logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Experts by falling logit [N, K] and which of them are kept [N, K]: as the official gate, the first
-    expert always and each next one while the softmax mass before it is <= p. K is the largest kept
-    set of the batch; rows with fewer keep their other experts at weight 0 (no effect on the output)."""
-    values, index = logits.sort(dim=-1, descending=True)
-    mass_before = torch.softmax(values.float(), dim=-1).cumsum(-1)
-    keep = torch.ones_like(index, dtype=torch.bool)
-    keep[:, 1:] = mass_before[:, :-1] <= p
-    k = int(keep.sum(-1).max())
-    return index[:, :k], keep[:, :k]
-
-
-def select_experts(logits: torch.Tensor, routing: Routing, native_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Expert indices [N, K] under a routing policy, and which slots count (None: all; only "topp" has
-    slots at weight 0). As the official gate: the top set is the first k of topk(k+1); in "sample" mode
-    S and T are both drawn and one uniform per token picks S if u < prob."""
-    N, E = logits.shape
-    if routing.mode == "all":
-        return torch.arange(E, device=logits.device).expand(N, E), None
-    if routing.mode == "topp":
-        return top_p_experts(logits, routing.top_p)
-    k = routing.k or native_k
-    top = logits.topk(min(k + 1, E), dim=-1).indices[:, :k]
-    if routing.mode == "topk":
-        return top, None
-    sampled = sample_experts(logits, k, generator=routing.generator)
-    if routing.prob is None:
-        return sampled, None
-    u = torch.rand((N, 1), generator=routing.generator, device=logits.device)
-    return torch.where(u < routing.prob, sampled, top), None
-
-
 def routing_weights(logits: torch.Tensor, index: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Llama-MoE weights: softmax over the *selected* (kept) logits only, in fp32, cast back: [N, K]."""
     chosen = logits.gather(1, index).float()
@@ -594,11 +529,11 @@ class LlamaMoEGate(nn.Module):
         else:
             self.gate_network = nn.Linear(hidden_size, E, bias=False)
         self.weight_noise = nn.Linear(hidden_size, E, bias=False) if add_noise else None
-        self.num_experts, self.num_selects = E, num_selects
+        self.num_experts, self.top_k = E, num_selects
         self.add_noise, self.noise_epsilon = add_noise, noise_epsilon
         self.use_balance, self.balance_loss_weight = use_balance, balance_loss_weight
         self.balance_loss: torch.Tensor | None = None
-        self.routing: Routing | None = None  # set by moe_routing(); None = native top-k
+        self.routing = None  # moekd's router protocol: None = native top-k, else (logits, k) -> (index, keep)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         clean = self.gate_network(x)                                    # [N, E]
@@ -607,14 +542,17 @@ class LlamaMoEGate(nn.Module):
             noise_std = F.softplus(self.weight_noise(x)) + self.noise_epsilon
             noise = torch.randn_like(clean) * noise_std
         logits = clean if noise is None else clean + noise
-        routing = self.routing or NATIVE
-        index, keep = select_experts(logits, routing, self.num_selects)  # [N, K]
+        if self.routing is None:  # the official top-k: the first k of topk(k + 1)
+            index, keep = logits.topk(min(self.top_k + 1, self.num_experts), dim=-1).indices[:, :self.top_k], None
+        else:
+            index, keep = self.routing(logits, self.top_k)               # [N, K]
         weights = routing_weights(logits, index, keep)                   # [N, K]
         k = index.shape[1]
         if self.use_balance:
             full = torch.zeros_like(logits).scatter(1, index, weights)  # [N, E]
             importance = full.sum(0)
-            if noise is not None and k < self.num_experts and routing.mode == "topk":
+            top_k_mode = self.routing is None or self.routing.mode == "topk"
+            if noise is not None and k < self.num_experts and top_k_mode:
                 top_values = logits.topk(k + 1, dim=-1).values
                 load = smooth_load(clean, noise, noise_std, top_values, k)
             else:
@@ -976,16 +914,6 @@ def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes:
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def moe_blocks(model: nn.Module) -> list[nn.Module]:
-    """The MoE layers of a model: our Llama-MoE MLPs, or transformers-5 blocks with experts + router."""
-    return [m for m in model.modules() if isinstance(m, LlamaMoELayer)
-            or (hasattr(m, "experts") and (hasattr(m, "gate") or hasattr(m, "router")))]
-
-
-def is_moe(model: nn.Module) -> bool:
-    return bool(moe_blocks(model))
-
-
 def enable_checkpointing(model: nn.Module, what: str) -> None:
     """Activation checkpointing of every decoder layer: transformers' own, non-reentrant (so it composes
     with DDP and FSDP2), and the recomputation replays the RNG state, so gate noise is the same."""
@@ -998,8 +926,12 @@ def enable_checkpointing(model: nn.Module, what: str) -> None:
 # ----------------------------------------------------------------------------
 # Routing control: one mechanism for every supported MoE teacher (KA sampling, ALL, SAR, k-sweeps)
 
-# transformers-5 routers: forward(h) -> (router_logits [N, E], weights [N, K], index [N, K]), weights from
-# softmax(logits) in fp32 gathered at the selected experts. name -> (family, renormalise?, cast back?)
+# The router protocol: every MoE layer has a router module with `num_experts` and `top_k`. A router that
+# has a `routing` attribute (moekd's Llama-MoE gate) routes by it itself: None = native, else a callable
+# (logits [N, E], native k) -> (index [N, K], kept slots [N, K] or None), and applies its own weight rule.
+# A transformers-5 router, forward(h) -> (router_logits [N, E], weights [N, K], index [N, K]), gets its
+# forward replaced for the block's duration; its weights stay softmax(logits) in fp32 at the chosen experts.
+# name -> (family, renormalise?, cast back?)
 HF_ROUTERS = {
     "MixtralTopKRouter": ("Mixtral", True, False),
     "Qwen2MoeTopKRouter": ("Qwen2-MoE", None, True),   # None: the router's own norm_topk_prob
@@ -1008,13 +940,82 @@ HF_ROUTERS = {
 }
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How every MoE layer picks experts (see `moe_routing`); calling it on router logits [N, E] and the
+    router's native k gives (expert index [N, K], kept slots [N, K] or None).
+
+    mode  "topk": the k largest router logits (k=None: the model's native k);
+          "sample": KA, per token the top-k set is replaced, with probability `prob`, by k experts drawn
+                    without replacement from softmax(router logits) (prob=None: always the drawn set);
+          "topp": the official gate's top-p routing: per token the smallest set of most probable experts
+                  whose softmax mass exceeds `top_p` (at least one);
+          "all": every expert, weights = softmax over all E logits."""
+    mode: str = "topk"
+    k: int | None = None
+    prob: float | None = None
+    generator: torch.Generator | None = None
+    top_p: float | None = None
+
+    def __call__(self, logits: torch.Tensor, native_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return select_experts(logits, self, native_k)
+
+    def __post_init__(self):
+        if self.mode not in ("topk", "sample", "topp", "all"):
+            raise MoekdError(f"routing mode must be topk, sample, topp or all, got {self.mode!r}")
+        if self.prob is not None and not 0.0 <= self.prob <= 1.0:
+            raise MoekdError(f"routing: sampling probability must be in [0, 1], got {self.prob}")
+        if (self.mode == "topp") != (self.top_p is not None) or not 0.0 <= (self.top_p or 0.0) <= 1.0:
+            raise MoekdError(f"routing: mode topp needs top_p in [0, 1] (and only it), got {self.top_p}")
+
+
+
+def sample_experts(logits: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k distinct experts per row drawn without replacement from softmax(logits): [N, E] -> [N, K]."""
+    return torch.multinomial(torch.softmax(logits.float(), dim=-1), k, replacement=False, generator=generator)
+
+
+def top_p_experts(logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts by falling logit [N, K] and which of them are kept [N, K]: as the official gate, the first
+    expert always and each next one while the softmax mass before it is <= p. K is the largest kept
+    set of the batch; rows with fewer keep their other experts at weight 0 (no effect on the output)."""
+    values, index = logits.sort(dim=-1, descending=True)
+    mass_before = torch.softmax(values.float(), dim=-1).cumsum(-1)
+    keep = torch.ones_like(index, dtype=torch.bool)
+    keep[:, 1:] = mass_before[:, :-1] <= p
+    k = int(keep.sum(-1).max())
+    return index[:, :k], keep[:, :k]
+
+
+def select_experts(logits: torch.Tensor, routing: Routing, native_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Expert indices [N, K] under a routing policy, and which slots count (None: all; only "topp" has
+    slots at weight 0). As the official gate: the top set is the first k of topk(k+1); in "sample" mode
+    S and T are both drawn and one uniform per token picks S if u < prob."""
+    N, E = logits.shape
+    if routing.mode == "all":
+        return torch.arange(E, device=logits.device).expand(N, E), None
+    if routing.mode == "topp":
+        return top_p_experts(logits, routing.top_p)
+    k = routing.k or native_k
+    top = logits.topk(min(k + 1, E), dim=-1).indices[:, :k]
+    if routing.mode == "topk":
+        return top, None
+    sampled = sample_experts(logits, k, generator=routing.generator)
+    if routing.prob is None:
+        return sampled, None
+    u = torch.rand((N, 1), generator=routing.generator, device=logits.device)
+    return torch.where(u < routing.prob, sampled, top), None
+
+
 def moe_routers(model: nn.Module) -> list[nn.Module]:
-    """The router of every MoE layer; an MoE family whose router we cannot steer is an error,
-    never silently left on native routing."""
+    """The router of every MoE layer (a `gate` or `router` beside `experts`, or one that follows the
+    `routing` protocol); an MoE family whose router we cannot steer is an error, never left native."""
     routers = []
-    for block in moe_blocks(model):
-        router = block.gate if isinstance(block, LlamaMoELayer) else getattr(block, "gate", None) or block.router
-        if not isinstance(router, LlamaMoEGate) and type(router).__name__ not in HF_ROUTERS:
+    for block in model.modules():
+        router = getattr(block, "gate", None) or getattr(block, "router", None)
+        if not isinstance(router, nn.Module) or not (hasattr(block, "experts") or hasattr(router, "routing")):
+            continue
+        if not hasattr(router, "routing") and type(router).__name__ not in HF_ROUTERS:
             family = getattr(getattr(model, "config", None), "model_type", "?")
             raise MoekdError(f"MoE family {family!r} ({type(router).__name__}) is not supported for routing "
                              f"control; supported: Llama-MoE, " + ", ".join(f for f, _, _ in HF_ROUTERS.values()))
@@ -1029,9 +1030,8 @@ def num_experts(model: nn.Module) -> int:
 
 
 def native_top_k(model: nn.Module) -> int:
-    """Experts per token of the model's own routing (Llama-MoE num_selects, transformers top_k)."""
-    router = moe_routers(model)[0]
-    return router.num_selects if isinstance(router, LlamaMoEGate) else router.top_k
+    """Experts per token of the model's own routing."""
+    return moe_routers(model)[0].top_k
 
 
 def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.Tensor):
@@ -1042,14 +1042,12 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
     h = hidden_states.reshape(-1, router.hidden_dim)
     logits = F.linear(h, router.weight)                                 # [N, E]
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-    index, keep = select_experts(logits, routing, router.top_k)        # [N, K]
+    index, keep = routing(logits, router.top_k)                         # [N, K]
     weights = probs.gather(1, index)
     if keep is not None:
         weights = weights * keep
     if renorm:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    full = torch.zeros_like(probs).scatter(1, index, weights)
-    router.balance_terms = cv_squared(full.sum(0)) + cv_squared((full > 0).sum(0))  # for SAR
     return logits, weights.to(logits.dtype) if cast else weights, index
 
 
@@ -1066,7 +1064,7 @@ def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, p
     saved = []
     try:
         for r in routers:
-            if isinstance(r, LlamaMoEGate):
+            if hasattr(r, "routing"):
                 saved.append((r, "routing", r.routing))
                 r.routing = routing
             else:
@@ -1081,6 +1079,24 @@ def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, p
                 setattr(r, attr, value)
 
 
+def is_moe(model: nn.Module) -> bool:
+    """Has MoE layers (routers beside experts, or protocol routers); unlike moe_routers, never raises."""
+    return any((hasattr(m, "experts") and (hasattr(m, "gate") or hasattr(m, "router"))) or
+               (hasattr(m, "routing") and hasattr(m, "num_experts")) for m in model.modules())
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module) -> Iterator[list[tuple[nn.Module, Any]]]:
+    """(router, its raw output) for every router call inside the block, in call order; hooks removed on exit."""
+    records: list[tuple[nn.Module, Any]] = []
+    handles = [r.register_forward_hook(lambda m, args, out: records.append((m, out))) for r in moe_routers(model)]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def record_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect the noise-free router logits [N, E] of every MoE layer, in layer order, for each forward
@@ -1089,8 +1105,7 @@ def record_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     records: list[torch.Tensor] = []
     def keep(module, args, out):
         records.append((out[0] if isinstance(out, tuple) else out).detach())
-    handles = [(r.gate_network if isinstance(r, LlamaMoEGate) else r).register_forward_hook(keep)
-               for r in moe_routers(model)]
+    handles = [getattr(r, "gate_network", r).register_forward_hook(keep) for r in moe_routers(model)]
     try:
         yield records
     finally:
@@ -1103,12 +1118,20 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for r in moe_routers(model) for p in r.parameters()]
 
 
-def teacher_balance_loss(model: nn.Module, beta: float) -> torch.Tensor:
-    """SAR's balance term of the last forward: Llama-MoE's own (its config weight, summed over layers,
-    pads included as the official gate); transformers routers: beta * Sum_layers cv2(importance) + cv2(load)."""
-    if hasattr(model, "moe_config"):
-        return moe_balance_loss(model)
-    return beta * torch.stack([r.balance_terms for r in moe_routers(model)]).sum()
+def router_balance_loss(records: list[tuple[nn.Module, Any]], beta: float) -> torch.Tensor:
+    """SAR's balance term from the routers' outputs of one forward (record_routing): a Llama-MoE gate's own
+    loss (its config weight, pads included as the official gate), summed over layers; for transformers
+    routers beta * Sum_layers cv2(importance) + cv2(load) of the routing weights."""
+    terms = []
+    for router, out in records:
+        if getattr(router, "balance_loss", None) is not None:
+            terms.append(router.balance_loss)
+            continue
+        _, weights, index = out
+        full = torch.zeros(index.shape[0], router.num_experts, dtype=weights.dtype, device=weights.device)
+        full = full.scatter(1, index, weights)
+        terms.append(beta * (cv_squared(full.sum(0)) + cv_squared((full > 0).sum(0))))
+    return torch.stack(terms).sum()
 
 
 def write_atomically(directory: Path, write) -> None:
@@ -1726,9 +1749,9 @@ def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg
             q = student(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
         torch.manual_seed(stream_seed(cfg.seed, step, first + m, "router"))  # the gates' noise
         with moe_routing(teacher, "all"):  # also around the backward: --grad-checkpointing re-runs the forward
-            with autocast(t_device, extras["amp_dtype"]):
+            with autocast(t_device, extras["amp_dtype"]), record_routing(teacher) as routed:
                 p = teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device)).logits
-                lb = teacher_balance_loss(teacher, cfg.sar_beta) / n_micro
+                lb = router_balance_loss(routed, cfg.sar_beta) / n_micro
             p, mask = p.to(device), loss_mask(mb["labels"])
             pair = (p, q) if cfg.sar_kl == "teacher-student" else (q, p)  # KL(first || second)
             kl = kl_per_token(*pair, mask, chunk=cfg.kl_chunk).sum() / norm

@@ -376,7 +376,7 @@ def test_hf_moe_teacher_loads_and_sft_adds_router_aux_loss(tmp_path, tokenizer):
                       num_attention_heads=3, num_key_value_heads=1, num_local_experts=5, num_experts_per_tok=2)
     AutoModelForCausalLM.from_config(c).save_pretrained(tmp_path / "mixtral")
     model = moekd.load_model(str(tmp_path / "mixtral"))
-    assert moekd.is_moe(model) and len(moekd.moe_blocks(model)) == 2
+    assert moekd.is_moe(model) and len(moekd.moe_routers(model)) == 2
     item = moekd.tokenize_example(tokenizer, "Q: hi\n", "yes", max_prompt_len=50, max_len=60)
     batch = moekd.collate([item, item], tokenizer.pad_token_id)
     parts = moekd.sft_step(model, None, batch, None, norm=1.0, n_micro=2)
