@@ -19,7 +19,7 @@ import contextlib
 import csv
 import json
 import math
-import shutil
+import re
 import sys
 from pathlib import Path
 
@@ -40,12 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="anything moekd.load_model loads: Llama-MoE dir, HF name or dir")
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent / "shared" / "data"),
                    help="folder with the MiniLLM sets (dolly/valid.jsonl, self-inst/valid.jsonl, ...)")
-    p.add_argument("--sets", default=",".join(SETS),
-                   help="comma-separated set names, or name=path.jsonl for any other MiniLLM-format file")
+    p.add_argument("--sets", default=None,
+                   help=f"comma-separated set names, or name=path.jsonl for any other MiniLLM-format file (default: "
+                        f"{','.join(SETS)}, all of which must exist; a missing set named here is listed as missing)")
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
     p.add_argument("--analysis", default="rouge", choices=ANALYSES, help="what to run")
     p.add_argument("--out", default=None, help="output folder (default results/<analysis>-<model>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an existing --out written by eval.py (a rerun without it skips finished pairs)")
     p.add_argument("--max-examples", type=int, default=None, help="first N examples of each set (quick runs)")
     p.add_argument("--batch-size", type=int, default=64, help="generation batch (official eval batch 64)")
     p.add_argument("--max-prompt-len", type=int, default=256, help="prompts are cut to their first N tokens")
@@ -71,17 +73,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise MoekdError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     if not args.seeds:
         raise MoekdError("--seeds: need at least one seed")
+    for flag in ("max_examples", "batch_size", "max_prompt_len", "max_new_tokens", "num_selects"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise MoekdError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.no_repeat_ngram_size < 0:
+        raise MoekdError(f"--no-repeat-ngram-size must be >= 0, got {args.no_repeat_ngram_size}")
+    if args.sample_prob is not None and not 0.0 <= args.sample_prob <= 1.0:
+        raise MoekdError(f"--sample-prob must be in [0, 1], got {args.sample_prob}")
     return args
 
 
 # ----------------------------------------------------------------------------
 # Data and generation
 
-def resolve_sets(spec: str, data_dir: str | Path) -> dict[str, Path | None]:
-    """Set name -> file (None when missing: reported, never silently dropped). Unknown names are errors."""
+def resolve_sets(spec: str | None, data_dir: str | Path) -> dict[str, Path | None]:
+    """Set name -> file. The default sets must all exist; a missing set named in --sets is None (reported
+    and listed as missing, never silently dropped). Unknown names are errors."""
+    if spec is None:
+        if not Path(data_dir).is_dir():
+            raise MoekdError(f"--data-dir {data_dir}: no such folder")
+        missing = [f"{name} ({SETS[name]})" for name in SETS if not (Path(data_dir) / SETS[name]).is_file()]
+        if missing:
+            raise MoekdError(f"--data-dir {data_dir}: missing {', '.join(missing)}; name the sets to evaluate "
+                             f"with --sets")
     sets: dict[str, Path | None] = {}
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
+    for item in (s.strip() for s in (spec or ",".join(SETS)).split(",") if s.strip()):
         name, _, path = item.partition("=")
+        if not re.fullmatch(r"[\w.-]+", name):
+            raise MoekdError(f"--sets: set name {name!r} may hold only letters, digits, '_', '.' and '-'")
         if path:
             sets[name] = Path(path)
         elif name in SETS:
@@ -92,6 +111,8 @@ def resolve_sets(spec: str, data_dir: str | Path) -> dict[str, Path | None]:
         if not path.is_file():
             print(f"warning: set {name}: {path} not found, listed as missing", file=sys.stderr)
             sets[name] = None
+    if all(path is None for path in sets.values()):
+        raise MoekdError("--sets: none of the requested sets exists")
     return sets
 
 
@@ -160,8 +181,11 @@ def markdown_table(rows: dict[str, dict], set_names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_rouge(model, tokenizer, sets: dict[str, list[dict] | None], args, *, generations=None) -> dict:
-    """ROUGE-L of `model` on every set and seed; appends every generation to `generations` if given."""
+def evaluate_rouge(model, tokenizer, sets: dict[str, list[dict] | None], args, out: Path, *, tag: str = "",
+                   generations=None) -> dict:
+    """ROUGE-L of `model` on every set and seed; appends every generation to `generations` if given.
+    Each (set, seed) is saved to out/pairs/ as it finishes, and a pair saved by an earlier run of the
+    same evaluation (eval.json) is read back instead of generated again."""
     scores: dict[str, dict[int, float] | None] = {}
     for name, examples in sets.items():
         if examples is None:
@@ -169,22 +193,31 @@ def evaluate_rouge(model, tokenizer, sets: dict[str, list[dict] | None], args, *
             continue
         scores[name] = {}
         for seed in args.seeds:
-            responses = generate(model, tokenizer, examples, seed, args, desc=f"{name} seed {seed}")
-            values = [moekd.rouge_l(r, e["references"]) for r, e in zip(responses, examples)]
-            scores[name][seed] = sum(values) / len(values)
-            print(f"{name} seed {seed}: ROUGE-L {scores[name][seed]:.2f} ({len(values)} examples)")
+            path = out / "pairs" / f"{tag}{name}-seed{seed}.json"
+            if path.exists():
+                pair = json.loads(path.read_text())
+                print(f"{name} seed {seed}: ROUGE-L {pair['rougeL']:.2f} (finished before, {path})")
+            else:
+                responses = generate(model, tokenizer, examples, seed, args, desc=f"{name} seed {seed}")
+                values = [moekd.rouge_l(r, e["references"]) for r, e in zip(responses, examples)]
+                pair = {"rougeL": sum(values) / len(values), "generations": [
+                    {"set": name, "seed": seed, "prompt": e["prompt"], "references": e["references"],
+                     "response": r, "rougeL": v} for e, r, v in zip(examples, responses, values)]}
+                path.parent.mkdir(exist_ok=True)
+                moekd.write_json(path, pair)
+                print(f"{name} seed {seed}: ROUGE-L {pair['rougeL']:.2f} ({len(values)} examples)")
+            scores[name][seed] = pair["rougeL"]
             if generations is not None:
-                generations.extend({"set": name, "seed": seed, "prompt": e["prompt"], "references": e["references"],
-                                    "response": r, "rougeL": v} for e, r, v in zip(examples, responses, values))
+                generations.extend(pair["generations"])
     return summarize(scores)
 
 
 def run_rouge(model, tokenizer, sets, args, out: Path) -> dict:
     generations: list[dict] = []
-    summary = evaluate_rouge(model, tokenizer, sets, args, generations=generations)
+    summary = evaluate_rouge(model, tokenizer, sets, args, out, generations=generations)
     table = markdown_table({args.label: summary}, list(sets))
     (out / "table.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"model": args.model, **protocol(args), **summary}, indent=2) + "\n")
+    moekd.write_json(out / "results.json", {"model": args.model, **protocol(args), **summary})
     with (out / "generations.jsonl").open("w", encoding="utf-8") as f:
         for g in generations:
             f.write(json.dumps(g, ensure_ascii=False) + "\n")
@@ -314,7 +347,7 @@ def run_k_sweep(model, tokenizer, sets, args, out: Path) -> dict:
     for k in range(moekd.native_top_k(model), moekd.num_experts(model) + 1):
         args.routing, args.num_selects = "topk", k
         print(f"k = {k}")
-        results[k] = evaluate_rouge(model, tokenizer, sets, args)
+        results[k] = evaluate_rouge(model, tokenizer, sets, args, out, tag=f"k{k}-")
     names = [n for n, examples in sets.items() if examples is not None]
     write_csv(out / "k_sweep.csv", ["k"] + names + ["avg"],
               [[k] + [f"{r['sets'][n]['mean']:.4f}" for n in names] + [f"{r['avg']:.4f}"] for k, r in results.items()])
@@ -352,22 +385,56 @@ def save_fig(fig, path: Path) -> None:
 # ----------------------------------------------------------------------------
 # Main
 
+# Everything eval.py writes in --out; eval.json (the evaluation's settings, written first) marks the folder as ours.
+EVAL_FILES = {"eval.json", "pairs", "results.json", "table.md", "generations.jsonl", "gate_mass.csv", "gate_mass.png",
+              "router_shift.csv", "router_shift.png", "router_shift_hist.png", "k_sweep.csv", "k_sweep.png",
+              *(f"{a}.json" for a in ANALYSES)}
+
+
+def check_out(out: Path, settings: dict, overwrite: bool) -> None:
+    """--out must be new, empty, or an earlier run of the same evaluation (continued: finished pairs are
+    kept); --overwrite starts over, in a folder eval.py wrote only."""
+    if out.exists() and not out.is_dir():
+        raise MoekdError(f"--out {out}: exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if overwrite:
+        moekd.check_own_folder(out, "eval.json", EVAL_FILES)
+        return
+    marker = out / "eval.json"
+    if not marker.is_file():
+        raise MoekdError(f"--out {out}: exists and is not empty; pass --overwrite or another --out")
+    saved = json.loads(marker.read_text())
+    differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if differ:
+        raise MoekdError(f"--out {out}: holds an evaluation with other settings ({', '.join(differ)} differ); "
+                         f"pass --overwrite or another --out")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     name = Path(args.model.rstrip("/")).name
     out = Path(args.out or Path("results") / f"{args.analysis}-{name}")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise MoekdError(f"--out {out}: exists and is not empty; pass --overwrite")
     if (args.routing == "topp") != (args.top_p is not None):
         raise MoekdError("--top-p goes with --routing topp (and --routing topp needs --top-p)")
     if args.analysis == "router-shift" and args.routers is None:
         raise MoekdError("--analysis router-shift needs --routers (the SAR run's teacher_routers)")
+    paths = resolve_sets(args.sets, args.data_dir)
     sets = {name: None if path is None else load_set(path, args.max_examples)  # bad files fail before any work
-            for name, path in resolve_sets(args.sets, args.data_dir).items()}
+            for name, path in paths.items()}
+    args.label = args.label or (name if name not in ("best_rougeL", "final") else
+                                f"{Path(args.model.rstrip('/')).parent.name}/{name}")
+    args.label += (f" ({args.routing}{'' if args.num_selects is None else f', k={args.num_selects}'}"
+                   f"{'' if args.top_p is None else f', p={args.top_p}'})" if args.routing else "")
+    settings = {"model": args.model, "analysis": args.analysis, "label": args.label, "dtype": args.dtype,
+                "batch_size": args.batch_size, "sets": {k: None if p is None else str(p) for k, p in paths.items()},
+                **protocol(args)}
+    check_out(out, settings, args.overwrite)
     device = moekd.resolve_device(args.device)
     args.amp_dtype = moekd.resolve_dtype(args.dtype, device)
     model = moekd.load_model(args.model, device=device, dtype=args.amp_dtype)
     tokenizer = moekd.load_tokenizer(args.model)
+    moekd.check_vocab(model, tokenizer)
     needs_moe = args.analysis != "rouge" or args.routing is not None or args.routers is not None
     if needs_moe and not moekd.is_moe(model):
         what = f"--analysis {args.analysis}" if args.analysis != "rouge" else "--routing/--routers"
@@ -376,18 +443,15 @@ def main(argv: list[str] | None = None) -> dict:
         moekd.moe_routers(model)  # an MoE family we cannot steer is an error before any work
     if args.routers is not None and args.analysis != "router-shift":
         moekd.load_routers(model, args.routers)
-    args.label = args.label or (name if name not in ("best_rougeL", "final") else
-                                f"{Path(args.model.rstrip('/')).parent.name}/{name}")
-    args.label += (f" ({args.routing}{'' if args.num_selects is None else f', k={args.num_selects}'}"
-                   f"{'' if args.top_p is None else f', p={args.top_p}'})" if args.routing else "")
     if out.exists() and args.overwrite:
-        shutil.rmtree(out)
+        moekd.clear_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    moekd.write_json(out / "eval.json", settings)
     run = {"rouge": run_rouge, "gate-mass": run_gate_mass, "router-shift": run_router_shift,
            "k-sweep": run_k_sweep}[args.analysis]
     result = run(model, tokenizer, sets, args, out)
     if args.analysis != "rouge":
-        (out / f"{args.analysis}.json").write_text(json.dumps({"model": args.model, **result}, indent=2) + "\n")
+        moekd.write_json(out / f"{args.analysis}.json", {"model": args.model, **result})
     return {"out": str(out), **result}
 
 

@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -52,6 +55,10 @@ class MoekdError(ValueError):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+class RunStopped(MoekdError):
+    """Training cannot go on (non-finite numbers, full disk); main() names the last good checkpoint."""
+
+
 # ----------------------------------------------------------------------------
 # Config
 
@@ -70,8 +77,10 @@ class Config:
                 "dev.jsonl, or the first --dev-size rows of --data"})
     dev_size: int = field(default=1000, metadata={"help": "rows held out as dev when --dev-data is not given"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<method>-<model>)"})
-    overwrite: bool = field(default=False, metadata={"help": "delete an existing --out and start over"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "empty an existing --out and start over (only a moekd run folder: run.json, nothing foreign)"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in --out from its last checkpoint with its saved config (run.json)"})
     tiny: bool = field(default=False, metadata={
         "help": "CPU preset: tiny_moe models, synthetic data, short sequences, large LR"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda if available)"})
@@ -172,13 +181,17 @@ class Config:
             raise MoekdError("--ka-lambda and --kd-ratio must be in [0, 1]")
         if self.teacher_top_p is not None and (self.teacher_k is not None or not 0.0 <= self.teacher_top_p <= 1.0):
             raise MoekdError("--teacher-top-p must be in [0, 1] and cannot be combined with --teacher-k")
-        for name in ("batch_size", "epochs", "dist_timeout", "max_prompt_len", "max_len", "log_every", "ka_m",
-                     "gen_batch_size", "kl_chunk"):
-            if getattr(self, name) < 1:
-                raise MoekdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("grad_accum", "global_batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise MoekdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for names, low, strict in (  # (flags, bound, bound excluded); None values are "not given"
+                (("lr",), 0.0, True), (("lr_min", "weight_decay", "grad_clip", "router_lr", "sar_beta"), 0.0, False),
+                (("batch_size", "epochs", "dist_timeout", "max_prompt_len", "max_len", "log_every", "ka_m",
+                  "gen_batch_size", "kl_chunk", "grad_accum", "global_batch_size", "max_steps", "stop_after",
+                  "dev_size", "dev_num", "eval_batch_size", "synthetic_train", "synthetic_dev"), 1, False),
+                (("warmup_steps", "save_every"), 0, False)):
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
+                    raise MoekdError(f"--{name.replace('_', '-')} must be {'>' if strict else '>='} {low:g} "
+                                     f"and finite, got {value}")
         if self.max_prompt_len >= self.max_len:
             raise MoekdError(f"--max-prompt-len ({self.max_prompt_len}) must be < --max-len ({self.max_len})")
         if self.grad_accum is None and self.global_batch_size is None:
@@ -186,7 +199,7 @@ class Config:
         if self.resume and self.overwrite:
             raise MoekdError("--resume and --overwrite contradict each other")
         if self.out is None:
-            self.out = str(Path("runs") / f"{self.method}-{Path(self.model.rstrip('/')).name}")
+            self.out = default_out(self.method, self.model)
 
 
 # `--tiny`: everything a laptop CPU needs for an end-to-end run in a minute or two.
@@ -195,8 +208,40 @@ TINY_PRESET = dict(model=str(HERE / "tiny_moe" / "student"), teacher=str(HERE / 
                    max_len=128, log_every=20, dev_num=64, warmup_steps=10)
 
 
+# Flags that apply to some methods only: one row per flag, Config field -> the methods that use it. Given
+# explicitly with any other method, a flag is an error. Flags without a row apply to every method.
+DISTILL = tuple(m for m in METHODS if m != "sft")
+METHOD_FLAGS: dict[str, tuple[str, ...]] = {
+    "teacher": DISTILL,
+    "teacher_routers": DISTILL,
+    "teacher_device": DISTILL,
+    "shard_teacher": DISTILL,
+    "kl_chunk": DISTILL,
+    "gen_batch_size": ON_POLICY,
+    "kd_ratio": ("kd", "ka-gold"),
+    "teacher_k": ("kd", "gkd"),
+    "teacher_top_p": ("kd", "gkd"),
+    "ka_m": ("ka", "ka-gold"),
+    "ka_lambda": ("ka", "ka-gold"),
+    "ka_k": ("ka", "ka-gold"),
+    "ka_updates": ("ka",),
+    "router_lr": ("sar",),
+    "sar_beta": ("sar",),
+    "sar_kl": ("sar",),
+}
+
+
+def check_method_flags(method: str, given: dict) -> None:
+    wrong = [f"--{k.replace('_', '-')} ({'/'.join(METHOD_FLAGS[k])} only)"
+             for k in given if method not in METHOD_FLAGS.get(k, (method,))]
+    if wrong:
+        raise MoekdError(f"--method {method} does not use {', '.join(wrong)}")
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    """CLI generated from Config's fields; explicit flags > --tiny preset > paper defaults."""
+    """CLI generated from Config's fields; explicit flags > --tiny preset > paper defaults. With --resume,
+    the run's saved config (run.json) replaces preset and defaults; explicit flags must agree with it
+    (except RESUME_MAY_CHANGE)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
         shown = "" if f.default is None else f" (default: {f.default})"
@@ -210,7 +255,38 @@ def parse_config(argv: list[str] | None = None) -> Config:
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
     values = dict(TINY_PRESET) if given.get("tiny") else {}
     values.update(given)
+    if given.get("resume"):
+        values = {**saved_config(values, given), **given}
+    check_method_flags(values.get("method", "sft"), given)
     return Config(**values)
+
+
+def default_out(method: str, model: str) -> str:
+    return str(Path("runs") / f"{method}-{Path(model.rstrip('/')).name}")
+
+
+def saved_config(values: dict, given: dict) -> dict:
+    """The config of the run a --resume continues (its run.json); every explicit flag that differs from it,
+    other than RESUME_MAY_CHANGE, is listed in one error."""
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    out = Path(values.get("out") or default_out(values.get("method", "sft"), values.get("model", fields["model"])))
+    if not (out / "run.json").is_file():
+        raise MoekdError(f"--out {out}: no run.json, not a moekd run to resume")
+    try:
+        saved = json.loads((out / "run.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoekdError(f"{out / 'run.json'}: unreadable ({e})") from None
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1  # one process shards nothing
+    once = {"stop_after", "resume", "overwrite"} | ({"shard_teacher", "shard_student"} if single else set())
+    saved = {k: v for k, v in saved.items() if k in fields and k not in once}  # `once`: this invocation's own
+    if saved.get("global_batch_size") is not None and "grad_accum" not in given:
+        saved["grad_accum"] = None  # split_global_batch() derives it for this launch's device count
+    differ = [f"--{k.replace('_', '-')} {v!r} (run: {saved.get(k, fields[k])!r})" for k, v in given.items()
+              if k not in RESUME_MAY_CHANGE and v != saved.get(k, fields[k])]
+    if differ:
+        raise MoekdError(f"--resume: {'; '.join(differ)} differ from the run being resumed; --resume continues "
+                         f"with the run's config (run.json), pass only flags that may change")
+    return {**saved, "out": str(out)}
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
@@ -249,8 +325,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise MoekdError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MoekdError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -273,6 +353,9 @@ def to_example(row: dict, *, where: str) -> dict:
             raise MoekdError(f"{where}: 'prompt' must be a string and 'output' a string or list of strings")
         return {"prompt": row["prompt"], "responses": outputs}
     if "instruction" in row and "response" in row:
+        for key in ("instruction", "response", "context", "input"):
+            if key in row and not isinstance(row[key], str):
+                raise MoekdError(f"{where}: field {key!r} must be a string, got {json.dumps(row[key])[:40]}")
         context = row.get("context") or row.get("input") or ""
         return {"prompt": format_prompt(row["instruction"], context), "responses": [row["response"]]}
     raise MoekdError(f"{where}: need fields instruction/response (Dolly) or prompt/output (MiniLLM), "
@@ -427,8 +510,11 @@ def tokenize_example(tokenizer, prompt: str, response: str, *, max_prompt_len: i
 
 
 def tokenize_examples(tokenizer, examples: list[dict], cfg: Config, *, name: str) -> list[dict]:
-    out, dropped, merged = [], 0, 0
+    out, dropped, empty, merged = [], 0, 0, 0
     for ex in examples:
+        if not ex["responses"][0].strip():  # nothing to learn or to score against
+            empty += 1
+            continue
         item = tokenize_example(tokenizer, ex["prompt"], ex["responses"][0],
                                 max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len)
         if item is None:
@@ -437,10 +523,11 @@ def tokenize_examples(tokenizer, examples: list[dict], cfg: Config, *, name: str
         merged += not item.pop("prefix_ok")
         out.append({**item, "responses": ex["responses"]})
     print(f"data {name}: {len(out)} examples kept, {dropped} dropped with prompts over "
-          f"{cfg.max_prompt_len} tokens, {merged} whose prompt tokens merge into the response "
-          f"(kept, split at the prompt's length as the official processing)")
+          f"{cfg.max_prompt_len} tokens, {empty} dropped with empty responses, {merged} whose prompt tokens "
+          f"merge into the response (kept, split at the prompt's length as the official processing)")
     if not out:
-        raise MoekdError(f"data {name}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
+        raise MoekdError(f"data {name}: no examples left ({dropped} prompts longer than --max-prompt-len "
+                         f"{cfg.max_prompt_len}, {empty} empty responses)")
     return out
 
 
@@ -755,14 +842,37 @@ def local_model_dir(name_or_path: str, *, what: str = "--model") -> Path:
     if path.exists():
         if not (path / "config.json").is_file():
             raise MoekdError(f"{what} {name_or_path}: directory has no config.json")
-        return path
+        return refuse_remote_code(path, what)
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name_or_path, allow_patterns=[
+        path = Path(snapshot_download(name_or_path, allow_patterns=[
             "*.json", "*.safetensors", "*.bin", "*.model", "*.txt"], ignore_patterns=["*.pth"]))
     except Exception as e:
         raise MoekdError(f"{what} {name_or_path}: not a local directory and not loadable from the hub "
                          f"({type(e).__name__})") from None
+    return refuse_remote_code(path, what)
+
+
+def refuse_remote_code(directory: Path, what: str) -> Path:
+    """A model whose config.json or tokenizer_config.json has an `auto_map` needs its own Python code:
+    an error before transformers sees it (which would ask whether to run it), so that code is never imported."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            raw = json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MoekdError(f"{directory / name}: malformed JSON ({e})") from None
+        if isinstance(raw, dict) and "auto_map" in raw:
+            raise MoekdError(f"{what} {directory}: {name} has an auto_map, the model needs remote code, "
+                             f"which moekd never runs")
+    return directory
+
+
+def load_tensors_only(path: Path, hint: str = "", **kw) -> dict:
+    """torch.load with the weights-only unpickler: a pickle holding anything else is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except pickle.UnpicklingError:
+        raise MoekdError(f"{path}: refused, it pickles objects other than tensors{hint}") from None
 
 
 def read_state_dict_files(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -781,7 +891,7 @@ def read_state_dict_files(directory: Path) -> Iterator[tuple[str, torch.Tensor]]
         if shard.endswith(".safetensors"):
             tensors = load_file(directory / shard)
         else:  # never unpickle arbitrary objects
-            tensors = torch.load(directory / shard, map_location="cpu", weights_only=True, mmap=True)
+            tensors = load_tensors_only(directory / shard, "; convert it to safetensors", mmap=True)
         yield from tensors.items()
         del tensors
 
@@ -837,9 +947,10 @@ def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=t
     try:
         if init_seed is not None:
             torch.manual_seed(init_seed)
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(directory, trust_remote_code=False), dtype=dtype, trust_remote_code=False)
         else:
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as e:
         raise MoekdError(f"{what} {name_or_path}: transformers cannot load it "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -858,7 +969,7 @@ def load_tokenizer(name_or_path: str, *, what: str = "--model"):
     try:
         with warnings.catch_warnings():  # ... and that Llama-MoE's `rope_scaling: null` is deprecated
             warnings.simplefilter("ignore", FutureWarning)
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except (ValueError, OSError) as e:
         raise MoekdError(f"{what} {name_or_path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
     finally:
@@ -868,6 +979,14 @@ def load_tokenizer(name_or_path: str, *, what: str = "--model"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_vocab(model: nn.Module, tokenizer, flag: str = "--model") -> None:
+    """Every token id must index the model's embeddings (a bigger tokenizer fails deep inside torch)."""
+    size = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > size:
+        raise MoekdError(f"{flag}: the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary "
+                         f"of {size}")
 
 
 def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes: int = 5 * 2**30,
@@ -1134,11 +1253,26 @@ def router_balance_loss(records: list[tuple[nn.Module, Any]], beta: float) -> to
     return torch.stack(terms).sum()
 
 
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Permissions as plain open()/mkdir() give them (mkdtemp makes 0700 folders, safetensors 0600 files)."""
+    mask = umask()
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_atomically(directory: Path, write) -> None:
     """write(tmp_dir), then swap it into place: a crash never leaves a half-written `directory`."""
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
         write(tmp)
+        apply_umask(tmp)
         old = None
         if directory.exists():
             old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
@@ -1146,9 +1280,31 @@ def write_atomically(directory: Path, write) -> None:
         os.replace(tmp, directory)
         if old is not None:
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and (isinstance(e, OSError) and e.errno == errno.ENOSPC or disk_full(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:  # torch.save says "unexpected pos ..." on a full disk, safetensors its own error
+            raise RunStopped(f"no space left on device writing {directory}") from None
         raise
+
+
+def disk_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 2**20
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (NaN/inf refused), written to a temporary file and renamed into place."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise MoekdError(f"{path}: refusing to write a non-finite number (NaN/inf) into JSON") from None
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
@@ -1844,12 +2000,21 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
                 (parts["loss"] * dist.world).backward()  # DDP/FSDP average over ranks: x world makes it the sum
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / updates
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        check_finite("gradient norm", grad_norm, step)  # the same on every rank: gradients are synced
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     logs["tokens"] = float(sum(int(mb["attention_mask"].sum()) for mb in micro))
-    return dict(zip(sorted(logs), all_reduce_sum([logs[k] for k in sorted(logs)], dist)))
+    logs = dict(zip(sorted(logs), all_reduce_sum([logs[k] for k in sorted(logs)], dist)))
+    check_finite("loss", logs["loss"], step)
+    return logs
+
+
+def check_finite(what: str, value, step: int) -> None:
+    value = float(value.full_tensor() if hasattr(value, "full_tensor") else value)  # DTensor under FSDP2
+    if not math.isfinite(value):
+        raise RunStopped(f"step {step + 1}: the {what} is {value}, nothing of this step is kept "
+                         f"(try a lower --lr)")
 
 
 ROUTERS_FILE = "teacher_routers.safetensors"
@@ -1906,6 +2071,18 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, weights, routers, st
             shutil.rmtree(old)
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """A resume from step N goes on logging after N: drop what a killed run logged after its checkpoint
+    (step and dev lines of later steps, a half-written last line)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.endswith("\n") and not (
+        (m := re.match(r"(?:dev )?step (\d+)", line)) and int(m.group(1)) > step)]
+    if keep != lines:
+        path.write_text("".join(keep))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     pointer = out / "checkpoints" / "latest"
     return out / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
@@ -1943,6 +2120,8 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
     say = print if dist.main else (lambda *a, **k: None)
     say(f"train: {len(train_items)} examples, global batch {global_batch} ({cfg.batch_size} x {dist.world} device(s) "
         f"x {cfg.grad_accum} accumulation), {steps_per_epoch} steps/epoch, {total} steps, lr {cfg.lr:g} {cfg.lr_schedule}")
+    if dist.main and state is not None:
+        truncate_log(out / "log.txt", start)
     log = (out / "log.txt").open("a") if dist.main else None
     def snapshot() -> tuple[dict | None, dict | None]:  # student and router weights; every rank calls it
         return (full_state_dict(student) if is_sharded(student) else None,
@@ -2021,15 +2200,41 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
     result = {"out": str(out), "step": step + 1 if total else 0, "total_steps": total, "finished": finished,
               "model": str(selected) if finished else None, "best_rougeL": best if dev else None, "history": history, "memory": memory, **(dev[-1] if dev else {})}
     if dist.main:
-        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out / "metrics.json", result)
     return result
 
 
 # ----------------------------------------------------------------------------
 # Main
 
+RUN_FILES = {"run.json", "log.txt", "metrics.json", "checkpoints", "best_rougeL", "final"}  # all a run writes
+
+
+def check_own_folder(out: Path, marker: str, names: set[str]) -> None:
+    """--overwrite removes only a folder moekd wrote: its marker file present and no other names than
+    `names` (and write_atomically's .tmp-/.old- leftovers of a killed run)."""
+    entries = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in entries if n not in names and not n.startswith((".tmp-", ".old-"))]
+    if foreign:
+        more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+        raise MoekdError(f"--out {out}: holds files moekd did not write ({', '.join(foreign[:10])}{more}); "
+                         f"--overwrite refuses to delete it")
+    if marker not in entries:
+        raise MoekdError(f"--out {out}: has no {marker}, not a moekd output folder; --overwrite refuses to delete it")
+
+
+def clear_folder(out: Path) -> None:
+    """Delete what is in `out` (checked by check_own_folder), keeping the folder itself (`--out .`)."""
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def prepare_out_dir(cfg: Config) -> tuple[Path, dict | None]:
-    """Check --out before any work: never touch an existing run unless --resume/--overwrite."""
+    """Check --out before any work: never touch an existing run unless --resume/--overwrite, and
+    --overwrite only a moekd run."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MoekdError(f"--out {out}: exists and is not a directory")
@@ -2038,9 +2243,11 @@ def prepare_out_dir(cfg: Config) -> tuple[Path, dict | None]:
         ckpt = latest_checkpoint(out) if busy else None
         if ckpt is None:
             raise MoekdError(f"--out {out}: no checkpoint to resume from")
-        return out, torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        return out, load_tensors_only(ckpt / "trainer_state.pt")
     if busy and not cfg.overwrite:
         raise MoekdError(f"--out {out}: exists and is not empty; pass --resume or --overwrite")
+    if busy:
+        check_own_folder(out, "run.json", RUN_FILES)
     return out, None
 
 
@@ -2104,10 +2311,7 @@ RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype"
 
 
 def check_resume_config(cfg: Config, saved: dict, world: int) -> None:
-    for key, value in dataclasses.asdict(cfg).items():
-        if key not in RESUME_MAY_CHANGE and saved.get(key) != value:
-            raise MoekdError(f"--{key.replace('_', '-')}={value!r} differs from the run being resumed "
-                             f"({saved.get(key)!r}); --resume continues with the run's config")
+    """The other flags were checked by saved_config(); the device split may change, the global batch not."""
     was = saved["batch_size"] * saved.get("world_size", 1) * saved["grad_accum"]
     now = cfg.batch_size * world * cfg.grad_accum
     if now != was:
@@ -2148,6 +2352,7 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
         model = one_rank_at_a_time(dist, lambda: shard_loaded(load_model(source, dtype=torch.float32), mesh, device))
     else:
         model = load_model(source, device=device, dtype=torch.float32)
+    check_vocab(model, tokenizer)
     routers = [p for p in (cfg.teacher_routers, ckpt if cfg.method == "sar" else None) if p]
     teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist, mesh=mesh)
     if cfg.grad_checkpointing:
@@ -2161,9 +2366,9 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
                          f"batch ({cfg.batch_size} x {dist.world} device(s) x {cfg.grad_accum})")
     if state is None and dist.main:
         if cfg.overwrite and out.exists():
-            shutil.rmtree(out)
+            clear_folder(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps({**dataclasses.asdict(cfg), "world_size": dist.world}, indent=2) + "\n")
+        write_json(out / "run.json", {**dataclasses.asdict(cfg), "world_size": dist.world})
     barrier(dist)
     describe = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params{', MoE' if is_moe(m) else ''}"  # noqa: E731
     if dist.main:
@@ -2172,8 +2377,16 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
                  if teacher is not None else "")
               + f" on {device}{f' x {dist.world} ranks' if dist.world > 1 else ''}, "
               f"{str(amp_dtype).removeprefix('torch.')}, out {out}")
-    result = train(cfg, wrap_student(model, dist, device), teacher, tokenizer, train_items, dev_items, out=out,
-                   device=device, amp_dtype=amp_dtype, state=state, dist=dist)
+    try:
+        result = train(cfg, wrap_student(model, dist, device), teacher, tokenizer, train_items, dev_items, out=out,
+                       device=device, amp_dtype=amp_dtype, state=state, dist=dist)
+    except (RunStopped, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ENOSPC:
+            raise
+        ckpt = latest_checkpoint(out)
+        raise MoekdError(f"{e if isinstance(e, RunStopped) else f'no space left on device writing {e.filename}'}; "
+                         f"the run stopped, " + (f"its last good checkpoint is {ckpt} (continue with --resume)"
+                                                  if ckpt else "no checkpoint was saved yet")) from None
     if result["finished"] and dist.main:
         dev = (f"dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | best dev_rougeL "
                f"{result['best_rougeL']:.2f} | " if result.get("best_rougeL") is not None else "")

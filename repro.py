@@ -43,7 +43,8 @@ PRESETS = {
         data=["--data", "synthetic", "--synthetic-train", "4000", "--synthetic-dev", "200"],
         lengths=["--max-prompt-len", "96", "--max-len", "128"],
         sft=["--lr", "3e-3", "--epochs", "10", "--warmup-steps", "20", "--dev-num", "100"],
-        distill=["--lr", "3e-4", "--router-lr", "3e-4", "--epochs", "2", "--dev-num", "100"],
+        distill=["--lr", "3e-4", "--epochs", "2", "--dev-num", "100"],
+        sar=["--router-lr", "3e-4"],  # flags of one method only
         eval=["--max-prompt-len", "96", "--max-new-tokens", "32", "--batch-size", "64"],
         test_examples=100,
     ),
@@ -51,7 +52,8 @@ PRESETS = {
         data=["--dev-size", "100"],  # --data is the Dolly dev file of --data-dir (or the hub when reachable)
         lengths=["--max-prompt-len", "128", "--max-len", "192"],
         sft=["--lr", "2e-3", "--epochs", "6", "--warmup-steps", "20", "--dev-num", "50"],
-        distill=["--lr", "5e-4", "--router-lr", "5e-4", "--epochs", "1", "--dev-num", "50"],
+        distill=["--lr", "5e-4", "--epochs", "1", "--dev-num", "50"],
+        sar=["--router-lr", "5e-4"],
         eval=["--max-prompt-len", "128", "--max-new-tokens", "64", "--batch-size", "64"],
         test_examples=None,  # the MiniLLM sets in full
     ),
@@ -149,7 +151,7 @@ def evaluate(args, name: str, model: Path, sets: dict[str, Path], extra: list[st
         return json.loads((out / "results.json").read_text())
     spec = ",".join(f"{k}={v}" for k, v in sets.items())
     limit = ["--max-examples", str(args.test_examples)] if args.test_examples else []
-    moe_eval.main(["--model", str(model), "--sets", spec, "--seeds", args.seeds, "--out", str(out), "--overwrite",
+    moe_eval.main(["--model", str(model), "--sets", spec, "--seeds", args.seeds, "--out", str(out),  # goes on if cut
                    "--label", name, *PRESETS[args.preset]["eval"], *limit, *extra])
     return json.loads((out / "results.json").read_text())
 
@@ -164,7 +166,7 @@ def run_pipeline(args) -> dict:
     distill = ["--model", str(student), "--teacher", str(teacher), *PRESETS[args.preset]["distill"]]
     rows = {"teacher (SFT)": teacher, "student (SFT)": student}
     for method in args.methods:
-        rows[method.upper()] = train(args, method, ["--method", method, *distill])
+        rows[method.upper()] = train(args, method, ["--method", method, *distill, *PRESETS[args.preset].get(method, [])])
     sets = eval_sets(args)
     results = {label: evaluate(args, label.split()[0].lower() + ("-sft" if "SFT" in label else ""), model, sets)
                for label, model in rows.items()}
