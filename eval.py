@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import moekd
 from moekd import MoekdError
 
@@ -399,7 +400,7 @@ def check_out(out: Path, settings: dict, overwrite: bool) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
     if overwrite:
-        moekd.check_own_folder(out, "eval.json", EVAL_FILES)
+        checkpoints.check_own_folder(out, "eval.json", EVAL_FILES)
         return
     marker = out / "eval.json"
     if not marker.is_file():
@@ -439,8 +440,13 @@ def main(argv: list[str] | None = None) -> dict:
     if needs_moe and not moekd.is_moe(model):
         what = f"--analysis {args.analysis}" if args.analysis != "rouge" else "--routing/--routers"
         raise MoekdError(f"{what} needs an MoE model; --model {args.model} is a dense {type(model).__name__}")
-    if needs_moe:
-        moekd.moe_routers(model)  # an MoE family we cannot steer is an error before any work
+    if needs_moe:  # an MoE family we cannot steer, or a k it does not have, is an error before any work
+        try:
+            with routing_context(model, args, 0):
+                pass
+            moekd.moe_routers(model)
+        except ValueError as err:
+            raise MoekdError(f"--model {args.model}: {err}") from None
     if args.routers is not None and args.analysis != "router-shift":
         moekd.load_routers(model, args.routers)
     if out.exists() and args.overwrite:

@@ -27,6 +27,7 @@ import torch
 import eval as moe_eval
 import moekd
 from moekd import MoekdError
+from tiny_moe import synthetic
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("kd", "gkd", "all", "ka", "sar")
@@ -101,7 +102,7 @@ def write_model_dir(path: Path, config: dict, *, moe: bool, seed: int) -> Path:
 def synthetic_test_sets(folder: Path, n_per_family: int, seed: int = 12345) -> dict[str, Path]:
     """One MiniLLM-format test file per synthetic task family (a seed no training split uses)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = moekd.synthetic_rows(n_per_family * 20, seed=seed)
+    rows = synthetic.synthetic_rows(n_per_family * 20, seed=seed)
     sets = {}
     for family in sorted({r["category"] for r in rows}):
         path = folder / f"{family}.jsonl"
@@ -190,7 +191,7 @@ def expert_specialisation(teacher_dir: Path, args) -> list[list[list[float]]]:
     """Per layer, the share of each task family's response tokens whose top-1 expert is e: [L][F][E]."""
     model = moekd.load_model(str(teacher_dir))
     tokenizer = moekd.load_tokenizer(str(teacher_dir))
-    rows = moekd.synthetic_rows(800, seed=777)
+    rows = synthetic.synthetic_rows(800, seed=777)
     families = sorted({r["category"] for r in rows})
     counts = None
     for family_index, family in enumerate(families):
