@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import checkpoints
+import data
 import moekd
 from moekd import MoekdError
 
@@ -119,7 +120,7 @@ def resolve_sets(spec: str | None, data_dir: str | Path) -> dict[str, Path | Non
 
 def load_set(path: Path, max_examples: int | None) -> list[dict]:
     """[{prompt, references}] from a MiniLLM-format jsonl (errors name the file and line)."""
-    rows = moekd.read_jsonl(path)
+    rows = data.read_jsonl(path)
     return [{"prompt": r["prompt"], "references": r["responses"]} for r in rows[:max_examples]]
 
 

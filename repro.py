@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import eval as moe_eval
+import data
 import moekd
 from moekd import MoekdError
 from tiny_moe import synthetic
@@ -107,7 +108,7 @@ def synthetic_test_sets(folder: Path, n_per_family: int, seed: int = 12345) -> d
     for family in sorted({r["category"] for r in rows}):
         path = folder / f"{family}.jsonl"
         chosen = [r for r in rows if r["category"] == family][:n_per_family]
-        path.write_text("".join(json.dumps({"prompt": moekd.format_prompt(r["instruction"], r["context"]),
+        path.write_text("".join(json.dumps({"prompt": data.format_prompt(r["instruction"], r["context"]),
                                             "output": r["response"]}) + "\n" for r in chosen))
         sets[family] = path
     return sets
@@ -195,7 +196,7 @@ def expert_specialisation(teacher_dir: Path, args) -> list[list[list[float]]]:
     families = sorted({r["category"] for r in rows})
     counts = None
     for family_index, family in enumerate(families):
-        items = [moekd.tokenize_example(tokenizer, moekd.format_prompt(r["instruction"], r["context"]), r["response"],
+        items = [moekd.tokenize_example(tokenizer, data.format_prompt(r["instruction"], r["context"]), r["response"],
                                         max_prompt_len=96, max_len=128) for r in rows if r["category"] == family]
         batch = moekd.collate(items, tokenizer.pad_token_id)
         with moekd.record_router_logits(model) as records:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import checkpoints
+import data
 import llama_moe
 import moekd
 import sampling
@@ -394,10 +395,10 @@ def test_hf_moe_teacher_loads_and_sft_adds_router_aux_loss(tmp_path, tokenizer):
 # Data: template, masking, formats, synthetic set
 
 def test_template_golden_strings():
-    assert moekd.format_prompt("Say hi.") == (
+    assert data.format_prompt("Say hi.") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes "
         "the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n")
-    assert moekd.format_prompt("Sum.", "1 and 2") == (
+    assert data.format_prompt("Sum.", "1 and 2") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\nSum.\n\n"
         "### Input:\n1 and 2\n\n### Response:\n")
@@ -408,7 +409,7 @@ def test_template_reproduces_minillm_prompts():
     for name in ("dolly/valid.jsonl", "dolly/dev.jsonl"):
         for line in (SHARED / name).read_text().splitlines():
             row = json.loads(line)
-            assert moekd.format_prompt(row["instruction"], row["input"]) == row["prompt"]
+            assert data.format_prompt(row["instruction"], row["input"]) == row["prompt"]
 
 
 def official_response_ids(tokenizer, prompt: str, response: str) -> list[int]:
@@ -462,7 +463,7 @@ def test_sentencepiece_tokenizer_behaves_like_llama(sp_tokenizer):
 def test_response_tokens_are_the_joint_tokenization(sp_tokenizer, response):
     """The official processing tokenizes prompt + response together: after "### Response:\n" a response's
     first word has no "▁", unlike the response tokenized on its own (what moekd did before)."""
-    tok, prompt = sp_tokenizer, moekd.format_prompt("Say something.")
+    tok, prompt = sp_tokenizer, data.format_prompt("Say something.")
     item = moekd.tokenize_example(tok, prompt, response, max_prompt_len=200, max_len=300)
     n = len(item["prompt_ids"])
     assert item["input_ids"][n:] == item["labels"][n:] == official_response_ids(tok, prompt, response)
@@ -490,8 +491,8 @@ def test_jsonl_formats(tmp_path):
     raw = tmp_path / "raw.jsonl"
     raw.write_text(json.dumps({"instruction": "I", "context": "C", "response": "R", "category": "x"}) + "\n\n"
                    + json.dumps({"prompt": "P", "output": ["a", "b"]}) + "\n")
-    rows = moekd.read_jsonl(raw)
-    assert rows == [{"prompt": moekd.format_prompt("I", "C"), "responses": ["R"]},
+    rows = data.read_jsonl(raw)
+    assert rows == [{"prompt": data.format_prompt("I", "C"), "responses": ["R"]},
                     {"prompt": "P", "responses": ["a", "b"]}]
 
 
@@ -504,7 +505,7 @@ def test_jsonl_formats(tmp_path):
 def test_bad_jsonl_names_file_and_line(tmp_path, content, pattern):
     (tmp_path / "bad.jsonl").write_text(content)
     with pytest.raises(moekd.MoekdError, match=pattern):
-        moekd.read_jsonl(tmp_path / "bad.jsonl")
+        data.read_jsonl(tmp_path / "bad.jsonl")
 
 
 def test_splits(tmp_path):
@@ -512,8 +513,8 @@ def test_splits(tmp_path):
     (tmp_path / "dolly.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     train, dev = moekd.load_splits(moekd.Config(data=str(tmp_path / "dolly.jsonl")))
     # raw Dolly: rows 0-499 are MiniLLM's test set, 500-1499 dev, the rest train
-    assert dev[0]["prompt"] == moekd.format_prompt("i500") and len(dev) == 1000
-    assert train[0]["prompt"] == moekd.format_prompt("i1500") and len(train) == 100
+    assert dev[0]["prompt"] == data.format_prompt("i500") and len(dev) == 1000
+    assert train[0]["prompt"] == data.format_prompt("i1500") and len(train) == 100
     mini = [{"prompt": f"p{n}", "output": "o"} for n in range(30)]
     (tmp_path / "mini.jsonl").write_text("\n".join(json.dumps(r) for r in mini))
     train, dev = moekd.load_splits(moekd.Config(data=str(tmp_path / "mini.jsonl"), dev_size=10))
@@ -592,7 +593,7 @@ def grads_of(model, tokenizer, rows, *, micro, mode):
 
 
 def test_gradient_accumulation_equivalence(student, tokenizer):
-    rows = [moekd.to_example(r, where="t") for r in synthetic.synthetic_rows(8, seed=5)]
+    rows = [data.to_example(r, where="t") for r in synthetic.synthetic_rows(8, seed=5)]
     full = grads_of(student, tokenizer, rows, micro=8, mode="global")
     split = grads_of(student, tokenizer, rows, micro=2, mode="global")
     for a, b in zip(full, split):
@@ -603,7 +604,7 @@ def test_gradient_accumulation_equivalence(student, tokenizer):
 
 
 def test_sft_overfits_one_batch(teacher, tokenizer):
-    rows = [moekd.to_example(r, where="t") for r in synthetic.synthetic_rows(4, seed=1)]
+    rows = [data.to_example(r, where="t") for r in synthetic.synthetic_rows(4, seed=1)]
     items = [moekd.tokenize_example(tokenizer, r["prompt"], r["responses"][0], max_prompt_len=96, max_len=128)
              for r in rows]
     batch = moekd.collate(items, tokenizer.pad_token_id)
@@ -1160,7 +1161,7 @@ def test_unsupported_moe_family_is_an_error():
 def test_batched_ka_passes_equal_looped_passes_at_lambda_zero(teacher, student, tokenizer):
     cfg = moekd.Config(method="ka", ka_m=3, ka_lambda=0.0)
     items = [moekd.tokenize_example(tokenizer, r["prompt"], r["responses"][0], max_prompt_len=96, max_len=128)
-             for r in (moekd.to_example(x, where="t") for x in synthetic.synthetic_rows(4, seed=2))]
+             for r in (data.to_example(x, where="t") for x in synthetic.synthetic_rows(4, seed=2))]
     batch = moekd.collate(items, tokenizer.pad_token_id)
     with moekd.teacher_routing(teacher, cfg, torch.Generator().manual_seed(0)):
         batched = moekd.teacher_logits(teacher, batch, repeat=3)
@@ -1223,7 +1224,7 @@ def test_sampling_ignores_the_checkpoints_generation_config(tmp_path, tokenizer,
     same weights without them, on the seeded (on-policy) and the global-RNG (dev/eval) paths. Each setting
     is chosen so that it would change these samples (e.g. it bans a token the plain model draws)."""
     plain = moekd.load_model(str(STUDENT))
-    prompts = [tokenizer.encode(moekd.format_prompt("Add the two numbers.", "3 and 4"), add_special_tokens=False),
+    prompts = [tokenizer.encode(data.format_prompt("Add the two numbers.", "3 and 4"), add_special_tokens=False),
                tokenizer.encode("Q: hi\n", add_special_tokens=False)]
     kw = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=16, batch_size=2)
     first = moekd.sample_tokens(plain, prompts, seeds=[11, 12], **kw)[0]
@@ -1272,7 +1273,7 @@ def training_setup(method, *, teacher=TINY, student=STUDENT, **overrides):
     tok = moekd.load_tokenizer(str(student))
     model = moekd.load_model(str(student))
     t = moekd.setup_teacher(cfg, model, tok, torch.float32)
-    examples = [moekd.to_example(r, where="t") for r in synthetic.synthetic_rows(16, seed=4)]
+    examples = [data.to_example(r, where="t") for r in synthetic.synthetic_rows(16, seed=4)]
     return cfg, model, t, tok, moekd.tokenize_examples(tok, examples, cfg, name="t")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import moekd  # noqa: E402
+import data  # noqa: E402
 from tiny_moe import synthetic  # noqa: E402
 
 VOCAB_SIZE = 2039  # odd on purpose: shape bugs can't hide behind powers of two
@@ -35,7 +35,7 @@ def corpus(dolly: Path | None) -> list[str]:
     texts = []
     for seed in range(4):
         for row in synthetic.synthetic_rows(2000, seed=seed):
-            texts.append(moekd.format_prompt(row["instruction"], row["context"]) + row["response"])
+            texts.append(data.format_prompt(row["instruction"], row["context"]) + row["response"])
     if dolly is not None:
         for line in dolly.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
