@@ -2021,11 +2021,15 @@ def test_fetch_data_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch,
     assert "error: set uinst:" in capsys.readouterr().err and not (out / "uinst" / "11_" / "valid.jsonl").exists()
     assert fetch_data.main(["--sets", "dolly,nope", "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: --sets: unknown set(s) nope; known: dolly, dolly-dev")
-    # offline / unreachable: the script as a user runs it, a refused local port, exit code 2
+    # offline / unreachable: the script as a user runs it, against a local port nobody listens on, exit code 2
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, str(ROOT / "fetch_data.py"), "--out", str(out), "--source",
-                           "http://127.0.0.1:9/data", "--timeout", "5"], capture_output=True, text=True, timeout=60)
+                           f"http://127.0.0.1:{port}/data", "--timeout", "5"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert re.fullmatch(r"error: set dolly: cannot reach http://127.0.0.1:9/data/dolly/valid.jsonl \(.*; offline\?\)\n",
+    assert re.fullmatch(rf"error: set dolly: cannot reach http://127.0.0.1:{port}/data/dolly/valid.jsonl \(.*; offline\?\)\n",
                         proc.stderr)
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
 
