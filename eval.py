@@ -93,11 +93,12 @@ def resolve_sets(spec: str | None, data_dir: str | Path) -> dict[str, Path | Non
     and listed as missing, never silently dropped). Unknown names are errors."""
     if spec is None:
         if not Path(data_dir).is_dir():
-            raise MoekdError(f"--data-dir {data_dir}: no such folder")
+            raise MoekdError(f"--data-dir {data_dir}: no such folder; fetch the sets with "
+                             f"python fetch_data.py --out {data_dir}")
         missing = [f"{name} ({SETS[name]})" for name in SETS if not (Path(data_dir) / SETS[name]).is_file()]
         if missing:
             raise MoekdError(f"--data-dir {data_dir}: missing {', '.join(missing)}; name the sets to evaluate "
-                             f"with --sets")
+                             f"with --sets, or fetch them with python fetch_data.py --out {data_dir}")
     sets: dict[str, Path | None] = {}
     for item in (s.strip() for s in (spec or ",".join(SETS)).split(",") if s.strip()):
         name, _, path = item.partition("=")

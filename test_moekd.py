@@ -32,6 +32,7 @@ TINY = ROOT / "tiny_moe"
 STUDENT = TINY / "student"
 SP = TINY / "sp"  # the same tiny models for the LLaMA-like tokenizer's vocabulary
 SHARED = ROOT.parent / "shared" / "data"
+NEEDS_DATA = "needs ../shared/data: fetch it with python fetch_data.py"
 TINY_CFG = json.loads((TINY / "config.json").read_text())
 
 
@@ -404,7 +405,7 @@ def test_template_golden_strings():
         "### Input:\n1 and 2\n\n### Response:\n")
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_template_reproduces_minillm_prompts():
     for name in ("dolly/valid.jsonl", "dolly/dev.jsonl"):
         for line in (SHARED / name).read_text().splitlines():
@@ -544,7 +545,7 @@ def test_tokenizer_script_reproduces_committed_tokenizer():
     import make_tokenizer
     dolly = SHARED / "dolly" / "dev.jsonl"
     if not dolly.exists():
-        pytest.skip("needs ../shared/data")
+        pytest.skip(NEEDS_DATA)
     tok = make_tokenizer.train(make_tokenizer.corpus(dolly))
     committed = json.loads((TINY / "tokenizer.json").read_text())
     assert json.loads(tok.backend_tokenizer.to_str()) == committed
@@ -1586,9 +1587,10 @@ def eval_args(tmp_path, *extra, name="ev"):
             "--max-new-tokens", "12", "--seeds", "10", "--sets", ",".join(moe_eval.SETS), *extra]
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_eval_writes_table_json_generations_and_lists_missing_sets(tmp_path):
-    result = moe_eval.main(eval_args(tmp_path, "--seeds", "10,20"))
+    absent = tmp_path / "absent.jsonl"  # UnNI stays missing even where fetch_data.py got it
+    result = moe_eval.main(eval_args(tmp_path, "--seeds", "10,20", "--sets", f"dolly,self-inst,vicuna,sinst,uinst={absent}"))
     out = tmp_path / "ev"
     assert (out / "table.md").read_text().splitlines()[0] == "| Model | Dolly | SelfInst | Vicuna | S-NI | UnNI | Avg |"
     data = json.loads((out / "results.json").read_text())
@@ -1600,7 +1602,7 @@ def test_eval_writes_table_json_generations_and_lists_missing_sets(tmp_path):
     assert result["avg"] == pytest.approx(sum(s["mean"] for s in data["sets"].values()) / 4)
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_eval_generation_is_deterministic_by_seed(tmp_path):
     def responses(name, seeds):
         moe_eval.main(eval_args(tmp_path, "--sets", "vicuna", "--seeds", seeds, name=name))
@@ -1609,7 +1611,7 @@ def test_eval_generation_is_deterministic_by_seed(tmp_path):
     assert responses("a2", "10") != responses("c", "20")
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_gate_mass_analysis(tmp_path):
     result = moe_eval.main(eval_args(tmp_path, "--analysis", "gate-mass", "--sets", "dolly", "--max-examples", "6"))
     assert result["native_k"] == TINY_CFG["num_selects"]
@@ -1620,7 +1622,7 @@ def test_gate_mass_analysis(tmp_path):
     assert (tmp_path / "ev" / "gate_mass.csv").exists() and (tmp_path / "ev" / "gate_mass.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_router_shift_is_zero_for_unchanged_routers_and_positive_after_change(tmp_path):
     from safetensors.torch import save_file
     teacher = moekd.load_model(str(TINY))
@@ -1637,7 +1639,7 @@ def test_router_shift_is_zero_for_unchanged_routers_and_positive_after_change(tm
     assert (tmp_path / "moved" / "router_shift_hist.png").exists()
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_k_sweep_and_routing_flags(tmp_path):
     result = moe_eval.main(eval_args(tmp_path, "--analysis", "k-sweep", "--sets", "vicuna", "--max-examples", "2",
                                      "--max-new-tokens", "4"))
@@ -1666,7 +1668,7 @@ def test_eval_bad_input(tmp_path, extra, pattern):
 
 
 def test_eval_missing_data_is_an_error_unless_sets_are_named(tmp_path):
-    with pytest.raises(moekd.MoekdError, match=r"^--data-dir .*nothing: no such folder$"):
+    with pytest.raises(moekd.MoekdError, match=r"^--data-dir .*nothing: no such folder; fetch the sets with python fetch_data.py --out .*nothing$"):
         moe_eval.main(["--model", str(TINY), "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "ev")])
     (tmp_path / "data" / "dolly").mkdir(parents=True)
     (tmp_path / "data" / "dolly" / "valid.jsonl").write_text('{"prompt": "p", "output": "o"}\n')
@@ -1677,7 +1679,7 @@ def test_eval_missing_data_is_an_error_unless_sets_are_named(tmp_path):
     assert not (tmp_path / "ev").exists()
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_eval_saves_each_pair_and_a_rerun_skips_finished_ones(tmp_path, monkeypatch):
     args = lambda name, *e: eval_args(tmp_path, "--sets", "dolly,vicuna", "--seeds", "10,20", "--max-examples", "2",  # noqa: E731
                                       "--max-new-tokens", "4", *e, name=name)
@@ -2024,3 +2026,113 @@ def test_run_folder_of_the_previous_layout_resumes(tmp_path, monkeypatch):
         h.update(k.encode())
         h.update(weights[k].contiguous().view(torch.uint8).numpy().tobytes())
     assert h.hexdigest() == expected["final_weights_sha256"]
+
+
+# README, docs and data fetch
+
+import fetch_data  # noqa: E402
+
+README = ROOT / "README.md"
+SNIPPET_MARKER = "<!-- snippet: use-in-your-code -->"
+
+
+def readme_snippet() -> str:
+    """The fenced python block right after the marker in README.md."""
+    text = README.read_text()
+    assert text.count(SNIPPET_MARKER) == 1, f"README.md needs exactly one {SNIPPET_MARKER}"
+    match = re.match(r"\s*```python\n(.*?)\n```", text.split(SNIPPET_MARKER, 1)[1], re.S)
+    assert match, f"README.md: no ```python block right after {SNIPPET_MARKER}"
+    return match.group(1)
+
+
+def test_readme_snippet_runs():
+    code = readme_snippet()
+    assert len(code.splitlines()) <= 25
+    assert "from moekd import" in code and "moe_routing" in code and "reverse_kl" in code
+    ns = {"__name__": "readme_snippet"}
+    exec(compile(code, f"{README}:{SNIPPET_MARKER}", "exec"), ns)
+    loss, student = ns["loss"], ns["student"]
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    grads = [p.grad for p in student.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert "forward" not in ns["teacher"].model.layers[0].mlp.gate.__dict__  # native routing restored on exit
+
+
+def test_readme_is_short_and_links_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300
+    for link in re.findall(r"\]\(((?!https?:|#)[^)#\s]+)", text):
+        assert (ROOT / link).exists(), f"README.md links to {link}, which does not exist"
+    docs = ROOT / "docs"
+    for page in docs.glob("*.md"):
+        for link in re.findall(r"\]\(((?!https?:|#)[^)#\s]+)", page.read_text()):
+            assert (docs / link).exists(), f"docs/{page.name} links to {link}, which does not exist"
+    assert "shared/docs" not in text and not any("shared/docs" in p.read_text() for p in docs.glob("*.md"))
+
+
+def made_up_source(root: Path) -> list:
+    """A local source with every file fetch_data.py knows, two MiniLLM rows each; returns the table for it."""
+    import hashlib
+    table = []
+    for remote in fetch_data.FILES:
+        rows = [{"prompt": f"{remote.name} prompt {i}\n\n### Response:\n", "output": f"answer {i}"} for i in range(2)]
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        (root / remote.path).parent.mkdir(parents=True, exist_ok=True)
+        (root / remote.path).write_bytes(data)
+        table.append(fetch_data.Remote(remote.name, remote.path, len(data), 2, hashlib.sha256(data).hexdigest()))
+    return table
+
+
+def test_fetch_data_from_a_file_url_lands_where_eval_looks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fetch_data, "FILES", made_up_source(tmp_path / "src"))
+    out = tmp_path / "data"
+    assert fetch_data.main(["--out", str(out), "--source", (tmp_path / "src").as_uri()]) == 0
+    sets = moe_eval.resolve_sets(None, out)  # eval.py's default: all five sets must exist
+    assert set(sets) == set(moe_eval.SETS) and all(path is not None for path in sets.values())
+    assert [r["references"] for r in moe_eval.load_set(sets["sinst"], None)] == [["answer 0"], ["answer 1"]]
+    assert (out / "dolly" / "dev.jsonl").is_file()  # repro.py's dolly-mini preset and the template test
+    assert not list(out.rglob("*.part"))
+    # existing files are kept unless --overwrite
+    (out / "vicuna" / "valid.jsonl").write_text("mine\n")
+    assert fetch_data.main(["--out", str(out), "--source", str(tmp_path / "src"), "--sets", "vicuna"]) == 0
+    assert (out / "vicuna" / "valid.jsonl").read_text() == "mine\n" and "kept" in capsys.readouterr().out
+    assert fetch_data.main(["--out", str(out), "--source", str(tmp_path / "src"), "--sets", "vicuna",
+                            "--overwrite"]) == 0
+    assert (out / "vicuna" / "valid.jsonl").read_bytes() == (tmp_path / "src" / "vicuna" / "valid.jsonl").read_bytes()
+
+
+def test_fetch_data_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys):
+    made_up_source(tmp_path / "src")  # right format, but not the checksums of the real files
+    out = tmp_path / "data"
+    assert fetch_data.main(["--out", str(out), "--source", str(tmp_path / "src"), "--sets", "dolly"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: set dolly: file://\S+/dolly/valid.jsonl has \d+ bytes, expected 505929\n", err)
+    assert not (out / "dolly" / "valid.jsonl").exists() and not list(out.rglob("*.part"))
+    (tmp_path / "src" / "uinst" / "11_" / "valid.jsonl").write_text("<html>rate limited</html>\n")
+    assert fetch_data.main(["--out", str(out), "--source", str(tmp_path / "src"), "--sets", "uinst"]) == 2
+    assert "error: set uinst:" in capsys.readouterr().err and not (out / "uinst" / "11_" / "valid.jsonl").exists()
+    assert fetch_data.main(["--sets", "dolly,nope", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: --sets: unknown set(s) nope; known: dolly, dolly-dev")
+    # offline / unreachable: the script as a user runs it, against a local port nobody listens on, exit code 2
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, str(ROOT / "fetch_data.py"), "--out", str(out), "--source",
+                           f"http://127.0.0.1:{port}/data", "--timeout", "5"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert re.fullmatch(rf"error: set dolly: cannot reach http://127.0.0.1:{port}/data/dolly/valid.jsonl \(.*; offline\?\)\n",
+                        proc.stderr)
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_fetch_data_knows_the_recorded_sources():
+    """The checks match the files eval.py reads (where ../shared/data has them, byte for byte)."""
+    import hashlib
+    assert {f.path for f in fetch_data.FILES} >= set(moe_eval.SETS.values())
+    for remote in fetch_data.FILES:
+        local = SHARED / remote.path
+        if remote.sha256 and local.is_file():
+            data = local.read_bytes()
+            assert (len(data), len(data.splitlines()), hashlib.sha256(data).hexdigest()) == \
+                (remote.size, remote.rows, remote.sha256), remote.name
