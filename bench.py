@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+import llama_moe
 import moekd
 
 HERE = Path(__file__).resolve().parent
@@ -76,10 +77,10 @@ def parse_args(argv=None):
 def build(size: str, experts: int | None, device) -> tuple:
     from transformers import LlamaConfig, LlamaForCausalLM
     spec = SIZES[size]
-    t = {**moekd.LLAMA_MOE_DEFAULTS, **spec["teacher"], "max_position_embeddings": 512}
+    t = {**llama_moe.LLAMA_MOE_DEFAULTS, **spec["teacher"], "max_position_embeddings": 512}
     if experts is not None:
         t.update(num_experts=experts, intermediate_size=t["intermediate_size"] // t["num_experts"] * experts)
-    teacher = moekd.build_llama_moe(moekd.check_llama_moe_config(t, where="bench"), device=device, init_seed=0).eval()
+    teacher = llama_moe.build_llama_moe(llama_moe.check_llama_moe_config(t, where="bench"), device=device, init_seed=0).eval()
     torch.manual_seed(1)
     student = LlamaForCausalLM(LlamaConfig(**spec["student"], bos_token_id=1, eos_token_id=2)).to(device)
     return teacher, student
@@ -125,13 +126,13 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
         for p in moekd.router_parameters(teacher):
             p.requires_grad_(True)
     optimizer = torch.optim.AdamW(moekd.param_groups(student, cfg.weight_decay), lr=cfg.lr)
-    extras = moekd.method_extras(cfg, teacher, torch.float32)
+    state = moekd.method_state(cfg, teacher, torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fixed_length_responses(True)
-    parts = step_parts(cfg, student, teacher, tok, rows, optimizer, extras)
+    parts = step_parts(cfg, student, teacher, tok, rows, optimizer, state)
     times: dict[str, list[float]] = {name: [] for name in ["step", *parts]}
     for i in range(warmup + steps):  # interleaved, so slow drifts of the machine hit step and parts alike
-        t = {"step": timed(lambda: moekd.train_step(cfg, student, teacher, tok, rows, optimizer, cfg.lr, extras), sync)}
+        t = {"step": timed(lambda: moekd.train_step(cfg, student, teacher, tok, rows, optimizer, cfg.lr, state), sync)}
         for name, fn in parts.items():
             t[name] = timed(fn, sync)
         if i >= warmup:
@@ -150,7 +151,7 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
             "overhead": step / max(sum(med.values()), 1e-12), "tokens_per_s": tokens / step, "peak_mb": peak / 2**20}
 
 
-def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
+def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
     """The parts of a step as separate callables: generation, teacher forward(s), student forward +
     loss + backward, SAR's router update, clip + AdamW (run on real gradients)."""
     on_policy = cfg.method in moekd.ON_POLICY
@@ -158,10 +159,10 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
     items = moekd.generate_on_policy(student, rows, tok, cfg, seeds) if on_policy else rows
     batch = moekd.collate(items, tok.pad_token_id)
     norm = float(moekd.loss_mask(batch["labels"]).sum())
-    M = cfg.ka_m if cfg.method in ("ka", "ka-gold") else 1
+    M = cfg.ka_m if moekd.METHODS[cfg.method].passes else 1
 
     def teacher_part():  # the teacher's forward(s) under the method's routing
-        with moekd.teacher_routing(teacher, cfg, extras.get("generator")):
+        with moekd.teacher_routing(teacher, cfg, state.generator):
             return moekd.teacher_logits(teacher, batch, repeat=M)
     t_logits = teacher_part() if cfg.method != "sft" else None
 
@@ -169,7 +170,7 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
         student.zero_grad(set_to_none=True)
         student.train()
         with cached_teacher_logits(t_logits):
-            parts = moekd.METHOD_STEPS[cfg.method](student, teacher, batch, cfg, norm=norm, n_micro=1, extras=extras)
+            parts = moekd.method_step(cfg.method)(student, teacher, batch, cfg, norm=norm, n_micro=1, state=state)
         parts["loss"].backward()
 
     def optimizer_part():  # the gradients of the last student_part are still there
@@ -183,7 +184,7 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, extras) -> dict:
         parts["teacher"] = teacher_part
     parts["student"] = student_part
     if cfg.method == "sar":
-        parts["router"] = lambda: moekd.sar_router_update(student, teacher, [batch], [norm], cfg, extras)
+        parts["router"] = lambda: moekd.sar_router_update(student, teacher, [batch], [norm], cfg, state)
     parts["optimizer"] = optimizer_part
     return parts
 

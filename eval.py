@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
+import data
 import moekd
 from moekd import MoekdError
 
@@ -91,11 +93,12 @@ def resolve_sets(spec: str | None, data_dir: str | Path) -> dict[str, Path | Non
     and listed as missing, never silently dropped). Unknown names are errors."""
     if spec is None:
         if not Path(data_dir).is_dir():
-            raise MoekdError(f"--data-dir {data_dir}: no such folder")
+            raise MoekdError(f"--data-dir {data_dir}: no such folder; fetch the sets with "
+                             f"python fetch_data.py --out {data_dir}")
         missing = [f"{name} ({SETS[name]})" for name in SETS if not (Path(data_dir) / SETS[name]).is_file()]
         if missing:
             raise MoekdError(f"--data-dir {data_dir}: missing {', '.join(missing)}; name the sets to evaluate "
-                             f"with --sets")
+                             f"with --sets, or fetch them with python fetch_data.py --out {data_dir}")
     sets: dict[str, Path | None] = {}
     for item in (s.strip() for s in (spec or ",".join(SETS)).split(",") if s.strip()):
         name, _, path = item.partition("=")
@@ -118,7 +121,7 @@ def resolve_sets(spec: str | None, data_dir: str | Path) -> dict[str, Path | Non
 
 def load_set(path: Path, max_examples: int | None) -> list[dict]:
     """[{prompt, references}] from a MiniLLM-format jsonl (errors name the file and line)."""
-    rows = moekd.read_jsonl(path)
+    rows = data.read_jsonl(path)
     return [{"prompt": r["prompt"], "references": r["responses"]} for r in rows[:max_examples]]
 
 
@@ -399,7 +402,7 @@ def check_out(out: Path, settings: dict, overwrite: bool) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
     if overwrite:
-        moekd.check_own_folder(out, "eval.json", EVAL_FILES)
+        checkpoints.check_own_folder(out, "eval.json", EVAL_FILES)
         return
     marker = out / "eval.json"
     if not marker.is_file():
@@ -439,8 +442,13 @@ def main(argv: list[str] | None = None) -> dict:
     if needs_moe and not moekd.is_moe(model):
         what = f"--analysis {args.analysis}" if args.analysis != "rouge" else "--routing/--routers"
         raise MoekdError(f"{what} needs an MoE model; --model {args.model} is a dense {type(model).__name__}")
-    if needs_moe:
-        moekd.moe_routers(model)  # an MoE family we cannot steer is an error before any work
+    if needs_moe:  # an MoE family we cannot steer, or a k it does not have, is an error before any work
+        try:
+            with routing_context(model, args, 0):
+                pass
+            moekd.moe_routers(model)
+        except ValueError as err:
+            raise MoekdError(f"--model {args.model}: {err}") from None
     if args.routers is not None and args.analysis != "router-shift":
         moekd.load_routers(model, args.routers)
     if out.exists() and args.overwrite:

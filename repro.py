@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 import eval as moe_eval
+import data
 import moekd
 from moekd import MoekdError
+from tiny_moe import synthetic
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("kd", "gkd", "all", "ka", "sar")
@@ -101,12 +103,12 @@ def write_model_dir(path: Path, config: dict, *, moe: bool, seed: int) -> Path:
 def synthetic_test_sets(folder: Path, n_per_family: int, seed: int = 12345) -> dict[str, Path]:
     """One MiniLLM-format test file per synthetic task family (a seed no training split uses)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = moekd.synthetic_rows(n_per_family * 20, seed=seed)
+    rows = synthetic.synthetic_rows(n_per_family * 20, seed=seed)
     sets = {}
     for family in sorted({r["category"] for r in rows}):
         path = folder / f"{family}.jsonl"
         chosen = [r for r in rows if r["category"] == family][:n_per_family]
-        path.write_text("".join(json.dumps({"prompt": moekd.format_prompt(r["instruction"], r["context"]),
+        path.write_text("".join(json.dumps({"prompt": data.format_prompt(r["instruction"], r["context"]),
                                             "output": r["response"]}) + "\n" for r in chosen))
         sets[family] = path
     return sets
@@ -190,11 +192,11 @@ def expert_specialisation(teacher_dir: Path, args) -> list[list[list[float]]]:
     """Per layer, the share of each task family's response tokens whose top-1 expert is e: [L][F][E]."""
     model = moekd.load_model(str(teacher_dir))
     tokenizer = moekd.load_tokenizer(str(teacher_dir))
-    rows = moekd.synthetic_rows(800, seed=777)
+    rows = synthetic.synthetic_rows(800, seed=777)
     families = sorted({r["category"] for r in rows})
     counts = None
     for family_index, family in enumerate(families):
-        items = [moekd.tokenize_example(tokenizer, moekd.format_prompt(r["instruction"], r["context"]), r["response"],
+        items = [moekd.tokenize_example(tokenizer, data.format_prompt(r["instruction"], r["context"]), r["response"],
                                         max_prompt_len=96, max_len=128) for r in rows if r["category"] == family]
         batch = moekd.collate(items, tokenizer.pad_token_id)
         with moekd.record_router_logits(model) as records:

@@ -10,7 +10,7 @@ re-running it reproduces the committed files.
   "Paris" after "### Response:\n" is then `Paris`, but `▁Paris` when tokenized on its own: the
   case that tells joint prompt+response tokenization (the official one) from separate tokenization.
 
-The corpus is the built-in synthetic instruction set (moekd.synthetic_rows, rendered with the
+The corpus is the built-in synthetic instruction set (synthetic.synthetic_rows, rendered with the
 paper's template) plus, when present, the MiniLLM Dolly dev split, so Dolly text tokenizes
 into words rather than bytes. Special ids follow LLaMA: <unk>=0, <s>=1, </s>=2; encode() adds
 <s> like LLaMA's tokenizer (training code passes add_special_tokens=False, eval does not).
@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import moekd  # noqa: E402
+import data  # noqa: E402
+from tiny_moe import synthetic  # noqa: E402
 
 VOCAB_SIZE = 2039  # odd on purpose: shape bugs can't hide behind powers of two
 SP_VOCAB_SIZE = 1543
@@ -33,8 +34,8 @@ BYTES = [f"<0x{b:02X}>" for b in range(256)]
 def corpus(dolly: Path | None) -> list[str]:
     texts = []
     for seed in range(4):
-        for row in moekd.synthetic_rows(2000, seed=seed):
-            texts.append(moekd.format_prompt(row["instruction"], row["context"]) + row["response"])
+        for row in synthetic.synthetic_rows(2000, seed=seed):
+            texts.append(data.format_prompt(row["instruction"], row["context"]) + row["response"])
     if dolly is not None:
         for line in dolly.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)

@@ -1,0 +1,401 @@
+"""Files of moekd: loading and saving models (local or hub, safetensors out, no remote code, .bin only with
+torch's weights-only unpickler), run folders (an overwrite guard that deletes only what moekd wrote),
+atomic checkpoints, strict JSON, and the one-line errors of every command (MoekdError, run_cli).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+
+class MoekdError(ValueError):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+class RunStopped(MoekdError):
+    """Training cannot go on (non-finite numbers, full disk); main() names the last good checkpoint."""
+
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def local_model_dir(name_or_path: str, *, what: str = "--model") -> Path:
+    """A local directory with config.json: the path itself, or a hub snapshot (config + weights)."""
+    path = Path(name_or_path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MoekdError(f"{what} {name_or_path}: directory has no config.json")
+        return refuse_remote_code(path, what)
+    try:
+        from huggingface_hub import snapshot_download
+        path = Path(snapshot_download(name_or_path, allow_patterns=[
+            "*.json", "*.safetensors", "*.bin", "*.model", "*.txt"], ignore_patterns=["*.pth"]))
+    except Exception as e:
+        raise MoekdError(f"{what} {name_or_path}: not a local directory and not loadable from the hub "
+                         f"({type(e).__name__})") from None
+    return refuse_remote_code(path, what)
+
+
+def refuse_remote_code(directory: Path, what: str) -> Path:
+    """A model whose config.json or tokenizer_config.json has an `auto_map` needs its own Python code:
+    an error before transformers sees it (which would ask whether to run it), so that code is never imported."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            raw = json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MoekdError(f"{directory / name}: malformed JSON ({e})") from None
+        if isinstance(raw, dict) and "auto_map" in raw:
+            raise MoekdError(f"{what} {directory}: {name} has an auto_map, the model needs remote code, "
+                             f"which moekd never runs")
+    return directory
+
+
+def load_tensors_only(path: Path, hint: str = "", **kw) -> dict:
+    """torch.load with the weights-only unpickler: a pickle holding anything else is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except pickle.UnpicklingError:
+        raise MoekdError(f"{path}: refused, it pickles objects other than tensors{hint}") from None
+
+
+def read_state_dict_files(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of a checkpoint, one shard in memory at a time."""
+    from safetensors.torch import load_file
+    for name in WEIGHT_FILES:
+        if (directory / name).exists():
+            break
+    else:
+        raise MoekdError(f"{directory}: no weights ({' / '.join(WEIGHT_FILES)})")
+    if name.endswith(".index.json"):
+        shards = sorted(set(json.loads((directory / name).read_text())["weight_map"].values()))
+    else:
+        shards = [name]
+    for shard in shards:
+        if shard.endswith(".safetensors"):
+            tensors = load_file(directory / shard)
+        else:  # never unpickle arbitrary objects
+            tensors = load_tensors_only(directory / shard, "; convert it to safetensors", mmap=True)
+        yield from tensors.items()
+        del tensors
+
+
+def load_state_dict_strict(model: nn.Module, pairs: Iterator[tuple[str, torch.Tensor]], *, where: str,
+                           partial: bool = False) -> None:
+    """Copy every checkpoint tensor into the model; missing (unless `partial`), unexpected or mis-shaped
+    keys are errors. Stray `rotary_emb.inv_freq` buffers of older checkpoints are ignored (recomputed)."""
+    params = dict(model.named_parameters())
+    seen = set()
+    with torch.no_grad():
+        for key, tensor in pairs:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            if key not in params:
+                raise MoekdError(f"{where}: unexpected checkpoint key {key}")
+            if params[key].shape != tensor.shape:
+                raise MoekdError(f"{where}: {key} has shape {tuple(tensor.shape)} in the checkpoint, "
+                                 f"model expects {tuple(params[key].shape)}")
+            params[key].copy_(tensor)
+            seen.add(key)
+    missing = sorted(set(params) - seen)
+    if missing and not partial:
+        raise MoekdError(f"{where}: checkpoint is missing {len(missing)} key(s), e.g. {missing[0]}")
+
+
+def has_weights(directory: Path) -> bool:
+    return any((directory / name).exists() for name in WEIGHT_FILES)
+
+
+def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=torch.float32,
+               what: str = "--model") -> nn.Module:
+    """A causal LM in eval mode: Llama-MoE natively (no remote code), anything else via
+    AutoModelForCausalLM. A local config with `moekd_init_seed` and no weights (tiny_moe/) is
+    initialised from that seed."""
+    directory = local_model_dir(name_or_path, what=what)
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise MoekdError(f"{directory / 'config.json'}: malformed JSON ({e.msg})") from None
+    init_seed = raw.get("moekd_init_seed") if not has_weights(directory) else None
+    if not has_weights(directory) and init_seed is None:
+        raise MoekdError(f"{what} {name_or_path}: no weights ({' / '.join(WEIGHT_FILES)})")
+    if init_seed is not None:
+        print(f"{what} {name_or_path}: no weights, initialising from moekd_init_seed={init_seed}")
+    if raw.get("model_type") == "llama_moe":  # moekd's own port, llama_moe.py: no remote code
+        import llama_moe
+        return llama_moe.load_llama_moe(directory, raw, device=device, dtype=dtype, init_seed=init_seed)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(directory, trust_remote_code=False), dtype=dtype, trust_remote_code=False)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as e:
+        raise MoekdError(f"{what} {name_or_path}: transformers cannot load it "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if torch.device(device).type == "cpu" and type(model)._can_set_experts_implementation():
+        model.set_experts_implementation("eager")  # torch's CPU grouped_mm needs 16-byte-aligned sizes
+    return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str, *, what: str = "--model"):
+    """The model's tokenizer, pad = eos when it has none (as MoEKD for LLaMA)."""
+    from transformers import AutoTokenizer
+    directory = local_model_dir(name_or_path, what=what)
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it reads config.json and warns that llama_moe is unknown
+    try:
+        with warnings.catch_warnings():  # ... and that Llama-MoE's `rope_scaling: null` is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    except (ValueError, OSError) as e:
+        raise MoekdError(f"{what} {name_or_path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.eos_token_id is None:
+        raise MoekdError(f"{what} {name_or_path}: tokenizer has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_vocab(model: nn.Module, tokenizer, flag: str = "--model") -> None:
+    """Every token id must index the model's embeddings (a bigger tokenizer fails deep inside torch)."""
+    size = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > size:
+        raise MoekdError(f"{flag}: the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary "
+                         f"of {size}")
+
+
+def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes: int = 5 * 2**30,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """save_pretrained-style output in `directory` (safetensors); load_model reads it back.
+    `state_dict`: the weights to write instead of the model's own (a sharded model's gathered copy)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if hasattr(model, "moe_config"):
+        import llama_moe
+        return llama_moe.save_llama_moe(model, directory, state_dict=state_dict, max_shard_bytes=max_shard_bytes)
+    from transformers.utils import logging as hf_logging
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per checkpoint of a tiny model is noise
+    try:
+        model.save_pretrained(directory, state_dict=state_dict)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Permissions as plain open()/mkdir() give them (mkdtemp makes 0700 folders, safetensors 0600 files)."""
+    mask = umask()
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def write_atomically(directory: Path, write) -> None:
+    """write(tmp_dir), then swap it into place: a crash never leaves a half-written `directory`."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    try:
+        write(tmp)
+        apply_umask(tmp)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException as e:
+        full = isinstance(e, Exception) and (isinstance(e, OSError) and e.errno == errno.ENOSPC or disk_full(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:  # torch.save says "unexpected pos ..." on a full disk, safetensors its own error
+            raise RunStopped(f"no space left on device writing {directory}") from None
+        raise
+
+
+def disk_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 2**20
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (NaN/inf refused), written to a temporary file and renamed into place."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise MoekdError(f"{path}: refusing to write a non-finite number (NaN/inf) into JSON") from None
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+ROUTERS_FILE = "teacher_routers.safetensors"
+
+
+def save_run_model(directory: Path, model, tokenizer, routers: dict[str, torch.Tensor] | None, *,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A student directory load_model reads (`state_dict`: a sharded student's gathered weights);
+    SAR runs add the trained teacher routers beside it."""
+    save_model(model, tokenizer, directory, state_dict=state_dict)
+    if routers is not None:
+        from safetensors.torch import save_file
+        save_file(routers, directory / ROUTERS_FILE)
+
+
+def save_checkpoint(out: Path, step: int, model, tokenizer, weights, routers, state: dict) -> None:
+    """checkpoints/step-N (model, routers, trainer state), then the `latest` pointer, both atomic.
+    No RNG state: every random draw of a step is seeded from (seed, step, micro-batch)."""
+    ckpt_root = out / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step}"
+    def write(tmp: Path) -> None:
+        save_run_model(tmp, model, tokenizer, routers, state_dict=weights)
+        torch.save({"step": step, **state}, tmp / "trainer_state.pt")
+    write_atomically(ckpt_root / name, write)
+    pointer = ckpt_root / "latest.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, ckpt_root / "latest")
+    for old in ckpt_root.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """A resume from step N goes on logging after N: drop what a killed run logged after its checkpoint
+    (step and dev lines of later steps, a half-written last line)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.endswith("\n") and not (
+        (m := re.match(r"(?:dev )?step (\d+)", line)) and int(m.group(1)) > step)]
+    if keep != lines:
+        path.write_text("".join(keep))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / "latest"
+    return out / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
+
+
+RUN_FILES = {"run.json", "log.txt", "metrics.json", "checkpoints", "best_rougeL", "final"}  # all a run writes
+
+
+def check_own_folder(out: Path, marker: str, names: set[str]) -> None:
+    """--overwrite removes only a folder moekd wrote: its marker file present and no other names than
+    `names` (and write_atomically's .tmp-/.old- leftovers of a killed run)."""
+    entries = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in entries if n not in names and not n.startswith((".tmp-", ".old-"))]
+    if foreign:
+        more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+        raise MoekdError(f"--out {out}: holds files moekd did not write ({', '.join(foreign[:10])}{more}); "
+                         f"--overwrite refuses to delete it")
+    if marker not in entries:
+        raise MoekdError(f"--out {out}: has no {marker}, not a moekd output folder; --overwrite refuses to delete it")
+
+
+def clear_folder(out: Path) -> None:
+    """Delete what is in `out` (checked by check_own_folder), keeping the folder itself (`--out .`)."""
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def default_out(method: str, model: str) -> str:
+    return str(Path("runs") / f"{method}-{Path(model.rstrip('/')).name}")
+
+
+def saved_config(values: dict, given: dict, fields: dict) -> dict:
+    """The config of the run a --resume continues (its run.json); every explicit flag that differs from it,
+    other than RESUME_MAY_CHANGE, is listed in one error. `fields`: the config's field defaults."""
+    out = Path(values.get("out") or default_out(values.get("method", "sft"), values.get("model", fields["model"])))
+    if not (out / "run.json").is_file():
+        raise MoekdError(f"--out {out}: no run.json, not a moekd run to resume")
+    try:
+        saved = json.loads((out / "run.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoekdError(f"{out / 'run.json'}: unreadable ({e})") from None
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1  # one process shards nothing
+    once = {"stop_after", "resume", "overwrite"} | ({"shard_teacher", "shard_student"} if single else set())
+    saved = {k: v for k, v in saved.items() if k in fields and k not in once}  # `once`: this invocation's own
+    if saved.get("global_batch_size") is not None and "grad_accum" not in given:
+        saved["grad_accum"] = None  # split_global_batch() derives it for this launch's device count
+    differ = [f"--{k.replace('_', '-')} {v!r} (run: {saved.get(k, fields[k])!r})" for k, v in given.items()
+              if k not in RESUME_MAY_CHANGE and v != saved.get(k, fields[k])]
+    if differ:
+        raise MoekdError(f"--resume: {'; '.join(differ)} differ from the run being resumed; --resume continues "
+                         f"with the run's config (run.json), pass only flags that may change")
+    return {**saved, "out": str(out)}
+
+
+# Flags a --resume may change. The device count and its split (batch size, accumulation) may change
+# too, as long as the global batch stays the same.
+RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny",
+                     "dist_timeout", "batch_size", "grad_accum", "global_batch_size", "shard_teacher",
+                     "shard_student"}
+
+
+def check_resume_config(cfg, saved: dict, world: int) -> None:
+    """The other flags were checked by saved_config(); the device split may change, the global batch not."""
+    was = saved["batch_size"] * saved.get("world_size", 1) * saved["grad_accum"]
+    now = cfg.batch_size * world * cfg.grad_accum
+    if now != was:
+        raise MoekdError(f"global batch {now} ({cfg.batch_size} x {world} device(s) x {cfg.grad_accum}) differs from "
+                         f"the run being resumed ({was}); change --batch-size/--grad-accum to keep it")
+
+
+def prepare_out_dir(cfg) -> tuple[Path, dict | None]:
+    """Check --out before any work: never touch an existing run unless --resume/--overwrite, and
+    --overwrite only a moekd run."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise MoekdError(f"--out {out}: exists and is not a directory")
+    busy = out.exists() and any(out.iterdir())
+    if cfg.resume:
+        ckpt = latest_checkpoint(out) if busy else None
+        if ckpt is None:
+            raise MoekdError(f"--out {out}: no checkpoint to resume from")
+        return out, load_tensors_only(ckpt / "trainer_state.pt")
+    if busy and not cfg.overwrite:
+        raise MoekdError(f"--out {out}: exists and is not empty; pass --resume or --overwrite")
+    if busy:
+        check_own_folder(out, "run.json", RUN_FILES)
+    return out, None
+
+
+def run_cli(entry) -> int:
+    """Run a main(); bad input (MoekdError) becomes one line on stderr and exit code 2."""
+    try:
+        entry()
+    except MoekdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
