@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -92,11 +93,13 @@ class Tokens:
 
 
 def fixed_length_responses(monkey: bool):
-    """Make generate() produce exactly RESPONSE tokens (min_new_tokens forbids an earlier EOS; the last
-    one then becomes EOS) so every step has the same shape."""
+    """Make the samplers produce exactly RESPONSE tokens (the last then becomes EOS) so every step has the
+    same shape: moekd's sampler gets an EOS id no token has, generate() a min_new_tokens."""
     original = moekd.sample_tokens
     def sample(*args, **kwargs):
-        return original(*args, **{**kwargs, "min_new_tokens": kwargs["max_new_tokens"]})
+        if kwargs.get("sampler") == "generate":
+            return original(*args, **{**kwargs, "min_new_tokens": kwargs["max_new_tokens"]})
+        return original(*args, **{**kwargs, "eos_id": -1})
     moekd.sample_tokens = sample if monkey else original
 
 
@@ -130,6 +133,9 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fixed_length_responses(True)
     parts = step_parts(cfg, student, teacher, tok, rows, optimizer, state)
+    if "gen" in parts:  # the reference sampler, side by side
+        reference = dataclasses.replace(cfg, sampler="generate")
+        parts["gen_generate"] = lambda: moekd.generate_on_policy(student, rows, tok, reference, list(range(len(rows))))
     times: dict[str, list[float]] = {name: [] for name in ["step", *parts]}
     for i in range(warmup + steps):  # interleaved, so slow drifts of the machine hit step and parts alike
         t = {"step": timed(lambda: moekd.train_step(cfg, student, teacher, tok, rows, optimizer, cfg.lr, state), sync)}
@@ -140,14 +146,14 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
                 times[name].append(value)
     fixed_length_responses(False)
     med = {name: statistics.median(v) for name, v in times.items()}
-    step = med.pop("step")
+    step, gen_generate = med.pop("step"), med.pop("gen_generate", 0.0)
     for name in ("gen", "teacher", "router"):
         med.setdefault(name, 0.0)
     tokens = BATCH * (PROMPT + RESPONSE)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"size": size, "method": name_, "experts": experts or SIZES[size]["teacher"]["num_experts"],
-            "step_ms": 1000 * step, **{f"{k}_ms": 1000 * v for k, v in med.items()},
+            "step_ms": 1000 * step, **{f"{k}_ms": 1000 * v for k, v in med.items()}, "gen_generate_ms": 1000 * gen_generate,
             "overhead": step / max(sum(med.values()), 1e-12), "tokens_per_s": tokens / step, "peak_mb": peak / 2**20}
 
 
@@ -388,6 +394,9 @@ def main(argv=None) -> dict:
     for size in args.sizes.split(","):
         by = {r["method"]: r for r in rows if r["size"] == size}
         derived[size] = {"max_overhead": max(r["overhead"] for r in by.values())}
+        on_policy = [r for r in by.values() if r["gen_ms"] > 0]
+        if on_policy:  # new sampler tokens/s over generate()'s, the same work
+            derived[size]["generation_speedup"] = statistics.median(r["gen_generate_ms"] / r["gen_ms"] for r in on_policy)
         if {"ka-m1", "ka-m2", "ka-m4"} <= set(by):
             # generation does not depend on M; leaving it out keeps its run-to-run noise out of the ratio
             work = {m: by[f"ka-m{m}"]["step_ms"] - by[f"ka-m{m}"]["gen_ms"] for m in (1, 2, 4)}
@@ -396,7 +405,8 @@ def main(argv=None) -> dict:
     print("\nderived (targets: overhead <= 1.10, KA cost <= 1.10, KL memory <= 1.25)")
     for size, d in derived.items():
         ka = "" if "ka_cost" not in d else " | KA cost " + ", ".join(f"M={m}: {v:.2f}" for m, v in d["ka_cost"].items())
-        print(f"{size}: max overhead {d['max_overhead']:.2f}{ka}")
+        gen = "" if "generation_speedup" not in d else f" | generation speed-up {d['generation_speedup']:.2f}x"
+        print(f"{size}: max overhead {d['max_overhead']:.2f}{ka}{gen}")
     result["derived"] = derived
     if not args.no_kl_memory:
         kl, ce = worker(["--memory-probe", "kl"]), worker(["--memory-probe", "ce"])

@@ -358,7 +358,7 @@ def saved_config(values: dict, given: dict, fields: dict) -> dict:
 
 # Flags a --resume may change. The device count and its split (batch size, accumulation) may change
 # too, as long as the global batch stays the same.
-RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny",
+RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny", "sampler",
                      "dist_timeout", "batch_size", "grad_accum", "global_batch_size", "shard_teacher",
                      "shard_student"}
 

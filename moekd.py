@@ -173,7 +173,10 @@ class Config:
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "recompute each decoder layer in the backward (the student, and the teacher in SAR's router "
                 "update): activations of one layer instead of all, for about a third more compute"})
-    gen_batch_size: int = field(default=16, metadata={"help": "rows per on-policy generate() call"})
+    gen_batch_size: int = field(default=16, metadata={"help": "rows sampled together on-policy"})
+    sampler: str = field(default="moekd", metadata={
+        "help": "on-policy sampler: moekd = sampling.sample_rows on the KV cache; generate = transformers' "
+                "generate with the same per-row noise (the reference: the same tokens)", "choices": ("moekd", "generate")})
     kl_chunk: int = field(default=256, metadata={"help": "tokens per chunk of the exact full-vocabulary KL"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are dropped"})
     max_len: int = field(default=512, metadata={"help": "prompt + response truncated to this many tokens"})
@@ -240,6 +243,7 @@ METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "shard_teacher": DISTILL,
     "kl_chunk": DISTILL,
     "gen_batch_size": ON_POLICY,
+    "sampler": ON_POLICY,
     "kd_ratio": ("kd", "ka-gold"),
     "teacher_k": ("kd", "gkd"),
     "teacher_top_p": ("kd", "gkd"),
@@ -387,7 +391,7 @@ def generate_on_policy(model: nn.Module, items: list[dict], tokenizer, cfg: Conf
     eos = tokenizer.eos_token_id
     responses = sample_tokens(model, [it["prompt_ids"] for it in items], pad_id=tokenizer.pad_token_id,
                               eos_id=eos, max_new_tokens=cfg.max_len - cfg.max_prompt_len,
-                              batch_size=cfg.gen_batch_size, seeds=seeds, desc="on-policy")
+                              batch_size=cfg.gen_batch_size, seeds=seeds, desc="on-policy", sampler=cfg.sampler)
     out = []
     for it, row in zip(items, responses):
         prompt, response = it["prompt_ids"], response_through_eos(row, eos)

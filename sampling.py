@@ -24,28 +24,82 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+M32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash, in place, of int64 values in [0, 2^32) (products stay below 2^63: no overflow)."""
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(M32)
+    return x.bitwise_xor_(x >> 16)
+
+
+def row_keys(seeds: list[int], device) -> torch.Tensor:
+    """One 32-bit key per row from its (up to 64-bit) seed: [B] int64."""
+    s = torch.tensor(seeds, dtype=torch.long, device=device)
+    return mix32(mix32(s & M32) ^ ((s >> 32) & M32))
+
+
+def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, V] fp32, a pure function of (row key, step, token id): counter-based, so a row's
+    draws depend on its seed and position only, never on its batch, device or rank, and a whole batch
+    costs a dozen tensor ops (no per-row generator). argmax(logits + noise) is a draw from softmax(logits)."""
+    k = mix32(keys ^ mix32(torch.full_like(keys, step)))                                  # [B]
+    h = torch.arange(vocab, device=keys.device, dtype=torch.long).mul_(0x9E3779B1)
+    h = mix32(h.unsqueeze(0).add(k[:, None]).bitwise_and_(M32))                           # [B, V]
+    u = (h >> 8).float().add_(0.5).mul_(2.0 ** -24)                                       # uniform in (0, 1)
+    return u.log_().neg_().log_().neg_()
+
+
 class RowSeededSampler:
-    """A transformers logits processor that turns greedy decoding into exact ancestral sampling with
-    one random stream per row: argmax(logits + Gumbel noise) is a draw from softmax(logits) (the
-    Gumbel-max trick), and row i's noise comes from its own generator seeded with seeds[i]. A row's
-    response then depends on its seed, not on which batch, device or rank generated it."""
+    """transformers' `generate` as the reference sampler: a logits processor that turns greedy decoding into
+    the same per-row seeded ancestral sampling as sample_rows (the t-th call adds gumbel_noise(keys, t))."""
 
     def __init__(self, seeds: list[int], device: torch.device):
-        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.keys, self.step = row_keys(seeds, device), 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        V = scores.shape[-1]  # finished rows draw too, so each stream advances once per position
-        u = torch.stack([torch.rand(V, generator=g, device=scores.device) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
-        return scores.float() + gumbel
+        noise = gumbel_noise(self.keys, self.step, scores.shape[-1])
+        self.step += 1
+        return scores.float() + noise
+
+
+@torch.no_grad()
+def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
+                seeds: list[int]) -> list[list[int]]:
+    """moekd's own decoder for on-policy sampling: the whole left-padded batch advances one token per step
+    on the KV cache, the next token is argmax(logits + gumbel_noise) (exact sampling from softmax(logits) at
+    temperature 1, per-row seeded), no Python work per row, and it stops as soon as every row has ended.
+    Ended rows get pad tokens, as in `generate`. Same tokens as `generate` with RowSeededSampler."""
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    keys, ended = row_keys(seeds, device), torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache, out = DynamicCache(config=model.config), []
+    for step in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
+                       use_cache=True).logits[:, -1]                          # [B, V]
+        token = (logits.float() + gumbel_noise(keys, step, logits.shape[-1])).argmax(-1)
+        token = token.masked_fill(ended, pad_id)
+        out.append(token)
+        ended |= token == eos_id
+        if bool(ended.all()):
+            break
+        ids, position = token[:, None], position[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return torch.stack(out, dim=1).tolist()
 
 
 @torch.no_grad()
 def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
-                  batch_size: int, seeds: list[int] | None = None, desc: str = "generate", **options) -> list[list[int]]:
+                  batch_size: int, seeds: list[int] | None = None, desc: str = "generate", sampler: str = "moekd",
+                  **options) -> list[list[int]]:
     """Sampled continuations of token-id prompts, left-padded in batches: top_k 0, top_p 1,
     temperature 1 (the paper's sampling), pure ancestral sampling, from the global torch RNG or, with
-    `seeds` (one per prompt), from per-row streams (RowSeededSampler). The model's own
+    `seeds` (one per prompt), from per-row streams: by sample_rows (sampler "moekd"), or `generate` with
+    RowSeededSampler (sampler "generate", the reference; also used for a sharded model). The model's own
     generation_config (a checkpoint's temperature 0.6, repetition_penalty 1.1, ...) is not consulted:
     `options` (eval's no_repeat_ngram_size) are the only other settings. An FSDP-sharded model
     needs every rank in each forward, so its ranks keep stepping until all are done (synced_gpus)."""
@@ -60,6 +114,10 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
     out = []
     with neutral_generation_defaults(model):
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
+            if seeds is not None and sampler == "moekd" and not is_sharded(model) and not options:
+                out.extend(sample_rows(model, prompts[start:start + batch_size], pad_id=pad_id, eos_id=eos_id,
+                                       max_new_tokens=max_new_tokens, seeds=seeds[start:start + batch_size]))
+                continue
             batch = {k: v.to(device) for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
             extra = {} if seeds is None else {"logits_processor": LogitsProcessorList(
                 [RowSeededSampler(seeds[start:start + batch_size], device)])}

@@ -1739,6 +1739,7 @@ def test_bench_smoke():
     assert set(rows) == {"gkd", "ka-m2", "sar"}
     assert rows["sar"]["router_ms"] > 0 and rows["gkd"]["router_ms"] == 0 and rows["gkd"]["gen_ms"] > 0
     assert all(r["step_ms"] > 0 and r["overhead"] > 0 and r["peak_mb"] > 0 for r in rows.values())
+    assert rows["gkd"]["gen_generate_ms"] > 0 and result["derived"]["tiny"]["generation_speedup"] > 0
 
 
 @pytest.mark.parametrize("method", ["kd", "ka-gold"])
@@ -1826,6 +1827,46 @@ def test_row_seeded_samples_do_not_depend_on_the_batch(student, tokenizer):
     cut = lambda row: moekd.response_through_eos(row, tokenizer.eos_token_id)  # noqa: E731 (pads after EOS)
     assert [cut(r) for r in together] == [cut(r) for r in alone]
     assert moekd.sample_tokens(student, prompts[1:], batch_size=1, seeds=[789], **kw) != alone[1:]
+
+
+def naive_seeded_sample(model, prompt: list[int], seed: int, *, eos_id: int, max_new_tokens: int) -> list[int]:
+    """The reference for sample_rows: one row, no padding, no cache (a full forward per token), the same noise."""
+    keys, ids, out = sampling.row_keys([seed], "cpu"), list(prompt), []
+    with torch.no_grad():
+        for step in range(max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[:, -1].float()
+            token = int((logits + sampling.gumbel_noise(keys, step, logits.shape[-1])).argmax(-1))
+            out.append(token)
+            ids.append(token)
+            if token == eos_id:
+                break
+    return out
+
+
+@pytest.mark.parametrize("path", [STUDENT, TINY], ids=["dense", "llama-moe"])
+def test_moekd_sampler_equals_generate_and_a_naive_loop(tokenizer, path):
+    """sample_rows (KV cache, whole batch per step) emits exactly the tokens of transformers' generate with
+    the same noise and of a naive loop without cache, fp32, with ragged prompts and rows ending early."""
+    model = moekd.load_model(str(path))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43], [7]]
+    seeds = [3, 1 << 40, 77, 2024]
+    first = naive_seeded_sample(model, prompts[0], seeds[0], eos_id=-1, max_new_tokens=3)
+    kw = dict(pad_id=tokenizer.pad_token_id, eos_id=first[1], max_new_tokens=10, batch_size=4, seeds=seeds)
+    ours = moekd.sample_tokens(model, prompts, sampler="moekd", **kw)  # row 0 ends at its second token
+    theirs = moekd.sample_tokens(model, prompts, sampler="generate", **kw)
+    naive = [naive_seeded_sample(model, p, s, eos_id=first[1], max_new_tokens=10) for p, s in zip(prompts, seeds)]
+    cut = lambda row: moekd.response_through_eos(row, first[1]) if first[1] in row else row  # noqa: E731
+    assert ours == theirs and [cut(r) for r in ours] == naive
+    assert len(naive[0]) == 2 and any(len(r) == 10 for r in naive)  # one row ended early, one ran to the limit
+
+
+def test_counter_noise_depends_on_seed_and_position_only():
+    keys = sampling.row_keys([5, 6, 7], "cpu")
+    noise = sampling.gumbel_noise(keys, 4, 50)
+    assert torch.equal(noise[1:2], sampling.gumbel_noise(sampling.row_keys([6], "cpu"), 4, 50))  # batch-independent
+    assert not torch.equal(noise, sampling.gumbel_noise(keys, 5, 50))                          # a new draw per step
+    many = sampling.gumbel_noise(sampling.row_keys(list(range(400)), "cpu"), 0, 1000)          # Gumbel(0, 1)
+    assert abs(many.mean() - 0.5772) < 0.01 and abs(many.std() - math.pi / math.sqrt(6)) < 0.01
 
 
 def test_row_seeded_sampler_draws_from_the_softmax():
