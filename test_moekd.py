@@ -2052,8 +2052,9 @@ def test_routing_and_losses_copy_out_of_moekd(tmp_path, family):
 
 def test_run_folder_of_the_previous_layout_resumes(tmp_path, monkeypatch):
     """fixtures/run-ace5af2 was written by moekd at commit ace5af2 (before the module split): an SFT run of
-    the LLaMA-like tiny student stopped after 3 of 8 steps. It resumes with no flags and ends as the
-    uninterrupted run of that commit did: the same history and bit-identical final weights."""
+    the LLaMA-like tiny student stopped after 3 of 8 steps (its run.json's two machine paths, the unused
+    teacher and the out folder, made relative). It resumes with no flags and ends as the uninterrupted run of
+    that commit did: the same history and bit-identical final weights."""
     import hashlib
     run = tmp_path / "run"
     shutil.copytree(ROOT / "fixtures" / "run-ace5af2", run)
