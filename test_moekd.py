@@ -1257,7 +1257,8 @@ def test_eval_no_repeat_ngram_size_reaches_generate(tmp_path, tokenizer):
     assert seen[0].no_repeat_ngram_size == 6 and seen[0].repetition_penalty in (None, 1.0)
     # and the option has its effect: no token repeats with n = 1, repeats without it
     prompts = [tokenizer.encode("Q: hi\n", add_special_tokens=False)] * 4
-    kw = dict(pad_id=tokenizer.pad_token_id, eos_id=-1, max_new_tokens=60, batch_size=4, seeds=[1, 2, 3, 4])
+    kw = dict(pad_id=tokenizer.pad_token_id, eos_id=-1, max_new_tokens=60, batch_size=4, seeds=[1, 2, 3, 4],
+              sampler="generate")
     free, blocked = (moekd.sample_tokens(model, prompts, **kw, **opt) for opt in ({}, {"no_repeat_ngram_size": 1}))
     assert any(len(set(r)) < len(r) for r in free) and all(len(set(r)) == len(r) for r in blocked)
 
@@ -1858,6 +1859,8 @@ def test_moekd_sampler_equals_generate_and_a_naive_loop(tokenizer, path):
     cut = lambda row: moekd.response_through_eos(row, first[1]) if first[1] in row else row  # noqa: E731
     assert ours == theirs and [cut(r) for r in ours] == naive
     assert len(naive[0]) == 2 and any(len(r) == 10 for r in naive)  # one row ended early, one ran to the limit
+    with pytest.raises(ValueError, match="takes no generate"):  # generate()-only options are not dropped silently
+        moekd.sample_tokens(model, prompts, sampler="moekd", no_repeat_ngram_size=2, **kw)
 
 
 def test_counter_noise_depends_on_seed_and_position_only():
