@@ -758,10 +758,10 @@ def forward_with_balance(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
     return outputs.logits, balance_loss(inner, outputs)
 
 
-def add_balance(parts: dict, aux: torch.Tensor | None, n_micro: int) -> dict:
-    """Add a balance loss, once per micro-batch and averaged over the step's micro-batches."""
-    if aux is not None:
-        parts["lb"] = aux / n_micro
+def add_balance(parts: dict, balance: torch.Tensor | None, n_micro: int) -> dict:
+    """Add the model's balance loss, once per micro-batch and averaged over the step's micro-batches."""
+    if balance is not None:
+        parts["lb"] = balance / n_micro
         parts["loss"] = parts["loss"] + parts["lb"]
     return parts
 
@@ -820,9 +820,9 @@ def teacher_logits(teacher: nn.Module, batch: dict, *, repeat: int = 1,
 
 def sft_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -> dict[str, torch.Tensor]:
     """SFT: CE on gold response tokens (+ the model's balance loss, gate noise on in train mode)."""
-    logits, aux = forward_with_balance(model, batch)
+    logits, balance = forward_with_balance(model, batch)
     ce = cross_entropy_sum(logits, batch["labels"]) / norm
-    return add_balance({"loss": ce, "ce": ce}, aux, n_micro)
+    return add_balance({"loss": ce, "ce": ce}, balance, n_micro)
 
 
 def kd_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -> dict[str, torch.Tensor]:
@@ -833,12 +833,12 @@ def kd_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -
     M = cfg.ka_m if METHODS[cfg.method].passes else 1
     with teacher_routing(teacher, cfg, state.generator):
         t = teacher_logits(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)
-    logits, aux = forward_with_balance(model, batch)
+    logits, balance = forward_with_balance(model, batch)
     mask = loss_mask(batch["labels"])
     ce = cross_entropy_sum(logits, batch["labels"]) / norm
     fkl = sum(kl_per_token(t_m.to(logits.device), logits, mask, chunk=cfg.kl_chunk).sum()
               for t_m in t.view(M, *logits.shape)) / (M * norm)
-    return add_balance({"loss": (1 - cfg.kd_ratio) * ce + cfg.kd_ratio * fkl, "ce": ce, "fkl": fkl}, aux, n_micro)
+    return add_balance({"loss": (1 - cfg.kd_ratio) * ce + cfg.kd_ratio * fkl, "ce": ce, "fkl": fkl}, balance, n_micro)
 
 
 def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -> dict[str, torch.Tensor]:
@@ -848,14 +848,14 @@ def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodSt
     M = cfg.ka_m if METHODS[cfg.method].passes and cfg.ka_updates == "mean" else 1
     with teacher_routing(teacher, cfg, state.generator):
         t = teacher_logits(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)  # [M*B, T, V]
-    logits, aux = forward_with_balance(model, batch)
+    logits, balance = forward_with_balance(model, batch)
     mask = loss_mask(batch["labels"])
     if M == 1:
         rkl = kl_per_token(logits, t.to(logits.device), mask, chunk=cfg.kl_chunk).sum() / norm
     else:  # one KL against the mean log-probabilities of the M passes: the mean of the M KLs
         log_p = mean_log_probs(t.view(M, *logits.shape)).to(logits.device)
         rkl = kl_per_token(logits, log_p, mask, chunk=cfg.kl_chunk, input_is_log_probs=True).sum() / norm
-    return add_balance({"loss": rkl, "rkl": rkl}, aux, n_micro)
+    return add_balance({"loss": rkl, "rkl": rkl}, balance, n_micro)
 
 
 def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg: Config,

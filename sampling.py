@@ -111,16 +111,18 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = []
-    if seeds is not None and sampler == "moekd" and options:
+    out, ours = [], seeds is not None and sampler == "moekd"
+    if ours and options:
         raise ValueError(f"moekd's sampler takes no generate() options ({', '.join(options)}); use sampler='generate'")
-    if seeds is not None and sampler == "moekd" and is_sharded(model) and not _told["sharded"]:
-        _told["sharded"] = True  # every rank must join each forward until all are done: generate(synced_gpus)
-        print("sampler: the student is FSDP-sharded, so on-policy samples come from generate(synced_gpus) "
-              "with the same noise (the same tokens)")
+    if ours and is_sharded(model):  # every rank must join each forward until all are done: generate(synced_gpus)
+        ours = False
+        if not _told["sharded"]:
+            _told["sharded"] = True
+            print("sampler: the student is FSDP-sharded, so on-policy samples come from generate(synced_gpus) "
+                  "with the same noise (the same tokens)")
     with neutral_generation_defaults(model):
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
-            if seeds is not None and sampler == "moekd" and not is_sharded(model):
+            if ours:
                 out.extend(sample_rows(model, prompts[start:start + batch_size], pad_id=pad_id, eos_id=eos_id,
                                        max_new_tokens=max_new_tokens, seeds=seeds[start:start + batch_size]))
                 continue
