@@ -177,6 +177,9 @@ class Config:
     sampler: str = field(default="moekd", metadata={
         "help": "on-policy sampler: moekd = sampling.sample_rows on the KV cache; generate = transformers' "
                 "generate with the same per-row noise (the reference: the same tokens)", "choices": ("moekd", "generate")})
+    compile_sampler: str = field(default="auto", metadata={
+        "help": "torch.compile moekd's decode step (fixed shapes; CUDA graphs on GPU): auto = on with CUDA, off on "
+                "CPU, where compiling needs a C++ compiler and ~10-30 s per batch shape", "choices": ("auto", "on", "off")})
     kl_chunk: int = field(default=256, metadata={"help": "tokens per chunk of the exact full-vocabulary KL"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are dropped"})
     max_len: int = field(default=512, metadata={"help": "prompt + response truncated to this many tokens"})
@@ -244,6 +247,7 @@ METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "kl_chunk": DISTILL,
     "gen_batch_size": ON_POLICY,
     "sampler": ON_POLICY,
+    "compile_sampler": ON_POLICY,
     "kd_ratio": ("kd", "ka-gold"),
     "teacher_k": ("kd", "gkd"),
     "teacher_top_p": ("kd", "gkd"),
@@ -391,7 +395,9 @@ def generate_on_policy(model: nn.Module, items: list[dict], tokenizer, cfg: Conf
     eos = tokenizer.eos_token_id
     responses = sample_tokens(model, [it["prompt_ids"] for it in items], pad_id=tokenizer.pad_token_id,
                               eos_id=eos, max_new_tokens=cfg.max_len - cfg.max_prompt_len,
-                              batch_size=cfg.gen_batch_size, seeds=seeds, desc="on-policy", sampler=cfg.sampler)
+                              batch_size=cfg.gen_batch_size, seeds=seeds, desc="on-policy", sampler=cfg.sampler,
+                              compile=cfg.compile_sampler == "on" or (cfg.compile_sampler == "auto" and
+                                                                      next(model.parameters()).is_cuda))
     out = []
     for it, row in zip(items, responses):
         prompt, response = it["prompt_ids"], response_through_eos(row, eos)

@@ -44,7 +44,7 @@ def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, V] fp32, a pure function of (row key, step, token id): counter-based, so a row's
     draws depend on its seed and position only, never on its batch, device or rank, and a whole batch
     costs a dozen tensor ops (no per-row generator). argmax(logits + noise) is a draw from softmax(logits)."""
-    k = mix32(keys ^ mix32(torch.full_like(keys, step)))                                  # [B]
+    k = mix32(keys ^ mix32(keys * 0 + step))             # [B]; step: an int or a 0-d tensor (compiled decode)
     h = torch.arange(vocab, device=keys.device, dtype=torch.long).mul_(0x9E3779B1)
     h = mix32(h.unsqueeze(0).add(k[:, None]).bitwise_and_(M32))                           # [B, V]
     u = (h >> 8).float().add_(0.5).mul_(2.0 ** -24)                                       # uniform in (0, 1)
@@ -64,41 +64,81 @@ class RowSeededSampler:
         return scores.float() + noise
 
 
+def decode_step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache,
+                keys: torch.Tensor, step) -> torch.Tensor:
+    """One token for every row: the model on the static cache, then argmax(logits + gumbel_noise) [B].
+    Shapes are fixed for a batch (token, position [B, t], mask [B, cache length]), so it compiles once."""
+    logits = model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]                                        # [B, V]
+    return (logits.float() + gumbel_noise(keys, step, logits.shape[-1])).argmax(-1)
+
+
+_compiled: dict[str, object] = {}
+
+
+def compiled_decode_step(device: torch.device):
+    """decode_step under torch.compile, made once per device type: fixed shapes (dynamic=False), and on CUDA
+    "reduce-overhead" (CUDA graphs: one launch per token). A new batch shape or model recompiles once."""
+    if device.type not in _compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled[device.type] = torch.compile(decode_step, dynamic=False, mode=mode)
+    return _compiled[device.type]
+
+
+def cache_length(width: int) -> int:
+    """Static cache length for prompt + new tokens: the next power of two (>= 64), so batches of other
+    prompt widths reuse one compiled step instead of compiling their own."""
+    return max(64, 1 << (width - 1).bit_length())
+
+
 @torch.no_grad()
 def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
-                seeds: list[int]) -> list[list[int]]:
+                seeds: list[int], compile: bool = False) -> list[list[int]]:
     """moekd's own decoder for on-policy sampling: the whole left-padded batch advances one token per step
-    on the KV cache, the next token is argmax(logits + gumbel_noise) (exact sampling from softmax(logits) at
-    temperature 1, per-row seeded), no Python work per row, and it stops as soon as every row has ended.
-    Ended rows get pad tokens, as in `generate`. Same tokens as `generate` with RowSeededSampler."""
-    from transformers import DynamicCache
+    on a preallocated static KV cache, the next token is argmax(logits + gumbel_noise) (exact sampling from
+    softmax(logits) at temperature 1, per-row seeded), no Python work per row, and it stops as soon as every
+    row has ended; `compile`: the decode step runs compiled (compiled_decode_step). Ended rows get pad
+    tokens, as in `generate`. Same tokens as `generate` with RowSeededSampler, and as a loop without cache."""
+    from transformers import StaticCache
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    keys, ended = row_keys(seeds, device), torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    cache, out = DynamicCache(config=model.config), []
+    (B, width), ended = ids.shape, torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    keys, position = row_keys(seeds, device), (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    length = cache_length(width + max_new_tokens)
+    mask = torch.cat([mask, mask.new_ones(B, length - width)], dim=1)  # later slots: causally masked until written
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    token = decode_step(model, ids, position, mask, cache, keys, 0)  # the prompt, eager (its own shape)
+    step_fn, position, out = decode_step, position[:, -1:], []
+    if compile:
+        step_fn = compiled_decode_step(device)
+        if device.type == "cuda":  # CUDA graphs replay on fixed addresses: the cache is written in place
+            for layer in cache.layers:
+                for t in (layer.keys, layer.values, layer.cumulative_length):
+                    torch._dynamo.mark_static_address(t)
     for step in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
-                       use_cache=True).logits[:, -1]                          # [B, V]
-        token = (logits.float() + gumbel_noise(keys, step, logits.shape[-1])).argmax(-1)
+        if step:
+            if compile and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            position = position + 1
+            token = step_fn(model, token[:, None], position, mask, cache, keys,
+                            torch.tensor(step, device=device)).clone()  # a graph's output is reused by the next
         token = token.masked_fill(ended, pad_id)
         out.append(token)
         ended |= token == eos_id
         if bool(ended.all()):
             break
-        ids, position = token[:, None], position[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return torch.stack(out, dim=1).tolist()
 
 
 @torch.no_grad()
 def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
                   batch_size: int, seeds: list[int] | None = None, desc: str = "generate", sampler: str = "moekd",
-                  **options) -> list[list[int]]:
+                  compile: bool = False, **options) -> list[list[int]]:
     """Sampled continuations of token-id prompts, left-padded in batches: top_k 0, top_p 1,
     temperature 1 (the paper's sampling), pure ancestral sampling, from the global torch RNG or, with
-    `seeds` (one per prompt), from per-row streams: by sample_rows (sampler "moekd"), or `generate` with
+    `seeds` (one per prompt), from per-row streams: by sample_rows (sampler "moekd", its decode step compiled
+    with `compile`), or `generate` with
     RowSeededSampler (sampler "generate", the reference; also used for a sharded model). The model's own
     generation_config (a checkpoint's temperature 0.6, repetition_penalty 1.1, ...) is not consulted:
     `options` (eval's no_repeat_ngram_size) are the only other settings. An FSDP-sharded model
@@ -114,6 +154,10 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
     out, ours = [], seeds is not None and sampler == "moekd"
     if ours and options:
         raise ValueError(f"moekd's sampler takes no generate() options ({', '.join(options)}); use sampler='generate'")
+    if ours and compile and not _told["compile"]:
+        _told["compile"] = True
+        print(f"sampler: moekd's decode step runs compiled (torch.compile{', CUDA graphs' if device.type == 'cuda' else ''}); "
+              "each new batch shape compiles first")
     if ours and is_sharded(model):  # every rank must join each forward until all are done: generate(synced_gpus)
         ours = False
         if not _told["sharded"]:
@@ -124,7 +168,8 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
             if ours:
                 out.extend(sample_rows(model, prompts[start:start + batch_size], pad_id=pad_id, eos_id=eos_id,
-                                       max_new_tokens=max_new_tokens, seeds=seeds[start:start + batch_size]))
+                                       max_new_tokens=max_new_tokens, seeds=seeds[start:start + batch_size],
+                                       compile=compile))
                 continue
             batch = {k: v.to(device) for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
             extra = {} if seeds is None else {"logits_processor": LogitsProcessorList(
@@ -137,7 +182,7 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
     return out
 
 
-_told = {"sharded": False}
+_told = {"sharded": False, "compile": False}
 
 
 @contextlib.contextmanager

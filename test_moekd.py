@@ -1863,6 +1863,39 @@ def test_moekd_sampler_equals_generate_and_a_naive_loop(tokenizer, path):
         moekd.sample_tokens(model, prompts, sampler="moekd", no_repeat_ngram_size=2, **kw)
 
 
+def tiny_causal_lm(family: str):
+    """A tiny random transformers causal LM of a student family (Mistral with a sliding window shorter than the
+    samples, so its static cache wraps around), fp32, built from its config class."""
+    import transformers
+    common = dict(vocab_size=300, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    extra = {"Qwen2": dict(use_sliding_window=False), "Qwen3": dict(head_dim=8),
+             "Mistral": dict(sliding_window=8), "Mixtral": dict(num_local_experts=4, num_experts_per_tok=2)}
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(**common, **extra.get(family, {}))
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Mistral", "Mixtral"])
+def test_moekd_sampler_on_student_families(family):
+    """The static-cache sampler on other student architectures (qkv bias, q/k norms, a sliding window the
+    samples outgrow, a transformers MoE): the tokens of the naive loop without cache, ragged prompts."""
+    model = tiny_causal_lm(family)
+    prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40]], [3, 4, 5]
+    ours = moekd.sample_tokens(model, prompts, pad_id=0, eos_id=-1, max_new_tokens=9, batch_size=3, seeds=seeds)
+    assert ours == [naive_seeded_sample(model, p, s, eos_id=-1, max_new_tokens=9) for p, s in zip(prompts, seeds)]
+
+
+@pytest.mark.slow  # compiling on CPU: ~20-40 s
+def test_compiled_decode_step_emits_the_same_tokens(student, tokenizer):
+    """The torch.compile'd decode step (fixed shapes: one graph per batch shape) gives the eager tokens, and the
+    static cache length is bucketed so prompts of other widths reuse it."""
+    prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]], [3, 1 << 40, 77]
+    kw = dict(pad_id=tokenizer.pad_token_id, eos_id=-1, max_new_tokens=12, seeds=seeds)
+    assert sampling.sample_rows(student, prompts, compile=True, **kw) == sampling.sample_rows(student, prompts, **kw)
+    assert [sampling.cache_length(w) for w in (1, 64, 65, 128, 200, 512)] == [64, 64, 128, 128, 256, 512]
+
+
 def test_counter_noise_depends_on_seed_and_position_only():
     keys = sampling.row_keys([5, 6, 7], "cpu")
     noise = sampling.gumbel_noise(keys, 4, 50)
