@@ -1735,7 +1735,7 @@ def test_repro_pipeline_smoke_and_resume(tmp_path, capsys):
 def test_bench_smoke():
     import bench
     result = bench.main(["--sizes", "tiny", "--steps", "2", "--warmup", "0", "--methods", "gkd,ka-m2,sar",
-                         "--no-scaling", "--no-kl-memory"])
+                         "--no-scaling", "--no-kl-memory", "--compile-sampler", "off"])
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"gkd", "ka-m2", "sar"}
     assert rows["sar"]["router_ms"] > 0 and rows["gkd"]["router_ms"] == 0 and rows["gkd"]["gen_ms"] > 0
@@ -1884,6 +1884,23 @@ def test_moekd_sampler_on_student_families(family):
     prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40]], [3, 4, 5]
     ours = moekd.sample_tokens(model, prompts, pad_id=0, eos_id=-1, max_new_tokens=9, batch_size=3, seeds=seeds)
     assert ours == [naive_seeded_sample(model, p, s, eos_id=-1, max_new_tokens=9) for p, s in zip(prompts, seeds)]
+
+
+def test_bf16_autocast_samples_from_a_bf16_copy_kept_in_step(tokenizer):
+    """Under bf16 autocast over fp32 weights, moekd's sampler runs a bf16 copy of the student: the tokens of
+    the naive loop on the model cast to bf16, and a change to the weights reaches the copy on the next call."""
+    import copy
+    model = moekd.load_model(str(STUDENT))
+    prompts, seeds = [[5, 6, 7, 8, 9], [12, 13]], [3, 4]
+    kw = dict(pad_id=tokenizer.pad_token_id, eos_id=-1, max_new_tokens=8, batch_size=2, seeds=seeds)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = moekd.sample_tokens(model, prompts, **kw)
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        assert ours == [naive_seeded_sample(bf16, p, s, eos_id=-1, max_new_tokens=8) for p, s in zip(prompts, seeds)]
+        assert next(model.parameters()).dtype == torch.float32
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-3.0)  # the second round samples from the changed weights
 
 
 @pytest.mark.slow  # compiling on CPU: ~20-40 s
@@ -2214,3 +2231,60 @@ def test_fetch_data_knows_the_recorded_sources():
             data = local.read_bytes()
             assert (len(data), len(data.splitlines()), hashlib.sha256(data).hexdigest()) == \
                 (remote.size, remote.rows, remote.sha256), remote.name
+
+
+# ----------------------------------------------------------------------------
+# On a GPU (`pytest -m cuda`; bench.py --gpu-check runs them): skipped without CUDA
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("method", moekd.METHODS)
+def test_cuda_every_method_steps_in_bf16(tmp_path, method):
+    """Every method, two steps on the tiny pair on CUDA in bf16 (autocast, fp32 master weights, the compiled
+    sampler with CUDA graphs for on-policy methods): finite losses, the student changed, fp32 weights kept."""
+    extra = ["--compile-sampler", "on"] if method in moekd.ON_POLICY else []
+    result = moekd.main(run_args(tmp_path / "run", method, "--device", "cuda", "--dtype", "bf16", *extra))
+    assert result["finished"] and all(math.isfinite(v) for h in result["history"] for v in h.values())
+    trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    init = moekd.load_model(str(STUDENT)).state_dict()
+    assert all(trained[k].dtype == torch.float32 for k in trained) and any(not torch.equal(trained[k], init[k]) for k in init)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama_moe", "mixtral", "qwen3_moe"])
+def test_cuda_routing_conformance(tmp_path, family):
+    """On CUDA: top-k routing is the native forward bit for bit, KA at lambda 0 too, all experts differ, the
+    KA draws follow the CUDA generator's seed, and the model is restored after each block."""
+    model = moekd.load_model(str(TINY if family == "llama_moe" else hf_moe(tmp_path, family)), device="cuda")
+    ids = ids_batch().cuda()
+    with torch.no_grad():
+        native = model(ids).logits
+        with moekd.moe_routing(model, "topk"):
+            assert torch.equal(model(ids).logits, native)
+        with moekd.moe_routing(model, "sample", prob=0.0, generator=torch.Generator("cuda").manual_seed(0)):
+            assert torch.equal(model(ids).logits, native)
+        draws = []
+        for _ in range(2):
+            with moekd.moe_routing(model, "sample", prob=1.0, generator=torch.Generator("cuda").manual_seed(5)):
+                draws.append(model(ids).logits)
+        with moekd.moe_routing(model, "all"):
+            dense = model(ids).logits
+        assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], native)
+        assert not torch.equal(dense, native) and torch.equal(model(ids).logits, native)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_compiled_sampler_with_cuda_graphs_equals_eager(tokenizer):
+    """The compiled decode step with CUDA graphs emits the eager sampler's tokens (fp32), and the counter-based
+    noise is the CPU noise."""
+    model = moekd.load_model(str(STUDENT), device="cuda")
+    prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]], [3, 1 << 40, 77]
+    kw = dict(pad_id=tokenizer.pad_token_id, eos_id=-1, max_new_tokens=20, seeds=seeds)
+    assert sampling.sample_rows(model, prompts, compile=True, **kw) == sampling.sample_rows(model, prompts, **kw)
+    keys = sampling.row_keys(seeds, "cuda")
+    assert_close(sampling.gumbel_noise(keys, 7, 2039).cpu(), sampling.gumbel_noise(keys.cpu(), 7, 2039))
