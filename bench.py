@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import resource
 import statistics
@@ -69,6 +70,11 @@ def parse_args(argv=None):
     p.add_argument("--no-kl-memory", action="store_true", help="skip the KL vs CE memory probe")
     p.add_argument("--dist", action="store_true", help="per-rank memory of torchrun layouts instead of timings")
     p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan of real pairs (arithmetic)")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="the GPU check: CUDA tests, every method's tiny bf16 step, gkd/ka/sar at the paper's shapes "
+                        "(bandwidth floor, memory plan), the sampler vs generate(); JSON (--json) and Markdown")
+    p.add_argument("--gpu-check-scale", default="paper", choices=tuple(CHECKS), help=argparse.SUPPRESS)  # tiny: CPU smoke
+    p.add_argument("--bandwidth", type=float, default=4.3e12, help="GPU memory bandwidth, bytes/s (H200: ~4.3e12 measured)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)        # worker: size,method[,experts]
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # worker: kl | ce
     return p.parse_args(argv)
@@ -233,6 +239,202 @@ def memory_probe(kind: str) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# GPU check (--gpu-check): the CUDA tests, every method's tiny bf16 step, the paper's shapes, the sampler
+
+PAPER_SHAPES = dict(  # Llama-MoE-3.5B (4/16) and Sheared-LLaMA-1.3B, from their public configs; random weights
+    teacher=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_experts=16, num_selects=4),
+    student=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+                 num_attention_heads=16))
+PAPER_PAIR = "Llama-MoE-3.5B (4/16) -> Sheared-LLaMA-1.3B"
+CHECKS = {"paper": dict(shapes=PAPER_SHAPES, micro=4, accum=4, prompt=256, response=256, steps=3),
+          "tiny": dict(shapes=SIZES["tiny"], micro=2, accum=2, prompt=16, response=16, steps=2)}  # CPU smoke test
+
+
+@contextlib.contextmanager
+def part_timers(sync, optimizer) -> dict:
+    """Seconds spent in the parts of moekd.train_step, timed where it calls them: generation, the teacher's
+    forwards, SAR's router update, the optimizer step (the student's forward + backward is the rest)."""
+    spent = {"gen": 0.0, "teacher": 0.0, "router": 0.0, "optimizer": 0.0}
+
+    def wrap(name, fn):
+        def timed_call(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                spent[name] += time.perf_counter() - t0
+        return timed_call
+    patched = {"generate_on_policy": "gen", "teacher_logits": "teacher", "sar_router_update": "router"}
+    originals = {attr: getattr(moekd, attr) for attr in patched}
+    for attr, name in patched.items():
+        setattr(moekd, attr, wrap(name, originals[attr]))
+    optimizer.step = wrap("optimizer", optimizer.step)
+    try:
+        yield spent
+    finally:
+        for attr, fn in originals.items():
+            setattr(moekd, attr, fn)
+        del optimizer.step
+
+
+def random_rows(n: int, prompt: int, response: int, vocab: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (prompt + response,), generator=g).tolist()
+        rows.append({"prompt_ids": ids[:prompt], "input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def build_pair(shapes: dict, device, teacher_dtype) -> tuple:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    t = {**llama_moe.LLAMA_MOE_DEFAULTS, **shapes["teacher"], "max_position_embeddings": 1024}
+    teacher = llama_moe.build_llama_moe(llama_moe.check_llama_moe_config(t, where="gpu-check"), device=device,
+                                        dtype=teacher_dtype, init_seed=0).eval().requires_grad_(False)
+    torch.manual_seed(1)
+    with torch.device(device):
+        student = LlamaForCausalLM(LlamaConfig(**shapes["student"], bos_token_id=1, eos_token_id=2,
+                                               max_position_embeddings=1024))
+    return teacher, student
+
+
+def tiny_method_steps(device, amp) -> dict:
+    """Every method, one step on the tiny shapes in bf16 autocast: its loss parts (all must be finite)."""
+    out = {}
+    for method in moekd.METHODS:
+        teacher, student = build("tiny", None, device)
+        teacher.to(amp)
+        if moekd.METHODS[method].routers:
+            for p in moekd.router_parameters(teacher):
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        cfg = moekd.Config(method=method, batch_size=2, grad_accum=2, max_prompt_len=16, max_len=32, gen_batch_size=4)
+        rows = random_rows(4, 16, 16, SIZES["tiny"]["student"]["vocab_size"])
+        optimizer = torch.optim.AdamW(moekd.param_groups(student, cfg.weight_decay), lr=cfg.lr)
+        logs = moekd.train_step(cfg, student, teacher, Tokens(), rows, optimizer, cfg.lr,
+                                moekd.method_state(cfg, teacher, amp))
+        out[method] = {k: float(v) for k, v in logs.items()}
+    return out
+
+
+def paper_method(method: str, check: dict, teacher, student, device, amp, sync) -> dict:
+    """`steps` optimizer steps of one method at the check's shapes: step time and its parts, generation
+    tokens/s, peak memory."""
+    batch = check["micro"] * check["accum"]
+    cfg = moekd.Config(method=method, batch_size=check["micro"], grad_accum=check["accum"], ka_m=2,
+                       max_prompt_len=check["prompt"], max_len=check["prompt"] + check["response"],
+                       gen_batch_size=batch, compile_sampler="on" if device.type == "cuda" else "off",
+                       lr=1e-5, router_lr=1e-6)
+    if moekd.METHODS[method].routers:  # as moekd loads a SAR teacher: fp32 routers that learn
+        for p in moekd.router_parameters(teacher):
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    state = moekd.method_state(cfg, teacher, amp)
+    optimizer = torch.optim.AdamW(moekd.param_groups(student, cfg.weight_decay), lr=cfg.lr)
+    rows = random_rows(batch, check["prompt"], check["response"], check["shapes"]["student"]["vocab_size"])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    steps = []
+    fixed_length_responses(True)
+    try:
+        for i in range(check["steps"]):
+            with part_timers(sync, optimizer) as spent:
+                seconds = timed(lambda: moekd.train_step(cfg, student, teacher, Tokens(), rows, optimizer, cfg.lr,
+                                                         state, step=i), sync)
+            steps.append({"step_s": seconds, **{f"{k}_s": v for k, v in spent.items()},
+                          "student_s": seconds - sum(spent.values())})
+    finally:
+        fixed_length_responses(False)
+    peak = torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else 0.0
+    steady = steps[1:] or steps  # the first step compiles the decode step
+    med = {k: statistics.median(s[k] for s in steady) for k in steady[0]}
+    return {"method": method, "steps": steps, "steady": med, "first_step_s": steps[0]["step_s"],
+            "gen_tokens_per_s": batch * check["response"] / med["gen_s"] if med["gen_s"] else 0.0, "peak_gb": peak}
+
+
+def bandwidth_floor_tokens_per_s(check: dict, bandwidth: float) -> float:
+    """Decoding at memory bandwidth: each step reads the bf16 student weights and, on average, half the
+    final KV cache (bf16); `batch` tokens per step."""
+    s = check["shapes"]["student"]
+    batch = check["micro"] * check["accum"]
+    params = s["vocab_size"] * s["hidden_size"] * 2 + s["num_hidden_layers"] * (
+        4 * s["hidden_size"] ** 2 + 3 * s["hidden_size"] * s["intermediate_size"])
+    kv = 2 * s["num_hidden_layers"] * batch * (check["prompt"] + check["response"] / 2) * s["hidden_size"] * 2
+    return batch / ((2 * params + kv) / bandwidth)
+
+
+def gpu_check(scale: str, device, bandwidth: float) -> dict:
+    """(1) the cuda-marked tests and every method's tiny bf16 step, (2) gkd, ka and sar at the check's shapes
+    (the paper's: 4/16 Llama-MoE-3.5B teacher, Sheared-LLaMA-1.3B student, global batch 16 = 4 x 4, 256 + 256
+    tokens, bf16) against the bandwidth floor and the memory plan, (3) the sampler against generate()."""
+    t0 = time.perf_counter()
+    check, amp = CHECKS[scale], torch.bfloat16
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "scale": scale, "bandwidth_bytes_per_s": bandwidth}
+    import transformers
+    report["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"],
+                              capture_output=True, text=True, cwd=HERE, timeout=240)
+        report["cuda_tests"] = {"returncode": proc.returncode, "summary": proc.stdout.strip().splitlines()[-1]}
+    report["tiny_bf16_steps"] = tiny_method_steps(device, amp)
+    report["tiny_bf16_finite"] = all(math.isfinite(v) for logs in report["tiny_bf16_steps"].values() for v in logs.values())
+    teacher, student = build_pair(check["shapes"], device, amp)
+    report["methods"] = [paper_method(m, check, teacher, student, device, amp, sync) for m in ("gkd", "ka", "sar")]
+    floor = bandwidth_floor_tokens_per_s(check, bandwidth)
+    pair = {**PAIRS[PAPER_PAIR], "batch": check["micro"]}
+    for r in report["methods"]:
+        r["bandwidth_floor_tokens_per_s"] = floor
+        r["fraction_of_floor"] = r["gen_tokens_per_s"] / floor
+        r["plan_gb"] = plan(pair, shard_teacher=False, shard_student=False, grad_checkpointing=False,
+                            sar=r["method"] == "sar", ka_m=2 if r["method"] == "ka" else 1)["total"]
+        r["peak_over_plan"] = r["peak_gb"] / r["plan_gb"]
+    cfg = moekd.Config(method="gkd", max_prompt_len=check["prompt"], max_len=check["prompt"] + check["response"],
+                       gen_batch_size=check["micro"] * check["accum"], compile_sampler="on" if device.type == "cuda" else "off")
+    rows = random_rows(check["micro"] * check["accum"], check["prompt"], check["response"],
+                       check["shapes"]["student"]["vocab_size"], seed=1)
+    seconds = {}
+    fixed_length_responses(True)
+    try:
+        for name, c in (("moekd", cfg), ("generate", dataclasses.replace(cfg, sampler="generate"))):
+            with moekd.autocast(device, amp):
+                run = lambda: moekd.generate_on_policy(student, rows, Tokens(), c, list(range(len(rows))))  # noqa: E731
+                run()
+                seconds[name] = timed(run, sync)
+    finally:
+        fixed_length_responses(False)
+    report["sampler"] = {f"{k}_tokens_per_s": len(rows) * check["response"] / v for k, v in seconds.items()}
+    report["sampler"]["speedup"] = seconds["generate"] / seconds["moekd"]
+    report["wall_s"] = time.perf_counter() - t0
+    return report
+
+
+def gpu_check_markdown(r: dict) -> str:
+    lines = [f"GPU check {r['date']}: {r['device']}, torch {r['torch']}, transformers {r['transformers']}, "
+             f"scale {r['scale']}, wall {r['wall_s']:.0f} s", ""]
+    if "cuda_tests" in r:
+        lines.append(f"- `pytest -m cuda`: {r['cuda_tests']['summary']} (exit {r['cuda_tests']['returncode']})")
+    lines.append("- every method's tiny step in bf16: " + ("finite" if r["tiny_bf16_finite"] else "NOT FINITE") + " ("
+                 + ", ".join(f"{m} {logs['loss']:.3f}" for m, logs in r["tiny_bf16_steps"].items()) + ")")
+    lines += ["", "| method | step s | generation s | teacher s | student s | router s | optimizer s | first step s | "
+              "gen tokens/s | of bandwidth floor | peak GB | plan GB | peak / plan |", "|" + "---|" * 13]
+    for m in r["methods"]:
+        s = m["steady"]
+        lines.append(f"| {m['method']} | {s['step_s']:.2f} | {s['gen_s']:.2f} | {s['teacher_s']:.2f} | {s['student_s']:.2f} | "
+                     f"{s['router_s']:.2f} | {s['optimizer_s']:.2f} | {m['first_step_s']:.1f} | {m['gen_tokens_per_s']:.0f} | "
+                     f"{100 * m['fraction_of_floor']:.0f}% | {m['peak_gb']:.1f} | {m['plan_gb']:.1f} | {m['peak_over_plan']:.2f} |")
+    sp = r["sampler"]
+    lines += ["", f"- sampler: moekd {sp['moekd_tokens_per_s']:.0f} tokens/s vs generate() {sp['generate_tokens_per_s']:.0f}"
+              f" tokens/s: {sp['speedup']:.2f}x"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
 # Driver: one subprocess per configuration, then the table and derived figures
 
 # glibc hands large freed blocks back to the OS and page-faults them in again on the next step, which
@@ -338,7 +540,10 @@ def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpoin
                                                               else tokens * moe_all * t["L"] / GB),
            # bf16 student logits + their grad + M bf16 teacher logits (+ SAR's grad); the chunked fp32 KL
            # adds 4 fp32 [256, V] temporaries, a full-vocabulary one 5 fp32 [tokens, V] tensors
-           "full-vocab logits": (tokens * V * 2 * (2 + ka_m + sar) + (4 * 4 * 256 * V if chunked_kl else 5 * 4 * tokens * V)) / GB}
+           "full-vocab logits": (tokens * V * 2 * (2 + ka_m + sar) + (4 * 4 * 256 * V if chunked_kl else 5 * 4 * tokens * V)) / GB,
+           # on-policy sampling under bf16 autocast runs a bf16 copy of the student (sampling.sampling_copy);
+           # (a sharded student samples through generate(), without a copy)
+           "bf16 sampling copy": 0.0 if shard_student else 2 * s["params"] / GB}
     gathered = (2 * t["params"] / t["L"] * 2 if shard_teacher else 0) + (4 * s["params"] / s["L"] * 2 if shard_student else 0)
     row["FSDP gathered layers"] = gathered / GB  # the layer in use and the prefetched next one
     row["total"] = sum(row.values())
@@ -384,6 +589,14 @@ def main(argv=None) -> dict:
             Path(args.json).write_text(json.dumps({"dist_memory": rows}, indent=2) + "\n")
         return {"dist_memory": rows}
     device = moekd.resolve_device(args.device)
+    if args.gpu_check:
+        report = gpu_check(args.gpu_check_scale, device, args.bandwidth)
+        md = gpu_check_markdown(report)
+        print(md)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            Path(args.json).with_suffix(".md").write_text(md)
+        return report
     if args.one:
         size, name, *experts = args.one.split(",")
         print(json.dumps(run_one(size, name, int(experts[0]) if experts else None, args.steps, args.warmup, device,

@@ -1743,6 +1743,25 @@ def test_bench_smoke():
     assert rows["gkd"]["gen_generate_ms"] > 0 and result["derived"]["tiny"]["generation_speedup"] > 0
 
 
+def test_gpu_check_at_tiny_scale_on_cpu():
+    """bench.py --gpu-check's code path on CPU at tiny shapes: every method's bf16 step finite, the parts of
+    each step timed where train_step calls them (SAR alone has a router part), the bandwidth floor from the
+    student's shapes (the paper's student: the parameter count of its public config), the Markdown report."""
+    import bench
+    report = bench.gpu_check("tiny", torch.device("cpu"), 4.3e12)
+    assert report["tiny_bf16_finite"] and set(report["tiny_bf16_steps"]) == set(moekd.METHODS)
+    by = {m["method"]: m for m in report["methods"]}
+    for m in by.values():
+        assert len(m["steps"]) == 2 and all(s["student_s"] > 0 and s["gen_s"] > 0 for s in m["steps"])
+        assert m["gen_tokens_per_s"] == pytest.approx(4 * 16 / m["steady"]["gen_s"])
+    assert by["sar"]["steady"]["router_s"] > 0 and by["gkd"]["steady"]["router_s"] == 0
+    assert by["ka"]["plan_gb"] > by["gkd"]["plan_gb"] and report["sampler"]["speedup"] > 0
+    check = bench.CHECKS["paper"]
+    weights = 2 * 1.345e9 + 2 * 24 * 16 * 384 * 2048 * 2          # bf16 weights + half the final KV cache
+    assert bench.bandwidth_floor_tokens_per_s(check, 4.3e12) == pytest.approx(16 / (weights / 4.3e12), rel=0.01)
+    assert "| gkd |" in bench.gpu_check_markdown(report)
+
+
 @pytest.mark.parametrize("method", ["kd", "ka-gold"])
 def test_bench_student_part_is_the_methods_own_step(method):
     """bench.py times the step functions training uses (kd's --kd-ratio included), not a copy of them."""
