@@ -209,3 +209,38 @@ def test_all_experts_switch_a_batched_backend(capsys):
             model(ids())
     assert model.config._experts_implementation == "batched_mm"
     assert "experts backend batched_mm -> grouped_mm" in capsys.readouterr().out
+
+
+@functools.lru_cache(maxsize=None)
+def saved_family(family: str, root: str) -> Path:
+    """The family's tiny model as a checkpoint with the tiny tokenizer (the student's vocabulary)."""
+    path = Path(root) / family
+    tiny_moe(family).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY / name, path / name)
+    return path
+
+
+def one_step(out: Path, method: str, *extra: str) -> dict:
+    result = moekd.main(["--tiny", "--method", method, "--out", str(out), "--synthetic-train", "8", "--batch-size", "4",
+                         "--max-steps", "1", "--no-dev-eval", "--log-every", "1", *(["--ka-m", "2"] if moekd.METHODS[method].passes else []), *extra])
+    assert result["finished"] and all(math.isfinite(v) for h in result["history"] for v in h.values())
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in moekd.METHODS if moekd.METHODS[m].teacher])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_method_with_the_family_as_teacher(tmp_path_factory, tmp_path, family, method):
+    one_step(tmp_path / "run", method, "--teacher", str(saved_family(family, str(tmp_path_factory.getbasetemp()))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(moekd.METHODS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_method_with_the_family_as_student(tmp_path_factory, tmp_path, family, method):
+    """The MoE student keeps its own balance loss where its family has one (transformers' aux_loss)."""
+    model = saved_family(family, str(tmp_path_factory.getbasetemp()))
+    result = one_step(tmp_path / "run", method, "--model", str(model))
+    has_aux = hasattr(moekd.sys.modules[type(router_of(tiny_moe(family))).__module__], "load_balancing_loss_func")
+    assert all(("lb" in h and h["lb"] > 0) == has_aux for h in result["history"])
