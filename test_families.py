@@ -244,3 +244,33 @@ def test_every_method_with_the_family_as_student(tmp_path_factory, tmp_path, fam
     result = one_step(tmp_path / "run", method, "--model", str(model))
     has_aux = hasattr(moekd.sys.modules[type(router_of(tiny_moe(family))).__module__], "load_balancing_loss_func")
     assert all(("lb" in h and h["lb"] > 0) == has_aux for h in result["history"])
+
+
+DOC = ROOT / "docs" / "families.md"
+BEGIN, END = "<!-- family table: written by `python test_families.py` -->", "<!-- end of the family table -->"
+
+
+def family_table() -> str:
+    """docs/families.md's table, from FAMILIES (every row is a parametrisation of the tests above)."""
+    teacher = [m for m in moekd.METHODS if moekd.METHODS[m].teacher]
+    rows = ["| family | model_type | router | mechanism | default suite | teacher (`-m slow`) | student (`-m slow`) |",
+            "|---|---|---|---|---|---|---|"]
+    for family in FAMILIES:
+        router = router_of(tiny_moe(family))
+        name, mechanism, _ = moekd.HF_ROUTERS[type(router).__name__]
+        aux = hasattr(moekd.sys.modules[type(router).__module__], "load_balancing_loss_func")
+        rows.append(f"| {name} | `{family}` | `{type(router).__name__}` | {mechanism} | topk = native, KA λ=0 = native, "
+                    f"all = naive, SAR grads, restore | {', '.join(teacher)} | all {len(moekd.METHODS)} methods, "
+                    f"{'own aux loss kept' if aux else 'no aux loss of its own'} |")
+    return "\n".join(rows)
+
+
+def test_docs_family_table_is_generated():
+    text = DOC.read_text()
+    assert text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip() == family_table(), \
+        "docs/families.md is stale: run `python test_families.py`"
+
+
+if __name__ == "__main__":
+    text = DOC.read_text()
+    DOC.write_text(text[:text.index(BEGIN) + len(BEGIN)] + "\n" + family_table() + "\n" + text[text.index(END):])
