@@ -438,7 +438,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
 # router's norm_topk_prob), cast (weights in the logits' dtype), unsorted (the family's top-k is
 # sorted=False, which orders the experts' sum), eps (added to the norm's sum), gmax (a group scores by its
 # best expert, DeepSeek-V2), bias_arg (the selection bias is the forward's argument).
-N, C, U = dict(norm=True), dict(cast=True), dict(unsorted=True)
+N = dict(norm=True)
+C = dict(cast=True)
+U = dict(unsorted=True)
 HF_ROUTERS = {
     "MixtralTopKRouter": ("Mixtral", "softmax", N), "MiniMaxTopKRouter": ("MiniMax", "softmax", N),
     "Qwen2MoeTopKRouter": ("Qwen2-MoE", "softmax", C), "Qwen3MoeTopKRouter": ("Qwen3-MoE", "softmax", C),
