@@ -228,16 +228,27 @@ def one_step(out: Path, method: str, *extra: str) -> dict:
     return result
 
 
+# What the slow matrix does not cover, and why (strict xfails: a fix shows up as a failure to update here)
+TOKENIZER_GAP = "its saved checkpoint loads the tiny tokenizer as another tokenizer (2040 tokens)"
+GAPS = {("qwen3_5_moe_text", role): TOKENIZER_GAP for role in ("teacher", "student")} | {
+    ("minimax", "student"): "on-policy sampling: MiniMax's own cache is not a DynamicCache"}
+TEACHER_METHODS = [m for m in moekd.METHODS if moekd.METHODS[m].teacher]
+
+
+def matrix(role: str, methods: list[str]) -> list:
+    return [pytest.param(f, m, marks=pytest.mark.xfail(strict=True, reason=GAPS[f, role]))
+            if (f, role) in GAPS and (role == "teacher" or moekd.METHODS[m].on_policy or "qwen3_5" in f) else (f, m)
+            for f in FAMILIES for m in methods]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [m for m in moekd.METHODS if moekd.METHODS[m].teacher])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family,method", matrix("teacher", TEACHER_METHODS))
 def test_every_method_with_the_family_as_teacher(tmp_path_factory, tmp_path, family, method):
     one_step(tmp_path / "run", method, "--teacher", str(saved_family(family, str(tmp_path_factory.getbasetemp()))))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(moekd.METHODS))
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family,method", matrix("student", list(moekd.METHODS)))
 def test_every_method_with_the_family_as_student(tmp_path_factory, tmp_path, family, method):
     """The MoE student keeps its own balance loss where its family has one (transformers' aux_loss)."""
     model = saved_family(family, str(tmp_path_factory.getbasetemp()))
@@ -252,7 +263,8 @@ BEGIN, END = "<!-- family table: written by `python test_families.py` -->", "<!-
 
 def family_table() -> str:
     """docs/families.md's table, from FAMILIES (every row is a parametrisation of the tests above)."""
-    teacher = [m for m in moekd.METHODS if moekd.METHODS[m].teacher]
+    cells = lambda role, methods: ", ".join(m for m in methods if (family, m) in  # noqa: E731
+                                            [p if isinstance(p, tuple) else () for p in matrix(role, methods)])
     rows = ["| family | model_type | router | mechanism | default suite | teacher (`-m slow`) | student (`-m slow`) |",
             "|---|---|---|---|---|---|---|"]
     for family in FAMILIES:
@@ -260,7 +272,8 @@ def family_table() -> str:
         name, mechanism, _ = moekd.HF_ROUTERS[type(router).__name__]
         aux = hasattr(moekd.sys.modules[type(router).__module__], "load_balancing_loss_func")
         rows.append(f"| {name} | `{family}` | `{type(router).__name__}` | {mechanism} | topk = native, KA λ=0 = native, "
-                    f"all = naive, SAR grads, restore | {', '.join(teacher)} | all {len(moekd.METHODS)} methods, "
+                    f"all = naive, SAR grads, restore | {cells('teacher', TEACHER_METHODS) or GAPS[family, 'teacher']} | "
+                    f"{cells('student', list(moekd.METHODS)) or '-'}{'' if (family, 'student') not in GAPS else ' (not: ' + GAPS[family, 'student'] + ')'}, "
                     f"{'own aux loss kept' if aux else 'no aux loss of its own'} |")
     return "\n".join(rows)
 
