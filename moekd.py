@@ -438,23 +438,69 @@ def autocast(device: torch.device, dtype: torch.dtype):
 # The router protocol: every MoE layer has a router module with `num_experts` and `top_k`. A router that
 # has a `routing` attribute (moekd's Llama-MoE gate) routes by it itself: None = native, else a callable
 # (logits [N, E], native k) -> (index [N, K], kept slots [N, K] or None), and applies its own weight rule.
-# A transformers-5 router, forward(h) -> (router_logits [N, E], weights [N, K], index [N, K]), gets its
-# forward replaced for the block's duration; its weights stay softmax(logits) in fp32 at the chosen experts.
-# name -> (family, renormalise?, cast back?)
+# A transformers-5 router gets its forward replaced for the block: the same logits, then its family's
+# mechanism (scores -> selection -> weights over the chosen set), then its output (docs/families.md).
+# Router class -> (family, mechanism, options). Options: norm (renormalise the chosen weights; default the
+# router's norm_topk_prob), cast (weights in the logits' dtype), unsorted (the family's top-k is
+# sorted=False, which orders the experts' sum), eps (added to the norm's sum), gmax (a group scores by its
+# best expert, DeepSeek-V2), bias_arg (the selection bias is the forward's argument).
+N = dict(norm=True)
+C = dict(cast=True)
+U = dict(unsorted=True)
 HF_ROUTERS = {
-    "MixtralTopKRouter": ("Mixtral", True, False),
-    "Qwen2MoeTopKRouter": ("Qwen2-MoE", None, True),   # None: the router's own norm_topk_prob
-    "Qwen3MoeTopKRouter": ("Qwen3-MoE", None, True),
-    "OlmoeTopKRouter": ("OLMoE", None, True),
+    "MixtralTopKRouter": ("Mixtral", "softmax", N), "MiniMaxTopKRouter": ("MiniMax", "softmax", N),
+    "Qwen2MoeTopKRouter": ("Qwen2-MoE", "softmax", C), "Qwen3MoeTopKRouter": ("Qwen3-MoE", "softmax", C),
+    "OlmoeTopKRouter": ("OLMoE", "softmax", C), "FlexOlmoTopKRouter": ("FlexOlmo", "softmax", C),
+    "Qwen3NextTopKRouter": ("Qwen3-Next", "softmax", C), "Qwen3_5MoeTopKRouter": ("Qwen3.5-MoE", "softmax", N | C),
+    "JambaTopKRouter": ("Jamba", "softmax", dict(norm=False, cast=True)),
+    "HunYuanMoEV1Gate": ("HunYuan-V1-MoE", "softmax", N | C), "Ernie4_5_MoeTopKRouter": ("ERNIE-4.5-MoE", "softmax", N | C),
+    "DeepseekV2TopkRouter": ("DeepSeek-V2", "softmax", dict(norm=False, unsorted=True, gmax=True)),
+    "GptOssTopKRouter": ("GPT-OSS", "logits", C), "GraniteMoeTopKRouter": ("GraniteMoE", "logits", C),
+    "GraniteMoeSharedTopKRouter": ("GraniteMoE-Shared", "logits", C),
+    "GraniteMoeHybridTopKRouter": ("GraniteMoE-Hybrid", "logits", C),
+    "DeepseekV3TopkRouter": ("DeepSeek-V3", "sigmoid", U), "DeepseekV32TopkRouter": ("DeepSeek-V3.2", "sigmoid", U),
+    "Dots1TopkRouter": ("Dots1", "sigmoid", U), "KimiLinearTopkRouter": ("Kimi-Linear", "sigmoid", U),
+    "MiMoV2FlashTopkRouter": ("MiMo-V2-Flash", "sigmoid", U), "NemotronHTopkRouter": ("Nemotron-H", "sigmoid", U),
+    "Glm4MoeTopkRouter": ("GLM-4-MoE", "sigmoid", U), "Glm4MoeLiteTopkRouter": ("GLM-4-MoE-Lite", "sigmoid", U),
+    "GlmMoeDsaTopkRouter": ("GLM-MoE-DSA", "sigmoid", U), "ExaoneMoeTopkRouter": ("EXAONE-MoE", "sigmoid", U),
+    "SolarOpenTopkRouter": ("Solar-Open", "sigmoid", U),
+    "MiniMaxM2TopKRouter": ("MiniMax-M2", "sigmoid", dict(norm=True, unsorted=True, bias_arg=True)),
+    "Lfm2MoeTopKRouter": ("LFM2-MoE", "sigmoid", dict(eps=1e-6, bias_arg=True)),
+    "AfmoeTokenChoiceRouter": ("AFMoE", "sigmoid", dict(norm=True, bias_arg=True)),
+    "Llama4Router": ("Llama 4", "llama4", {}),
 }
+
+
+def softmax_mechanism(router, logits, bias):
+    """Softmax over the experts, top-k of the probabilities (ERNIE 4.5: of the probabilities plus its bias)."""
+    probs = torch.softmax(logits, -1, dtype=torch.float)
+    choice = router.moe_statics(probs) if hasattr(router, "moe_statics") else probs
+    return probs, choice, lambda index, keep: probs.gather(1, index) * keep
+
+
+def logits_mechanism(router, logits, bias):
+    """Top-k of the logits, softmax over the chosen."""
+    return torch.softmax(logits, -1, dtype=torch.float), logits, lambda index, keep: torch.softmax(
+        logits.gather(1, index).masked_fill(~keep, float("-inf")), -1, dtype=torch.float)
+
+
+def sigmoid_mechanism(router, logits, bias):
+    """DeepSeek-V3: sigmoid scores; the selection adds the bias; KA samples the scores normalised, no bias."""
+    s = logits.float().sigmoid()
+    return s / s.sum(-1, keepdim=True), s if bias is None else s + bias, lambda index, keep: s.gather(1, index) * keep
+
+
+# (router, logits [N, E], selection bias) -> (sampling law [N, E], selection score [N, E], weights(index, kept))
+MECHANISMS = {"softmax": softmax_mechanism, "logits": logits_mechanism, "sigmoid": sigmoid_mechanism,
+              "llama4": lambda r, logits, bias: (sigmoid_mechanism(r, logits, None)[0], logits, None)}
 
 
 @dataclass(frozen=True)
 class Routing:
     """How MoE layers pick experts; called on router logits [N, E] and the native k: (index [N, K], kept or None).
-    topk: the k largest logits (k None: native); sample (KA): w.p. `prob` per token (None: always) k experts
-    drawn without replacement from softmax(logits), else the top-k; topp: the official gate's top-p, the most
-    probable experts until their mass exceeds `top_p`; all: every expert."""
+    topk: the k best (k None: native); sample (KA): w.p. `prob` per token (None: always) k experts drawn
+    without replacement from the router's probabilities, else the top-k; topp: the official gate's top-p, the
+    most probable experts until their mass exceeds `top_p`; all: every expert."""
     mode: str = "topk"
     k: int | None = None
     prob: float | None = None
@@ -473,39 +519,42 @@ class Routing:
             raise ValueError(f"routing: mode topp needs top_p in [0, 1] (and only it), got {self.top_p}")
 
 
-def sample_experts(logits: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """k distinct experts per row drawn without replacement from softmax(logits): [N, E] -> [N, K]."""
-    return torch.multinomial(torch.softmax(logits.float(), dim=-1), k, replacement=False, generator=generator)
+def sample_experts(probs: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k distinct experts per row drawn without replacement in proportion to probs [N, E] -> [N, K]."""
+    return torch.multinomial(probs.float(), k, replacement=False, generator=generator)
 
 
-def top_p_experts(logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Experts by falling logit [N, K] and which are kept [N, K] (the official gate: the first, then each while
-    the softmax mass before it is <= p); K is the batch's largest set, the other slots get weight 0."""
-    values, index = logits.sort(dim=-1, descending=True)
-    mass_before = torch.softmax(values.float(), dim=-1).cumsum(-1)
+def top_p_experts(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts by falling probability [N, K] and which are kept [N, K] (the official gate: the first, then each
+    while the mass before it is <= p); K is the batch's largest set, the other slots get weight 0."""
+    values, index = probs.float().sort(dim=-1, descending=True)
+    mass_before = values.cumsum(-1)
     keep = torch.ones_like(index, dtype=torch.bool)
     keep[:, 1:] = mass_before[:, :-1] <= p
     k = int(keep.sum(-1).max())
     return index[:, :k], keep[:, :k]
 
 
-def select_experts(logits: torch.Tensor, routing: Routing, native_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(index [N, K], kept slots or None) as the official gate: the top set is the first k of topk(k + 1);
-    "sample" draws the sampled set S and one uniform per token, and takes S where u < prob."""
-    N, E = logits.shape
+def select_experts(choice: torch.Tensor, routing: Routing, native_k: int, probs: torch.Tensor | None = None,
+                   top=lambda c, k: c.topk(min(k + 1, c.shape[-1]), dim=-1).indices[:, :k]):
+    """(index [N, K], kept slots or None) from selection scores [N, E] (top-k) and the router's probabilities
+    (sample, topp; default softmax(choice)); `top`: the family's top-k (default the official Llama-MoE gate's,
+    the first k of topk(k + 1)). "sample" draws the sampled set S and one uniform per token, takes S if u < prob."""
+    N, E = choice.shape
+    probs = torch.softmax(choice.float(), dim=-1) if probs is None else probs
     if routing.mode == "all":
-        return torch.arange(E, device=logits.device).expand(N, E), None
+        return torch.arange(E, device=choice.device).expand(N, E), None
     if routing.mode == "topp":
-        return top_p_experts(logits, routing.top_p)
+        return top_p_experts(probs, routing.top_p)
     k = routing.k or native_k
-    top = logits.topk(min(k + 1, E), dim=-1).indices[:, :k]
+    best = top(choice, k)
     if routing.mode == "topk":
-        return top, None
-    sampled = sample_experts(logits, k, generator=routing.generator)
+        return best, None
+    sampled = sample_experts(probs, k, generator=routing.generator)
     if routing.prob is None:
         return sampled, None
-    u = torch.rand((N, 1), generator=routing.generator, device=logits.device)
-    return torch.where(u < routing.prob, sampled, top), None
+    u = torch.rand((N, 1), generator=routing.generator, device=choice.device)
+    return torch.where(u < routing.prob, sampled, best), None
 
 
 def moe_routers(model: nn.Module) -> list[nn.Module]:
@@ -517,8 +566,8 @@ def moe_routers(model: nn.Module) -> list[nn.Module]:
             continue
         if not hasattr(router, "routing") and type(router).__name__ not in HF_ROUTERS:
             family = getattr(getattr(model, "config", None), "model_type", "?")
-            raise ValueError(f"MoE family {family!r} ({type(router).__name__}) is not supported for routing "
-                             f"control; supported: Llama-MoE, " + ", ".join(f for f, _, _ in HF_ROUTERS.values()))
+            raise ValueError(f"MoE family {family!r} ({type(router).__name__}) is not supported for routing control "
+                             f"(supported: Llama-MoE and the {len(HF_ROUTERS)} transformers families of docs/families.md)")
         routers.append(router)
     if not routers:
         raise ValueError(f"{type(model).__name__} has no MoE layers")
@@ -534,20 +583,57 @@ def native_top_k(model: nn.Module) -> int:
     return moe_routers(model)[0].top_k
 
 
-def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.Tensor):
-    """A transformers router's forward under `routing`, same logits, the family's weights (renormalised or not)."""
-    _, renorm, cast = HF_ROUTERS[type(router).__name__]
-    renorm = router.norm_topk_prob if renorm is None else renorm
-    h = hidden_states.reshape(-1, router.hidden_dim)
-    logits = F.linear(h, router.weight)                                 # [N, E]
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-    index, keep = routing(logits, router.top_k)                         # [N, K]
-    weights = probs.gather(1, index)
-    if keep is not None:
-        weights = weights * keep
-    if renorm:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return logits, weights.to(logits.dtype) if cast else weights, index
+def group_limited(router: nn.Module, choice: torch.Tensor, by_max: bool) -> torch.Tensor:
+    """Selection scores outside the router's best topk_group groups set to -inf; a group scores by its best two
+    (DeepSeek-V3) or its best expert (by_max, DeepSeek-V2)."""
+    groups = choice.view(choice.shape[0], router.num_group, -1)
+    score = groups.max(-1).values if by_max else groups.topk(2, dim=-1).values.sum(-1)
+    chosen = torch.zeros_like(score, dtype=torch.bool).scatter(1, score.topk(router.topk_group, dim=-1).indices, True)
+    return groups.masked_fill(~chosen.unsqueeze(-1), float("-inf")).view_as(choice)
+
+
+def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.Tensor, *args, **kwargs):
+    """A transformers router's forward under `routing`: its logits, its family's mechanism, its output."""
+    family, mechanism, opt = HF_ROUTERS[type(router).__name__]
+    linear = next((m for m in (getattr(router, n, None) for n in ("gate", "wg")) if isinstance(m, nn.Linear)), router)
+    h = hidden_states.reshape(-1, linear.weight.shape[1]).to(linear.weight.dtype)
+    logits = F.linear(h, linear.weight, getattr(linear, "bias", None))                       # [N, E]
+    bias = ([*args, *kwargs.values()] or [None])[0] if opt.get("bias_arg") else getattr(router, "e_score_correction_bias", None)
+    probs, choice, weigh = MECHANISMS[mechanism](router, logits, bias if getattr(router, "use_expert_bias", True) else None)
+    if routing.mode in ("topk", "sample") and getattr(router, "num_group", None) and \
+            getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy":
+        choice = group_limited(router, choice, opt.get("gmax", False))                        # KA, all: lifted
+    index, keep = select_experts(choice, routing, router.top_k, probs,
+                                 lambda c, k: c.topk(k, dim=-1, sorted=not opt.get("unsorted")).indices)
+    keep = torch.ones_like(index, dtype=torch.bool) if keep is None else keep
+    if mechanism == "llama4":  # dense [N, E] scores, the sigmoid of the chosen logits, 0 elsewhere
+        chosen = logits.gather(1, index).masked_fill(~keep, float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter(1, index, chosen).float().sigmoid().to(logits.dtype), logits
+    weights = weigh(index, keep)
+    if opt.get("norm", getattr(router, "norm_topk_prob", False)):
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + opt.get("eps", 0.0))
+    scale = next((getattr(router, a) for a in ("routed_scaling_factor", "route_scale") if hasattr(router, a)), 1.0)
+    weights = weights * scale
+    return logits, weights.to(logits.dtype) if opt.get("cast") else weights, index
+
+
+def experts_backend(model: nn.Module, mode: str) -> list[tuple[Any, str]]:
+    """Switch the experts' backend where `mode` needs it: batched_mm materialises (T·K, 2I, H) weights, too much
+    for all experts (-> grouped_mm); grouped_mm fails on CPU for rows not a multiple of 16 bytes (-> eager).
+    Returns (config, old backend) to restore."""
+    saved = []
+    for m in model.modules():
+        config, old = getattr(m, "config", None), getattr(getattr(m, "config", None), "_experts_implementation", None)
+        if not hasattr(m, "_is_expert_parallel") or old is None or any(c is config for c, _ in saved):
+            continue
+        new = "grouped_mm" if mode == "all" and old == "batched_mm" else old
+        if new == "grouped_mm" and any(p.device.type == "cpu" and p.shape[-1] * p.element_size() % 16 for p in m.parameters()):
+            new = "eager"
+        if new != old:
+            print(f"moe_routing {mode}: experts backend {old} -> {new}")
+            saved.append((config, old))
+            config._experts_implementation = new
+    return saved
 
 
 @contextlib.contextmanager
@@ -559,7 +645,7 @@ def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, p
     for r in routers:
         if k is not None and not 1 <= k <= r.num_experts:
             raise ValueError(f"routing: k={k} is outside [1, {r.num_experts}] experts")
-    saved = []
+    saved, backends = [], experts_backend(model, mode)
     try:
         for r in routers:
             if hasattr(r, "routing"):
@@ -575,6 +661,8 @@ def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, p
                 del r.forward
             else:
                 setattr(r, attr, value)
+        for config, old in backends:
+            config._experts_implementation = old
 
 
 def is_moe(model: nn.Module) -> bool:
@@ -612,23 +700,34 @@ def record_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What SAR trains: Llama-MoE gate.gate_network + gate.weight_noise; transformers routers' weight."""
-    return [p for r in moe_routers(model) for p in r.parameters()]
+    """What SAR trains: Llama-MoE gate.gate_network + gate.weight_noise; transformers routers' parameters, not
+    a selection bias (e_score_correction_bias, balanced by counting, not by gradients)."""
+    return [p for r in moe_routers(model) for n, p in r.named_parameters() if "e_score_correction_bias" not in n]
 
 
 def router_balance_loss(records: list[tuple[nn.Module, Any]], beta: float) -> torch.Tensor:
     """SAR's balance term from the routers' outputs of one forward (record_routing): a Llama-MoE gate's own
-    loss (its config weight, pads included as the official gate), summed over layers; for transformers
-    routers beta * Sum_layers cv2(importance) + cv2(load) of the routing weights."""
-    terms = []
+    loss (its config weight, pads included as the official gate), summed over layers; for a transformers family
+    with its own auxiliary loss (its modeling file's load_balancing_loss_func) beta * that loss over all its
+    layers' logits, else beta * Sum_layers cv2(importance) + cv2(load) of the routing weights."""
+    terms, own = [], {}
     for router, out in records:
+        aux = getattr(sys.modules[type(router).__module__], "load_balancing_loss_func", None)
         if getattr(router, "balance_loss", None) is not None:
             terms.append(router.balance_loss)
             continue
-        _, weights, index = out
-        full = torch.zeros(index.shape[0], router.num_experts, dtype=weights.dtype, device=weights.device)
-        full = full.scatter(1, index, weights)
+        if aux is not None:
+            own.setdefault(aux, []).append((router, out[0]))
+            continue
+        if len(out) == 2:  # Llama 4: dense scores [N, E]
+            full = out[0]
+        else:
+            _, weights, index = out
+            full = torch.zeros(index.shape[0], router.num_experts, dtype=weights.dtype, device=weights.device)
+            full = full.scatter(1, index, weights)
         terms.append(beta * (cv_squared(full.sum(0)) + cv_squared((full > 0).sum(0))))
+    for aux, layers in own.items():
+        terms.append(beta * aux(tuple(logits for _, logits in layers), layers[0][0].num_experts, layers[0][0].top_k))
     return torch.stack(terms).sum()
 
 
