@@ -100,15 +100,20 @@ class Tokens:
     pad_token_id = eos_token_id = 2
 
 
-def fixed_length_responses(monkey: bool):
-    """Make the samplers produce exactly RESPONSE tokens (the last then becomes EOS) so every step has the
+@contextlib.contextmanager
+def fixed_length_responses():
+    """Inside the block the samplers produce exactly the requested number of tokens, so every step has the
     same shape: moekd's sampler gets an EOS id no token has, generate() a min_new_tokens."""
     original = moekd.sample_tokens
     def sample(*args, **kwargs):
         if kwargs.get("sampler") == "generate":
             return original(*args, **{**kwargs, "min_new_tokens": kwargs["max_new_tokens"]})
         return original(*args, **{**kwargs, "eos_id": -1})
-    moekd.sample_tokens = sample if monkey else original
+    moekd.sample_tokens = sample
+    try:
+        yield
+    finally:
+        moekd.sample_tokens = original
 
 
 def timed(fn, sync) -> float:
@@ -140,22 +145,21 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
     optimizer = torch.optim.AdamW(moekd.param_groups(student, cfg.weight_decay), lr=cfg.lr)
     state = moekd.method_state(cfg, teacher, torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fixed_length_responses(True)
-    parts = step_parts(cfg, student, teacher, tok, rows, optimizer, state)
-    first_gen = 0.0
-    if "gen" in parts:  # the reference sampler, side by side; the first call compiles the decode step
-        first_gen = timed(parts["gen"], sync)
-        reference = dataclasses.replace(cfg, sampler="generate")
-        parts["gen_generate"] = lambda: moekd.generate_on_policy(student, rows, tok, reference, list(range(len(rows))))
-    times: dict[str, list[float]] = {name: [] for name in ["step", *parts]}
-    for i in range(warmup + steps):  # interleaved, so slow drifts of the machine hit step and parts alike
-        t = {"step": timed(lambda: moekd.train_step(cfg, student, teacher, tok, rows, optimizer, cfg.lr, state), sync)}
-        for name, fn in parts.items():
-            t[name] = timed(fn, sync)
-        if i >= warmup:
-            for name, value in t.items():
-                times[name].append(value)
-    fixed_length_responses(False)
+    with fixed_length_responses():
+        parts = step_parts(cfg, student, teacher, tok, rows, optimizer, state)
+        first_gen = 0.0
+        if "gen" in parts:  # the reference sampler, side by side; the first call compiles the decode step
+            first_gen = timed(parts["gen"], sync)
+            reference = dataclasses.replace(cfg, sampler="generate")
+            parts["gen_generate"] = lambda: moekd.generate_on_policy(student, rows, tok, reference, list(range(len(rows))))
+        times: dict[str, list[float]] = {name: [] for name in ["step", *parts]}
+        for i in range(warmup + steps):  # interleaved, so slow drifts of the machine hit step and parts alike
+            t = {"step": timed(lambda: moekd.train_step(cfg, student, teacher, tok, rows, optimizer, cfg.lr, state), sync)}
+            for name, fn in parts.items():
+                t[name] = timed(fn, sync)
+            if i >= warmup:
+                for name, value in t.items():
+                    times[name].append(value)
     med = {name: statistics.median(v) for name, v in times.items()}
     step, gen_generate = med.pop("step"), med.pop("gen_generate", 0.0)
     for name in ("gen", "teacher", "router"):
@@ -339,16 +343,13 @@ def paper_method(method: str, check: dict, teacher, student, device, amp, sync) 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     steps = []
-    fixed_length_responses(True)
-    try:
+    with fixed_length_responses():
         for i in range(check["steps"]):
             with part_timers(sync, optimizer) as spent:
                 seconds = timed(lambda: moekd.train_step(cfg, student, teacher, Tokens(), rows, optimizer, cfg.lr,
                                                          state, step=i), sync)
             steps.append({"step_s": seconds, **{f"{k}_s": v for k, v in spent.items()},
                           "student_s": seconds - sum(spent.values())})
-    finally:
-        fixed_length_responses(False)
     peak = torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else 0.0
     steady = steps[1:] or steps  # the first step compiles the decode step
     med = {k: statistics.median(s[k] for s in steady) for k in steady[0]}
@@ -399,15 +400,12 @@ def gpu_check(scale: str, device, bandwidth: float) -> dict:
     rows = random_rows(check["micro"] * check["accum"], check["prompt"], check["response"],
                        check["shapes"]["student"]["vocab_size"], seed=1)
     seconds = {}
-    fixed_length_responses(True)
-    try:
+    with fixed_length_responses():
         for name, c in (("moekd", cfg), ("generate", dataclasses.replace(cfg, sampler="generate"))):
             with moekd.autocast(device, amp):
                 run = lambda: moekd.generate_on_policy(student, rows, Tokens(), c, list(range(len(rows))))  # noqa: E731
                 run()
                 seconds[name] = timed(run, sync)
-    finally:
-        fixed_length_responses(False)
     report["sampler"] = {f"{k}_tokens_per_s": len(rows) * check["response"] / v for k, v in seconds.items()}
     report["sampler"]["speedup"] = seconds["generate"] / seconds["moekd"]
     report["wall_s"] = time.perf_counter() - t0

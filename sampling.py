@@ -66,13 +66,18 @@ class RowSeededSampler:
         return scores.float() + noise
 
 
+def next_token(logits: torch.Tensor, keys: torch.Tensor, step) -> torch.Tensor:
+    """argmax(logits + gumbel_noise): an exact draw from softmax(logits [B, V]) at temperature 1, row-seeded."""
+    return (logits.float() + gumbel_noise(keys, step, logits.shape[-1])).argmax(-1)
+
+
 def decode_step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache,
                 keys: torch.Tensor, step) -> torch.Tensor:
-    """One token for every row: the model on the static cache, then argmax(logits + gumbel_noise) [B].
-    Shapes are fixed for a batch (token, position [B, t], mask [B, cache length]), so it compiles once."""
+    """One token for every row: the model on the static cache, then next_token [B]. Shapes are fixed for a
+    batch (token, position [B, t], mask [B, cache length]), so it compiles once."""
     logits = model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]                                        # [B, V]
-    return (logits.float() + gumbel_noise(keys, step, logits.shape[-1])).argmax(-1)
+    return next_token(logits, keys, step)
 
 
 _compiled: dict[str, object] = {}
@@ -99,20 +104,25 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
     """moekd's own decoder for on-policy sampling: the whole left-padded batch advances one token per step
     on a preallocated static KV cache, the next token is argmax(logits + gumbel_noise) (exact sampling from
     softmax(logits) at temperature 1, per-row seeded), no Python work per row, and it stops as soon as every
-    row has ended; `compile`: the decode step runs compiled (compiled_decode_step). Ended rows get pad
-    tokens, as in `generate`. Same tokens as `generate` with RowSeededSampler, and as a loop without cache."""
+    row has ended; `compile`: the decode step runs compiled (compiled_decode_step). A family that transformers
+    marks as not compilable (its own cache class: MiniMax) keeps its own cache and runs eager. Ended rows get
+    pad tokens, as in `generate`. Same tokens as `generate` with RowSeededSampler, and as a loop without cache."""
     from transformers import StaticCache
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}
     ids, mask = batch["input_ids"], batch["attention_mask"]
     (B, width), ended = ids.shape, torch.zeros(len(prompts), dtype=torch.bool, device=device)
     keys, position = row_keys(seeds, device), (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    length = cache_length(width + max_new_tokens)
-    mask = torch.cat([mask, mask.new_ones(B, length - width)], dim=1)  # later slots: causally masked until written
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    token = decode_step(model, ids, position, mask, cache, keys, 0)  # the prompt, eager (its own shape)
-    step_fn, position, out = decode_step, position[:, -1:], []
-    if compile:
+    static = getattr(model, "_can_compile_fullgraph", False)  # else a family with a cache of its own (MiniMax)
+    cache, step_fn = None, decode_step
+    if static:
+        length = cache_length(width + max_new_tokens)
+        mask = torch.cat([mask, mask.new_ones(B, length - width)], dim=1)  # later slots: causally masked until written
+        cache = StaticCache(config=model.config, max_cache_len=length)
+    outputs = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
+                    logits_to_keep=1)  # the prompt, eager (its own shape)
+    token, cache, position, out = next_token(outputs.logits[:, -1], keys, 0), outputs.cache, position[:, -1:], []
+    if compile and static:
         step_fn = compiled_decode_step(device)
         if device.type == "cuda":  # CUDA graphs replay on fixed addresses: the cache is written in place
             for layer in cache.layers:
@@ -120,9 +130,11 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
                     torch._dynamo.mark_static_address(t)
     for step in range(max_new_tokens):
         if step:
-            if compile and device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
             position = position + 1
+            if not static:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            if compile and static and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
             token = step_fn(model, token[:, None], position, mask, cache, keys,
                             torch.tensor(step, device=device)).clone()  # a graph's output is reused by the next
         token = token.masked_fill(ended, pad_id)

@@ -1750,6 +1750,7 @@ def test_gpu_check_at_tiny_scale_on_cpu():
     weights = 2 * 1.345e9 + 2 * 24 * 16 * 384 * 2048 * 2          # bf16 weights + half the final KV cache
     assert bench.bandwidth_floor_tokens_per_s(check, 4.3e12) == pytest.approx(16 / (weights / 4.3e12), rel=0.01)
     assert "| gkd |" in bench.gpu_check_markdown(report)
+    assert moekd.sample_tokens is sampling.sample_tokens and moekd.teacher_logits.__module__ == "moekd"  # restored
 
 
 @pytest.mark.parametrize("method", ["kd", "ka-gold"])
@@ -1879,16 +1880,18 @@ def tiny_causal_lm(family: str):
     common = dict(vocab_size=300, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     extra = {"Qwen2": dict(use_sliding_window=False), "Qwen3": dict(head_dim=8),
-             "Mistral": dict(sliding_window=8), "Mixtral": dict(num_local_experts=4, num_experts_per_tok=2)}
+             "Mistral": dict(sliding_window=8), "Mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+             "MiniMax": dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"])}
     torch.manual_seed(0)
     config = getattr(transformers, f"{family}Config")(**common, **extra.get(family, {}))
     return getattr(transformers, f"{family}ForCausalLM")(config).eval()
 
 
-@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Mistral", "Mixtral"])
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Mistral", "Mixtral", "MiniMax"])
 def test_moekd_sampler_on_student_families(family):
     """The static-cache sampler on other student architectures (qkv bias, q/k norms, a sliding window the
-    samples outgrow, a transformers MoE): the tokens of the naive loop without cache, ragged prompts."""
+    samples outgrow, a transformers MoE; MiniMax's linear attention keeps its own cache): the tokens of the
+    naive loop without cache, ragged prompts."""
     model = tiny_causal_lm(family)
     prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40]], [3, 4, 5]
     ours = moekd.sample_tokens(model, prompts, pad_id=0, eos_id=-1, max_new_tokens=9, batch_size=3, seeds=seeds)
