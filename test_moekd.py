@@ -1915,10 +1915,12 @@ def test_bf16_autocast_samples_from_a_bf16_copy_kept_in_step(tokenizer):
             model.lm_head.weight.mul_(-3.0)  # the second round samples from the changed weights
 
 
-@pytest.mark.slow  # compiling on CPU: ~20-40 s
-def test_compiled_decode_step_emits_the_same_tokens(student, tokenizer):
+@pytest.mark.slow  # compiling on CPU: ~20-40 s each
+@pytest.mark.parametrize("path", [STUDENT, TINY], ids=["dense", "llama-moe"])
+def test_compiled_decode_step_emits_the_same_tokens(tokenizer, path):
     """The torch.compile'd decode step (fixed shapes: one graph per batch shape) gives the eager tokens, and the
     static cache length is bucketed so prompts of other widths reuse it."""
+    student = moekd.load_model(str(path))
     prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]], [3, 1 << 40, 77]
     kw = dict(pad_id=tokenizer.pad_token_id, eos_id=-1, max_new_tokens=12, seeds=seeds)
     assert sampling.sample_rows(student, prompts, compile=True, **kw) == sampling.sample_rows(student, prompts, **kw)
