@@ -387,7 +387,7 @@ def test_hf_moe_teacher_loads_and_sft_adds_router_aux_loss(tmp_path, tokenizer):
     assert moekd.is_moe(model) and len(moekd.moe_routers(model)) == 2
     item = moekd.tokenize_example(tokenizer, "Q: hi\n", "yes", max_prompt_len=50, max_len=60)
     batch = moekd.collate([item, item], tokenizer.pad_token_id)
-    parts = moekd.sft_step(model, None, batch, None, norm=1.0, n_micro=2)
+    parts = moekd.sft_step(model, None, batch, moekd.Config(), norm=1.0, n_micro=2)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
     assert_close(parts["lb"], c.router_aux_loss_coef * out.aux_loss / 2)
 
@@ -555,25 +555,6 @@ def test_tokenizer_script_reproduces_committed_tokenizer():
 # ----------------------------------------------------------------------------
 # Losses, schedule, accumulation
 
-@given(st.integers(1, 3), st.integers(2, 6), st.integers(0, 10_000))
-@settings(max_examples=25, deadline=None)
-def test_masked_sum_ignores_garbage_at_masked_positions(b, t, seed):
-    g = torch.Generator().manual_seed(seed)
-    x, mask = torch.randn(b, t, generator=g), torch.rand(b, t, generator=g) > 0.5
-    garbage = torch.where(mask, x, torch.full_like(x, float("nan")))
-    assert_close(moekd.masked_sum(garbage, mask), (x * mask).sum())
-
-
-def test_token_cross_entropy_matches_naive():
-    logits, labels = torch.randn(2, 5, 11), torch.tensor([[-100, -100, 3, 4, 5], [-100, 7, 8, -100, -100]])
-    ce = moekd.token_cross_entropy(logits, labels)
-    for b in range(2):
-        for t in range(4):
-            target = int(labels[b, t + 1])
-            expected = 0.0 if target == -100 else float(-logits[b, t].log_softmax(-1)[target])
-            assert abs(float(ce[b, t]) - expected) < 1e-5
-
-
 def test_lr_schedule():
     kw = dict(lr=1e-3, total=100, lr_min=1e-7)
     assert moekd.lr_at(0, schedule="constant", **kw) == moekd.lr_at(99, schedule="constant", **kw) == 1e-3
@@ -589,7 +570,7 @@ def grads_of(model, tokenizer, rows, *, micro, mode):
              for r in rows]
     batches = [moekd.collate(items[i:i + micro], tokenizer.pad_token_id) for i in range(0, len(items), micro)]
     for mb, norm in zip(batches, moekd.loss_norms(batches, mode)):
-        moekd.sft_step(model, None, mb, None, norm=norm, n_micro=len(batches))["loss"].backward()
+        moekd.sft_step(model, None, mb, moekd.Config(), norm=norm, n_micro=len(batches))["loss"].backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -614,7 +595,7 @@ def test_sft_overfits_one_batch(teacher, tokenizer):
     teacher.train()  # gate noise on, balance loss added
     losses = []
     for _ in range(60):
-        parts = moekd.sft_step(teacher, None, batch, None, norm=norm, n_micro=1)
+        parts = moekd.sft_step(teacher, None, batch, moekd.Config(), norm=norm, n_micro=1)
         assert "lb" in parts and parts["lb"] > 0
         parts["loss"].backward()
         opt.step()
@@ -856,9 +837,14 @@ def test_outputs_keep_the_umask(tmp_path):
 
 
 def test_vocabulary_mismatch(tmp_path):
+    """Heads that differ by padding rows past one tokenizer distill (as Qwen2.5's 152064 vs 151936 rows);
+    another tokenizer is a one-line error naming both."""
     d = write_model_dir(tmp_path / "t", {**TINY_CFG, "vocab_size": 2041})
-    with pytest.raises(moekd.MoekdError, match="different vocabularies \\(2041 vs 2039"):
-        moekd.main(tiny_args(tmp_path / "run", "--method", "kd", "--teacher", str(d), "--model", str(STUDENT)))
+    assert moekd.main(tiny_args(tmp_path / "run", "--method", "kd", "--teacher", str(d), "--model", str(STUDENT),
+                                "--max-steps", "1", "--no-dev-eval"))["finished"]
+    d = write_model_dir(tmp_path / "sp", {**TINY_CFG, "vocab_size": 2041}, tokenizer_dir=SP)
+    with pytest.raises(moekd.MoekdError, match=r"--teacher tokenizer .*sp \(\d+ tokens\) differs from --model tokenizer .*student"):
+        moekd.main(tiny_args(tmp_path / "run2", "--method", "kd", "--teacher", str(d), "--model", str(STUDENT)))
 
 
 def test_missing_llama_moe_field_via_main(tmp_path):
@@ -1165,13 +1151,14 @@ def test_batched_ka_passes_equal_looped_passes_at_lambda_zero(teacher, student, 
              for r in (data.to_example(x, where="t") for x in synthetic.synthetic_rows(4, seed=2))]
     batch = moekd.collate(items, tokenizer.pad_token_id)
     with moekd.teacher_routing(teacher, cfg, torch.Generator().manual_seed(0)):
-        batched = moekd.teacher_logits(teacher, batch, repeat=3)
-        looped = torch.cat([moekd.teacher_logits(teacher, batch) for _ in range(3)])
+        batched = moekd.teacher_hidden(teacher, batch, repeat=3)
+        looped = torch.cat([moekd.teacher_hidden(teacher, batch) for _ in range(3)])
+        looped_logits = teacher.lm_head(looped)
     assert_close(batched, looped, atol=1e-6, rtol=1e-5)
     parts = moekd.reverse_kl_step(student, teacher, batch, cfg, norm=10.0, n_micro=1)
     mask = moekd.loss_mask(batch["labels"])
     expected = sum(moekd.kl_per_token(student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
-                                      looped[m * 4:(m + 1) * 4], mask).sum() for m in range(3)) / 30.0
+                                      looped_logits[m * 4:(m + 1) * 4], mask).sum() for m in range(3)) / 30.0
     assert_close(parts["rkl"], expected, atol=1e-6, rtol=1e-5)
 
 
@@ -1289,15 +1276,24 @@ def one_step(cfg, model, teacher, tok, rows, lr=1e-3, seed=0, sgd=False):
 
 
 class FixedLogits(torch.nn.Module):
-    """A 'model' whose logits are a fixed table [1, T, V] (a parameter, so gradients can be read)."""
+    """A 'model' whose final hidden states are a fixed table [1, T, V] (a parameter, so gradients can be read)
+    and whose output head is the identity: its logits are the table."""
 
     def __init__(self, table):
         super().__init__()
+        from types import SimpleNamespace
         self.table = torch.nn.Parameter(torch.as_tensor(table, dtype=torch.float32))
+        self.head = torch.nn.Linear(self.table.shape[-1], self.table.shape[-1], bias=False)
+        self.head.weight.data = torch.eye(self.table.shape[-1])
+        self.head.requires_grad_(False)
+        self.config = SimpleNamespace()
+
+    def get_output_embeddings(self):
+        return self.head
 
     def forward(self, input_ids, attention_mask, **kw):
         from types import SimpleNamespace
-        return SimpleNamespace(logits=self.table.expand(input_ids.shape[0], -1, -1))
+        return SimpleNamespace(logits=self.head(self.table.expand(input_ids.shape[0], -1, -1)))
 
 
 def test_kd_step_is_forward_kl_with_the_teacher_as_target():
@@ -1308,10 +1304,10 @@ def test_kd_step_is_forward_kl_with_the_teacher_as_target():
     student = FixedLogits(torch.tensor([[0.2, 0.5, 0.3], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]).log().unsqueeze(0))
     batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
              "labels": torch.tensor([[-100, 1, -100]])}  # position 0 predicts the one response token
-    cfg = moekd.Config(method="kd", kd_ratio=0.5)
+    cfg = moekd.Config(method="kd", kd_ratio=1.0)  # the loss is the KL alone
     parts = moekd.kd_step(student, teacher, batch, cfg, norm=2.0, n_micro=1)
-    assert abs(parts["fkl"].item() - 0.58381 / 2) < 1e-4
-    parts["fkl"].backward()
+    assert abs(parts["fkl"].item() - 0.58381 / 2) < 1e-4 and parts["loss"].item() == parts["fkl"].item()
+    parts["loss"].backward()
     assert_close(student.table.grad[0, 0], torch.tensor([0.2 - 0.7, 0.5 - 0.2, 0.3 - 0.1]) / 2)
     assert teacher.table.grad is None
 
@@ -1363,7 +1359,8 @@ def test_ka_gold_is_the_mean_of_m_forward_kls():
     expected = sum((dense_kl(t[m], s) * mask).sum() for m in range(3)) / 3 / 10.0
     assert_close(parts["fkl"], expected)
     assert not torch.equal(t[0], t[1])  # the passes did draw different experts
-    ce = moekd.cross_entropy_sum(s, batch["labels"]) / 10.0
+    targets = batch["labels"].roll(-1, 1)
+    ce = F.cross_entropy(s[mask], targets[mask], reduction="sum") / 10.0
     assert_close(parts["loss"], 0.5 * ce + 0.5 * expected)
 
 
@@ -1793,10 +1790,6 @@ def test_ka_mean_of_m_kls_is_one_fused_kl():
     (g_looped,) = torch.autograd.grad(looped.sum(), s)
     assert_close(fused, looped)
     assert_close(g_fused, g_looped)
-    precomputed = moekd.kl_per_token(s, moekd.mean_log_probs(t), mask, input_is_log_probs=True)
-    (g_pre,) = torch.autograd.grad(precomputed.sum(), s)
-    assert_close(precomputed, looped)
-    assert_close(g_pre, g_looped)
 
 
 # ----------------------------------------------------------------------------
