@@ -169,13 +169,13 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
 
     def teacher_part():  # the teacher's forward(s) under the method's routing
         with moekd.teacher_routing(teacher, cfg, state.generator):
-            return moekd.teacher_logits(teacher, batch, repeat=M)
-    t_logits = teacher_part() if cfg.method != "sft" else None
+            return moekd.teacher_hidden(teacher, batch, repeat=M)
+    t_hidden = teacher_part() if cfg.method != "sft" else None
 
-    def student_part():  # the method's own step function, its teacher forward replaced by the logits above
+    def student_part():  # the method's own step function, its teacher forward replaced by the states above
         student.zero_grad(set_to_none=True)
         student.train()
-        with cached_teacher_logits(t_logits):
+        with cached_teacher_hidden(t_hidden):
             parts = moekd.method_step(cfg.method)(student, teacher, batch, cfg, norm=norm, n_micro=1, state=state)
         parts["loss"].backward()
 
@@ -196,14 +196,14 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
 
 
 @contextlib.contextmanager
-def cached_teacher_logits(logits):
-    """Inside the block moekd.teacher_logits returns `logits`: a method step then costs its student part."""
-    original = moekd.teacher_logits
-    moekd.teacher_logits = lambda *args, **kwargs: logits
+def cached_teacher_hidden(hidden):
+    """Inside the block moekd.teacher_hidden returns `hidden`: a method step then costs its student part."""
+    original = moekd.teacher_hidden
+    moekd.teacher_hidden = lambda *args, **kwargs: hidden
     try:
         yield
     finally:
-        moekd.teacher_logits = original
+        moekd.teacher_hidden = original
 
 
 def memory_probe(kind: str) -> dict:
