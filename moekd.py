@@ -177,7 +177,7 @@ class Config:
     sampler: str = field(default="moekd", metadata={
         "help": "on-policy sampler: moekd = sampling.sample_rows on the KV cache; generate = transformers' "
                 "generate with the same per-row noise (the reference: the same tokens)", "choices": ("moekd", "generate")})
-    kl_chunk: int = field(default=16, metadata={
+    kl_chunk: int = field(default=32, metadata={
         "help": "MB of each fp32 [tokens, V] temporary of the chunked losses (tokens per chunk = this / 4 V bytes)"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are dropped"})
     max_len: int = field(default=512, metadata={"help": "prompt + response truncated to this many tokens"})
@@ -722,19 +722,20 @@ def head_logits(h: torch.Tensor, head: Head, vocab: int) -> tuple[torch.Tensor, 
 
 
 def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool):
-    """One chunk's KL from student log q [c, V] and M teacher passes' log p [M, c, V] -> (KL per row,
-    dKL/dz_student, dKL/dz_teacher). reverse: KL(q || p), log p = mean_m log p_m (the mean of the M reverse KLs:
-    dz_s = q (log q - log p - KL), dz_m = (p_m - q) / M); else mean_m KL(p_m || q) (dz_s = q - mean_m p_m,
-    dz_m = p_m (log p_m - log q - KL_m) / M). Where the target's probability is 0 the term is 0 (0 log 0)."""
+    """One chunk's KL from student log q [c, V] and M teacher passes' log p [M, c, V] (both overwritten) ->
+    (KL per row, dKL/dz_student, a function giving dKL/dz_teacher). reverse: KL(q || p), log p = mean_m log p_m
+    (the mean of the M reverse KLs; dz_s = q (log q - log p - KL), dz_m = (p_m - q) / M); else mean_m KL(p_m || q)
+    (dz_s = q - mean_m p_m, dz_m = p_m (log p_m - log q - KL_m) / M). Where the target's probability is 0 the
+    term is 0 (0 log 0). In place where it can: no [c, V] temporary beyond q and p."""
     q, M = log_q.exp(), lp.shape[0]
     if reverse:
-        diff = (log_q - lp.mean(0)).masked_fill_(q == 0, 0.0)
-        kl = (q * diff).sum(-1)
-        return kl, diff.sub_(kl.unsqueeze(1)).mul_(q), lambda: (lp.exp() - q) / M
+        qd = log_q.sub_(lp[0] if M == 1 else lp.mean(0)).masked_fill_(q == 0, 0.0).mul_(q)  # q (log q - log p)
+        kl = qd.sum(-1)
+        return kl, qd.addcmul_(q, kl.unsqueeze(1), value=-1), lambda: lp.exp_().sub_(q).div_(M)
     p = lp.exp()
-    diff = (lp - log_q).masked_fill_(p == 0, 0.0)
-    kl_m = (p * diff).sum(-1)
-    return kl_m.mean(0), q.sub_(p.mean(0)), lambda: diff.sub_(kl_m.unsqueeze(-1)).mul_(p).div_(M)
+    pd = lp.sub_(log_q).masked_fill_(p == 0, 0.0).mul_(p)  # p_m (log p_m - log q)
+    kl_m = pd.sum(-1)
+    return kl_m.mean(0), q.sub_(p[0] if M == 1 else p.mean(0)), lambda: pd.addcmul_(p, kl_m.unsqueeze(-1), value=-1).div_(M)
 
 
 class _HeadLosses(torch.autograd.Function):
@@ -756,16 +757,19 @@ class _HeadLosses(torch.autograd.Function):
             if labels is not None:  # -log q[label]; d/dz = q - onehot
                 lab = labels[r].unsqueeze(1)
                 sums[0] -= log_q.gather(1, lab).sum()
+            if ce_weight:
                 g = log_q.exp().scatter_add_(1, lab, torch.full(lab.shape, -1.0, device=lab.device)).mul_(ce_weight)
             if ht is not None:
                 zt, slope_t = head_logits(ht[:, r], heads[1]._replace(weight=wt, bias=bt), vocab)
-                kl, g_kl, teacher_grad = _kl_chunk(log_q, zt.log_softmax(-1), reverse)
+                lp = zt.log_softmax(-1)
                 del zt
+                kl, g_kl, teacher_grad = _kl_chunk(log_q, lp, reverse)
                 sums[1] += kl.sum()
                 g = g_kl.mul_(kl_weight) if g is None else g.add_(g_kl, alpha=kl_weight)
                 if any(x is not None for x in grads[3:]):
                     _back_through_head(teacher_grad().mul_(slope_t).mul_(kl_weight), ht[:, r], wt, grads[3:], r, vocab)
-            _back_through_head(g.mul_(slope), hs[r], ws, grads[:3], r, vocab)
+            if g is not None and any(x is not None for x in grads[:3]):
+                _back_through_head(g.mul_(slope), hs[r], ws, grads[:3], r, vocab)
         ctx.grads, ctx.dtypes = grads, [None if x is None else x.dtype for x in inputs]
         total = sums[0] * ce_weight + sums[1] * kl_weight
         ctx.mark_non_differentiable(sums)
@@ -792,7 +796,7 @@ def _back_through_head(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grads:
 
 def head_losses(hs: torch.Tensor, head_s: Head, labels: torch.Tensor | None = None, ht: torch.Tensor | None = None,
                 head_t: Head | None = None, *, ce_weight: float = 0.0, kl_weight: float = 0.0, reverse: bool = True,
-                vocab: int | None = None, chunk_mb: float = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                vocab: int | None = None, chunk_mb: float = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """ce_weight * Sum CE(q, labels) + kl_weight * Sum KL over the rows of student hidden states hs [n, Hs] (and M
     teacher passes' ht [M, n, Ht]), exact over the first `vocab` rows of both heads (default: all the student's), in
     fp32, without [n, V] logits: chunks of rows whose fp32 [rows, V] temporaries hold about chunk_mb MB each.
