@@ -322,7 +322,8 @@ def loss_times(method: str, repeats: int, chunk_mb: float, shape: str = "large")
 def large_vocab_loss(repeats: int, chunk_mb: float) -> dict:
     rows = []
     for method in LOSS_METHODS:
-        mem = {p: worker(["--loss-memory", f"{method},{p}", "--kl-chunk", str(chunk_mb)])["extra_mb"] for p in ("logits", "hidden")}
+        mem = {p: worker(["--loss-memory", f"{method},{p}", "--kl-chunk", str(chunk_mb)], EXACT_MALLOC)["extra_mb"]
+               for p in ("logits", "hidden")}
         sec = worker(["--loss-time", method, "--steps", str(repeats), "--kl-chunk", str(chunk_mb)])
         rows.append({"method": method, "logits_mb": mem["logits"], "hidden_mb": mem["hidden"],
                      "logits_ms": 1000 * sec["logits"], "hidden_ms": 1000 * sec["hidden"],
@@ -340,8 +341,13 @@ def large_vocab_loss(repeats: int, chunk_mb: float) -> dict:
 CPU_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36), "MALLOC_TOP_PAD_": str(2**30)}
 
 
-def worker(args_list: list[str]) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **CPU_MALLOC}
+# The loss-memory workers measure the other way: every block over 64 KB is its own mapping, returned at free,
+# so the peak RSS is the peak of live tensors (no freed block counts; slower, and they are not timed).
+EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def worker(args_list: list[str], malloc: dict = CPU_MALLOC) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **malloc}
     proc = subprocess.run([sys.executable, str(HERE / "bench.py"), *args_list], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {args_list} failed:\n{proc.stderr[-3000:]}")
@@ -520,7 +526,7 @@ def main(argv=None) -> dict:
     result["derived"] = derived
     if not args.no_kl_memory:
         chunk = ["--kl-chunk", str(args.kl_chunk)]
-        kl, ce, ce_logits = (worker(["--loss-memory", f"{m},{p},kl", *chunk]) for m, p in
+        kl, ce, ce_logits = (worker(["--loss-memory", f"{m},{p},kl", *chunk], EXACT_MALLOC) for m, p in
                              (("gkd", "hidden"), ("sft", "hidden"), ("sft", "logits")))
         result["kl_memory"] = {"kl_extra_mb": kl["extra_mb"], "ce_extra_mb": ce["extra_mb"],
                                "ratio": kl["extra_mb"] / ce["extra_mb"], "ce_from_logits_mb": ce_logits["extra_mb"]}
