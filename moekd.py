@@ -721,21 +721,24 @@ def head_logits(h: torch.Tensor, head: Head, vocab: int) -> tuple[torch.Tensor, 
     return z.mul_(head.cap), slope
 
 
-def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool):
+def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool, teacher_grad: bool):
     """One chunk's KL from student log q [c, V] and M teacher passes' log p [M, c, V] (both overwritten) ->
-    (KL per row, dKL/dz_student, a function giving dKL/dz_teacher). reverse: KL(q || p), log p = mean_m log p_m
-    (the mean of the M reverse KLs; dz_s = q (log q - log p - KL), dz_m = (p_m - q) / M); else mean_m KL(p_m || q)
-    (dz_s = q - mean_m p_m, dz_m = p_m (log p_m - log q - KL_m) / M). Where the target's probability is 0 the
-    term is 0 (0 log 0). In place where it can: no [c, V] temporary beyond q and p."""
-    q, M = log_q.exp(), lp.shape[0]
+    (KL per row, dKL/dz_student, dKL/dz_teacher or None). reverse: KL(q || p), log p = mean_m log p_m (the mean of
+    the M reverse KLs; dz_s = q (log q - log p - KL), dz_m = (p_m - q) / M); else mean_m KL(p_m || q) (dz_s =
+    q - mean_m p_m, dz_m = p_m (log p_m - log q - KL_m) / M). A term whose target probability is 0 is 0 (0 log 0:
+    the NaN of 0 * -inf); an infinite one stays. In place where it can: two [c, V] tensors beyond the inputs."""
+    M, finite = lp.shape[0], dict(nan=0.0, posinf=math.inf, neginf=-math.inf)
     if reverse:
-        qd = log_q.sub_(lp[0] if M == 1 else lp.mean(0)).masked_fill_(q == 0, 0.0).mul_(q)  # q (log q - log p)
+        diff = (lp.mean(0) if M > 1 or teacher_grad else lp[0]).sub_(log_q).neg_()  # log q - log p
+        q = log_q.exp_()
+        qd = diff.mul_(q).nan_to_num_(**finite)
         kl = qd.sum(-1)
-        return kl, qd.addcmul_(q, kl.unsqueeze(1), value=-1), lambda: lp.exp_().sub_(q).div_(M)
+        return kl, qd.addcmul_(q, kl.unsqueeze(1), value=-1), lp.exp_().sub_(q).div_(M) if teacher_grad else None
     p = lp.exp()
-    pd = lp.sub_(log_q).masked_fill_(p == 0, 0.0).mul_(p)  # p_m (log p_m - log q)
+    pd = lp.sub_(log_q).mul_(p).nan_to_num_(**finite)  # p_m (log p_m - log q)
     kl_m = pd.sum(-1)
-    return kl_m.mean(0), q.sub_(p[0] if M == 1 else p.mean(0)), lambda: pd.addcmul_(p, kl_m.unsqueeze(-1), value=-1).div_(M)
+    g_s = log_q.exp_().sub_(p[0] if M == 1 else p.mean(0))
+    return kl_m.mean(0), g_s, pd.addcmul_(p, kl_m.unsqueeze(-1), value=-1).div_(M) if teacher_grad else None
 
 
 class _HeadLosses(torch.autograd.Function):
@@ -763,11 +766,11 @@ class _HeadLosses(torch.autograd.Function):
                 zt, slope_t = head_logits(ht[:, r], heads[1]._replace(weight=wt, bias=bt), vocab)
                 lp = zt.log_softmax(-1)
                 del zt
-                kl, g_kl, teacher_grad = _kl_chunk(log_q, lp, reverse)
+                kl, g_kl, g_t = _kl_chunk(log_q, lp, reverse, any(x is not None for x in grads[3:]))
                 sums[1] += kl.sum()
                 g = g_kl.mul_(kl_weight) if g is None else g.add_(g_kl, alpha=kl_weight)
-                if any(x is not None for x in grads[3:]):
-                    _back_through_head(teacher_grad().mul_(slope_t).mul_(kl_weight), ht[:, r], wt, grads[3:], r, vocab)
+                if g_t is not None:
+                    _back_through_head(g_t.mul_(slope_t).mul_(kl_weight), ht[:, r], wt, grads[3:], r, vocab)
             if g is not None and any(x is not None for x in grads[:3]):
                 _back_through_head(g.mul_(slope), hs[r], ws, grads[:3], r, vocab)
         ctx.grads, ctx.dtypes = grads, [None if x is None else x.dtype for x in inputs]

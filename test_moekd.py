@@ -948,6 +948,123 @@ def test_kl_chunking_does_not_change_values():
 
 
 # ----------------------------------------------------------------------------
+# Losses from hidden states: equal to the logits formulas above, values and gradients
+
+def logits_of(h, head, vocab):
+    """The naive head: scale, soft cap, the first `vocab` rows."""
+    z = F.linear(h, head.weight, head.bias)[..., :vocab] * head.scale
+    return z if head.cap is None else head.cap * torch.tanh(z / head.cap)
+
+
+hidden_cases = st.tuples(st.integers(1, 2), st.integers(2, 5), st.integers(2, 6), st.integers(3, 9), st.integers(1, 4),
+                         st.booleans(), st.sampled_from([None, 2.5, "-inf"]), st.integers(0, 10_000))
+
+
+@given(hidden_cases)
+@settings(max_examples=30, deadline=None)
+def test_losses_from_hidden_states_equal_the_logits_formulas(case):
+    """head_losses (chunked, gradients in the forward) = reverse_kl / forward_kl / CE on the full logits, to 1e-5 in
+    fp32: values and gradients for student hidden states, head weight and bias, teacher hidden states (what carries
+    SAR's gradient to the routers) and head; masked rows (NaN there), M = 1..4 passes, heads with padding rows past
+    the vocabulary, soft-capped and scaled logits, -inf logits (a -inf bias on one token of both heads)."""
+    B, T, H, V, M, reverse, cap, seed = case
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    leaf = lambda *shape: (torch.randn(*shape, generator=g) * 2).requires_grad_()  # noqa: E731
+    hs, ht, ws, wt, bs, bt = leaf(B, T, H), leaf(M, B, T, H + 1), leaf(V + 2, H), leaf(V + 1, H + 1), leaf(V + 2), leaf(V + 1)
+    if cap == "-inf":
+        with torch.no_grad():
+            bs[V - 1] = bt[V - 1] = float("-inf")
+    head_s = moekd.Head(ws, bs, 0.7, None if cap == "-inf" else cap)
+    head_t = moekd.Head(wt, bt, 1.3, None if cap == "-inf" else cap)
+    labels = torch.randint(0, V - 1, (B, T), generator=g)
+    n = mask.sum()
+    rows = lambda x: torch.where(mask.unsqueeze(-1), x, float("nan"))[..., mask, :]  # noqa: E731
+    loss, sums = moekd.head_losses(rows(hs), head_s, labels[mask], rows(ht), head_t, ce_weight=0.3, kl_weight=0.6,
+                                   reverse=reverse, vocab=V, chunk_mb=3 * 4 * V * M / 2**20)  # 3-row chunks
+    params = (hs, ws, bs, ht, wt, bt)
+    grads = torch.autograd.grad(loss * 1.7, params)
+    s, t = logits_of(hs, head_s, V), logits_of(ht, head_t, V)
+    kl = moekd.reverse_kl if reverse else moekd.forward_kl
+    ref_kl = sum(kl(s, t[m], mask) for m in range(M)) / M * n
+    ref_ce = F.cross_entropy(s[mask], labels[mask], reduction="sum")
+    assert_close(sums, torch.stack([ref_ce, ref_kl]).detach())
+    ref = torch.autograd.grad((0.3 * ref_ce + 0.6 * ref_kl) * 1.7, params)
+    for name, a, b in zip(("hs", "ws", "bs", "ht", "wt", "bt"), grads, ref):
+        assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    assert not grads[1][V:].any() and not grads[4][V:].any()  # padding rows get nothing
+
+
+@pytest.mark.parametrize("direction", ["teacher-student", "student-teacher"])
+def test_sar_router_gradients_through_hidden_states(direction, teacher, student, tokenizer):
+    """SAR's router loss from hidden states reaches the routers with the gradient of the logits formula."""
+    cfg = moekd.Config(method="sar", sar_kl=direction)
+    items = [moekd.tokenize_example(tokenizer, r["prompt"], r["responses"][0], max_prompt_len=96, max_len=128)
+             for r in (data.to_example(x, where="t") for x in synthetic.synthetic_rows(3, seed=2))]
+    batch = moekd.collate(items, tokenizer.pad_token_id)
+    routers = moekd.router_parameters(teacher)
+    for p in routers:
+        p.requires_grad_(True)
+    ids = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        q = student(**ids).logits
+    with moekd.moe_routing(teacher, "all"):
+        with moekd.final_hidden(teacher) as h, moekd.final_hidden(student) as hq:
+            teacher(**ids)
+            student(**ids)
+        loss, _ = moekd.step_losses(student, teacher, hq[0].detach(), h[0], batch, cfg, moekd.MethodState(),
+                                    kl_weight=1.0, reverse=direction == "student-teacher")
+        ours = torch.autograd.grad(loss, routers, allow_unused=True, materialize_grads=True)
+        p = teacher(**ids).logits
+    mask = moekd.loss_mask(batch["labels"])
+    ref = moekd.forward_kl(q, p, mask) if direction == "teacher-student" else moekd.reverse_kl(q, p, mask)
+    expected = torch.autograd.grad(ref * mask.sum(), routers, allow_unused=True, materialize_grads=True)
+    assert_close(loss, ref * mask.sum())
+    assert any(a.abs().sum() > 0 for a in ours)
+    for a, b in zip(ours, expected):
+        assert_close(a, b)
+
+
+def tiny_family(family: str, **extra):
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
+    common = dict(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    config = {"gemma2": lambda: Gemma2Config(final_logit_softcapping=3.0, **common),  # tied, soft-capped
+              "cohere": lambda: CohereConfig(logit_scale=0.5, **common),               # tied, scaled
+              "granite": lambda: GraniteConfig(logits_scaling=4.0, **common),          # scaled (divided)
+              "llama-tied": lambda: LlamaConfig(tie_word_embeddings=True, **common)}[family]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "llama-tied"])
+def test_families_with_logit_scaling_softcapping_and_tied_embeddings(family):
+    """sft's CE from hidden states equals CE on the family's own logits (scaled, soft-capped), gradients included
+    (a tied embedding gets both its input and its head gradient); check_head accepts the family."""
+    model = tiny_family(family)
+    moekd.check_head(model, "--model")
+    batch = {"input_ids": torch.randint(3, 97, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][:, :2] = -100
+    parts = moekd.sft_step(model, None, batch, moekd.Config(), norm=3.0, n_micro=1)
+    ours = torch.autograd.grad(parts["loss"], list(model.parameters()))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = moekd.loss_mask(batch["labels"])
+    ref = F.cross_entropy(logits[mask], batch["labels"].roll(-1, 1)[mask], reduction="sum") / 3.0
+    assert_close(parts["loss"], ref)
+    for a, b in zip(ours, torch.autograd.grad(ref, list(model.parameters()))):
+        assert_close(a, b)
+
+
+def test_unknown_logit_transform_is_an_error_naming_the_family():
+    model = tiny_family("llama-tied")
+    head = model.get_output_embeddings()
+    head.forward = lambda x: F.linear(x, head.weight) * 2  # a family that doubles its logits
+    with pytest.raises(moekd.MoekdError, match="--teacher: LlamaForCausalLM turns its last hidden state into logits"):
+        moekd.check_head(model, "--teacher")
+
+
+# ----------------------------------------------------------------------------
 # Routing control
 
 @given(st.integers(1, 7), st.floats(0.0, 1.0), st.integers(0, 10_000))
