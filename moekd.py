@@ -18,7 +18,7 @@ routing control -> losses -> method steps -> training loop -> main. Routing, los
 one block whose functions copy out on their own (moe_routing, reverse_kl and forward_kl need nothing but
 torch). The engine lives beside it: llama_moe.py (the Llama-MoE model port), checkpoints.py (model files,
 run folders, checkpoints), parallel.py (torchrun: DDP/FSDP2, no-ops in one process), sampling.py
-(generation), tiny_moe/synthetic.py (the synthetic data). Shape legend: B batch, T time, H hidden,
+(generation), hidden_losses.py (the losses from hidden states, chunked), tiny_moe/synthetic.py (the synthetic data). Shape legend: B batch, T time, H hidden,
 V vocab, E experts, K selected experts, N flattened tokens, M teacher passes.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,7 @@ from checkpoints import (ROUTERS_FILE, MoekdError, RunStopped, check_resume_conf
                          load_tokenizer, prepare_out_dir, run_cli, save_checkpoint, save_run_model, saved_config,
                          truncate_log, write_atomically, write_json)
 from data import DOLLY_HUB, load_splits
+from hidden_losses import Head, head_logits, head_losses
 from llama_moe import cv_squared
 from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, enable_checkpointing,
                       full_state_dict, gradient_sync, init_distributed, is_sharded, load_optimizer_state,
@@ -628,7 +629,7 @@ def router_balance_loss(records: list[tuple[nn.Module, Any]], beta: float) -> to
 
 
 # ----------------------------------------------------------------------------
-# Losses (pure: logits or hidden states and heads in, sums out; fp32 inside)
+# Losses (pure: logits in, scalar out; fp32 inside). From hidden states and output heads: hidden_losses.py
 
 def loss_mask(labels: torch.Tensor) -> torch.Tensor:
     """[B, T] bool: position t is a loss position when its next token labels[t+1] is a response token.
@@ -702,117 +703,6 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     return kl_per_token(teacher_logits, student_logits, mask).sum() / mask.sum().clamp_min(1)
 
 
-class Head(NamedTuple):
-    """An output head: logits = cap * tanh(scale * (h W^T + b) / cap) (cap None: scale * (h W^T + b))."""
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    scale: float = 1.0
-    cap: float | None = None
-
-
-def head_logits(h: torch.Tensor, head: Head, vocab: int) -> tuple[torch.Tensor, torch.Tensor | float]:
-    """fp32 logits [..., vocab] of hidden states h [..., H] over the head's first `vocab` rows (the matmul in
-    the autocast dtype), and d logits / d (h W^T + b): the scale, or a tensor where the soft cap bends them."""
-    z = F.linear(h, head.weight[:vocab], None if head.bias is None else head.bias[:vocab]).float().mul_(head.scale)
-    if head.cap is None:
-        return z, head.scale
-    z = z.div_(head.cap).tanh_()
-    slope = (1 - z * z).mul_(head.scale)
-    return z.mul_(head.cap), slope
-
-
-def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool, teacher_grad: bool):
-    """One chunk's KL from student log q [c, V] and M teacher passes' log p [M, c, V] (both overwritten) ->
-    (KL per row, dKL/dz_student, dKL/dz_teacher or None). reverse: KL(q || p), log p = mean_m log p_m (the mean of
-    the M reverse KLs; dz_s = q (log q - log p - KL), dz_m = (p_m - q) / M); else mean_m KL(p_m || q) (dz_s =
-    q - mean_m p_m, dz_m = p_m (log p_m - log q - KL_m) / M). A term whose target probability is 0 is 0 (0 log 0:
-    the NaN of 0 * -inf); an infinite one stays. In place where it can: two [c, V] tensors beyond the inputs."""
-    M, finite = lp.shape[0], dict(nan=0.0, posinf=math.inf, neginf=-math.inf)
-    if reverse:
-        diff = (lp.mean(0) if M > 1 or teacher_grad else lp[0]).sub_(log_q).neg_()  # log q - log p
-        q = log_q.exp_()
-        qd = diff.mul_(q).nan_to_num_(**finite)
-        kl = qd.sum(-1)
-        return kl, qd.addcmul_(q, kl.unsqueeze(1), value=-1), lp.exp_().sub_(q).div_(M) if teacher_grad else None
-    p = lp.exp()
-    pd = lp.sub_(log_q).mul_(p).nan_to_num_(**finite)  # p_m (log p_m - log q)
-    kl_m = pd.sum(-1)
-    g_s = log_q.exp_().sub_(p[0] if M == 1 else p.mean(0))
-    return kl_m.mean(0), g_s, pd.addcmul_(p, kl_m.unsqueeze(-1), value=-1).div_(M) if teacher_grad else None
-
-
-class _HeadLosses(torch.autograd.Function):
-    """ce_weight * Sum_rows CE + kl_weight * Sum_rows KL from hidden rows, fp32, `chunk` rows at a time: each chunk's
-    gradients (to the hidden states, head weights and biases of both sides) are computed in the forward and the
-    logits dropped, so no [rows, V] tensor outlives its chunk; backward scales the gradients (once)."""
-
-    @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, heads, vocab, chunk, reverse, ce_weight, kl_weight):
-        inputs = (hs, ws, bs, ht, wt, bt)
-        grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None
-                 for x, need in zip(inputs, ctx.needs_input_grad)]
-        sums = torch.zeros(2, dtype=torch.float32, device=hs.device)  # CE, KL
-        for r in (slice(i, i + chunk) for i in range(0, hs.shape[0], chunk)):
-            z, slope = head_logits(hs[r], heads[0]._replace(weight=ws, bias=bs), vocab)
-            log_q = z.log_softmax(-1)
-            del z
-            g = None
-            if labels is not None:  # -log q[label]; d/dz = q - onehot
-                lab = labels[r].unsqueeze(1)
-                sums[0] -= log_q.gather(1, lab).sum()
-            if ce_weight:
-                g = log_q.exp().scatter_add_(1, lab, torch.full(lab.shape, -1.0, device=lab.device)).mul_(ce_weight)
-            if ht is not None:
-                zt, slope_t = head_logits(ht[:, r], heads[1]._replace(weight=wt, bias=bt), vocab)
-                lp = zt.log_softmax(-1)
-                del zt
-                kl, g_kl, g_t = _kl_chunk(log_q, lp, reverse, any(x is not None for x in grads[3:]))
-                sums[1] += kl.sum()
-                g = g_kl.mul_(kl_weight) if g is None else g.add_(g_kl, alpha=kl_weight)
-                if g_t is not None:
-                    _back_through_head(g_t.mul_(slope_t).mul_(kl_weight), ht[:, r], wt, grads[3:], r, vocab)
-            if g is not None and any(x is not None for x in grads[:3]):
-                _back_through_head(g.mul_(slope), hs[r], ws, grads[:3], r, vocab)
-        ctx.grads, ctx.dtypes = grads, [None if x is None else x.dtype for x in inputs]
-        total = sums[0] * ce_weight + sums[1] * kl_weight
-        ctx.mark_non_differentiable(sums)
-        return total, sums
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad, _):
-        grads, ctx.grads = ctx.grads, None  # scaled in place: a second backward is an error, not a wrong gradient
-        return *(None if g is None else g.mul_(grad).to(dtype) for g, dtype in zip(grads, ctx.dtypes)), *[None] * 7
-
-
-def _back_through_head(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grads: list, r: slice, vocab: int) -> None:
-    """Accumulate one chunk's d/dh = g W, d/dW += g^T h, d/db += Sum g (rows r; g [..., c, vocab]); dW in fp32."""
-    gh, gw, gb = grads
-    if gh is not None:
-        gh[..., r, :] = g.to(w.dtype) @ w[:vocab]
-    if gw is not None:
-        with torch.autocast(g.device.type, enabled=False):
-            gw[:vocab].addmm_(g.reshape(-1, vocab).t(), h.reshape(-1, h.shape[-1]).float())
-    if gb is not None:
-        gb[:vocab] += g.reshape(-1, vocab).sum(0)
-
-
-def head_losses(hs: torch.Tensor, head_s: Head, labels: torch.Tensor | None = None, ht: torch.Tensor | None = None,
-                head_t: Head | None = None, *, ce_weight: float = 0.0, kl_weight: float = 0.0, reverse: bool = True,
-                vocab: int | None = None, chunk_mb: float = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """ce_weight * Sum CE(q, labels) + kl_weight * Sum KL over the rows of student hidden states hs [n, Hs] (and M
-    teacher passes' ht [M, n, Ht]), exact over the first `vocab` rows of both heads (default: all the student's), in
-    fp32, without [n, V] logits: chunks of rows whose fp32 [rows, V] temporaries hold about chunk_mb MB each.
-    reverse: KL(q_student || p_teacher) with log p = mean_m log p_m, which is the mean of the M KLs; else
-    mean_m KL(p_m || q). Returns (the weighted sum, differentiable; [CE sum, KL sum], detached)."""
-    vocab = vocab or head_s.weight.shape[0]
-    M = 1 if ht is None else ht.shape[0]
-    chunk = max(1, int(chunk_mb * 2**20) // (4 * vocab * M))
-    t = (None, None, None) if ht is None else (ht, head_t.weight, head_t.bias)
-    return _HeadLosses.apply(hs, head_s.weight, head_s.bias, *t, labels, (head_s, head_t), vocab, chunk, reverse,
-                             ce_weight, kl_weight)
-
-
 # ----------------------------------------------------------------------------
 # Method steps: (model, teacher, batch, cfg) -> named losses; "loss" is what gets backpropagated.
 # Every loss is a *sum over tokens* divided by `norm`, the token count of the normalisation
@@ -843,16 +733,14 @@ def final_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def output_head(model: nn.Module) -> Head:
-    """A causal LM's output head: weight (FSDP2-sharded: gathered, once per call), bias, and the final logit
-    scaling / soft-capping of the families that have one (Cohere's logit_scale, Granite's logits_scaling,
-    Gemma's final_logit_softcapping); check_head verifies that this gives the model's own logits."""
+def output_head(model: nn.Module, device: torch.device | None = None) -> Head:
+    """A causal LM's output head on `device` (FSDP2-sharded: gathered, once per call) with the logit scaling / soft
+    cap of the families that have one (Cohere, Granite, Gemma); check_head verifies it gives the model's logits."""
     inner = unwrap(model)
     linear, c = inner.get_output_embeddings(), inner.config
-    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    full = lambda t: None if t is None else (t.full_tensor() if hasattr(t, "full_tensor") else t).to(device)  # noqa: E731
     scale = (getattr(c, "logit_scale", None) or 1.0) / (getattr(c, "logits_scaling", None) or 1.0)
-    return Head(full(linear.weight), None if linear.bias is None else full(linear.bias), scale,
-                getattr(c, "final_logit_softcapping", None))
+    return Head(full(linear.weight), full(linear.bias), scale, getattr(c, "final_logit_softcapping", None))
 
 
 @torch.no_grad()
@@ -887,15 +775,12 @@ def forward_with_balance(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
 
 def step_losses(model, teacher, h: torch.Tensor, t: torch.Tensor | None, batch: dict, cfg: Config,
                 state: MethodState, **weights) -> tuple[torch.Tensor, torch.Tensor]:
-    """head_losses at the batch's loss positions on the student's device: student hidden states h [B, T, H],
-    the teacher's t [M*B, T, H] (or None; its head is copied to the student's device if it lives elsewhere),
-    over the shared vocabulary (state.vocab: the tokenizer's, without padding rows; default the smaller head)."""
+    """head_losses at the batch's loss positions, on the student's device: hidden states h [B, T, H], the teacher's
+    t [M*B, T, H] or None, over state.vocab (the tokenizer's: no padding rows; default the smaller head)."""
     mask = loss_mask(batch["labels"]).view(-1)
-    head_s, head_t = output_head(model), None if teacher is None else output_head(teacher)
+    head_s, head_t = output_head(model), None if teacher is None else output_head(teacher, h.device)
     if t is not None:
         t = t.to(h.device).view(-1, mask.numel(), t.shape[-1])[:, mask]
-        head_t = head_t._replace(weight=head_t.weight.to(h.device),
-                                 bias=None if head_t.bias is None else head_t.bias.to(h.device))
     vocab = state.vocab or min(x.weight.shape[0] for x in (head_s, head_t) if x is not None)
     labels = batch["labels"].roll(-1, 1).reshape(-1)[mask]  # position t predicts token t + 1
     return head_losses(h.flatten(0, 1)[mask], head_s, labels, t, head_t, vocab=vocab, chunk_mb=cfg.kl_chunk, **weights)
