@@ -18,8 +18,9 @@ routing control -> losses -> method steps -> training loop -> main. Routing, los
 one block whose functions copy out on their own (moe_routing, reverse_kl and forward_kl need nothing but
 torch). The engine lives beside it: llama_moe.py (the Llama-MoE model port), checkpoints.py (model files,
 run folders, checkpoints), parallel.py (torchrun: DDP/FSDP2, no-ops in one process), sampling.py
-(generation), hidden_losses.py (the losses from hidden states, chunked), tiny_moe/synthetic.py (the synthetic data). Shape legend: B batch, T time, H hidden,
-V vocab, E experts, K selected experts, N flattened tokens, M teacher passes.
+(generation), hidden_losses.py (the training losses from hidden states, chunked), tiny_moe/synthetic.py (the
+synthetic data). Shape legend: B batch, T time, H hidden, V vocab, E experts, K selected experts, N flattened
+tokens, M teacher passes.
 """
 from __future__ import annotations
 
