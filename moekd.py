@@ -722,16 +722,22 @@ def balance_loss(model: nn.Module, outputs) -> torch.Tensor | None:
 @contextlib.contextmanager
 def final_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Inside the block a forward computes no logits: the output head gets an empty slice of the final hidden
-    states (logits [B, 0, V]) and the yielded list the hidden states [B, T, H] themselves."""
-    kept = []
-    def hook(module, args):
+    states (logits [B, 0, V]) and the yielded list the hidden states [B, T, H] themselves, which also go into the
+    output's hidden_states, before FSDP2's hooks: the backward enters the model there (FSDP2 gathers the root)."""
+    kept, inner = [], unwrap(model)
+    def keep(module, args):
         kept.append(args[0])
         return (args[0][..., :0, :],)
-    handle = unwrap(model).get_output_embeddings().register_forward_pre_hook(hook)
+    def expose(module, args, output):
+        if isinstance(output, dict):
+            output["hidden_states"] = (kept[-1],)
+    handles = [inner.get_output_embeddings().register_forward_pre_hook(keep),
+               inner.register_forward_hook(expose, prepend=True)]
     try:
         yield kept
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def output_head(model: nn.Module, device: torch.device | None = None) -> Head:
@@ -758,6 +764,8 @@ def check_head(model: nn.Module, what: str) -> None:
         logits = model(input_ids=torch.tensor([[1, 2, 3]], device=next(model.parameters()).device)).logits.float()
     finally:
         handle.remove()
+        if hasattr(model, "reshard"):  # FSDP2 keeps a root gathered after its forward: the optimizer wants shards
+            model.reshard()
     if not torch.allclose(head_logits(kept[0], output_head(model), logits.shape[-1])[0], logits, rtol=0.02, atol=0.1):
         raise MoekdError(f"{what}: {type(model).__name__} turns its last hidden state into logits in a way moekd does "
                          f"not know (it applies logit_scale, logits_scaling, final_logit_softcapping), so its losses "
