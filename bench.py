@@ -14,6 +14,9 @@ allocation on GPU) is its own. Derived figures, with the targets the project hol
   KA cost   = (step(M) - step(1)) / (teacher(M) - teacher(1)), generation left out of both steps  <= 1.10
   KL memory = peak of reverse-KL loss + backward / that of cross-entropy  <= 1.25  (V 32000, B 4, T 512)
   scaling   = step time vs experts N (4, 8, 16) and vs M
+  loss path = peak memory and time of each method's losses from hidden states / from full logits (before),
+              V 151936, H 256, 2 x 512 tokens, KA M = 2: memory <= 0.2, time <= 1.2 (sft <= 1.35); the KL
+              memory above is now measured from hidden states (`--no-large-vocab` skips the comparison)
 --dist runs moekd.py itself (SAR, all experts, router optimizer: the most state of any method) on both sizes
 as 1 process, 2 DDP ranks with a replicated teacher, 2 ranks with a sharded teacher, and 2 ranks with teacher
 and student sharded, and prints the per-rank memory moekd reports: student weights + gradients, teacher
@@ -225,9 +228,7 @@ class Head(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        self.head.weight = torch.nn.Parameter(weight, requires_grad=weight.requires_grad)
-        self.config = argparse.Namespace()
+        self.head, self.config = argparse.Namespace(weight=weight, bias=None), argparse.Namespace()  # the tensor itself
 
     def get_output_embeddings(self):
         return self.head
@@ -430,7 +431,7 @@ SEQ, GB = 512, 1e9
 
 
 def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpointing: bool, sar: bool,
-         chunked_kl: bool = True, ka_m: int = 1) -> dict[str, float]:
+         logits: bool = False, ka_m: int = 1, chunk_mb: float = 32) -> dict[str, float]:
     t, s, V, W, tokens = pair["teacher"], pair["student"], pair["V"], pair["gpus"], pair["batch"] * SEQ
     dense = lambda m: 28 * m["H"] + 8 * m["I"]  # noqa: E731  bytes per token per layer
     moe_all = 28 * t["H"] + t["E"] * (2 * t["H"] + 8 * t["I_e"])  # SAR: every expert on every token
@@ -441,9 +442,11 @@ def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpoin
            "student activations": ckpt(s, dense(s)) if grad_checkpointing else tokens * dense(s) * s["L"] / GB,
            "teacher activations (SAR)": 0.0 if not sar else (ckpt(t, moe_all) if grad_checkpointing
                                                               else tokens * moe_all * t["L"] / GB),
-           # bf16 student logits + their grad + M bf16 teacher logits (+ SAR's grad); the chunked fp32 KL
-           # adds 4 fp32 [256, V] temporaries, a full-vocabulary one 5 fp32 [tokens, V] tensors
-           "full-vocab logits": (tokens * V * 2 * (2 + ka_m + sar) + (4 * 4 * 256 * V if chunked_kl else 5 * 4 * tokens * V)) / GB}
+           # from hidden states: the fp32 head-gradient buffer [V, H] (one more student-head gradient), about 3
+           # chunk temporaries, the M teacher passes' bf16 hidden states. Before (logits=True): bf16 student logits +
+           # their grad + M bf16 teacher logits (+ SAR's grad) and 4 fp32 [256, V] temporaries of the chunked KL
+           "losses": ((4 * V * s["H"] + 3 * chunk_mb * 2**20 + ka_m * tokens * t["H"] * 2) if not logits
+                      else tokens * V * 2 * (2 + ka_m + sar) + 4 * 4 * 256 * V) / GB}
     gathered = (2 * t["params"] / t["L"] * 2 if shard_teacher else 0) + (4 * s["params"] / s["L"] * 2 if shard_student else 0)
     row["FSDP gathered layers"] = gathered / GB  # the layer in use and the prefetched next one
     row["total"] = sum(row.values())
@@ -465,9 +468,10 @@ def print_plan() -> None:
         for opt in options:
             flags = " ".join(f"--{k.replace('_', '-')}" for k, v in opt.items() if v) or "(no option)"
             gkd, sar = plan(pair, **opt, sar=False), plan(pair, **opt, sar=True)
-            naive = plan(pair, **opt, sar=False, chunked_kl=False)
-            print(f"  {flags}: " + ", ".join(f"{k} {v:.1f}" for k, v in sar.items() if k != "total")
-                  + f" | total GKD {gkd['total']:.1f}, SAR {sar['total']:.1f}; GKD with an unchunked KL {naive['total']:.1f}")
+            before = [plan(pair, **opt, sar=s, logits=True) for s in (False, True)]
+            print(f"  {flags}: " + ", ".join(f"{k} {v:.2f}" for k, v in sar.items() if k != "total")
+                  + f" | total GKD {gkd['total']:.1f}, SAR {sar['total']:.1f}; with full-vocabulary logits (before): "
+                  f"losses {before[1]['losses']:.2f}, GKD {before[0]['total']:.1f}, SAR {before[1]['total']:.1f}")
 
 
 def main(argv=None) -> dict:

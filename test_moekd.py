@@ -1849,12 +1849,27 @@ def test_repro_pipeline_smoke_and_resume(tmp_path, capsys):
 def test_bench_smoke():
     import bench
     result = bench.main(["--sizes", "tiny", "--steps", "2", "--warmup", "0", "--methods", "gkd,ka-m2,sar",
-                         "--no-scaling", "--no-kl-memory"])
+                         "--no-scaling", "--no-kl-memory", "--no-large-vocab"])
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"gkd", "ka-m2", "sar"}
     assert rows["sar"]["router_ms"] > 0 and rows["gkd"]["router_ms"] == 0 and rows["gkd"]["gen_ms"] > 0
     assert all(r["step_ms"] > 0 and r["overhead"] > 0 and r["peak_mb"] > 0 for r in rows.values())
     assert rows["gkd"]["gen_generate_ms"] > 0 and result["derived"]["tiny"]["generation_speedup"] > 0
+
+
+def test_bench_loss_paths_compute_the_same_gradients(monkeypatch):
+    """bench.py's large-vocab comparison times two ways to the same numbers: the logits code the steps ran
+    before and moekd.step_losses (on a small shape here)."""
+    import bench
+    monkeypatch.setitem(bench.LOSS_SHAPES, "small", dict(V=50, H=8, B=2, T=9, prompt=3, M=3))
+    for method in bench.LOSS_METHODS:
+        grads = []
+        for path in ("logits", "hidden"):
+            x = bench.loss_inputs(method, "small")
+            bench.logits_loss_path(method, x) if path == "logits" else bench.hidden_loss_path(method, x, 1)
+            grads.append([t.grad for t in (x["hs"], x["ws"], x["ht"])])
+        for a, b in zip(*grads):
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6, rtol=1e-4)), method
 
 
 @pytest.mark.parametrize("method", ["kd", "ka-gold"])
