@@ -950,7 +950,7 @@ def test_kl_chunking_does_not_change_values():
 # ----------------------------------------------------------------------------
 # Losses from hidden states: equal to the logits formulas above, values and gradients
 
-def logits_of(h, head, vocab):
+def head_logits_naive(h, head, vocab):
     """The naive head: scale, soft cap, the first `vocab` rows."""
     z = F.linear(h, head.weight, head.bias)[..., :vocab] * head.scale
     return z if head.cap is None else head.cap * torch.tanh(z / head.cap)
@@ -984,7 +984,7 @@ def test_losses_from_hidden_states_equal_the_logits_formulas(case):
                                    reverse=reverse, vocab=V, chunk_mb=3 * 4 * V * M / 2**20)  # 3-row chunks
     params = (hs, ws, bs, ht, wt, bt)
     grads = torch.autograd.grad(loss * 1.7, params)
-    s, t = logits_of(hs, head_s, V), logits_of(ht, head_t, V)
+    s, t = head_logits_naive(hs, head_s, V), head_logits_naive(ht, head_t, V)
     kl = moekd.reverse_kl if reverse else moekd.forward_kl
     ref_kl = sum(kl(s, t[m], mask) for m in range(M)) / M * n
     ref_ce = F.cross_entropy(s[mask], labels[mask], reduction="sum")
@@ -2182,20 +2182,21 @@ def test_run_folder_of_the_previous_layout_resumes(tmp_path, monkeypatch):
     """fixtures/run-ace5af2 was written by moekd at commit ace5af2 (before the module split): an SFT run of
     the LLaMA-like tiny student stopped after 3 of 8 steps (its run.json's two machine paths, the unused
     teacher and the out folder, made relative). It resumes with no flags and ends as the uninterrupted run of
-    that commit did: the same history and bit-identical final weights."""
-    import hashlib
+    that commit did: the same history to float rounding (the losses are computed from hidden states in chunks
+    since, which moves the last bits, so the final weights are no longer bit-identical to that commit's:
+    the weight hash is checked against the last-bit-exact run only where the loss code is that commit's)."""
     run = tmp_path / "run"
     shutil.copytree(ROOT / "fixtures" / "run-ace5af2", run)
     expected = json.loads((ROOT / "fixtures" / "run-ace5af2.expected.json").read_text())
     monkeypatch.chdir(ROOT)  # the run's config names its model relative to the repository
     result = moekd.main(["--out", str(run), "--resume"])
-    assert result["finished"] and result["history"] == expected["history"]
-    weights = load_file(run / "final" / "model.safetensors")
-    h = hashlib.sha256()
-    for k in sorted(weights):
-        h.update(k.encode())
-        h.update(weights[k].contiguous().view(torch.uint8).numpy().tobytes())
-    assert h.hexdigest() == expected["final_weights_sha256"]
+    assert result["finished"] and len(result["history"]) == len(expected["history"])
+    for got, want in zip(result["history"], expected["history"]):
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want)
+    weights, resumed_from = load_file(run / "final" / "model.safetensors"), load_file(
+        ROOT / "fixtures" / "run-ace5af2" / "checkpoints" / "step-3" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values()) and any(
+        not torch.equal(weights[k], resumed_from[k]) for k in weights)
 
 
 # README, docs and data fetch
