@@ -14,6 +14,9 @@ allocation on GPU) is its own. Derived figures, with the targets the project hol
   KA cost   = (step(M) - step(1)) / (teacher(M) - teacher(1)), generation left out of both steps  <= 1.10
   KL memory = peak of reverse-KL loss + backward / that of cross-entropy  <= 1.25  (V 32000, B 4, T 512)
   scaling   = step time vs experts N (4, 8, 16) and vs M
+  loss path = peak memory and time of each method's losses from hidden states / from full logits (before),
+              V 151936, H 256, 2 x 512 tokens, KA M = 2: memory <= 0.2, time <= 1.2 (sft <= 1.35); the KL
+              memory above is now measured from hidden states (`--no-large-vocab` skips the comparison)
 --dist runs moekd.py itself (SAR, all experts, router optimizer: the most state of any method) on both sizes
 as 1 process, 2 DDP ranks with a replicated teacher, 2 ranks with a sharded teacher, and 2 ranks with teacher
 and student sharded, and prints the per-rank memory moekd reports: student weights + gradients, teacher
@@ -75,8 +78,11 @@ def parse_args(argv=None):
                         "(bandwidth floor, memory plan), the sampler vs generate(); JSON (--json) and Markdown")
     p.add_argument("--gpu-check-scale", default="paper", choices=tuple(CHECKS), help=argparse.SUPPRESS)  # tiny: CPU smoke
     p.add_argument("--bandwidth", type=float, default=4.3e12, help="GPU memory bandwidth, bytes/s (H200: ~4.3e12 measured)")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)        # worker: size,method[,experts]
-    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # worker: kl | ce
+    p.add_argument("--no-large-vocab", action="store_true", help="skip the large-vocabulary loss-path comparison")
+    p.add_argument("--kl-chunk", type=float, default=moekd.Config.kl_chunk, help="moekd's --kl-chunk (MB per chunk temporary)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)          # worker: size,method[,experts]
+    p.add_argument("--loss-memory", default=None, help=argparse.SUPPRESS)  # worker: method,path[,shape]
+    p.add_argument("--loss-time", default=None, help=argparse.SUPPRESS)    # worker: method
     return p.parse_args(argv)
 
 
@@ -186,13 +192,13 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
 
     def teacher_part():  # the teacher's forward(s) under the method's routing
         with moekd.teacher_routing(teacher, cfg, state.generator):
-            return moekd.teacher_logits(teacher, batch, repeat=M)
-    t_logits = teacher_part() if cfg.method != "sft" else None
+            return moekd.teacher_hidden(teacher, batch, repeat=M)
+    t_hidden = teacher_part() if cfg.method != "sft" else None
 
-    def student_part():  # the method's own step function, its teacher forward replaced by the logits above
+    def student_part():  # the method's own step function, its teacher forward replaced by the states above
         student.zero_grad(set_to_none=True)
         student.train()
-        with cached_teacher_logits(t_logits):
+        with cached_teacher_hidden(t_hidden):
             parts = moekd.method_step(cfg.method)(student, teacher, batch, cfg, norm=norm, n_micro=1, state=state)
         parts["loss"].backward()
 
@@ -213,33 +219,135 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
 
 
 @contextlib.contextmanager
-def cached_teacher_logits(logits):
-    """Inside the block moekd.teacher_logits returns `logits`: a method step then costs its student part."""
-    original = moekd.teacher_logits
-    moekd.teacher_logits = lambda *args, **kwargs: logits
+def cached_teacher_hidden(hidden):
+    """Inside the block moekd.teacher_hidden returns `hidden`: a method step then costs its student part."""
+    original = moekd.teacher_hidden
+    moekd.teacher_hidden = lambda *args, **kwargs: hidden
     try:
         yield
     finally:
-        moekd.teacher_logits = original
+        moekd.teacher_hidden = original
 
 
-def memory_probe(kind: str) -> dict:
-    """Peak extra memory of a loss + backward on [4, 512, 32000] fp32 logits (RSS high-water mark)."""
-    B, T, V = 4, 512, 32000
-    logits = torch.randn(B, T, V, requires_grad=True)
-    other = torch.randn(B, T, V)
-    labels = torch.randint(0, V, (B, T))
-    mask = torch.ones(B, T, dtype=torch.bool)
-    # touch every page now, so the baseline high-water mark includes the inputs
-    logits.data.add_(0)
-    other.add_(0)
+# ----------------------------------------------------------------------------
+# Large vocabulary: each method's loss path (output heads, loss, backward) from the models' final hidden states,
+# as moekd trains (hidden) vs the full-vocabulary logits it used before (logits: today's steps' loss code on
+# lm_head outputs). fp32 on CPU; the student's hidden states and head get gradients, SAR's router loss sends
+# its gradient into the teacher's hidden states (on to its routers).
+
+LOSS_SHAPES = {"large": dict(V=151936, H=256, B=2, T=512, prompt=128, M=2),  # the large-vocab comparison
+               "kl": dict(V=32000, H=256, B=4, T=512, prompt=0, M=1)}        # the KL memory probe
+LOSS_METHODS = ("sft", "kd", "gkd", "ka", "ka-gold", "sar-router")
+
+
+class Head(torch.nn.Module):
+    """Just what moekd.output_head reads from a model: an output head and a config."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.head, self.config = argparse.Namespace(weight=weight, bias=None), argparse.Namespace()  # the tensor itself
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def loss_inputs(method: str, shape: str) -> dict:
+    V, H, B, T, M, prompt = (LOSS_SHAPES[shape][k] for k in ("V", "H", "B", "T", "M", "prompt"))
+    g = torch.Generator().manual_seed(0)
+    M = M if method in ("ka", "ka-gold") else 1
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :prompt] = -100
+    router = method == "sar-router"
+    x = {"hs": torch.randn(B, T, H, generator=g).requires_grad_(not router),
+         "ws": torch.randn(V, H, generator=g).mul_(0.1).requires_grad_(not router),
+         "ht": torch.randn(M * B, T, H, generator=g).requires_grad_(router),
+         "wt": torch.randn(V, H, generator=g).mul_(0.1), "labels": labels, "M": M}  # no temporaries: the
+    # baseline high-water mark is the inputs, not a transient copy of one
+    return x
+
+
+def logits_loss_path(method: str, x: dict) -> None:
+    """The loss code of the method steps before the hidden-state path, on logits = lm_head(hidden states)."""
+    hs, ws, ht, wt, labels, M = x["hs"], x["ws"], x["ht"], x["wt"], x["labels"], x["M"]
+    mask = moekd.loss_mask(labels)
+    norm = float(mask.sum())
+    logits, B = torch.nn.functional.linear(hs, ws), labels.shape[0]
+    with torch.set_grad_enabled(method == "sar-router"):
+        t = torch.nn.functional.linear(ht, wt)  # the teacher's lm_head in its (no-grad) forward
+    def ce():
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]
+        per = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        return torch.where(mask, per, 0.0).sum() / norm
+    if method == "sft":
+        loss = ce()
+    elif method in ("kd", "ka-gold"):
+        fkl = sum(moekd.kl_per_token(t_m, logits, mask).sum() for t_m in t.view(M, *logits.shape)) / (M * norm)
+        loss = 0.5 * ce() + 0.5 * fkl
+    elif method == "gkd":
+        loss = moekd.kl_per_token(logits, t, mask).sum() / norm
+    elif method == "ka":  # one KL against the mean of the M passes' log-probabilities
+        with torch.no_grad():
+            views = t.view(M, *logits.shape)
+            log_p = views[0].float().log_softmax(-1)
+            for m in range(1, M):
+                log_p += views[m].float().log_softmax(-1)
+            log_p /= M
+        loss = moekd.kl_per_token(logits, log_p, mask, input_is_log_probs=True).sum() / norm
+    else:  # SAR's router loss KL(p_teacher || q_student), the student without gradient
+        loss = moekd.kl_per_token(t, logits.detach(), mask).sum() / norm
+    loss.backward()
+
+
+def hidden_loss_path(method: str, x: dict, chunk_mb: float) -> None:
+    """The same loss through moekd.step_losses, as training runs it."""
+    student, teacher = Head(x["ws"]), Head(x["wt"])
+    cfg, state = moekd.Config(kl_chunk=chunk_mb), moekd.MethodState()
+    batch = {"labels": x["labels"]}
+    norm = float(moekd.loss_mask(x["labels"]).sum())
+    weights = {"sft": dict(ce_weight=1 / norm), "kd": dict(ce_weight=0.5 / norm, kl_weight=0.5 / norm, reverse=False),
+               "gkd": dict(kl_weight=1 / norm), "ka": dict(kl_weight=1 / norm),
+               "ka-gold": dict(ce_weight=0.5 / norm, kl_weight=0.5 / norm, reverse=False),
+               "sar-router": dict(kl_weight=1 / norm, reverse=False)}[method]
+    t = None if method == "sft" else x["ht"]
+    loss, _ = moekd.step_losses(student, None if t is None else teacher, x["hs"], t, batch, cfg, state, **weights)
+    loss.backward()
+
+
+def loss_memory(method: str, path: str, chunk_mb: float, shape: str = "large") -> dict:
+    """Peak extra memory (RSS high-water mark) of one loss path + backward over the inputs."""
+    x = loss_inputs(method, shape)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if kind == "kl":
-        moekd.reverse_kl(logits, other, mask).backward()
-    else:
-        torch.nn.functional.cross_entropy(logits.view(-1, V), labels.view(-1)).backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"kind": kind, "extra_mb": (peak - base) / 2**20, "logits_mb": logits.numel() * 4 / 2**20}
+    logits_loss_path(method, x) if path == "logits" else hidden_loss_path(method, x, chunk_mb)
+    return {"extra_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20}
+
+
+def loss_times(method: str, repeats: int, chunk_mb: float, shape: str = "large") -> dict:
+    """Median seconds of the two loss paths, interleaved (one warm-up each)."""
+    x = loss_inputs(method, shape)
+    times = {"logits": [], "hidden": []}
+    for i in range(repeats + 1):
+        for path, fn in (("logits", lambda: logits_loss_path(method, x)),
+                         ("hidden", lambda: hidden_loss_path(method, x, chunk_mb))):
+            for t in (x["hs"], x["ws"], x["ht"]):
+                t.grad = None
+            seconds = timed(fn, lambda: None)
+            if i:
+                times[path].append(seconds)
+    return {path: statistics.median(v) for path, v in times.items()}
+
+
+def large_vocab_loss(repeats: int, chunk_mb: float) -> dict:
+    rows = []
+    for method in LOSS_METHODS:
+        mem = {p: worker(["--loss-memory", f"{method},{p}", "--kl-chunk", str(chunk_mb)], EXACT_MALLOC)["extra_mb"]
+               for p in ("logits", "hidden")}
+        sec = worker(["--loss-time", method, "--steps", str(repeats), "--kl-chunk", str(chunk_mb)])
+        rows.append({"method": method, "logits_mb": mem["logits"], "hidden_mb": mem["hidden"],
+                     "logits_ms": 1000 * sec["logits"], "hidden_ms": 1000 * sec["hidden"],
+                     "memory_ratio": mem["hidden"] / mem["logits"], "time_ratio": sec["hidden"] / sec["logits"]})
+    return {"shape": LOSS_SHAPES["large"], "chunk_mb": chunk_mb, "rows": rows,
+            "memory_ratio": max(r["memory_ratio"] for r in rows), "time_ratio": max(r["time_ratio"] for r in rows)}
 
 
 # ----------------------------------------------------------------------------
@@ -271,7 +379,7 @@ def part_timers(sync, optimizer) -> dict:
                 sync()
                 spent[name] += time.perf_counter() - t0
         return timed_call
-    patched = {"generate_on_policy": "gen", "teacher_logits": "teacher", "sar_router_update": "router"}
+    patched = {"generate_on_policy": "gen", "teacher_hidden": "teacher", "sar_router_update": "router"}
     originals = {attr: getattr(moekd, attr) for attr in patched}
     for attr, name in patched.items():
         setattr(moekd, attr, wrap(name, originals[attr]))
@@ -441,8 +549,13 @@ def gpu_check_markdown(r: dict) -> str:
 CPU_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36), "MALLOC_TOP_PAD_": str(2**30)}
 
 
-def worker(args_list: list[str]) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **CPU_MALLOC}
+# The loss-memory workers measure the other way: every block over 64 KB is its own mapping, returned at free,
+# so the peak RSS is the peak of live tensors (no freed block counts; slower, and they are not timed).
+EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def worker(args_list: list[str], malloc: dict = CPU_MALLOC) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **malloc}
     proc = subprocess.run([sys.executable, str(HERE / "bench.py"), *args_list], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {args_list} failed:\n{proc.stderr[-3000:]}")
@@ -525,7 +638,7 @@ SEQ, GB = 512, 1e9
 
 
 def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpointing: bool, sar: bool,
-         chunked_kl: bool = True, ka_m: int = 1) -> dict[str, float]:
+         logits: bool = False, ka_m: int = 1, chunk_mb: float = 32) -> dict[str, float]:
     t, s, V, W, tokens = pair["teacher"], pair["student"], pair["V"], pair["gpus"], pair["batch"] * SEQ
     dense = lambda m: 28 * m["H"] + 8 * m["I"]  # noqa: E731  bytes per token per layer
     moe_all = 28 * t["H"] + t["E"] * (2 * t["H"] + 8 * t["I_e"])  # SAR: every expert on every token
@@ -536,11 +649,13 @@ def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpoin
            "student activations": ckpt(s, dense(s)) if grad_checkpointing else tokens * dense(s) * s["L"] / GB,
            "teacher activations (SAR)": 0.0 if not sar else (ckpt(t, moe_all) if grad_checkpointing
                                                               else tokens * moe_all * t["L"] / GB),
-           # bf16 student logits + their grad + M bf16 teacher logits (+ SAR's grad); the chunked fp32 KL
-           # adds 4 fp32 [256, V] temporaries, a full-vocabulary one 5 fp32 [tokens, V] tensors
-           "full-vocab logits": (tokens * V * 2 * (2 + ka_m + sar) + (4 * 4 * 256 * V if chunked_kl else 5 * 4 * tokens * V)) / GB,
-           # on-policy sampling under bf16 autocast runs a bf16 copy of the student (sampling.sampling_copy);
-           # (a sharded student samples through generate(), without a copy)
+           # from hidden states: the fp32 head-gradient buffer [V, H] (one more student-head gradient), about 3
+           # chunk temporaries, the M teacher passes' bf16 hidden states. Before (logits=True): bf16 student logits +
+           # their grad + M bf16 teacher logits (+ SAR's grad) and 4 fp32 [256, V] temporaries of the chunked KL
+           "losses": ((4 * V * s["H"] + 3 * chunk_mb * 2**20 + ka_m * tokens * t["H"] * 2) if not logits
+                      else tokens * V * 2 * (2 + ka_m + sar) + 4 * 4 * 256 * V) / GB,
+           # on-policy sampling under bf16 autocast runs a bf16 copy of the student (sampling.sampling_copy;
+           # a sharded student samples through generate(), without a copy)
            "bf16 sampling copy": 0.0 if shard_student else 2 * s["params"] / GB}
     gathered = (2 * t["params"] / t["L"] * 2 if shard_teacher else 0) + (4 * s["params"] / s["L"] * 2 if shard_student else 0)
     row["FSDP gathered layers"] = gathered / GB  # the layer in use and the prefetched next one
@@ -563,9 +678,10 @@ def print_plan() -> None:
         for opt in options:
             flags = " ".join(f"--{k.replace('_', '-')}" for k, v in opt.items() if v) or "(no option)"
             gkd, sar = plan(pair, **opt, sar=False), plan(pair, **opt, sar=True)
-            naive = plan(pair, **opt, sar=False, chunked_kl=False)
-            print(f"  {flags}: " + ", ".join(f"{k} {v:.1f}" for k, v in sar.items() if k != "total")
-                  + f" | total GKD {gkd['total']:.1f}, SAR {sar['total']:.1f}; GKD with an unchunked KL {naive['total']:.1f}")
+            before = [plan(pair, **opt, sar=s, logits=True) for s in (False, True)]
+            print(f"  {flags}: " + ", ".join(f"{k} {v:.2f}" for k, v in sar.items() if k != "total")
+                  + f" | total GKD {gkd['total']:.1f}, SAR {sar['total']:.1f}; with full-vocabulary logits (before): "
+                  f"losses {before[1]['losses']:.2f}, GKD {before[0]['total']:.1f}, SAR {before[1]['total']:.1f}")
 
 
 def main(argv=None) -> dict:
@@ -600,18 +716,22 @@ def main(argv=None) -> dict:
         print(json.dumps(run_one(size, name, int(experts[0]) if experts else None, args.steps, args.warmup, device,
                                  args.compile_sampler)))
         return {}
-    if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe)))
+    if args.loss_memory:
+        print(json.dumps(loss_memory(*args.loss_memory.split(",")[:2], args.kl_chunk, *args.loss_memory.split(",")[2:])))
+        return {}
+    if args.loss_time:
+        print(json.dumps(loss_times(args.loss_time, args.steps, args.kl_chunk)))
         return {}
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
               "--compile-sampler", args.compile_sampler]
-    rows = [worker(["--one", f"{size},{name}", *common]) for size in args.sizes.split(",") for name in args.methods.split(",")]
+    sizes = [s for s in args.sizes.split(",") if s]  # --sizes '': only the loss-path figures
+    rows = [worker(["--one", f"{size},{name}", *common]) for size in sizes for name in args.methods.split(",")]
     result: dict = {"shape": {"batch": BATCH, "prompt": PROMPT, "response": RESPONSE}, "device": str(device), "rows": rows}
     print(f"median step and part times (ms) over {args.steps} steps, batch {BATCH} x ({PROMPT} prompt + {RESPONSE} "
           f"response) tokens, {device}, torch threads {torch.get_num_threads()}")
     print(table(rows))
     derived = {}
-    for size in args.sizes.split(","):
+    for size in sizes:
         by = {r["method"]: r for r in rows if r["size"] == size}
         derived[size] = {"max_overhead": max(r["overhead"] for r in by.values())}
         on_policy = [r for r in by.values() if r["gen_ms"] > 0]
@@ -636,15 +756,29 @@ def main(argv=None) -> dict:
         print(f"{size}: max overhead {d['max_overhead']:.2f}{ka}{gen}")
     result["derived"] = derived
     if not args.no_kl_memory:
-        kl, ce = worker(["--memory-probe", "kl"]), worker(["--memory-probe", "ce"])
+        chunk = ["--kl-chunk", str(args.kl_chunk)]
+        kl, ce, ce_logits = (worker(["--loss-memory", f"{m},{p},kl", *chunk], EXACT_MALLOC) for m, p in
+                             (("gkd", "hidden"), ("sft", "hidden"), ("sft", "logits")))
         result["kl_memory"] = {"kl_extra_mb": kl["extra_mb"], "ce_extra_mb": ce["extra_mb"],
-                               "ratio": kl["extra_mb"] / ce["extra_mb"], "logits_mb": kl["logits_mb"]}
-        print(f"KL memory: reverse KL + backward {kl['extra_mb']:.0f} MB vs cross-entropy + backward "
-              f"{ce['extra_mb']:.0f} MB over [4, 512, 32000] fp32 logits ({kl['logits_mb']:.0f} MB): "
-              f"ratio {result['kl_memory']['ratio']:.2f}")
-    if not args.no_scaling:
+                               "ratio": kl["extra_mb"] / ce["extra_mb"], "ce_from_logits_mb": ce_logits["extra_mb"]}
+        print(f"KL memory: reverse KL + backward from hidden states [4 x 512, 256] through [32000, 256] heads "
+              f"{kl['extra_mb']:.0f} MB vs cross-entropy + backward from the same hidden states {ce['extra_mb']:.0f} MB: "
+              f"ratio {result['kl_memory']['ratio']:.2f} (cross-entropy on the full logits: {ce_logits['extra_mb']:.0f} MB)")
+    if not args.no_large_vocab:
+        lv = result["large_vocab_loss"] = large_vocab_loss(args.steps, args.kl_chunk)
+        s = lv["shape"]
+        print(f"\nloss path from hidden states vs full logits: V {s['V']}, H {s['H']}, {s['B']} x {s['T']} tokens "
+              f"({s['prompt']} prompt), KA M = {s['M']}, fp32, chunk temporaries {lv['chunk_mb']:g} MB; peak extra MB "
+              f"(RSS) and median ms over {args.steps}")
+        print("| method | logits MB | hidden MB | memory ratio | logits ms | hidden ms | time ratio |\n|---|---|---|---|---|---|---|")
+        for r in lv["rows"]:
+            print(f"| {r['method']} | {r['logits_mb']:.0f} | {r['hidden_mb']:.0f} | {r['memory_ratio']:.3f} | "
+                  f"{r['logits_ms']:.0f} | {r['hidden_ms']:.0f} | {r['time_ratio']:.2f} |")
+        print(f"worst: memory ratio {lv['memory_ratio']:.3f} (target <= 0.2), time ratio {lv['time_ratio']:.2f} "
+              f"(targets <= 1.2 distillation, <= 1.35 sft)")
+    if not args.no_scaling and sizes:
         scaling = []
-        size = args.sizes.split(",")[0]
+        size = sizes[0]
         for n in (4, 8, 16):
             for name in ("all", "ka-m2", "sar"):
                 scaling.append(worker(["--one", f"{size},{name},{n}", *common]))
@@ -654,7 +788,7 @@ def main(argv=None) -> dict:
         for name in ("all", "ka-m2", "sar"):
             cells = [f"{r['step_ms']:.1f} ({r['teacher_ms'] + r['router_ms']:.1f})" for r in scaling if r["method"] == name]
             print(f"| {name} | " + " | ".join(cells) + " |")
-        for s in args.sizes.split(","):
+        for s in sizes:
             print(f"scaling ({s}): step ms (teacher ms) by KA passes M: " + ", ".join(
                 f"M={r['method'][-1]}: {r['step_ms']:.1f} ({r['teacher_ms']:.1f})"
                 for r in rows if r["size"] == s and r["method"].startswith("ka")))

@@ -18,8 +18,9 @@ routing control -> losses -> method steps -> training loop -> main. Routing, los
 one block whose functions copy out on their own (moe_routing, reverse_kl and forward_kl need nothing but
 torch). The engine lives beside it: llama_moe.py (the Llama-MoE model port), checkpoints.py (model files,
 run folders, checkpoints), parallel.py (torchrun: DDP/FSDP2, no-ops in one process), sampling.py
-(generation), tiny_moe/synthetic.py (the synthetic data). Shape legend: B batch, T time, H hidden,
-V vocab, E experts, K selected experts, N flattened tokens, M teacher passes.
+(generation), hidden_losses.py (the training losses from hidden states, chunked), tiny_moe/synthetic.py (the
+synthetic data). Shape legend: B batch, T time, H hidden, V vocab, E experts, K selected experts, N flattened
+tokens, M teacher passes.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from checkpoints import (ROUTERS_FILE, MoekdError, RunStopped, check_resume_conf
                          load_tokenizer, prepare_out_dir, run_cli, save_checkpoint, save_run_model, saved_config,
                          truncate_log, write_atomically, write_json)
 from data import DOLLY_HUB, load_splits
+from hidden_losses import Head, head_logits, head_losses
 from llama_moe import cv_squared
 from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, enable_checkpointing,
                       full_state_dict, gradient_sync, init_distributed, is_sharded, load_optimizer_state,
@@ -180,7 +182,8 @@ class Config:
     compile_sampler: str = field(default="auto", metadata={
         "help": "torch.compile moekd's decode step (fixed shapes; CUDA graphs on GPU): auto = on with CUDA, off on "
                 "CPU, where compiling needs a C++ compiler and ~10-30 s per batch shape", "choices": ("auto", "on", "off")})
-    kl_chunk: int = field(default=256, metadata={"help": "tokens per chunk of the exact full-vocabulary KL"})
+    kl_chunk: int = field(default=32, metadata={
+        "help": "MB of each fp32 [tokens, V] temporary of the chunked losses (tokens per chunk = this / 4 V bytes)"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are dropped"})
     max_len: int = field(default=512, metadata={"help": "prompt + response truncated to this many tokens"})
     log_every: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
@@ -244,7 +247,6 @@ METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "teacher_routers": DISTILL,
     "teacher_device": DISTILL,
     "shard_teacher": DISTILL,
-    "kl_chunk": DISTILL,
     "gen_batch_size": ON_POLICY,
     "sampler": ON_POLICY,
     "compile_sampler": ON_POLICY,
@@ -414,9 +416,10 @@ def evaluate_dev(model: nn.Module, tokenizer, dev: list[dict], cfg: Config, *, d
     for start in range(0, len(dev), cfg.eval_batch_size):
         batch = {k: v.to(device) for k, v in collate(dev[start:start + cfg.eval_batch_size],
                                                        tokenizer.pad_token_id).items()}
-        with autocast(device, amp_dtype):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += cross_entropy_sum(logits, batch["labels"]).item()
+        with autocast(device, amp_dtype), final_hidden(model) as h:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            _, (ce, _) = step_losses(model, None, h[0], None, batch, cfg, MethodState())
+        total += ce.item()
         count += int(loss_mask(batch["labels"]).sum())
     subset = dev[:cfg.dev_num] if cfg.dev_num else dev
     with autocast(device, amp_dtype):
@@ -732,12 +735,7 @@ def router_balance_loss(records: list[tuple[nn.Module, Any]], beta: float) -> to
 
 
 # ----------------------------------------------------------------------------
-# Losses (pure: logits in, scalar out; fp32 inside)
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of x where mask; `where`, not a product, so inf/nan at masked positions cannot leak."""
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
-
+# Losses (pure: logits in, scalar out; fp32 inside). From hidden states and output heads: hidden_losses.py
 
 def loss_mask(labels: torch.Tensor) -> torch.Tensor:
     """[B, T] bool: position t is a loss position when its next token labels[t+1] is a response token.
@@ -745,19 +743,6 @@ def loss_mask(labels: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = labels[:, 1:] != -100
     return mask
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token CE per position: logits [B, T, V], labels [B, T] (-100 = ignore) -> [B, T].
-    Position t predicts labels[t+1]; non-loss positions (and the last) give 0."""
-    targets = torch.full_like(labels, -100)
-    targets[:, :-1] = labels[:, 1:]
-    return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token CE summed over the loss positions (response tokens): the numerator of SFT's loss."""
-    return masked_sum(token_cross_entropy(logits, labels), loss_mask(labels))
 
 
 class _RowKL(torch.autograd.Function):
@@ -801,12 +786,6 @@ def _kl_rows(a: torch.Tensor, b: torch.Tensor, b_is_log_probs: bool = False, *, 
     return (kl, pa, diff) if keep else kl
 
 
-def kl_reference(target_logits: torch.Tensor, input_logits: torch.Tensor) -> torch.Tensor:
-    """The formula kl_per_token computes, on whole tensors: KL(target || input) per position, fp32."""
-    log_t, log_i = target_logits.float().log_softmax(-1), input_logits.float().log_softmax(-1)
-    return torch.where(log_t.exp() > 0, log_t.exp() * (log_t - log_i), 0.0).sum(-1)  # 0 log 0 = 0
-
-
 def kl_per_token(target_logits: torch.Tensor, input_logits: torch.Tensor, mask: torch.Tensor, *,
                  chunk: int = 256, input_is_log_probs: bool = False) -> torch.Tensor:
     """KL(softmax(target) || softmax(input)) per position, exact over the vocabulary, `chunk` positions at a
@@ -818,16 +797,6 @@ def kl_per_token(target_logits: torch.Tensor, input_logits: torch.Tensor, mask: 
     inputs = input_logits.reshape(-1 if input_logits.dim() > target_logits.dim() else 1, mask.numel(), V)
     rows = mask.reshape(-1).nonzero().squeeze(1)
     return _RowKL.apply(target_logits.reshape(-1, V), inputs, rows, chunk, input_is_log_probs).view(mask.shape)
-
-
-@torch.no_grad()
-def mean_log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the M passes of the log-softmax, [M, B, T, V] -> [B, T, V] fp32: computed once, so
-    Sum_v q (log q - mean_m log p_m), the mean of KA's M reverse KLs, costs one KL whatever M is."""
-    out = logits[0].float().log_softmax(-1)
-    for m in range(1, logits.shape[0]):
-        out += logits[m].float().log_softmax(-1)
-    return out.div_(logits.shape[0])
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -855,12 +824,80 @@ def balance_loss(model: nn.Module, outputs) -> torch.Tensor | None:
     return None if aux is None else model.config.router_aux_loss_coef * aux
 
 
+@contextlib.contextmanager
+def final_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Inside the block a forward computes no logits: the output head gets an empty slice of the final hidden
+    states (logits [B, 0, V]) and the yielded list the hidden states [B, T, H] themselves, which also go into the
+    output's hidden_states, before FSDP2's hooks: the backward enters the model there (FSDP2 gathers the root)."""
+    kept, inner = [], unwrap(model)
+    def keep(module, args):
+        kept.append(args[0])
+        return (args[0][..., :0, :],)
+    def expose(module, args, output):
+        if isinstance(output, dict):
+            output["hidden_states"] = (kept[-1],)
+    handles = [inner.get_output_embeddings().register_forward_pre_hook(keep),
+               inner.register_forward_hook(expose, prepend=True)]
+    try:
+        yield kept
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def output_head(model: nn.Module, device: torch.device | None = None) -> Head:
+    """A causal LM's output head on `device` (FSDP2-sharded: gathered, once per call) with the logit scaling / soft
+    cap of the families that have one (Cohere, Granite, Gemma); check_head verifies it gives the model's logits."""
+    inner = unwrap(model)
+    linear, c = inner.get_output_embeddings(), inner.config
+    full = lambda t: None if t is None else (t.full_tensor() if hasattr(t, "full_tensor") else t).to(device)  # noqa: E731
+    scale = (getattr(c, "logit_scale", None) or 1.0) / (getattr(c, "logits_scaling", None) or 1.0)
+    return Head(full(linear.weight), full(linear.bias), scale, getattr(c, "final_logit_softcapping", None))
+
+
+@torch.no_grad()
+def check_head(model: nn.Module, what: str) -> None:
+    """The losses apply output_head to the final hidden states themselves: check, on random hidden states
+    whose logits are large enough for a scaling or soft cap to show, that this is what the model computes."""
+    kept = []
+    def probe(module, args):
+        h = torch.randn_like(args[0])
+        kept.append(h * (20 / F.linear(h, module.weight).float().std()).to(h.dtype))
+        return (kept[0],)
+    handle = model.get_output_embeddings().register_forward_pre_hook(probe)
+    try:
+        logits = model(input_ids=torch.tensor([[1, 2, 3]], device=next(model.parameters()).device)).logits.float()
+    finally:
+        handle.remove()
+        if hasattr(model, "reshard"):  # FSDP2 keeps a root gathered after its forward: the optimizer wants shards
+            model.reshard()
+    if not torch.allclose(head_logits(kept[0], output_head(model), logits.shape[-1])[0], logits, rtol=0.02, atol=0.1):
+        raise MoekdError(f"{what}: {type(model).__name__} turns its last hidden state into logits in a way moekd does "
+                         f"not know (it applies logit_scale, logits_scaling, final_logit_softcapping), so its losses "
+                         f"cannot be computed from hidden states")
+
+
 def forward_with_balance(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits [B, T, V] and the model's own balance loss (None for dense models)."""
-    inner = unwrap(model)  # the forward goes through a DDP wrapper, the attribute checks do not
+    """Final hidden states [B, T, H] (no logits) and the model's own balance loss (None for dense models).
+    The forward goes through a DDP wrapper (gradient sync), the head and attribute checks do not."""
+    inner = unwrap(model)
     kwargs = {"output_router_logits": True} if is_moe(inner) and not hasattr(inner, "moe_config") else {}
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-    return outputs.logits, balance_loss(inner, outputs)
+    with final_hidden(inner) as kept:
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    return kept[0], balance_loss(inner, outputs)
+
+
+def step_losses(model, teacher, h: torch.Tensor, t: torch.Tensor | None, batch: dict, cfg: Config,
+                state: MethodState, **weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """head_losses at the batch's loss positions, on the student's device: hidden states h [B, T, H], the teacher's
+    t [M*B, T, H] or None, over state.vocab (the tokenizer's: no padding rows; default the smaller head)."""
+    mask = loss_mask(batch["labels"]).view(-1)
+    head_s, head_t = output_head(model), None if teacher is None else output_head(teacher, h.device)
+    if t is not None:
+        t = t.to(h.device).view(-1, mask.numel(), t.shape[-1])[:, mask]
+    vocab = state.vocab or min(x.weight.shape[0] for x in (head_s, head_t) if x is not None)
+    labels = batch["labels"].roll(-1, 1).reshape(-1)[mask]  # position t predicts token t + 1
+    return head_losses(h.flatten(0, 1)[mask], head_s, labels, t, head_t, vocab=vocab, chunk_mb=cfg.kl_chunk, **weights)
 
 
 def add_balance(parts: dict, balance: torch.Tensor | None, n_micro: int) -> dict:
@@ -879,14 +916,17 @@ class MethodState:
     generator: torch.Generator | None = None
     router_optimizer: torch.optim.Optimizer | None = None
     sharded_teacher: bool = False
+    vocab: int | None = None  # the tokenizer's size: the KL's vocabulary when heads have padding rows
 
     def optimizers(self, student_optimizer) -> list:
         return [student_optimizer] + ([self.router_optimizer] if self.router_optimizer else [])
 
 
-def method_state(cfg: Config, teacher, amp_dtype: torch.dtype) -> MethodState:
-    """SAR's router AdamW (constant LR, the student's weight decay and clip); KA's generator."""
-    m, state = METHODS[cfg.method], MethodState(amp_dtype, sharded_teacher=cfg.shard_teacher)
+def method_state(cfg: Config, teacher, amp_dtype: torch.dtype, vocab: int | None = None) -> MethodState:
+    """SAR's router AdamW (constant LR, the student's weight decay and clip); KA's generator; the distillation
+    vocabulary (`vocab`, the tokenizer's size)."""
+    m = METHODS[cfg.method]
+    state = MethodState(amp_dtype, sharded_teacher=cfg.shard_teacher, vocab=vocab if m.teacher else None)
     if m.routers:
         state.router_optimizer = torch.optim.AdamW(param_groups(teacher, cfg.weight_decay), lr=cfg.router_lr)
     if m.teacher == "sample":
@@ -912,38 +952,37 @@ def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator 
 
 
 @torch.no_grad()
-def teacher_logits(teacher: nn.Module, batch: dict, *, repeat: int = 1,
+def teacher_hidden(teacher: nn.Module, batch: dict, *, repeat: int = 1,
                    amp_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Teacher logits on the teacher's device, [repeat*B, T, V], under autocast on that device.
-    Repeating the rows runs KA's M passes as one batched forward; every row gets its own expert draws
-    in every layer."""
+    """The teacher's final hidden states on its device, [repeat*B, T, H], under autocast on that device (no
+    logits). Repeating the rows runs KA's M passes as one batched forward; every row gets its own expert
+    draws in every layer."""
     device = next(teacher.parameters()).device
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    with autocast(device, amp_dtype):
-        return teacher(input_ids=ids.repeat(repeat, 1), attention_mask=attn.repeat(repeat, 1)).logits
+    with autocast(device, amp_dtype), final_hidden(teacher) as kept:
+        teacher(input_ids=ids.repeat(repeat, 1), attention_mask=attn.repeat(repeat, 1))
+    return kept[0]
 
 
 def sft_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -> dict[str, torch.Tensor]:
     """SFT: CE on gold response tokens (+ the model's balance loss, gate noise on in train mode)."""
-    logits, balance = forward_with_balance(model, batch)
-    ce = cross_entropy_sum(logits, batch["labels"]) / norm
-    return add_balance({"loss": ce, "ce": ce}, balance, n_micro)
+    h, balance = forward_with_balance(model, batch)
+    loss, sums = step_losses(model, None, h, None, batch, cfg, state, ce_weight=1 / norm)
+    return add_balance({"loss": loss, "ce": sums[0] / norm}, balance, n_micro)
 
 
 def kd_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -> dict[str, torch.Tensor]:
     """KD (Sanh 2019) on gold data: (1 - r) CE + r KL(p_teacher || q_student), r = --kd-ratio (0.5).
     ka-gold (the official temp_nr scripts): the KL term is the mean of KL(p_m || q_student) over KA's M
-    sampled teachers. The official code writes the soft term as -Sum p log q; it differs from KL by
-    H(p), a constant."""
+    sampled teachers, in one pass over the M teachers' hidden states. The official code writes the soft term
+    as -Sum p log q; it differs from KL by H(p), a constant."""
     M = cfg.ka_m if METHODS[cfg.method].passes else 1
     with teacher_routing(teacher, cfg, state.generator):
-        t = teacher_logits(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)
-    logits, balance = forward_with_balance(model, batch)
-    mask = loss_mask(batch["labels"])
-    ce = cross_entropy_sum(logits, batch["labels"]) / norm
-    fkl = sum(kl_per_token(t_m.to(logits.device), logits, mask, chunk=cfg.kl_chunk).sum()
-              for t_m in t.view(M, *logits.shape)) / (M * norm)
-    return add_balance({"loss": (1 - cfg.kd_ratio) * ce + cfg.kd_ratio * fkl, "ce": ce, "fkl": fkl}, balance, n_micro)
+        t = teacher_hidden(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)
+    h, balance = forward_with_balance(model, batch)
+    loss, sums = step_losses(model, teacher, h, t, batch, cfg, state, ce_weight=(1 - cfg.kd_ratio) / norm,
+                             kl_weight=cfg.kd_ratio / norm, reverse=False)
+    return add_balance({"loss": loss, "ce": sums[0] / norm, "fkl": sums[1] / norm}, balance, n_micro)
 
 
 def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -> dict[str, torch.Tensor]:
@@ -952,15 +991,10 @@ def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodSt
     code), computed as one KL against the mean of their log-probabilities (the same number)."""
     M = cfg.ka_m if METHODS[cfg.method].passes and cfg.ka_updates == "mean" else 1
     with teacher_routing(teacher, cfg, state.generator):
-        t = teacher_logits(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)  # [M*B, T, V]
-    logits, balance = forward_with_balance(model, batch)
-    mask = loss_mask(batch["labels"])
-    if M == 1:
-        rkl = kl_per_token(logits, t.to(logits.device), mask, chunk=cfg.kl_chunk).sum() / norm
-    else:  # one KL against the mean log-probabilities of the M passes: the mean of the M KLs
-        log_p = mean_log_probs(t.view(M, *logits.shape)).to(logits.device)
-        rkl = kl_per_token(logits, log_p, mask, chunk=cfg.kl_chunk, input_is_log_probs=True).sum() / norm
-    return add_balance({"loss": rkl, "rkl": rkl}, balance, n_micro)
+        t = teacher_hidden(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)  # [M*B, T, H]
+    h, balance = forward_with_balance(model, batch)
+    loss, _ = step_losses(model, teacher, h, t, batch, cfg, state, kl_weight=1 / norm)
+    return add_balance({"loss": loss, "rkl": loss}, balance, n_micro)
 
 
 def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg: Config,
@@ -978,16 +1012,16 @@ def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg
     first, n_micro = dist.rank * len(micro), len(micro) * dist.world
     for m, (mb, norm) in enumerate(zip(micro, norms)):
         mb = {k: v.to(device) for k, v in mb.items()}
-        with torch.no_grad(), autocast(device, state.amp_dtype):
-            q = student(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        with torch.no_grad(), autocast(device, state.amp_dtype), final_hidden(student) as q:
+            student(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
         torch.manual_seed(stream_seed(cfg.seed, step, first + m, "router"))  # the gates' noise
         with moe_routing(teacher, "all"):  # also around the backward: --grad-checkpointing re-runs the forward
-            with autocast(t_device, state.amp_dtype), record_routing(teacher) as routed:
-                p = teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device)).logits
+            with autocast(t_device, state.amp_dtype), record_routing(teacher) as routed, final_hidden(teacher) as p:
+                teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device))
                 lb = router_balance_loss(routed, cfg.sar_beta) / n_micro
-            p, mask = p.to(device), loss_mask(mb["labels"])
-            pair = (p, q) if cfg.sar_kl == "teacher-student" else (q, p)  # KL(first || second)
-            kl = kl_per_token(*pair, mask, chunk=cfg.kl_chunk).sum() / norm
+            with autocast(device, state.amp_dtype):  # into the routers through the teacher's hidden states
+                kl, _ = step_losses(student, teacher, q[0], p[0], mb, cfg, state, kl_weight=1 / norm,
+                                    reverse=cfg.sar_kl == "student-teacher")  # teacher-student: KL(p || q)
             ((kl + lb) * dist.world).backward()
         logs["router_kl"] += kl.item()
         logs["router_lb"] += lb.item()
@@ -1162,7 +1196,7 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     student, routers_learn = unwrap(model), METHODS[cfg.method].routers
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    ms, run = method_state(cfg, teacher, amp_dtype), Progress()
+    ms, run = method_state(cfg, teacher, amp_dtype, vocab=len(tokenizer)), Progress()
     if state is not None:
         load_optimizer_state(student, optimizer, state["optimizer"])
         if ms.router_optimizer:
@@ -1294,12 +1328,14 @@ def _prepared_teacher(cfg, student, tokenizer, amp_dtype, device, routers) -> nn
 
 
 def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_tok, cfg: Config) -> None:
-    """The logits must index the same vocabulary; KA/SAR/ALL need an MoE teacher whose routing we
-    control; expert counts must fit the flags."""
-    vt, vs = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
-    if vt != vs or teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise MoekdError(f"--teacher and --model have different vocabularies ({vt} vs {vs} logits"
-                         f"{'' if vt != vs else ', different tokenizers'}); distillation needs one vocabulary")
+    """One tokenizer (the heads may differ by padding rows past it: the KL covers len(tokenizer) tokens), heads
+    moekd can compute logits of; KA/SAR/ALL need an MoE teacher whose routing we control; expert counts must fit
+    the flags."""
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise MoekdError(f"--teacher tokenizer {teacher_tok.name_or_path} ({len(teacher_tok)} tokens) differs from "
+                         f"--model tokenizer {student_tok.name_or_path} ({len(student_tok)}); distillation needs one")
+    check_vocab(teacher, teacher_tok, "--teacher")
+    check_head(teacher, "--teacher")
     steered = METHODS[cfg.method].teacher in ("sample", "all")
     needs_moe = steered or cfg.teacher_k is not None or cfg.teacher_top_p is not None
     if needs_moe and not is_moe(teacher):
@@ -1350,6 +1386,7 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
     else:
         model = load_model(source, device=device, dtype=torch.float32)
     check_vocab(model, tokenizer)
+    check_head(model, "--model")
     routers = [p for p in (cfg.teacher_routers, ckpt if METHODS[cfg.method].routers else None) if p]
     teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist, mesh=mesh)
     if cfg.grad_checkpointing:

@@ -387,7 +387,7 @@ def test_hf_moe_teacher_loads_and_sft_adds_router_aux_loss(tmp_path, tokenizer):
     assert moekd.is_moe(model) and len(moekd.moe_routers(model)) == 2
     item = moekd.tokenize_example(tokenizer, "Q: hi\n", "yes", max_prompt_len=50, max_len=60)
     batch = moekd.collate([item, item], tokenizer.pad_token_id)
-    parts = moekd.sft_step(model, None, batch, None, norm=1.0, n_micro=2)
+    parts = moekd.sft_step(model, None, batch, moekd.Config(), norm=1.0, n_micro=2)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
     assert_close(parts["lb"], c.router_aux_loss_coef * out.aux_loss / 2)
 
@@ -555,25 +555,6 @@ def test_tokenizer_script_reproduces_committed_tokenizer():
 # ----------------------------------------------------------------------------
 # Losses, schedule, accumulation
 
-@given(st.integers(1, 3), st.integers(2, 6), st.integers(0, 10_000))
-@settings(max_examples=25, deadline=None)
-def test_masked_sum_ignores_garbage_at_masked_positions(b, t, seed):
-    g = torch.Generator().manual_seed(seed)
-    x, mask = torch.randn(b, t, generator=g), torch.rand(b, t, generator=g) > 0.5
-    garbage = torch.where(mask, x, torch.full_like(x, float("nan")))
-    assert_close(moekd.masked_sum(garbage, mask), (x * mask).sum())
-
-
-def test_token_cross_entropy_matches_naive():
-    logits, labels = torch.randn(2, 5, 11), torch.tensor([[-100, -100, 3, 4, 5], [-100, 7, 8, -100, -100]])
-    ce = moekd.token_cross_entropy(logits, labels)
-    for b in range(2):
-        for t in range(4):
-            target = int(labels[b, t + 1])
-            expected = 0.0 if target == -100 else float(-logits[b, t].log_softmax(-1)[target])
-            assert abs(float(ce[b, t]) - expected) < 1e-5
-
-
 def test_lr_schedule():
     kw = dict(lr=1e-3, total=100, lr_min=1e-7)
     assert moekd.lr_at(0, schedule="constant", **kw) == moekd.lr_at(99, schedule="constant", **kw) == 1e-3
@@ -589,7 +570,7 @@ def grads_of(model, tokenizer, rows, *, micro, mode):
              for r in rows]
     batches = [moekd.collate(items[i:i + micro], tokenizer.pad_token_id) for i in range(0, len(items), micro)]
     for mb, norm in zip(batches, moekd.loss_norms(batches, mode)):
-        moekd.sft_step(model, None, mb, None, norm=norm, n_micro=len(batches))["loss"].backward()
+        moekd.sft_step(model, None, mb, moekd.Config(), norm=norm, n_micro=len(batches))["loss"].backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -614,7 +595,7 @@ def test_sft_overfits_one_batch(teacher, tokenizer):
     teacher.train()  # gate noise on, balance loss added
     losses = []
     for _ in range(60):
-        parts = moekd.sft_step(teacher, None, batch, None, norm=norm, n_micro=1)
+        parts = moekd.sft_step(teacher, None, batch, moekd.Config(), norm=norm, n_micro=1)
         assert "lb" in parts and parts["lb"] > 0
         parts["loss"].backward()
         opt.step()
@@ -856,9 +837,14 @@ def test_outputs_keep_the_umask(tmp_path):
 
 
 def test_vocabulary_mismatch(tmp_path):
+    """Heads that differ by padding rows past one tokenizer distill (as Qwen2.5's 152064 vs 151936 rows);
+    another tokenizer is a one-line error naming both."""
     d = write_model_dir(tmp_path / "t", {**TINY_CFG, "vocab_size": 2041})
-    with pytest.raises(moekd.MoekdError, match="different vocabularies \\(2041 vs 2039"):
-        moekd.main(tiny_args(tmp_path / "run", "--method", "kd", "--teacher", str(d), "--model", str(STUDENT)))
+    assert moekd.main(tiny_args(tmp_path / "run", "--method", "kd", "--teacher", str(d), "--model", str(STUDENT),
+                                "--max-steps", "1", "--no-dev-eval"))["finished"]
+    d = write_model_dir(tmp_path / "sp", {**TINY_CFG, "vocab_size": 2041}, tokenizer_dir=SP)
+    with pytest.raises(moekd.MoekdError, match=r"--teacher tokenizer .*sp \(\d+ tokens\) differs from --model tokenizer .*student"):
+        moekd.main(tiny_args(tmp_path / "run2", "--method", "kd", "--teacher", str(d), "--model", str(STUDENT)))
 
 
 def test_missing_llama_moe_field_via_main(tmp_path):
@@ -959,6 +945,123 @@ def test_kl_gradients_match_autograd_of_the_formula():
 def test_kl_chunking_does_not_change_values():
     a, b, mask = torch.randn(3, 5, 11), torch.randn(3, 5, 11), torch.rand(3, 5) > 0.2
     assert_close(moekd.kl_per_token(a, b, mask, chunk=1), moekd.kl_per_token(a, b, mask, chunk=4096))
+
+
+# ----------------------------------------------------------------------------
+# Losses from hidden states: equal to the logits formulas above, values and gradients
+
+def head_logits_naive(h, head, vocab):
+    """The naive head: scale, soft cap, the first `vocab` rows."""
+    z = F.linear(h, head.weight, head.bias)[..., :vocab] * head.scale
+    return z if head.cap is None else head.cap * torch.tanh(z / head.cap)
+
+
+hidden_cases = st.tuples(st.integers(1, 2), st.integers(2, 5), st.integers(2, 6), st.integers(3, 9), st.integers(1, 4),
+                         st.booleans(), st.sampled_from([None, 2.5, "-inf"]), st.integers(0, 10_000))
+
+
+@given(hidden_cases)
+@settings(max_examples=30, deadline=None)
+def test_losses_from_hidden_states_equal_the_logits_formulas(case):
+    """head_losses (chunked, gradients in the forward) = reverse_kl / forward_kl / CE on the full logits, to 1e-5 in
+    fp32: values and gradients for student hidden states, head weight and bias, teacher hidden states (what carries
+    SAR's gradient to the routers) and head; masked rows (NaN there), M = 1..4 passes, heads with padding rows past
+    the vocabulary, soft-capped and scaled logits, -inf logits (a -inf bias on one token of both heads)."""
+    B, T, H, V, M, reverse, cap, seed = case
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    leaf = lambda *shape: (torch.randn(*shape, generator=g) * 2).requires_grad_()  # noqa: E731
+    hs, ht, ws, wt, bs, bt = leaf(B, T, H), leaf(M, B, T, H + 1), leaf(V + 2, H), leaf(V + 1, H + 1), leaf(V + 2), leaf(V + 1)
+    if cap == "-inf":
+        with torch.no_grad():
+            bs[V - 1] = bt[V - 1] = float("-inf")
+    head_s = moekd.Head(ws, bs, 0.7, None if cap == "-inf" else cap)
+    head_t = moekd.Head(wt, bt, 1.3, None if cap == "-inf" else cap)
+    labels = torch.randint(0, V - 1, (B, T), generator=g)
+    n = mask.sum()
+    rows = lambda x: torch.where(mask.unsqueeze(-1), x, float("nan"))[..., mask, :]  # noqa: E731
+    loss, sums = moekd.head_losses(rows(hs), head_s, labels[mask], rows(ht), head_t, ce_weight=0.3, kl_weight=0.6,
+                                   reverse=reverse, vocab=V, chunk_mb=3 * 4 * V * M / 2**20)  # 3-row chunks
+    params = (hs, ws, bs, ht, wt, bt)
+    grads = torch.autograd.grad(loss * 1.7, params)
+    s, t = head_logits_naive(hs, head_s, V), head_logits_naive(ht, head_t, V)
+    kl = moekd.reverse_kl if reverse else moekd.forward_kl
+    ref_kl = sum(kl(s, t[m], mask) for m in range(M)) / M * n
+    ref_ce = F.cross_entropy(s[mask], labels[mask], reduction="sum")
+    assert_close(sums, torch.stack([ref_ce, ref_kl]).detach())
+    ref = torch.autograd.grad((0.3 * ref_ce + 0.6 * ref_kl) * 1.7, params)
+    for name, a, b in zip(("hs", "ws", "bs", "ht", "wt", "bt"), grads, ref):
+        assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    assert not grads[1][V:].any() and not grads[4][V:].any()  # padding rows get nothing
+
+
+@pytest.mark.parametrize("direction", ["teacher-student", "student-teacher"])
+def test_sar_router_gradients_through_hidden_states(direction, teacher, student, tokenizer):
+    """SAR's router loss from hidden states reaches the routers with the gradient of the logits formula."""
+    cfg = moekd.Config(method="sar", sar_kl=direction)
+    items = [moekd.tokenize_example(tokenizer, r["prompt"], r["responses"][0], max_prompt_len=96, max_len=128)
+             for r in (data.to_example(x, where="t") for x in synthetic.synthetic_rows(3, seed=2))]
+    batch = moekd.collate(items, tokenizer.pad_token_id)
+    routers = moekd.router_parameters(teacher)
+    for p in routers:
+        p.requires_grad_(True)
+    ids = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        q = student(**ids).logits
+    with moekd.moe_routing(teacher, "all"):
+        with moekd.final_hidden(teacher) as h, moekd.final_hidden(student) as hq:
+            teacher(**ids)
+            student(**ids)
+        loss, _ = moekd.step_losses(student, teacher, hq[0].detach(), h[0], batch, cfg, moekd.MethodState(),
+                                    kl_weight=1.0, reverse=direction == "student-teacher")
+        ours = torch.autograd.grad(loss, routers, allow_unused=True, materialize_grads=True)
+        p = teacher(**ids).logits
+    mask = moekd.loss_mask(batch["labels"])
+    ref = moekd.forward_kl(q, p, mask) if direction == "teacher-student" else moekd.reverse_kl(q, p, mask)
+    expected = torch.autograd.grad(ref * mask.sum(), routers, allow_unused=True, materialize_grads=True)
+    assert_close(loss, ref * mask.sum())
+    assert any(a.abs().sum() > 0 for a in ours)
+    for a, b in zip(ours, expected):
+        assert_close(a, b)
+
+
+def tiny_family(family: str, **extra):
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
+    common = dict(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    config = {"gemma2": lambda: Gemma2Config(final_logit_softcapping=3.0, **common),  # tied, soft-capped
+              "cohere": lambda: CohereConfig(logit_scale=0.5, **common),               # tied, scaled
+              "granite": lambda: GraniteConfig(logits_scaling=4.0, **common),          # scaled (divided)
+              "llama-tied": lambda: LlamaConfig(tie_word_embeddings=True, **common)}[family]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "llama-tied"])
+def test_families_with_logit_scaling_softcapping_and_tied_embeddings(family):
+    """sft's CE from hidden states equals CE on the family's own logits (scaled, soft-capped), gradients included
+    (a tied embedding gets both its input and its head gradient); check_head accepts the family."""
+    model = tiny_family(family)
+    moekd.check_head(model, "--model")
+    batch = {"input_ids": torch.randint(3, 97, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][:, :2] = -100
+    parts = moekd.sft_step(model, None, batch, moekd.Config(), norm=3.0, n_micro=1)
+    ours = torch.autograd.grad(parts["loss"], list(model.parameters()))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = moekd.loss_mask(batch["labels"])
+    ref = F.cross_entropy(logits[mask], batch["labels"].roll(-1, 1)[mask], reduction="sum") / 3.0
+    assert_close(parts["loss"], ref)
+    for a, b in zip(ours, torch.autograd.grad(ref, list(model.parameters()))):
+        assert_close(a, b)
+
+
+def test_unknown_logit_transform_is_an_error_naming_the_family():
+    model = tiny_family("llama-tied")
+    head = model.get_output_embeddings()
+    head.forward = lambda x: F.linear(x, head.weight) * 2  # a family that doubles its logits
+    with pytest.raises(moekd.MoekdError, match="--teacher: LlamaForCausalLM turns its last hidden state into logits"):
+        moekd.check_head(model, "--teacher")
 
 
 # ----------------------------------------------------------------------------
@@ -1155,13 +1258,14 @@ def test_batched_ka_passes_equal_looped_passes_at_lambda_zero(teacher, student, 
              for r in (data.to_example(x, where="t") for x in synthetic.synthetic_rows(4, seed=2))]
     batch = moekd.collate(items, tokenizer.pad_token_id)
     with moekd.teacher_routing(teacher, cfg, torch.Generator().manual_seed(0)):
-        batched = moekd.teacher_logits(teacher, batch, repeat=3)
-        looped = torch.cat([moekd.teacher_logits(teacher, batch) for _ in range(3)])
+        batched = moekd.teacher_hidden(teacher, batch, repeat=3)
+        looped = torch.cat([moekd.teacher_hidden(teacher, batch) for _ in range(3)])
+        looped_logits = teacher.lm_head(looped)
     assert_close(batched, looped, atol=1e-6, rtol=1e-5)
     parts = moekd.reverse_kl_step(student, teacher, batch, cfg, norm=10.0, n_micro=1)
     mask = moekd.loss_mask(batch["labels"])
     expected = sum(moekd.kl_per_token(student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
-                                      looped[m * 4:(m + 1) * 4], mask).sum() for m in range(3)) / 30.0
+                                      looped_logits[m * 4:(m + 1) * 4], mask).sum() for m in range(3)) / 30.0
     assert_close(parts["rkl"], expected, atol=1e-6, rtol=1e-5)
 
 
@@ -1279,15 +1383,24 @@ def one_step(cfg, model, teacher, tok, rows, lr=1e-3, seed=0, sgd=False):
 
 
 class FixedLogits(torch.nn.Module):
-    """A 'model' whose logits are a fixed table [1, T, V] (a parameter, so gradients can be read)."""
+    """A 'model' whose final hidden states are a fixed table [1, T, V] (a parameter, so gradients can be read)
+    and whose output head is the identity: its logits are the table."""
 
     def __init__(self, table):
         super().__init__()
+        from types import SimpleNamespace
         self.table = torch.nn.Parameter(torch.as_tensor(table, dtype=torch.float32))
+        self.head = torch.nn.Linear(self.table.shape[-1], self.table.shape[-1], bias=False)
+        self.head.weight.data = torch.eye(self.table.shape[-1])
+        self.head.requires_grad_(False)
+        self.config = SimpleNamespace()
+
+    def get_output_embeddings(self):
+        return self.head
 
     def forward(self, input_ids, attention_mask, **kw):
         from types import SimpleNamespace
-        return SimpleNamespace(logits=self.table.expand(input_ids.shape[0], -1, -1))
+        return SimpleNamespace(logits=self.head(self.table.expand(input_ids.shape[0], -1, -1)))
 
 
 def test_kd_step_is_forward_kl_with_the_teacher_as_target():
@@ -1298,10 +1411,10 @@ def test_kd_step_is_forward_kl_with_the_teacher_as_target():
     student = FixedLogits(torch.tensor([[0.2, 0.5, 0.3], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]).log().unsqueeze(0))
     batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
              "labels": torch.tensor([[-100, 1, -100]])}  # position 0 predicts the one response token
-    cfg = moekd.Config(method="kd", kd_ratio=0.5)
+    cfg = moekd.Config(method="kd", kd_ratio=1.0)  # the loss is the KL alone
     parts = moekd.kd_step(student, teacher, batch, cfg, norm=2.0, n_micro=1)
-    assert abs(parts["fkl"].item() - 0.58381 / 2) < 1e-4
-    parts["fkl"].backward()
+    assert abs(parts["fkl"].item() - 0.58381 / 2) < 1e-4 and parts["loss"].item() == parts["fkl"].item()
+    parts["loss"].backward()
     assert_close(student.table.grad[0, 0], torch.tensor([0.2 - 0.7, 0.5 - 0.2, 0.3 - 0.1]) / 2)
     assert teacher.table.grad is None
 
@@ -1353,7 +1466,8 @@ def test_ka_gold_is_the_mean_of_m_forward_kls():
     expected = sum((dense_kl(t[m], s) * mask).sum() for m in range(3)) / 3 / 10.0
     assert_close(parts["fkl"], expected)
     assert not torch.equal(t[0], t[1])  # the passes did draw different experts
-    ce = moekd.cross_entropy_sum(s, batch["labels"]) / 10.0
+    targets = batch["labels"].roll(-1, 1)
+    ce = F.cross_entropy(s[mask], targets[mask], reduction="sum") / 10.0
     assert_close(parts["loss"], 0.5 * ce + 0.5 * expected)
 
 
@@ -1725,7 +1839,7 @@ def test_repro_pipeline_smoke_and_resume(tmp_path, capsys):
 def test_bench_smoke():
     import bench
     result = bench.main(["--sizes", "tiny", "--steps", "2", "--warmup", "0", "--methods", "gkd,ka-m2,sar",
-                         "--no-scaling", "--no-kl-memory", "--compile-sampler", "off"])
+                         "--no-scaling", "--no-kl-memory", "--no-large-vocab", "--compile-sampler", "off"])
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"gkd", "ka-m2", "sar"}
     assert rows["sar"]["router_ms"] > 0 and rows["gkd"]["router_ms"] == 0 and rows["gkd"]["gen_ms"] > 0
@@ -1750,7 +1864,22 @@ def test_gpu_check_at_tiny_scale_on_cpu():
     weights = 2 * 1.345e9 + 2 * 24 * 16 * 384 * 2048 * 2          # bf16 weights + half the final KV cache
     assert bench.bandwidth_floor_tokens_per_s(check, 4.3e12) == pytest.approx(16 / (weights / 4.3e12), rel=0.01)
     assert "| gkd |" in bench.gpu_check_markdown(report)
-    assert moekd.sample_tokens is sampling.sample_tokens and moekd.teacher_logits.__module__ == "moekd"  # restored
+    assert moekd.sample_tokens is sampling.sample_tokens and moekd.teacher_hidden.__module__ == "moekd"  # restored
+
+
+def test_bench_loss_paths_compute_the_same_gradients(monkeypatch):
+    """bench.py's large-vocab comparison times two ways to the same numbers: the logits code the steps ran
+    before and moekd.step_losses (on a small shape here)."""
+    import bench
+    monkeypatch.setitem(bench.LOSS_SHAPES, "small", dict(V=50, H=8, B=2, T=9, prompt=3, M=3))
+    for method in bench.LOSS_METHODS:
+        grads = []
+        for path in ("logits", "hidden"):
+            x = bench.loss_inputs(method, "small")
+            bench.logits_loss_path(method, x) if path == "logits" else bench.hidden_loss_path(method, x, 1)
+            grads.append([t.grad for t in (x["hs"], x["ws"], x["ht"])])
+        for a, b in zip(*grads):
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6, rtol=1e-4)), method
 
 
 @pytest.mark.parametrize("method", ["kd", "ka-gold"])
@@ -1803,10 +1932,6 @@ def test_ka_mean_of_m_kls_is_one_fused_kl():
     (g_looped,) = torch.autograd.grad(looped.sum(), s)
     assert_close(fused, looped)
     assert_close(g_fused, g_looped)
-    precomputed = moekd.kl_per_token(s, moekd.mean_log_probs(t), mask, input_is_log_probs=True)
-    (g_pre,) = torch.autograd.grad(precomputed.sum(), s)
-    assert_close(precomputed, looped)
-    assert_close(g_pre, g_looped)
 
 
 # ----------------------------------------------------------------------------
@@ -2121,20 +2246,21 @@ def test_run_folder_of_the_previous_layout_resumes(tmp_path, monkeypatch):
     """fixtures/run-ace5af2 was written by moekd at commit ace5af2 (before the module split): an SFT run of
     the LLaMA-like tiny student stopped after 3 of 8 steps (its run.json's two machine paths, the unused
     teacher and the out folder, made relative). It resumes with no flags and ends as the uninterrupted run of
-    that commit did: the same history and bit-identical final weights."""
-    import hashlib
+    that commit did: the same history to float rounding. The losses are computed from hidden states in chunks
+    since, which moves the last float bits, so the final weights are no longer bit-identical to that commit's
+    (the fixture's final_weights_sha256): they are checked to be finite and trained past the checkpoint."""
     run = tmp_path / "run"
     shutil.copytree(ROOT / "fixtures" / "run-ace5af2", run)
     expected = json.loads((ROOT / "fixtures" / "run-ace5af2.expected.json").read_text())
     monkeypatch.chdir(ROOT)  # the run's config names its model relative to the repository
     result = moekd.main(["--out", str(run), "--resume"])
-    assert result["finished"] and result["history"] == expected["history"]
-    weights = load_file(run / "final" / "model.safetensors")
-    h = hashlib.sha256()
-    for k in sorted(weights):
-        h.update(k.encode())
-        h.update(weights[k].contiguous().view(torch.uint8).numpy().tobytes())
-    assert h.hexdigest() == expected["final_weights_sha256"]
+    assert result["finished"] and len(result["history"]) == len(expected["history"])
+    for got, want in zip(result["history"], expected["history"]):
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want)
+    weights, resumed_from = load_file(run / "final" / "model.safetensors"), load_file(
+        ROOT / "fixtures" / "run-ace5af2" / "checkpoints" / "step-3" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values()) and any(
+        not torch.equal(weights[k], resumed_from[k]) for k in weights)
 
 
 # README, docs and data fetch

@@ -1,0 +1,124 @@
+"""hidden_losses: exact full-vocabulary cross-entropy and KL from final hidden states and output heads, chunk by
+chunk, without [tokens, V] logits (moekd's training losses; reverse_kl / forward_kl in moekd.py are the formulas on
+logits). Only torch: copy it out on its own.
+
+    loss, (ce_sum, kl_sum) = head_losses(h_student[mask], Head(lm_head.weight), labels, h_teacher[:, mask],
+                                         Head(teacher_lm_head.weight), kl_weight=1 / n_tokens)   # KL(q || p)
+
+Each chunk computes its gradients in the forward (hidden states, head weights and biases of both sides; fp32
+accumulation of the weight gradient) and drops its logits; the backward only scales them. A chunk's fp32
+[rows, V] temporaries hold `chunk_mb` MB each (rows = chunk_mb / (4 V M)), about three of them alive at once.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class Head(NamedTuple):
+    """An output head: logits = cap * tanh(scale * (h W^T + b) / cap) (cap None: scale * (h W^T + b))."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    cap: float | None = None
+
+
+def head_logits(h: torch.Tensor, head: Head, vocab: int) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """fp32 logits [..., vocab] of hidden states h [..., H] over the head's first `vocab` rows (the matmul in
+    the autocast dtype), and d logits / d (h W^T + b): the scale, or a tensor where the soft cap bends them."""
+    z = F.linear(h, head.weight[:vocab], None if head.bias is None else head.bias[:vocab]).float().mul_(head.scale)
+    if head.cap is None:
+        return z, head.scale
+    z = z.div_(head.cap).tanh_()
+    slope = (1 - z * z).mul_(head.scale)
+    return z.mul_(head.cap), slope
+
+
+def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool, teacher_grad: bool):
+    """KL per row, dKL/dz_student, dKL/dz_teacher (or None) of student log q [c, V] and M passes' log p [M, c, V],
+    both overwritten. reverse: KL(q || p), log p = mean_m log p_m: dz_s = q (log q - log p - KL), dz_m = (p_m - q) / M;
+    else mean_m KL(p_m || q): dz_s = q - mean_m p_m, dz_m = p_m (log p_m - log q - KL_m) / M. 0 log 0 = 0 (NaN -> 0)."""
+    M, finite = lp.shape[0], dict(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    if reverse:
+        diff = (lp.mean(0) if M > 1 or teacher_grad else lp[0]).sub_(log_q).neg_()  # log q - log p
+        q = log_q.exp_()
+        qd = diff.mul_(q).nan_to_num_(**finite)
+        kl = qd.sum(-1)
+        return kl, qd.addcmul_(q, kl.unsqueeze(1), value=-1), lp.exp_().sub_(q).div_(M) if teacher_grad else None
+    p = lp.exp()
+    pd = lp.sub_(log_q).mul_(p).nan_to_num_(**finite)  # p_m (log p_m - log q)
+    kl_m = pd.sum(-1)
+    g_s = log_q.exp_().sub_(p[0] if M == 1 else p.mean(0))
+    return kl_m.mean(0), g_s, pd.addcmul_(p, kl_m.unsqueeze(-1), value=-1).div_(M) if teacher_grad else None
+
+
+class _HeadLosses(torch.autograd.Function):
+    """head_losses, `chunk` rows at a time: each chunk's gradients (hidden states, head weights and biases of both
+    sides) are computed in the forward, so no [rows, V] tensor outlives its chunk; backward scales them (once)."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, heads, vocab, chunk, reverse, ce_weight, kl_weight):
+        inputs = (hs, ws, bs, ht, wt, bt)
+        grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None
+                 for x, need in zip(inputs, ctx.needs_input_grad)]
+        sums = torch.zeros(2, dtype=torch.float32, device=hs.device)  # CE, KL
+        for r in (slice(i, i + chunk) for i in range(0, hs.shape[0], chunk)):
+            log_q, slope = head_logits(hs[r], heads[0]._replace(weight=ws, bias=bs), vocab)
+            log_q = log_q.log_softmax(-1)  # the logits are freed here
+            g = None
+            if labels is not None:  # -log q[label]; d/dz = q - onehot
+                lab = labels[r].unsqueeze(1)
+                sums[0] -= log_q.gather(1, lab).sum()
+            if ce_weight:
+                g = log_q.exp().scatter_add_(1, lab, torch.full(lab.shape, -1.0, device=lab.device)).mul_(ce_weight)
+            if ht is not None:
+                lp, slope_t = head_logits(ht[:, r], heads[1]._replace(weight=wt, bias=bt), vocab)
+                lp = lp.log_softmax(-1)
+                kl, g_kl, g_t = _kl_chunk(log_q, lp, reverse, any(x is not None for x in grads[3:]))
+                sums[1] += kl.sum()
+                g = g_kl.mul_(kl_weight) if g is None else g.add_(g_kl, alpha=kl_weight)
+                if g_t is not None:
+                    _back_through_head(g_t.mul_(slope_t).mul_(kl_weight), ht[:, r], wt, grads[3:], r, vocab)
+            if g is not None and any(x is not None for x in grads[:3]):
+                _back_through_head(g.mul_(slope), hs[r], ws, grads[:3], r, vocab)
+        ctx.grads, ctx.dtypes = grads, [None if x is None else x.dtype for x in inputs]
+        total = sums[0] * ce_weight + sums[1] * kl_weight
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _):
+        grads, ctx.grads = ctx.grads, None  # scaled in place: a second backward is an error, not a wrong gradient
+        return *(None if g is None else g.mul_(grad).to(dtype) for g, dtype in zip(grads, ctx.dtypes)), *[None] * 7
+
+
+def _back_through_head(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grads: list, r: slice, vocab: int) -> None:
+    """Accumulate one chunk's d/dh = g W, d/dW += g^T h, d/db += Sum g (rows r; g [..., c, vocab]); dW in fp32."""
+    gh, gw, gb = grads
+    if gh is not None:
+        gh[..., r, :] = g.to(w.dtype) @ w[:vocab]
+    if gw is not None:
+        with torch.autocast(g.device.type, enabled=False):
+            gw[:vocab].addmm_(g.reshape(-1, vocab).t(), h.reshape(-1, h.shape[-1]).float())
+    if gb is not None:
+        gb[:vocab] += g.reshape(-1, vocab).sum(0)
+
+
+def head_losses(hs: torch.Tensor, head_s: Head, labels: torch.Tensor | None = None, ht: torch.Tensor | None = None,
+                head_t: Head | None = None, *, ce_weight: float = 0.0, kl_weight: float = 0.0, reverse: bool = True,
+                vocab: int | None = None, chunk_mb: float = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """ce_weight * Sum CE(q, labels) + kl_weight * Sum KL over the rows of student hidden states hs [n, Hs] (and M
+    teacher passes' ht [M, n, Ht]), exact over the first `vocab` rows of both heads (default: all the student's), in
+    fp32, without [n, V] logits: chunks of rows whose fp32 [rows, V] temporaries hold about chunk_mb MB each.
+    reverse: KL(q_student || p_teacher) with log p = mean_m log p_m, which is the mean of the M KLs; else
+    mean_m KL(p_m || q). Returns (the weighted sum, differentiable; [CE sum, KL sum], detached)."""
+    vocab = vocab or head_s.weight.shape[0]
+    M = 1 if ht is None else ht.shape[0]
+    chunk = max(1, int(chunk_mb * 2**20) // (4 * vocab * M))
+    t = (None, None, None) if ht is None else (ht, head_t.weight, head_t.bias)
+    return _HeadLosses.apply(hs, head_s.weight, head_s.bias, *t, labels, (head_s, head_t), vocab, chunk, reverse,
+                             ce_weight, kl_weight)
