@@ -555,7 +555,9 @@ EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def worker(args_list: list[str], malloc: dict = CPU_MALLOC) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **malloc}
+    # no on-disk inductor caches: the reported compile time is a cold compile, as in a fresh environment
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+           **malloc}
     proc = subprocess.run([sys.executable, str(HERE / "bench.py"), *args_list], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {args_list} failed:\n{proc.stderr[-3000:]}")
