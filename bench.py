@@ -152,10 +152,11 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
     state = moekd.method_state(cfg, teacher, torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with fixed_length_responses():
+        first_gen = 0.0  # the first call compiles the decode step
+        if method in moekd.ON_POLICY:
+            first_gen = timed(lambda: moekd.generate_on_policy(student, rows, tok, cfg, list(range(len(rows)))), sync)
         parts = step_parts(cfg, student, teacher, tok, rows, optimizer, state)
-        first_gen = 0.0
-        if "gen" in parts:  # the reference sampler, side by side; the first call compiles the decode step
-            first_gen = timed(parts["gen"], sync)
+        if "gen" in parts:  # the reference sampler, side by side
             reference = dataclasses.replace(cfg, sampler="generate")
             parts["gen_generate"] = lambda: moekd.generate_on_policy(student, rows, tok, reference, list(range(len(rows))))
         times: dict[str, list[float]] = {name: [] for name in ["step", *parts]}
