@@ -495,9 +495,12 @@ def assemble(args) -> dict:
 
 def plot_assembled(result: dict, path: Path) -> None:
     """Left: each row's Avg, mean and 95% t-interval over training seeds (dots: the seeds). Right: paired
-    differences to GKD and KD with their intervals."""
+    differences to GKD and KD with their intervals. Third panel, when there is one: the k sweep."""
     plt = moe_eval.pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    sweep = result["k_sweep"]
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(18 if sweep else 13, 4.8),
+                             gridspec_kw={"width_ratios": [3, 3, 1.6] if sweep else [1, 1]})
+    left, right = axes[0], axes[1]
     labels = list(result["rows"])
     for i, label in enumerate(labels):
         row = result["rows"][label]
@@ -515,13 +518,11 @@ def plot_assembled(result: dict, path: Path) -> None:
     right.set(xticks=range(len(comps)), title="Paired difference of Avg (blue: vs GKD, orange: vs KD)",
               ylabel="ROUGE-L difference")
     right.set_xticklabels([f"{c['row'].split()[0]}-{c['baseline']}" for c in comps], rotation=40, fontsize=8)
-    if result["k_sweep"]:
-        ks = list(result["k_sweep"])
-        inset = left.inset_axes([0.78, 0.08, 0.2, 0.3])
-        inset.errorbar([int(k) for k in ks], [result["k_sweep"][k]["mean"] for k in ks], marker="o", ms=3,
-                       yerr=[result["k_sweep"][k]["half"] or 0 for k in ks])
-        inset.set_title("kd vs teacher k", fontsize=7)
-        inset.tick_params(labelsize=6)
+    if sweep:
+        ks = list(sweep)
+        axes[2].errorbar([int(k) for k in ks], [sweep[k]["mean"] for k in ks], marker="o", capsize=3,
+                         yerr=[sweep[k]["half"] or 0 for k in ks])
+        axes[2].set(title="KD vs the teacher's top-k", xlabel="k", ylabel="Avg ROUGE-L", xticks=[int(k) for k in ks])
     moe_eval.save_fig(fig, path)
 
 
