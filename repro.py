@@ -255,15 +255,25 @@ def train(args, run_args, name: str, flags: list[str]) -> Path:
 
 
 def evaluate(args, run_args, name: str, model: Path, sets: dict[str, Path], extra: list[str] = ()) -> dict:
+    """eval.py's result for one row, with "examples": per set, each example's ROUGE-L averaged over the eval
+    seeds (rounded to 0.01; for the hierarchical bootstrap)."""
     out = run_args.dir / "eval" / name
     if (out / "results.json").exists():
         print(f"[repro] seed {run_args.seed} eval {name}: done, skipped")
-        return json.loads((out / "results.json").read_text())
-    spec = ",".join(f"{k}={v}" for k, v in sets.items())
-    limit = ["--max-examples", str(args.test_examples)] if args.test_examples else []
-    moe_eval.main(["--model", str(model), "--sets", spec, "--seeds", args.seeds, "--out", str(out),  # goes on if cut
-                   "--label", name, *PRESETS[args.preset]["eval"], *limit, *extra])
-    return json.loads((out / "results.json").read_text())
+    else:
+        spec = ",".join(f"{k}={v}" for k, v in sets.items())
+        limit = ["--max-examples", str(args.test_examples)] if args.test_examples else []
+        moe_eval.main(["--model", str(model), "--sets", spec, "--seeds", args.seeds, "--out", str(out),  # goes on if cut
+                       "--label", name, *PRESETS[args.preset]["eval"], *limit, *extra])
+    result = json.loads((out / "results.json").read_text())
+    eval_seeds = args.seeds.split(",")
+    result["examples"] = {}
+    for set_name in result["sets"]:
+        pairs = [json.loads((out / "pairs" / f"{set_name}-seed{seed}.json").read_text())["generations"]
+                 for seed in eval_seeds]
+        result["examples"][set_name] = [round(sum(g["rougeL"] for g in column) / len(column), 2)
+                                        for column in zip(*pairs, strict=True)]
+    return result
 
 
 def run_seed(args, seed: int, sets: dict[str, Path], data_flags: list[str], *, k_sweep: bool) -> dict:
@@ -330,9 +340,10 @@ def expert_specialisation(teacher_dir: Path, args) -> list[list[list[float]]]:
 # ----------------------------------------------------------------------------
 # One training seed's report, and its publication
 
-def small(result: dict) -> dict:
-    """An eval.py result reduced to what the tables need: per set the mean, std and per-eval-seed ROUGE-L."""
-    return {"avg": result["avg"], "sets": result["sets"]}
+def small(result: dict, examples: bool = True) -> dict:
+    """An eval.py result reduced to what the tables need: per set the mean, std and per-eval-seed ROUGE-L, and
+    (for the bootstrap) the per-example scores."""
+    return {"avg": result["avg"], "sets": result["sets"], **({"examples": result["examples"]} if examples else {})}
 
 
 def seed_report(args, run_args, results: dict[str, dict], set_names: list[str], sweep: dict, experts) -> dict:
@@ -355,7 +366,7 @@ def seed_report(args, run_args, results: dict[str, dict], set_names: list[str], 
     summary = {"preset": args.preset, "train_seed": run_args.seed, "eval_seeds": args.seeds, "sets": set_names,
                "protocol": {"test_examples": args.test_examples, "max_steps": args.max_steps},
                "rows": {label: small(r) for label, r in results.items()}, "teacher_student_gap": gap,
-               "k_sweep": {str(k): small(r) for k, r in sweep.items()}, "expert_bits": bits,
+               "k_sweep": {str(k): small(r, examples=False) for k, r in sweep.items()}, "expert_bits": bits,
                "expert_top1_share": experts, "families": getattr(args, "families", None)}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("\n".join(lines))
@@ -442,7 +453,8 @@ def assemble_stats(seeds: dict[int, dict]) -> dict:
         for label in labels:
             if label not in (base, "teacher (SFT)"):
                 diff = stats.paired_difference(per_seed_avg[label], per_seed_avg[base])
-                comparisons.append({"row": label, "baseline": base, **diff, "verdict": stats.verdict(diff)})
+                comparisons.append({"row": label, "baseline": base, **diff, "verdict": stats.verdict(diff),
+                                    "bootstrap": bootstrap(seeds, label, base)})
     gap = stats.mean_ci([s["teacher_student_gap"] for s in seeds.values()])
     gap["three_sd_met"] = None if gap["sd"] is None else gap["mean"] > 0 and gap["mean"] >= 3 * gap["sd"]
     sweep_seeds = [s for s in seeds.values() if s.get("k_sweep")]
@@ -454,6 +466,14 @@ def assemble_stats(seeds: dict[int, dict]) -> dict:
             "sets": set_names, "protocol": first["protocol"], "method": stats.METHOD, "rows": rows,
             "missing_rows": missing, "comparisons": comparisons, "teacher_student_gap": gap, "k_sweep": sweep,
             "expert_bits": [stats.mean_ci(list(layer)) for layer in zip(*bits)] if bits else None}
+
+
+def bootstrap(seeds: dict[int, dict], label: str, base: str) -> dict | None:
+    """stats.hierarchical_bootstrap of label - base, when every seed file has the per-example scores."""
+    if not all("examples" in s["rows"][label] and "examples" in s["rows"][base] for s in seeds.values()):
+        return None
+    return stats.hierarchical_bootstrap({seed: s["rows"][label]["examples"] for seed, s in seeds.items()},
+                                        {seed: s["rows"][base]["examples"] for seed, s in seeds.items()})
 
 
 def assembled_markdown(result: dict) -> str:
@@ -469,11 +489,14 @@ def assembled_markdown(result: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if result["missing_rows"]:
         lines += ["", f"Rows not in every seed file (left out): {', '.join(result['missing_rows'])}."]
-    lines += ["", "## Paired differences", "", f"Method: {result['method']}.", "",
-              "| Row | vs | mean difference of Avg | 95% interval | verdict |", "|---|---|---|---|---|"]
+    lines += ["", "## Paired differences", "", f"Method: {result['method']}. The verdict reads the t-interval. "
+              f"Also shown: {stats.BOOTSTRAP_METHOD}.", "",
+              "| Row | vs | mean difference of Avg | 95% t-interval | verdict | bootstrap 95% (seeds, then examples) |",
+              "|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         interval = "-" if c["half"] is None else f"[{c['lo']:+.2f}, {c['hi']:+.2f}]"
-        lines.append(f"| {c['row']} | {c['baseline']} | {c['mean']:+.2f} | {interval} | {c['verdict']} |")
+        boot = "-" if c["bootstrap"] is None else f"[{c['bootstrap']['lo']:+.2f}, {c['bootstrap']['hi']:+.2f}]"
+        lines.append(f"| {c['row']} | {c['baseline']} | {c['mean']:+.2f} | {interval} | {c['verdict']} | {boot} |")
     gap = result["teacher_student_gap"]
     lines += ["", f"Teacher - student gap (SFT rows, Avg), over training seeds: {stats.fmt(gap)}"
               + ("" if gap["sd"] is None else f"; sample std {gap['sd']:.2f}, gap / std = "

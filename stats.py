@@ -12,6 +12,9 @@ METHOD = ("95% Student-t interval over training seeds: each training seed contri
           "or the paired difference of two rows' Avgs from the same training seed, both evaluated on the same "
           "eval seeds and examples), Avg = mean over the sets of the mean over eval seeds; interval = mean ± "
           "t(0.975, n-1) · s / sqrt(n), s the sample standard deviation of the n per-seed numbers")
+BOOTSTRAP_METHOD = ("a hierarchical percentile bootstrap of the same paired difference (2000 draws: training seeds "
+                    "with replacement, then each set's examples with replacement, paired; per-example scores "
+                    "averaged over eval seeds)")
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -101,3 +104,32 @@ def verdict(ci: dict) -> str:
 def fmt(ci: dict, digits: int = 2) -> str:
     """'mean ± half' (or the mean alone when there is no interval)."""
     return f"{ci['mean']:.{digits}f}" + ("" if ci["half"] is None else f" ± {ci['half']:.{digits}f}")
+
+
+def hierarchical_bootstrap(a: dict, b: dict, *, n_boot: int = 2000, level: float = LEVEL, seed: int = 0) -> dict:
+    """Percentile interval of the paired Avg difference a - b, resampling training seeds, then examples.
+
+    a and b map a training seed to {set: [score of example i]} (each score the mean over eval seeds), the
+    same examples in the same order for both. One draw: n training seeds drawn with replacement; for each,
+    every set's examples drawn with replacement (the same draw for a and b: paired); the draw's difference
+    is the mean over the drawn seeds of (mean over sets of the mean over the drawn examples)."""
+    import torch  # only here: the rest of this module is standard library
+
+    seeds = [s for s in a if s in b]
+    if not seeds:
+        raise ValueError("hierarchical_bootstrap: no training seed in common")
+    sets = list(a[seeds[0]])
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(seeds), (n_boot, len(seeds)), generator=gen)           # [B, S] seed draws
+    per_seed = torch.zeros(n_boot, len(seeds), dtype=torch.float64)
+    for name in sets:
+        diff = torch.tensor([[x - y for x, y in zip(a[s][name], b[s][name], strict=True)] for s in seeds],
+                            dtype=torch.float64)                                       # [S, n]
+        n = diff.shape[1]
+        rows = diff[pick]                                                               # [B, S, n]
+        idx = torch.randint(n, (n_boot, len(seeds), n), generator=gen)
+        per_seed += rows.gather(2, idx).mean(2) / len(sets)
+    draws = per_seed.mean(1)
+    observed = sum(sum(x - y for x, y in zip(a[s][k], b[s][k])) / len(a[s][k]) for s in seeds for k in sets)
+    q = torch.quantile(draws, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return {"mean": observed / (len(seeds) * len(sets)), "lo": q[0], "hi": q[1], "n_boot": n_boot}

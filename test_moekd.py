@@ -1714,6 +1714,8 @@ def test_repro_pipeline_smoke_and_resume(tmp_path, capsys):
     result = repro.main(args)
     assert result["train_seeds"] == [10, 20] and list(result["rows"]) == ["teacher (SFT)", "student (SFT)", "GKD", "KA"]
     assert [(c["row"], c["baseline"]) for c in result["comparisons"]] == [("student (SFT)", "GKD"), ("KA", "GKD")]
+    for c in result["comparisons"]:
+        assert c["bootstrap"]["lo"] <= c["mean"] + 1e-9 and c["mean"] - 1e-9 <= c["bootstrap"]["hi"]
     published = out / "published"  # not a full-protocol run: nothing goes to docs/repro
     for seed in (10, 20):
         summary = json.loads((published / f"seed-{seed}.json").read_text())
@@ -1721,6 +1723,8 @@ def test_repro_pipeline_smoke_and_resume(tmp_path, capsys):
         assert summary["train_seed"] == seed and list(summary["rows"]) == list(result["rows"])
         assert set(summary["rows"]["KA"]["sets"]) == {"add", "count", "fact", "lookup", "reverse", "sequence", "sort", "spell"}
         assert set(summary["rows"]["KA"]["sets"]["add"]["scores"]) == {"10", "20"}
+        for name, scores in summary["rows"]["KA"]["examples"].items():  # per example, the mean over eval seeds
+            assert len(scores) == 2 and sum(scores) / 2 == pytest.approx(summary["rows"]["KA"]["sets"][name]["mean"], abs=0.01)
         for name in ("table.md", "experts.png", "experts.csv"):
             assert (out / f"seed-{seed}" / name).stat().st_size > 0
         share = torch.tensor(summary["expert_top1_share"])  # [layers, families, experts], rows sum to 1
@@ -1793,6 +1797,21 @@ def test_mean_ci_paired_difference_and_verdicts_hand_computed():
     assert stats.fmt(ci) == "2.50 ± 2.05" and stats.fmt(one) == "1.00"
 
 
+def test_hierarchical_bootstrap_hand_computed():
+    import stats
+    a = {10: {"x": [50.0, 60.0, 70.0], "y": [10.0, 20.0]}, 20: {"x": [40.0, 41.0, 42.0], "y": [0.0, 5.0]}}
+    shifted = {s: {k: [v - 1.5 for v in vs] for k, vs in sets.items()} for s, sets in a.items()}
+    same = stats.hierarchical_bootstrap(a, shifted, n_boot=200)  # every paired difference is 1.5
+    assert (same["mean"], same["lo"], same["hi"]) == pytest.approx((1.5, 1.5, 1.5))
+    # seed 10's differences 1 (set x) and 3 (set y) -> Avg difference 2; seed 20's: 0 and 0 -> 0
+    b = {10: {"x": [49.0, 59.0, 69.0], "y": [7.0, 17.0]}, 20: a[20]}
+    boot = stats.hierarchical_bootstrap(a, b, n_boot=500, seed=1)
+    assert boot["mean"] == pytest.approx(1.0) and boot["lo"] == pytest.approx(0.0) and boot["hi"] == pytest.approx(2.0)
+    assert boot == stats.hierarchical_bootstrap(a, b, n_boot=500, seed=1)  # seeded: the same draws
+    with pytest.raises(ValueError):
+        stats.hierarchical_bootstrap(a, {30: a[10]})
+
+
 def test_repro_assembly_hand_computed(tmp_path):
     """Two seed files made by hand: per-row mean ± interval, paired differences, the gap criterion, k sweep."""
     import repro
@@ -1819,7 +1838,7 @@ def test_repro_assembly_hand_computed(tmp_path):
     assert result["k_sweep"]["2"]["mean"] == 41.0 and result["k_sweep"]["2"]["train_seeds"] == [10]
     assert result["expert_bits"][1]["mean"] == 1.0
     md = (tmp_path / "results.md").read_text()
-    assert "| KD | GKD | -1.50 | [-7.85, +4.85] | within noise at this scale |" in md and "gap >= 3 std: met" in md
+    assert "| KD | GKD | -1.50 | [-7.85, +4.85] | within noise at this scale | - |" in md and "gap >= 3 std: met" in md
     (tmp_path / "seed-30.json").write_text(json.dumps({**seed_file(30, 1, 1, 1, 1), "eval_seeds": "10,20"}))
     with pytest.raises(moekd.MoekdError, match="seed-30.json differs from the other seed files in eval_seeds"):
         repro.main(["--assemble", "--publish", str(tmp_path)])
