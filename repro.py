@@ -266,7 +266,7 @@ def evaluate(args, run_args, name: str, model: Path, sets: dict[str, Path], extr
         moe_eval.main(["--model", str(model), "--sets", spec, "--seeds", args.seeds, "--out", str(out),  # goes on if cut
                        "--label", name, *PRESETS[args.preset]["eval"], *limit, *extra])
     result = json.loads((out / "results.json").read_text())
-    eval_seeds = args.seeds.split(",")
+    eval_seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
     result["examples"] = {}
     for set_name in result["sets"]:
         pairs = [json.loads((out / "pairs" / f"{set_name}-seed{seed}.json").read_text())["generations"]
