@@ -1744,7 +1744,8 @@ def test_repro_pipeline_smoke_and_resume(tmp_path, capsys):
     assert json.loads((published / "results.json").read_text())["comparisons"] == json.loads(json.dumps(result["comparisons"]))
     capsys.readouterr()
     again = repro.main(args)  # a finished pipeline redoes nothing
-    assert ": training" not in capsys.readouterr().out and again["rows"] == result["rows"]
+    assert not re.search(r"\[repro\] seed \d+ \S+: (training|resuming)", capsys.readouterr().out)
+    assert again["rows"] == result["rows"]
     assert repro.main([*args[:-2], "--train-seeds", "20,", "--assemble"])["train_seeds"] == [10, 20]  # files that exist
     with pytest.raises(moekd.MoekdError, match="--out .*other settings \\(eval_seeds differ\\)"):
         repro.main([*args[:7], "10", *args[8:]])
