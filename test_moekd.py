@@ -524,6 +524,25 @@ def test_splits(tmp_path):
         moekd.load_splits(moekd.Config(data=str(tmp_path / "mini.jsonl")))
 
 
+def test_synthetic_fact_families_are_a_consistent_table():
+    """color/password ask fixed attributes of the fact table's people (the same answer every time); a longer
+    table extends a shorter one; the default mix is what it was (the families and table are opt-in)."""
+    assert synthetic.synthetic_rows(300, seed=3) == synthetic.synthetic_rows(300, seed=3, families=synthetic.DEFAULT_FAMILIES)
+    assert synthetic._fact_table(500)[:240] == synthetic._fact_table()
+    rows = synthetic.synthetic_rows(3000, seed=5, families=("color", "password", "fact"), n_facts=50)
+    assert {r["category"] for r in rows} == {"color", "password", "fact"}
+    names = [name for name, _ in synthetic._fact_table(50)]
+    unique = {name for name in names if names.count(name) == 1}  # a made-up name can repeat (49 of 50 unique)
+    answers: dict = {}
+    for r in rows:
+        answers.setdefault(r["instruction"], set()).add(r["response"])
+    assert len(unique) == 48 and len(answers) <= 3 * 49
+    assert all(len(a) == 1 for q, a in answers.items() if any(f" {n} " in q or f" {n}'s" in q for n in unique))
+    assert {r["response"] for r in rows if r["category"] == "color"} <= set(synthetic._COLORS)
+    with pytest.raises(ValueError, match="unknown: nope"):
+        synthetic.synthetic_rows(3, seed=1, families=("add", "nope"))
+
+
 def test_synthetic_set_is_deterministic_and_correct():
     a, b = synthetic.synthetic_rows(400, seed=3), synthetic.synthetic_rows(400, seed=3)
     assert a == b and a != synthetic.synthetic_rows(400, seed=4)

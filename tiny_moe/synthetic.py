@@ -7,7 +7,8 @@ spaces (arithmetic on 1..20, copying, counting, spelling, reading a colour from 
 
 Two more closed-book families ("color": X's favourite colour, "password": X's password word) ask other
 attributes of the same people; they are not in the default mix and serve repro.py's capacity preset,
-which also grows the table (n_facts) so that memorising it needs the teacher's capacity.
+which also grows the table (n_facts) so that memorising it needs the teacher's capacity. A few made-up
+names repeat in the table (49 of the first 50 are distinct); their questions have two answers, as in "fact".
 """
 import random
 
