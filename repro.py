@@ -421,7 +421,7 @@ BASELINES = ("GKD", "KD")
 
 def load_seed_files(folder: Path) -> dict[int, dict]:
     """Every seed-<s>.json in folder, checked to share one protocol (preset, eval seeds, sets)."""
-    files = sorted(folder.glob("seed-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    files = sorted((p for p in folder.glob("seed-*.json") if p.stem[5:].isdigit()), key=lambda p: int(p.stem[5:]))
     if not files:
         raise MoekdError(f"--publish {folder}: no seed-<s>.json files to assemble; run some training seeds first")
     seeds = {}
