@@ -524,6 +524,25 @@ def test_splits(tmp_path):
         moekd.load_splits(moekd.Config(data=str(tmp_path / "mini.jsonl")))
 
 
+def test_synthetic_fact_families_are_a_consistent_table():
+    """color/password ask fixed attributes of the fact table's people (the same answer every time); a longer
+    table extends a shorter one; the default mix is what it was (the families and table are opt-in)."""
+    assert synthetic.synthetic_rows(300, seed=3) == synthetic.synthetic_rows(300, seed=3, families=synthetic.DEFAULT_FAMILIES)
+    assert synthetic._fact_table(500)[:240] == synthetic._fact_table()
+    rows = synthetic.synthetic_rows(3000, seed=5, families=("color", "password", "fact"), n_facts=50)
+    assert {r["category"] for r in rows} == {"color", "password", "fact"}
+    names = [name for name, _ in synthetic._fact_table(50)]
+    unique = {name for name in names if names.count(name) == 1}  # a made-up name can repeat (49 of 50 unique)
+    answers: dict = {}
+    for r in rows:
+        answers.setdefault(r["instruction"], set()).add(r["response"])
+    assert len(unique) == 48 and len(answers) <= 3 * 49
+    assert all(len(a) == 1 for q, a in answers.items() if any(f" {n} " in q or f" {n}'s" in q for n in unique))
+    assert {r["response"] for r in rows if r["category"] == "color"} <= set(synthetic._COLORS)
+    with pytest.raises(ValueError, match="unknown: nope"):
+        synthetic.synthetic_rows(3, seed=1, families=("add", "nope"))
+
+
 def test_synthetic_set_is_deterministic_and_correct():
     a, b = synthetic.synthetic_rows(400, seed=3), synthetic.synthetic_rows(400, seed=3)
     assert a == b and a != synthetic.synthetic_rows(400, seed=4)
@@ -1819,21 +1838,146 @@ def test_eval_malformed_set_names_file_and_line(tmp_path):
 # repro.py and bench.py smoke tests (the full runs are commands, not tests)
 
 def test_repro_pipeline_smoke_and_resume(tmp_path, capsys):
+    """Two training seeds end to end: per-seed folders and files, the assembly, the data shared by the seeds
+    (only the training randomness differs), and a finished pipeline redoes nothing."""
     import repro
-    args = ["--out", str(tmp_path / "r"), "--max-steps", "2", "--test-examples", "2", "--seeds", "10,20",
-            "--methods", "gkd,ka", "--no-k-sweep"]
-    summary = repro.main(args)
-    assert list(summary["rows"]) == ["teacher (SFT)", "student (SFT)", "GKD", "KA"]
-    assert set(summary["rows"]["KA"]["sets"]) == {"add", "count", "fact", "lookup", "reverse", "sequence", "sort", "spell"}
-    table = (tmp_path / "r" / "table.md").read_text()
-    assert "| Model | add | count | fact |" in table and "| KA |" in table and "Teacher - student gap" in table
-    for name in ("results.json", "results.png", "experts.png", "experts.csv"):
-        assert (tmp_path / "r" / name).stat().st_size > 0
-    share = torch.tensor(summary["expert_top1_share"])  # [layers, families, experts], rows sum to 1
-    assert_close(share.sum(-1), torch.ones(share.shape[:2]))
+    out = tmp_path / "r"
+    args = ["--out", str(out), "--max-steps", "2", "--test-examples", "2", "--seeds", "10,20",
+            "--methods", "gkd,ka", "--no-k-sweep", "--train-seeds", "2"]
+    result = repro.main(args)
+    assert result["train_seeds"] == [10, 20] and list(result["rows"]) == ["teacher (SFT)", "student (SFT)", "GKD", "KA"]
+    assert [(c["row"], c["baseline"]) for c in result["comparisons"]] == [("student (SFT)", "GKD"), ("KA", "GKD")]
+    for c in result["comparisons"]:
+        assert c["bootstrap"]["lo"] <= c["mean"] + 1e-9 and c["mean"] - 1e-9 <= c["bootstrap"]["hi"]
+    published = out / "published"  # not a full-protocol run: nothing goes to docs/repro
+    for seed in (10, 20):
+        summary = json.loads((published / f"seed-{seed}.json").read_text())
+        assert summary == json.loads((out / f"seed-{seed}" / "results.json").read_text())
+        assert summary["train_seed"] == seed and list(summary["rows"]) == list(result["rows"])
+        assert set(summary["rows"]["KA"]["sets"]) == {"add", "count", "fact", "lookup", "reverse", "sequence", "sort", "spell"}
+        assert set(summary["rows"]["KA"]["sets"]["add"]["scores"]) == {"10", "20"}
+        for name, scores in summary["rows"]["KA"]["examples"].items():  # per example, the mean over eval seeds
+            assert len(scores) == 2 and sum(scores) / 2 == pytest.approx(summary["rows"]["KA"]["sets"][name]["mean"], abs=0.01)
+        for name in ("table.md", "experts.png", "experts.csv"):
+            assert (out / f"seed-{seed}" / name).stat().st_size > 0
+        share = torch.tensor(summary["expert_top1_share"])  # [layers, families, experts], rows sum to 1
+        assert_close(share.sum(-1), torch.ones(share.shape[:2]))
+        assert result["rows"]["GKD"]["per_seed_avg"][seed] == summary["rows"]["GKD"]["avg"]
+    # the same data, other training randomness: the run configs differ only in the seed and their own paths
+    runs = {seed: json.loads((out / f"seed-{seed}" / "runs" / "sft-teacher" / "run.json").read_text()) for seed in (10, 20)}
+    differ = {k for k in runs[10] if runs[10][k] != runs[20][k]}
+    assert differ == {"seed", "model", "out"} and runs[10]["data"] == str(out / "data" / "train")
+    inits = [json.loads((out / f"seed-{s}" / "models" / "teacher-init" / "config.json").read_text()) for s in (10, 20)]
+    assert [c.pop("moekd_init_seed") for c in inits] == [10, 20] and inits[0] == inits[1]
+    weights = [load_file(out / f"seed-{s}" / "runs" / "sft-teacher" / "final" / "model.safetensors") for s in (10, 20)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    table = (published / "results.md").read_text()
+    assert "2 training seeds (10, 20)" in table and "| KA | GKD |" in table and "Student-t" in table
+    assert (published / "results.png").stat().st_size > 0
+    assert json.loads((published / "results.json").read_text())["comparisons"] == json.loads(json.dumps(result["comparisons"]))
     capsys.readouterr()
     again = repro.main(args)  # a finished pipeline redoes nothing
-    assert "training" not in capsys.readouterr().out and again["rows"] == summary["rows"]
+    assert not re.search(r"\[repro\] seed \d+ \S+: (training|resuming)", capsys.readouterr().out)
+    assert again["rows"] == result["rows"]
+    assert repro.main([*args[:-2], "--train-seeds", "20,", "--assemble"])["train_seeds"] == [10, 20]  # files that exist
+    with pytest.raises(moekd.MoekdError, match="--out .*other settings \\(eval_seeds differ\\)"):
+        repro.main([*args[:7], "10", *args[8:]])
+
+
+def test_repro_train_seeds_flag():
+    import repro
+    assert repro.parse_train_seeds("3") == [10, 20, 30] and repro.parse_train_seeds("5")[-1] == 50
+    assert repro.parse_train_seeds("30,") == [30] and repro.parse_train_seeds("7,3") == [7, 3]
+    for bad, message in (("30", "a count must be 1..20; for the single seed 30 write --train-seeds 30,"),
+                         ("0", "a count must be"), ("a,b", "expected a count \\(3\\) or a comma-separated list"), ("10,10", "need distinct")):
+        with pytest.raises(moekd.MoekdError, match=f"--train-seeds {bad}: {message}"):
+            repro.parse_train_seeds(bad)
+    with pytest.raises(moekd.MoekdError, match="--seed: replaced by --train-seeds"):
+        repro.parse_args(["--seed", "10"])
+    assert repro.parse_args([]).publish == repro.HERE / "docs" / "repro" / "synthetic"
+    assert repro.parse_args(["--max-steps", "2", "--out", "x"]).publish == Path("x") / "published"
+
+
+def test_t_quantiles_against_tables():
+    import stats
+    for df, value in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (10, 2.228), (30, 2.042)):
+        assert stats.t_quantile(0.975, df) == pytest.approx(value, abs=5e-4)
+    assert stats.t_quantile(0.995, 5) == pytest.approx(4.032, abs=5e-4)
+    assert stats.t_quantile(0.025, 2) == pytest.approx(-4.303, abs=5e-4)
+    assert stats.t_quantile(0.75, 1) == pytest.approx(1.0)                        # Cauchy: tan(pi/4)
+    assert stats.t_quantile(0.9, 2) == pytest.approx(0.8 / math.sqrt(0.18))         # df 2: (2p-1)/sqrt(2p(1-p))
+    assert stats.t_cdf(0.0, 7) == 0.5 and stats.t_cdf(1.0, 1) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        stats.t_quantile(1.0, 3)
+
+
+def test_mean_ci_paired_difference_and_verdicts_hand_computed():
+    import stats
+    ci = stats.mean_ci([1.0, 2.0, 3.0, 4.0])   # sd = sqrt(5/3); half = t(0.975, 3) * sd / 2
+    assert ci["mean"] == 2.5 and ci["sd"] == pytest.approx(math.sqrt(5 / 3))
+    assert ci["half"] == pytest.approx(3.182446 * math.sqrt(5 / 3) / 2, rel=1e-5)
+    assert (ci["lo"], ci["hi"]) == pytest.approx((2.5 - ci["half"], 2.5 + ci["half"]))
+    gkd = {10: 49.0, 20: 50.0, 30: 51.0}
+    within = stats.paired_difference({10: 50.0, 20: 52.0, 30: 51.0}, gkd)     # differences 1, 2, 0
+    assert within["mean"] == pytest.approx(1.0) and within["half"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert stats.verdict(within) == "within noise at this scale"
+    better = stats.paired_difference({10: 51.0, 20: 53.0, 30: 55.0, 40: 0.0}, gkd)  # 2, 3, 4; seed 40 unpaired
+    assert better["seeds"] == [10, 20, 30] and better["lo"] == pytest.approx(3 - 4.302653 / math.sqrt(3), rel=1e-5)
+    assert stats.verdict(better) == "better"
+    worse = stats.paired_difference(gkd, {10: 51.0, 20: 53.0, 30: 55.0})
+    assert worse["mean"] == pytest.approx(-3.0) and stats.verdict(worse) == "worse"
+    one = stats.paired_difference({10: 50.0}, {10: 49.0})
+    assert one["mean"] == 1.0 and one["half"] is None and stats.verdict(one) == "one training seed: no interval"
+    assert stats.fmt(ci) == "2.50 ± 2.05" and stats.fmt(one) == "1.00"
+
+
+def test_hierarchical_bootstrap_hand_computed():
+    import stats
+    a = {10: {"x": [50.0, 60.0, 70.0], "y": [10.0, 20.0]}, 20: {"x": [40.0, 41.0, 42.0], "y": [0.0, 5.0]}}
+    shifted = {s: {k: [v - 1.5 for v in vs] for k, vs in sets.items()} for s, sets in a.items()}
+    same = stats.hierarchical_bootstrap(a, shifted, n_boot=200)  # every paired difference is 1.5
+    assert (same["mean"], same["lo"], same["hi"]) == pytest.approx((1.5, 1.5, 1.5))
+    # seed 10's differences 1 (set x) and 3 (set y) -> Avg difference 2; seed 20's: 0 and 0 -> 0
+    b = {10: {"x": [49.0, 59.0, 69.0], "y": [7.0, 17.0]}, 20: a[20]}
+    boot = stats.hierarchical_bootstrap(a, b, n_boot=500, seed=1)
+    assert boot["mean"] == pytest.approx(1.0) and boot["lo"] == pytest.approx(0.0) and boot["hi"] == pytest.approx(2.0)
+    assert boot == stats.hierarchical_bootstrap(a, b, n_boot=500, seed=1)  # seeded: the same draws
+    with pytest.raises(ValueError):
+        stats.hierarchical_bootstrap(a, {30: a[10]})
+
+
+def test_repro_assembly_hand_computed(tmp_path):
+    """Two seed files made by hand: per-row mean ± interval, paired differences, the gap criterion, k sweep."""
+    import repro
+    def row(avg, fact):
+        return {"avg": avg, "sets": {"fact": {"mean": fact, "std": 0.0, "scores": {"10": fact}}}}
+    def seed_file(seed, teacher, student, kd, gkd, sweep=None):
+        rows = {"teacher (SFT)": row(teacher, teacher), "student (SFT)": row(student, student), "KD": row(kd, kd),
+                "GKD": row(gkd, gkd)}
+        return {"preset": "synthetic", "train_seed": seed, "eval_seeds": "10", "sets": ["fact"], "protocol": {},
+                "rows": rows, "teacher_student_gap": teacher - student, "expert_bits": [0.5, 1.0],
+                "k_sweep": {k: row(v, v) for k, v in (sweep or {}).items()}}
+    for seed, values in ((10, (60, 40, 41, 43, {"2": 41.0, "8": 40.0})), (20, (62, 44, 45, 46))):
+        (tmp_path / f"seed-{seed}.json").write_text(json.dumps(seed_file(seed, *values)))
+    result = repro.assemble(repro.parse_args(["--assemble", "--publish", str(tmp_path)]))
+    half = 12.706205 * math.sqrt(2) / math.sqrt(2)  # teacher: 60, 62 -> sd sqrt(2), n 2
+    assert result["rows"]["teacher (SFT)"]["avg"]["mean"] == 61 and result["rows"]["teacher (SFT)"]["avg"]["half"] == pytest.approx(half, rel=1e-5)
+    by = {(c["row"], c["baseline"]): c for c in result["comparisons"]}
+    assert set(by) == {("student (SFT)", "GKD"), ("KD", "GKD"), ("student (SFT)", "KD"), ("GKD", "KD")}
+    kd_gkd = by[("KD", "GKD")]  # differences -2, -1: mean -1.5, sd sqrt(0.5), half = 12.706 * 0.5
+    assert kd_gkd["mean"] == pytest.approx(-1.5) and kd_gkd["half"] == pytest.approx(12.706205 * 0.5, rel=1e-5)
+    assert kd_gkd["verdict"] == "within noise at this scale"
+    gap = result["teacher_student_gap"]  # 20, 18: mean 19, sd sqrt(2): 19 >= 3 sqrt(2)
+    assert gap["mean"] == 19 and gap["sd"] == pytest.approx(math.sqrt(2)) and gap["three_sd_met"] is True
+    assert result["k_sweep"]["2"]["mean"] == 41.0 and result["k_sweep"]["2"]["train_seeds"] == [10]
+    assert result["expert_bits"][1]["mean"] == 1.0
+    md = (tmp_path / "results.md").read_text()
+    assert "| KD | GKD | -1.50 | [-7.85, +4.85] | within noise at this scale | - |" in md and "gap >= 3 std: met" in md
+    (tmp_path / "seed-30.json").write_text(json.dumps({**seed_file(30, 1, 1, 1, 1), "eval_seeds": "10,20"}))
+    with pytest.raises(moekd.MoekdError, match="seed-30.json differs from the other seed files in eval_seeds"):
+        repro.main(["--assemble", "--publish", str(tmp_path)])
+    with pytest.raises(moekd.MoekdError, match="--publish .*no seed-<s>.json"):
+        repro.main(["--assemble", "--publish", str(tmp_path / "empty")])
 
 
 def test_bench_smoke():
