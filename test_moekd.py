@@ -663,7 +663,8 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
     whole = moekd.main(tiny_args(tmp_path / "a"))
     b = tmp_path / "b"
     proc = subprocess.Popen([sys.executable, str(ROOT / "moekd.py"), *tiny_args(b, "--save-every", "1")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # this process's thread count:
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # the same float sums
     latest = b / "checkpoints" / "latest"
     while proc.poll() is None and not (latest.exists() and int(latest.read_text().split("-")[1]) >= 3):
         time.sleep(0.02)
