@@ -139,11 +139,7 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
     cfg = moekd.Config(method=method, ka_m=M, batch_size=BATCH, max_prompt_len=PROMPT, max_len=PROMPT + RESPONSE,
                        gen_batch_size=BATCH, lr=1e-5, router_lr=1e-6, compile_sampler=compile_sampler)
     tok = Tokens()
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(BATCH):
-        ids = torch.randint(3, vocab, (PROMPT + RESPONSE,), generator=g).tolist()
-        rows.append({"prompt_ids": ids[:PROMPT], "input_ids": ids, "labels": [-100] * PROMPT + ids[PROMPT:]})
+    rows = random_rows(BATCH, PROMPT, RESPONSE, vocab)
     teacher.requires_grad_(False)
     if method == "sar":
         for p in moekd.router_parameters(teacher):
