@@ -417,9 +417,7 @@ def tiny_method_steps(device, amp) -> dict:
         teacher, student = build("tiny", None, device)
         teacher.to(amp)
         if moekd.METHODS[method].routers:
-            for p in moekd.router_parameters(teacher):
-                p.data = p.data.float()
-                p.requires_grad_(True)
+            moekd.train_routers(teacher)
         cfg = moekd.Config(method=method, batch_size=2, grad_accum=2, max_prompt_len=16, max_len=32, gen_batch_size=4)
         rows = random_rows(4, 16, 16, SIZES["tiny"]["student"]["vocab_size"])
         optimizer = torch.optim.AdamW(moekd.param_groups(student, cfg.weight_decay), lr=cfg.lr)
@@ -437,10 +435,8 @@ def paper_method(method: str, check: dict, teacher, student, device, amp, sync) 
                        max_prompt_len=check["prompt"], max_len=check["prompt"] + check["response"],
                        gen_batch_size=batch, compile_sampler="on" if device.type == "cuda" else "off",
                        lr=1e-5, router_lr=1e-6)
-    if moekd.METHODS[method].routers:  # as moekd loads a SAR teacher: fp32 routers that learn
-        for p in moekd.router_parameters(teacher):
-            p.data = p.data.float()
-            p.requires_grad_(True)
+    if moekd.METHODS[method].routers:  # as moekd loads a SAR teacher
+        moekd.train_routers(teacher)
     state = moekd.method_state(cfg, teacher, amp)
     optimizer = torch.optim.AdamW(moekd.param_groups(student, cfg.weight_decay), lr=cfg.lr)
     rows = random_rows(batch, check["prompt"], check["response"], check["shapes"]["student"]["vocab_size"])

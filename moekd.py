@@ -1319,12 +1319,17 @@ def _prepared_teacher(cfg, student, tokenizer, amp_dtype, device, routers) -> nn
     check_teacher(teacher, student, load_tokenizer(cfg.teacher, what="--teacher"), tokenizer, cfg)
     teacher.requires_grad_(False)
     if METHODS[cfg.method].routers:
-        for p in router_parameters(teacher):
-            p.data = p.data.float()
-            p.requires_grad_(True)
+        train_routers(teacher)
     for path in routers:
         load_routers(teacher, path)
     return teacher
+
+
+def train_routers(teacher: nn.Module) -> None:
+    """SAR's teacher: its routers in fp32 and trainable, every other weight frozen in its own dtype."""
+    for p in router_parameters(teacher):
+        p.data = p.data.float()
+        p.requires_grad_(True)
 
 
 def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_tok, cfg: Config) -> None:
