@@ -4,6 +4,7 @@
     python repro.py --train-seeds 5                  # the published tables: seeds 10, 20, 30, 40, 50
     python repro.py --train-seeds 40,50              # just those seeds (e.g. the rest, in another session)
     python repro.py --assemble                       # the tables from the per-seed files that exist
+    python repro.py --summary                        # the README's table over the assembled presets
     python repro.py --preset dolly-mini --data-dir ../shared/data
     python repro.py --preset capacity                # a teacher with much more capacity than its student
 
@@ -133,6 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder of the per-seed files seed-<s>.json and the assembled tables (default "
                         "docs/repro/<preset> for a full-protocol run, else <out>/published)")
     p.add_argument("--assemble", action="store_true", help="only assemble the tables from the per-seed files")
+    p.add_argument("--summary", action="store_true",
+                   help="print the one-table summary over every preset assembled under docs/repro/ (the README's)")
     args = p.parse_args(argv)
     if args.seed is not None:
         raise MoekdError(f"--seed: replaced by --train-seeds (the single seed {args.seed}: --train-seeds {args.seed},)")
@@ -514,6 +517,40 @@ def assembled_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY = [("GKD", "KD"), ("ALL", "GKD"), ("KA", "GKD"), ("SAR", "GKD"), ("KA", "KD"), ("SAR", "KD")]
+
+
+def summary_markdown(root: Path) -> str:
+    """One table over the presets assembled under root (<preset>/results.json): the SFT rows' Avg, the
+    teacher-student gap and the paired differences behind the paper's ordering (KA, SAR > GKD > KD), each a
+    95% t-interval over training seeds with its verdict."""
+    results = {p: json.loads((root / p / "results.json").read_text()) for p in PRESETS
+               if (root / p / "results.json").is_file()}
+    if not results:
+        raise MoekdError(f"--summary: no <preset>/results.json under {root}; run or --assemble a preset first")
+
+    def interval(c: dict) -> str:
+        return f"{c['mean']:+.2f}" + ("" if c["half"] is None else f" [{c['lo']:+.2f}, {c['hi']:+.2f}]")
+
+    head = ["ROUGE-L Avg (95% t-interval over training seeds)",
+            *(f"{p} ({len(r['train_seeds'])} seed{'s' * (len(r['train_seeds']) != 1)})" for p, r in results.items())]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in ("teacher (SFT)", "student (SFT)"):
+        lines.append(f"| {label} | " + " | ".join(stats.fmt(r["rows"][label]["avg"]) for r in results.values()) + " |")
+    gaps = []
+    for r in results.values():
+        g = r["teacher_student_gap"]
+        gaps.append(interval(g) + ("" if not g["sd"] else f", {g['mean'] / g['sd']:.1f} stds"))
+    lines.append("| teacher - student (SFT) | " + " | ".join(gaps) + " |")
+    for row, base in SUMMARY:
+        cells = []
+        for r in results.values():
+            c = next((c for c in r["comparisons"] if (c["row"], c["baseline"]) == (row, base)), None)
+            cells.append("-" if c is None else f"{interval(c)}: {c['verdict']}")
+        lines.append(f"| {row} - {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def assemble(args) -> dict:
     """results.md, results.json and results.png in --publish, from the seed files found there."""
     result = assemble_stats(load_seed_files(args.publish))
@@ -560,6 +597,10 @@ def plot_assembled(result: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.summary:
+        markdown = summary_markdown(HERE / "docs" / "repro")
+        print(markdown, end="")
+        return {"summary": markdown}
     if args.assemble:
         return assemble(args)
     if args.preset == "dolly-mini" and not (Path(args.data_dir) / "dolly" / "dev.jsonl").is_file():

@@ -1958,6 +1958,8 @@ def test_repro_assembly_hand_computed(tmp_path):
         return {"preset": "synthetic", "train_seed": seed, "eval_seeds": "10", "sets": ["fact"], "protocol": {},
                 "rows": rows, "teacher_student_gap": teacher - student, "expert_bits": [0.5, 1.0],
                 "k_sweep": {k: row(v, v) for k, v in (sweep or {}).items()}}
+    root, tmp_path = tmp_path, tmp_path / "synthetic"
+    tmp_path.mkdir()
     for seed, values in ((10, (60, 40, 41, 43, {"2": 41.0, "8": 40.0})), (20, (62, 44, 45, 46))):
         (tmp_path / f"seed-{seed}.json").write_text(json.dumps(seed_file(seed, *values)))
     result = repro.assemble(repro.parse_args(["--assemble", "--publish", str(tmp_path)]))
@@ -1974,6 +1976,12 @@ def test_repro_assembly_hand_computed(tmp_path):
     assert result["expert_bits"][1]["mean"] == 1.0
     md = (tmp_path / "results.md").read_text()
     assert "| KD | GKD | -1.50 | [-7.85, +4.85] | within noise at this scale | - |" in md and "gap >= 3 std: met" in md
+    summary = repro.summary_markdown(root).splitlines()  # the README's table: one column per assembled preset
+    assert summary[0].endswith("| synthetic (2 seeds) |") and "| teacher (SFT) | 61.00 ± 12.71 |" in summary
+    assert "| teacher - student (SFT) | +19.00 [+6.29, +31.71], 13.4 stds |" in summary  # 19 ± 12.706 sqrt(2)/sqrt(2)
+    assert "| GKD - KD | +1.50 [-4.85, +7.85]: within noise at this scale |" in summary and "| KA - GKD | - |" in summary
+    with pytest.raises(moekd.MoekdError, match="--summary: no <preset>/results.json under"):
+        repro.summary_markdown(root / "synthetic")
     (tmp_path / "seed-30.json").write_text(json.dumps({**seed_file(30, 1, 1, 1, 1), "eval_seeds": "10,20"}))
     with pytest.raises(moekd.MoekdError, match="seed-30.json differs from the other seed files in eval_seeds"):
         repro.main(["--assemble", "--publish", str(tmp_path)])
