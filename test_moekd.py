@@ -1954,7 +1954,7 @@ def test_repro_assembly_hand_computed(tmp_path):
         return {"avg": avg, "sets": {"fact": {"mean": fact, "std": 0.0, "scores": {"10": fact}}}}
     def seed_file(seed, teacher, student, kd, gkd, sweep=None):
         rows = {"teacher (SFT)": row(teacher, teacher), "student (SFT)": row(student, student), "KD": row(kd, kd),
-                "GKD": row(gkd, gkd)}
+                "GKD": row(gkd, gkd), "ALL": row(gkd + 1, gkd + 1), "KA": row(gkd + 2 + seed / 10, gkd + 2)}
         return {"preset": "synthetic", "train_seed": seed, "eval_seeds": "10", "sets": ["fact"], "protocol": {},
                 "rows": rows, "teacher_student_gap": teacher - student, "expert_bits": [0.5, 1.0],
                 "k_sweep": {k: row(v, v) for k, v in (sweep or {}).items()}}
@@ -1966,7 +1966,10 @@ def test_repro_assembly_hand_computed(tmp_path):
     half = 12.706205 * math.sqrt(2) / math.sqrt(2)  # teacher: 60, 62 -> sd sqrt(2), n 2
     assert result["rows"]["teacher (SFT)"]["avg"]["mean"] == 61 and result["rows"]["teacher (SFT)"]["avg"]["half"] == pytest.approx(half, rel=1e-5)
     by = {(c["row"], c["baseline"]): c for c in result["comparisons"]}
-    assert set(by) == {("student (SFT)", "GKD"), ("KD", "GKD"), ("student (SFT)", "KD"), ("GKD", "KD")}
+    assert set(by) == {(row, base) for base in ("GKD", "KD") for row in ("student (SFT)", "KD", "GKD", "ALL", "KA")
+                       if row != base} | {("KA", "ALL")}  # ALL is a baseline of KA and SAR only
+    ka_all = by[("KA", "ALL")]  # differences 2, 3: mean 2.5, sd sqrt(0.5), half 12.706 * 0.5 = 6.35
+    assert ka_all["mean"] == pytest.approx(2.5) and ka_all["lo"] == pytest.approx(2.5 - 12.706205 * 0.5, rel=1e-5)
     kd_gkd = by[("KD", "GKD")]  # differences -2, -1: mean -1.5, sd sqrt(0.5), half = 12.706 * 0.5
     assert kd_gkd["mean"] == pytest.approx(-1.5) and kd_gkd["half"] == pytest.approx(12.706205 * 0.5, rel=1e-5)
     assert kd_gkd["verdict"] == "within noise at this scale"
@@ -1979,7 +1982,8 @@ def test_repro_assembly_hand_computed(tmp_path):
     summary = repro.summary_markdown(root).splitlines()  # the README's table: one column per assembled preset
     assert summary[0].endswith("| synthetic (2 seeds) |") and "| teacher (SFT) | 61.00 ± 12.71 |" in summary
     assert "| teacher - student (SFT) | +19.00 [+6.29, +31.71], 13.4 stds |" in summary  # 19 ± 12.706 sqrt(2)/sqrt(2)
-    assert "| GKD - KD | +1.50 [-4.85, +7.85]: within noise at this scale |" in summary and "| KA - GKD | - |" in summary
+    assert "| GKD - KD | +1.50 [-4.85, +7.85]: within noise at this scale |" in summary and "| SAR - GKD | - |" in summary
+    assert "| KA - ALL | +2.50 [-3.85, +8.85]: within noise at this scale |" in summary
     with pytest.raises(moekd.MoekdError, match="--summary: no <preset>/results.json under"):
         repro.summary_markdown(root / "synthetic")
     (tmp_path / "seed-30.json").write_text(json.dumps({**seed_file(30, 1, 1, 1, 1), "eval_seeds": "10,20"}))
