@@ -1993,6 +1993,18 @@ def test_repro_assembly_hand_computed(tmp_path):
         repro.main(["--assemble", "--publish", str(tmp_path / "empty")])
 
 
+def test_published_reproduction_is_what_its_seed_files_give():
+    """docs/repro/<preset>/results.md re-assembles from the committed seed files, and the README and
+    docs/repro.md carry the summary of exactly those results."""
+    import repro
+    root = repro.HERE / "docs" / "repro"
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        result = repro.assemble_stats(repro.load_seed_files(folder))
+        assert repro.assembled_markdown(result) == (folder / "results.md").read_text(), folder.name
+    table = repro.summary_markdown(root)
+    assert table in (repro.HERE / "README.md").read_text() and table in (root.parent / "repro.md").read_text()
+
+
 def test_bench_smoke():
     import bench
     result = bench.main(["--sizes", "tiny", "--steps", "2", "--warmup", "0", "--methods", "gkd,ka-m2,sar",
