@@ -2014,6 +2014,8 @@ def test_bench_smoke():
     assert rows["sar"]["router_ms"] > 0 and rows["gkd"]["router_ms"] == 0 and rows["gkd"]["gen_ms"] > 0
     assert all(r["step_ms"] > 0 and r["overhead"] > 0 and r["peak_mb"] > 0 for r in rows.values())
     assert rows["gkd"]["gen_generate_ms"] > 0 and result["derived"]["tiny"]["generation_speedup"] > 0
+    # KA's teacher heads run inside the student's chunked loss: timed on their own, outside the parts' sum
+    assert rows["ka-m2"]["teacher_head_ms"] > 0 and rows["gkd"]["teacher_head_ms"] == 0
 
 
 def test_gpu_check_at_tiny_scale_on_cpu():
