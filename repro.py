@@ -525,7 +525,7 @@ SUMMARY = [("GKD", "KD"), ("ALL", "GKD"), ("KA", "GKD"), ("SAR", "GKD"), ("KA", 
 
 def summary_markdown(root: Path) -> str:
     """One table over the presets assembled under root (<preset>/results.json): the SFT rows' Avg, the
-    teacher-student gap and the paired differences behind the paper's ordering (KA, SAR > GKD > KD), each a
+    teacher-student gap and the paired differences behind the paper's ordering (KA, SAR > ALL > GKD > KD), each a
     95% t-interval over training seeds with its verdict."""
     results = {p: json.loads((root / p / "results.json").read_text()) for p in PRESETS
                if (root / p / "results.json").is_file()}
