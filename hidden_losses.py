@@ -55,6 +55,26 @@ def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool, teacher_grad
     return kl_m.mean(0), g_s, pd.addcmul_(p, kl_m.unsqueeze(-1), value=-1).div_(M) if teacher_grad else None
 
 
+def _kl_passes(log_q: torch.Tensor, ht: torch.Tensor, head: Head, vocab: int, reverse: bool):
+    """_kl_chunk's KL per row and dKL/dz_student against M frozen teacher passes' hidden states ht [M, c, H], one
+    pass at a time, so the temporaries stay [c, V] whatever M. reverse: log p = the passes' mean log-probability,
+    accumulated; else mean_m KL(p_m || q), dz_s = q - mean_m p_m. log_q is overwritten."""
+    M, finite = ht.shape[0], dict(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    acc, kl = None, 0.0
+    for h in ht:
+        lp = head_logits(h, head, vocab)[0].log_softmax(-1)
+        if reverse:
+            acc = lp if acc is None else acc.add_(lp)
+            continue
+        p = lp.exp()
+        kl = lp.sub_(log_q).mul_(p).nan_to_num_(**finite).sum(-1).add_(kl)
+        acc = p if acc is None else acc.add_(p)
+    if reverse:
+        kl, g_s, _ = _kl_chunk(log_q, acc.div_(M).unsqueeze(0), True, False)
+        return kl, g_s
+    return kl.div_(M), log_q.exp_().sub_(acc.div_(M))
+
+
 class _HeadLosses(torch.autograd.Function):
     """head_losses, `chunk` rows at a time: each chunk's gradients (hidden states, head weights and biases of both
     sides) are computed in the forward, so no [rows, V] tensor outlives its chunk; backward scales them (once)."""
@@ -65,6 +85,7 @@ class _HeadLosses(torch.autograd.Function):
         grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None
                  for x, need in zip(inputs, ctx.needs_input_grad)]
         sums = torch.zeros(2, dtype=torch.float32, device=hs.device)  # CE, KL
+        teacher_grad = any(x is not None for x in grads[3:])
         for r in (slice(i, i + chunk) for i in range(0, hs.shape[0], chunk)):
             log_q, slope = head_logits(hs[r], heads[0]._replace(weight=ws, bias=bs), vocab)
             log_q = log_q.log_softmax(-1)  # the logits are freed here
@@ -74,10 +95,13 @@ class _HeadLosses(torch.autograd.Function):
                 sums[0] -= log_q.gather(1, lab).sum()
             if ce_weight:
                 g = log_q.exp().scatter_add_(1, lab, torch.full(lab.shape, -1.0, device=lab.device)).mul_(ce_weight)
-            if ht is not None:
+            if ht is not None and (ht.shape[0] == 1 or teacher_grad):
                 lp, slope_t = head_logits(ht[:, r], heads[1]._replace(weight=wt, bias=bt), vocab)
                 lp = lp.log_softmax(-1)
-                kl, g_kl, g_t = _kl_chunk(log_q, lp, reverse, any(x is not None for x in grads[3:]))
+                kl, g_kl, g_t = _kl_chunk(log_q, lp, reverse, teacher_grad)
+            elif ht is not None:  # KA's M frozen passes
+                (kl, g_kl), g_t = _kl_passes(log_q, ht[:, r], heads[1]._replace(weight=wt, bias=bt), vocab, reverse), None
+            if ht is not None:
                 sums[1] += kl.sum()
                 g = g_kl.mul_(kl_weight) if g is None else g.add_(g_kl, alpha=kl_weight)
                 if g_t is not None:
@@ -118,7 +142,9 @@ def head_losses(hs: torch.Tensor, head_s: Head, labels: torch.Tensor | None = No
     mean_m KL(p_m || q). Returns (the weighted sum, differentiable; [CE sum, KL sum], detached)."""
     vocab = vocab or head_s.weight.shape[0]
     M = 1 if ht is None else ht.shape[0]
-    chunk = max(1, int(chunk_mb * 2**20) // (4 * vocab * M))
+    teacher_grad = ht is not None and torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (ht, head_t.weight, head_t.bias))
+    chunk = max(1, int(chunk_mb * 2**20) // (4 * vocab * (M if teacher_grad else 1)))  # frozen passes: one at a time
     t = (None, None, None) if ht is None else (ht, head_t.weight, head_t.bias)
     return _HeadLosses.apply(hs, head_s.weight, head_s.bias, *t, labels, (head_s, head_t), vocab, chunk, reverse,
                              ce_weight, kl_weight)

@@ -1013,6 +1013,14 @@ def test_losses_from_hidden_states_equal_the_logits_formulas(case):
     for name, a, b in zip(("hs", "ws", "bs", "ht", "wt", "bt"), grads, ref):
         assert_close(a, b, msg=lambda m: f"{name}: {m}")
     assert not grads[1][V:].any() and not grads[4][V:].any()  # padding rows get nothing
+    # KA's frozen teacher: its M passes one at a time (rows chunked without the / M), the same sums and student
+    # gradients
+    frozen = moekd.Head(wt.detach(), bt.detach(), 1.3, head_t.cap)
+    loss, sums = moekd.head_losses(rows(hs), head_s, labels[mask], rows(ht).detach(), frozen, ce_weight=0.3,
+                                   kl_weight=0.6, reverse=reverse, vocab=V, chunk_mb=3 * 4 * V / 2**20)
+    assert_close(sums, torch.stack([ref_ce, ref_kl]).detach())
+    for name, a, b in zip(("hs", "ws", "bs"), torch.autograd.grad(loss * 1.7, params[:3]), ref):
+        assert_close(a, b, msg=lambda m: f"frozen teacher, {name}: {m}")
 
 
 @pytest.mark.parametrize("direction", ["teacher-student", "student-teacher"])
