@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import hidden_losses
 import llama_moe
 import moekd
 
@@ -221,17 +222,18 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
 
 def teacher_head_reference(cfg, teacher, batch, t_hidden, M: int):
     """The teacher side of the loss on its own: the M passes' head logits and log-softmax over the loss rows, in
-    the chunks the hidden-state loss uses (KA's teacher needs no gradient). KA's cost per pass includes it."""
+    the chunks and pass by pass as the hidden-state loss runs them (KA's teacher needs no gradient)."""
     mask = moekd.loss_mask(batch["labels"]).view(-1)
     head = moekd.output_head(teacher)
     t = t_hidden.view(M, mask.numel(), -1)[:, mask]
     vocab = head.weight.shape[0]
-    chunk = max(1, int(cfg.kl_chunk * 2**20) // (4 * vocab * M))
+    chunk = hidden_losses.chunk_rows(cfg.kl_chunk, vocab)  # frozen passes go one at a time, as in the loss
 
     @torch.no_grad()
     def run():
         for i in range(0, t.shape[1], chunk):
-            moekd.head_logits(t[:, i:i + chunk], head, vocab)[0].log_softmax(-1)
+            for h in t[:, i:i + chunk]:
+                moekd.head_logits(h, head, vocab)[0].log_softmax(-1)
     return run
 
 
@@ -665,9 +667,10 @@ def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpoin
            "teacher activations (SAR)": 0.0 if not sar else (ckpt(t, moe_all) if grad_checkpointing
                                                               else tokens * moe_all * t["L"] / GB),
            # from hidden states: the fp32 head-gradient buffer [V, H] (one more student-head gradient), about 3
-           # chunk temporaries, the M teacher passes' bf16 hidden states. Before (logits=True): bf16 student logits +
+           # chunk temporaries (5 for KA, whose frozen passes go one at a time beside an accumulator), the M
+           # teacher passes' bf16 hidden states. Before (logits=True): bf16 student logits +
            # their grad + M bf16 teacher logits (+ SAR's grad) and 4 fp32 [256, V] temporaries of the chunked KL
-           "losses": ((4 * V * s["H"] + 3 * chunk_mb * 2**20 + ka_m * tokens * t["H"] * 2) if not logits
+           "losses": ((4 * V * s["H"] + (3 if ka_m == 1 else 5) * chunk_mb * 2**20 + ka_m * tokens * t["H"] * 2) if not logits
                       else tokens * V * 2 * (2 + ka_m + sar) + 4 * 4 * 256 * V) / GB,
            # on-policy sampling under bf16 autocast runs a bf16 copy of the student (sampling.sampling_copy;
            # a sharded student samples through generate(), without a copy)

@@ -7,7 +7,8 @@ logits). Only torch: copy it out on its own.
 
 Each chunk computes its gradients in the forward (hidden states, head weights and biases of both sides; fp32
 accumulation of the weight gradient) and drops its logits; the backward only scales them. A chunk's fp32
-[rows, V] temporaries hold `chunk_mb` MB each (rows = chunk_mb / (4 V M)), about three of them alive at once.
+[rows, V] temporaries hold `chunk_mb` MB each (rows = chunk_mb / (4 V), and / M when M teacher passes need
+gradients; frozen passes go one at a time), three to five of them alive at once.
 """
 from __future__ import annotations
 
@@ -75,17 +76,24 @@ def _kl_passes(log_q: torch.Tensor, ht: torch.Tensor, head: Head, vocab: int, re
     return kl.div_(M), log_q.exp_().sub_(acc.div_(M))
 
 
+def chunk_rows(chunk_mb: float, vocab: int, passes: int = 1) -> int:
+    """Rows per chunk so that one fp32 [rows, V] temporary (or [passes, rows, V], for M teacher passes that need
+    gradients and so go together) holds about chunk_mb MB."""
+    return max(1, int(chunk_mb * 2**20) // (4 * vocab * passes))
+
+
 class _HeadLosses(torch.autograd.Function):
     """head_losses, `chunk` rows at a time: each chunk's gradients (hidden states, head weights and biases of both
     sides) are computed in the forward, so no [rows, V] tensor outlives its chunk; backward scales them (once)."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, heads, vocab, chunk, reverse, ce_weight, kl_weight):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, heads, vocab, chunk_mb, reverse, ce_weight, kl_weight):
         inputs = (hs, ws, bs, ht, wt, bt)
         grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None
                  for x, need in zip(inputs, ctx.needs_input_grad)]
         sums = torch.zeros(2, dtype=torch.float32, device=hs.device)  # CE, KL
         teacher_grad = any(x is not None for x in grads[3:])
+        chunk = chunk_rows(chunk_mb, vocab, ht.shape[0] if teacher_grad else 1)
         for r in (slice(i, i + chunk) for i in range(0, hs.shape[0], chunk)):
             log_q, slope = head_logits(hs[r], heads[0]._replace(weight=ws, bias=bs), vocab)
             log_q = log_q.log_softmax(-1)  # the logits are freed here
@@ -95,13 +103,13 @@ class _HeadLosses(torch.autograd.Function):
                 sums[0] -= log_q.gather(1, lab).sum()
             if ce_weight:
                 g = log_q.exp().scatter_add_(1, lab, torch.full(lab.shape, -1.0, device=lab.device)).mul_(ce_weight)
-            if ht is not None and (ht.shape[0] == 1 or teacher_grad):
-                lp, slope_t = head_logits(ht[:, r], heads[1]._replace(weight=wt, bias=bt), vocab)
-                lp = lp.log_softmax(-1)
-                kl, g_kl, g_t = _kl_chunk(log_q, lp, reverse, teacher_grad)
-            elif ht is not None:  # KA's M frozen passes
-                (kl, g_kl), g_t = _kl_passes(log_q, ht[:, r], heads[1]._replace(weight=wt, bias=bt), vocab, reverse), None
             if ht is not None:
+                head_t = heads[1]._replace(weight=wt, bias=bt)
+                if ht.shape[0] == 1 or teacher_grad:
+                    lp, slope_t = head_logits(ht[:, r], head_t, vocab)
+                    kl, g_kl, g_t = _kl_chunk(log_q, lp.log_softmax(-1), reverse, teacher_grad)
+                else:  # KA's M frozen passes, one at a time
+                    (kl, g_kl), g_t = _kl_passes(log_q, ht[:, r], head_t, vocab, reverse), None
                 sums[1] += kl.sum()
                 g = g_kl.mul_(kl_weight) if g is None else g.add_(g_kl, alpha=kl_weight)
                 if g_t is not None:
@@ -141,10 +149,6 @@ def head_losses(hs: torch.Tensor, head_s: Head, labels: torch.Tensor | None = No
     reverse: KL(q_student || p_teacher) with log p = mean_m log p_m, which is the mean of the M KLs; else
     mean_m KL(p_m || q). Returns (the weighted sum, differentiable; [CE sum, KL sum], detached)."""
     vocab = vocab or head_s.weight.shape[0]
-    M = 1 if ht is None else ht.shape[0]
-    teacher_grad = ht is not None and torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (ht, head_t.weight, head_t.bias))
-    chunk = max(1, int(chunk_mb * 2**20) // (4 * vocab * (M if teacher_grad else 1)))  # frozen passes: one at a time
     t = (None, None, None) if ht is None else (ht, head_t.weight, head_t.bias)
-    return _HeadLosses.apply(hs, head_s.weight, head_s.bias, *t, labels, (head_s, head_t), vocab, chunk, reverse,
+    return _HeadLosses.apply(hs, head_s.weight, head_s.bias, *t, labels, (head_s, head_t), vocab, chunk_mb, reverse,
                              ce_weight, kl_weight)
