@@ -444,32 +444,41 @@ def autocast(device: torch.device, dtype: torch.dtype):
 # A transformers-5 router gets its forward replaced for the block: the same logits, then its family's
 # mechanism (scores -> selection -> weights over the chosen set), then its output (docs/families.md).
 # Router class -> (family, mechanism, options). Options: norm (renormalise the chosen weights; default the
-# router's norm_topk_prob), cast (weights in the logits' dtype), unsorted (the family's top-k is
-# sorted=False, which orders the experts' sum), eps (added to the norm's sum), gmax (a group scores by its
-# best expert, DeepSeek-V2), bias_arg (the selection bias is the forward's argument).
+# router's norm_topk_prob), cast (weights in the logits' dtype; "input": in the hidden states'), unsorted (the
+# family's top-k is sorted=False, which orders the experts' sum), eps (added to the norm's sum), clamp (the
+# norm's sum clamped below at the router's norm_min instead), gmax (a group scores by its best expert,
+# DeepSeek-V2), bias_arg (the selection bias is the forward's argument). The family's numerics, which bf16
+# autocast exposes: logits ("fp32in": the linear on fp32 copies of input and weight, which autocast still
+# runs in bf16; "fp32": the same with autocast off; "upcast": the logits cast to fp32 after the linear;
+# default: the input in the weight's dtype), raw (the sigmoid of the logits in their own dtype, not of their
+# fp32 copy), promote (the norm divides out of place: under CUDA autocast its fp32 sum promotes the weights;
+# default in place, the weights keep their dtype).
 N = dict(norm=True)
 C = dict(cast=True)
-U = dict(unsorted=True)
+D = dict(unsorted=True, logits="fp32in", raw=True, eps=1e-20)  # DeepSeek-V3's router (11 families)
+G = dict(cast="input", logits="upcast")
 HF_ROUTERS = {
     "MixtralTopKRouter": ("Mixtral", "softmax", N), "MiniMaxTopKRouter": ("MiniMax", "softmax", N),
     "Qwen2MoeTopKRouter": ("Qwen2-MoE", "softmax", C), "Qwen3MoeTopKRouter": ("Qwen3-MoE", "softmax", C),
     "OlmoeTopKRouter": ("OLMoE", "softmax", C), "FlexOlmoTopKRouter": ("FlexOlmo", "softmax", C),
     "Qwen3NextTopKRouter": ("Qwen3-Next", "softmax", C), "Qwen3_5MoeTopKRouter": ("Qwen3.5-MoE", "softmax", N | C),
-    "JambaTopKRouter": ("Jamba", "softmax", dict(norm=False, cast=True)),
-    "HunYuanMoEV1Gate": ("HunYuan-V1-MoE", "softmax", N | C), "Ernie4_5_MoeTopKRouter": ("ERNIE-4.5-MoE", "softmax", N | C),
-    "DeepseekV2TopkRouter": ("DeepSeek-V2", "softmax", dict(norm=False, unsorted=True, gmax=True)),
-    "GptOssTopKRouter": ("GPT-OSS", "logits", C), "GraniteMoeTopKRouter": ("GraniteMoE", "logits", C),
-    "GraniteMoeSharedTopKRouter": ("GraniteMoE-Shared", "logits", C),
-    "GraniteMoeHybridTopKRouter": ("GraniteMoE-Hybrid", "logits", C),
-    "DeepseekV3TopkRouter": ("DeepSeek-V3", "sigmoid", U), "DeepseekV32TopkRouter": ("DeepSeek-V3.2", "sigmoid", U),
-    "Dots1TopkRouter": ("Dots1", "sigmoid", U), "KimiLinearTopkRouter": ("Kimi-Linear", "sigmoid", U),
-    "MiMoV2FlashTopkRouter": ("MiMo-V2-Flash", "sigmoid", U), "NemotronHTopkRouter": ("Nemotron-H", "sigmoid", U),
-    "Glm4MoeTopkRouter": ("GLM-4-MoE", "sigmoid", U), "Glm4MoeLiteTopkRouter": ("GLM-4-MoE-Lite", "sigmoid", U),
-    "GlmMoeDsaTopkRouter": ("GLM-MoE-DSA", "sigmoid", U), "ExaoneMoeTopkRouter": ("EXAONE-MoE", "sigmoid", U),
-    "SolarOpenTopkRouter": ("Solar-Open", "sigmoid", U),
+    "JambaTopKRouter": ("Jamba", "softmax", dict(norm=False, cast="input")),
+    "HunYuanMoEV1Gate": ("HunYuan-V1-MoE", "softmax", N | C),
+    "Ernie4_5_MoeTopKRouter": ("ERNIE-4.5-MoE", "softmax", N | dict(clamp=True, cast="input", logits="fp32")),
+    "DeepseekV2TopkRouter": ("DeepSeek-V2", "softmax",
+                             dict(norm=False, unsorted=True, gmax=True, logits="fp32in")),
+    "GptOssTopKRouter": ("GPT-OSS", "logits", C), "GraniteMoeTopKRouter": ("GraniteMoE", "logits", G),
+    "GraniteMoeSharedTopKRouter": ("GraniteMoE-Shared", "logits", G),
+    "GraniteMoeHybridTopKRouter": ("GraniteMoE-Hybrid", "logits", G),
+    "DeepseekV3TopkRouter": ("DeepSeek-V3", "sigmoid", D), "DeepseekV32TopkRouter": ("DeepSeek-V3.2", "sigmoid", D),
+    "Dots1TopkRouter": ("Dots1", "sigmoid", D), "KimiLinearTopkRouter": ("Kimi-Linear", "sigmoid", D),
+    "MiMoV2FlashTopkRouter": ("MiMo-V2-Flash", "sigmoid", D), "NemotronHTopkRouter": ("Nemotron-H", "sigmoid", D),
+    "Glm4MoeTopkRouter": ("GLM-4-MoE", "sigmoid", D), "Glm4MoeLiteTopkRouter": ("GLM-4-MoE-Lite", "sigmoid", D),
+    "GlmMoeDsaTopkRouter": ("GLM-MoE-DSA", "sigmoid", D), "ExaoneMoeTopkRouter": ("EXAONE-MoE", "sigmoid", D),
+    "SolarOpenTopkRouter": ("Solar-Open", "sigmoid", D),
     "MiniMaxM2TopKRouter": ("MiniMax-M2", "sigmoid", dict(norm=True, unsorted=True, bias_arg=True)),
-    "Lfm2MoeTopKRouter": ("LFM2-MoE", "sigmoid", dict(eps=1e-6, bias_arg=True)),
-    "AfmoeTokenChoiceRouter": ("AFMoE", "sigmoid", dict(norm=True, bias_arg=True)),
+    "Lfm2MoeTopKRouter": ("LFM2-MoE", "sigmoid", dict(eps=1e-6, bias_arg=True, raw=True, promote=True)),
+    "AfmoeTokenChoiceRouter": ("AFMoE", "sigmoid", N | dict(bias_arg=True, logits="upcast", eps=1e-20)),
     "Llama4Router": ("Llama 4", "llama4", {}),
 }
 
@@ -482,14 +491,15 @@ def softmax_mechanism(router, logits, bias):
 
 
 def logits_mechanism(router, logits, bias):
-    """Top-k of the logits, softmax over the chosen."""
+    """Top-k of the logits, softmax over the chosen (in the logits' dtype)."""
     return torch.softmax(logits, -1, dtype=torch.float), logits, lambda index, keep: torch.softmax(
-        logits.gather(1, index).masked_fill(~keep, float("-inf")), -1, dtype=torch.float)
+        logits.gather(1, index).masked_fill(~keep, float("-inf")), -1, dtype=logits.dtype)
 
 
 def sigmoid_mechanism(router, logits, bias):
-    """DeepSeek-V3: sigmoid scores; the selection adds the bias; KA samples the scores normalised, no bias."""
-    s = logits.float().sigmoid()
+    """DeepSeek-V3: sigmoid scores (fp32, or option raw: in the logits' dtype); the selection adds the bias;
+    KA samples the scores normalised, no bias."""
+    s = (logits if HF_ROUTERS[type(router).__name__][2].get("raw") else logits.float()).sigmoid()
     return s / s.sum(-1, keepdim=True), s if bias is None else s + bias, lambda index, keep: s.gather(1, index) * keep
 
 
@@ -599,8 +609,11 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
     """A transformers router's forward under `routing`: its logits, its family's mechanism, its output."""
     family, mechanism, opt = HF_ROUTERS[type(router).__name__]
     linear = next((m for m in (getattr(router, n, None) for n in ("gate", "wg")) if isinstance(m, nn.Linear)), router)
-    h = hidden_states.reshape(-1, linear.weight.shape[1]).to(linear.weight.dtype)
-    logits = F.linear(h, linear.weight, getattr(linear, "bias", None))                       # [N, E]
+    h, w, how = hidden_states.reshape(-1, linear.weight.shape[1]), linear.weight, opt.get("logits")
+    h, w = (h.float(), w.float()) if how in ("fp32in", "fp32") else (h.to(w.dtype), w)
+    with torch.autocast(h.device.type, enabled=False) if how == "fp32" else contextlib.nullcontext():
+        logits = F.linear(h, w, getattr(linear, "bias", None))                                  # [N, E]
+    logits = logits.float() if how == "upcast" else logits
     bias = ([*args, *kwargs.values()] or [None])[0] if opt.get("bias_arg") else getattr(router, "e_score_correction_bias", None)
     probs, choice, weigh = MECHANISMS[mechanism](router, logits, bias if getattr(router, "use_expert_bias", True) else None)
     if routing.mode in ("topk", "sample") and getattr(router, "num_group", None) and \
@@ -614,10 +627,13 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
         return torch.full_like(logits, float("-inf")).scatter(1, index, chosen).float().sigmoid().to(logits.dtype), logits
     weights = weigh(index, keep)
     if opt.get("norm", getattr(router, "norm_topk_prob", False)):
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + opt.get("eps", 0.0))
+        total = weights.sum(dim=-1, keepdim=True)
+        total = total.clamp(min=router.norm_min) if opt.get("clamp") else total + opt.get("eps", 0.0)
+        weights = weights / total if opt.get("promote") else (weights / total).to(weights.dtype)
     scale = next((getattr(router, a) for a in ("routed_scaling_factor", "route_scale") if hasattr(router, a)), 1.0)
     weights = weights * scale
-    return logits, weights.to(logits.dtype) if opt.get("cast") else weights, index
+    cast = {True: logits.dtype, "input": hidden_states.dtype}.get(opt.get("cast"))
+    return logits, weights if cast is None else weights.to(cast), index
 
 
 def experts_backend(model: nn.Module, mode: str) -> list[tuple[Any, str]]:
