@@ -180,6 +180,16 @@ def test_family_routing_equals_native(family, dtype):
     assert routing_equals_native(family, dtype) == []
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["bf16", "bf16-load"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cuda_family_routing_equals_native(family, dtype):
+    """The same in bf16 on CUDA (bench.py --gpu-check): CUDA's kernels and its autocast, which also runs
+    softmax and sum in fp32, with the family's default experts backend."""
+    assert routing_equals_native(family, dtype, "cuda") == []
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_routing_modes(family):
     """"all" gives every expert the family's weight and the experts' output equals each expert applied densely and
@@ -337,8 +347,8 @@ def family_table() -> str:
         router = router_of(tiny_moe(family))
         name, mechanism, _ = moekd.HF_ROUTERS[type(router).__name__]
         aux = hasattr(moekd.sys.modules[type(router).__module__], "load_balancing_loss_func")
-        rows.append(f"| {name} | `{family}` | `{type(router).__name__}` | {mechanism} | topk = native, KA λ=0 = native, "
-                    f"all = naive, SAR grads, restore | {cells('teacher', TEACHER_METHODS) or GAPS[family, 'teacher']} | "
+        rows.append(f"| {name} | `{family}` | `{type(router).__name__}` | {mechanism} | topk = native, KA λ=0 = native "
+                    f"(fp32, bf16), all = naive, SAR grads, restore | {cells('teacher', TEACHER_METHODS) or GAPS[family, 'teacher']} | "
                     f"{cells('student', list(moekd.METHODS)) or '-'}{'' if (family, 'student') not in GAPS else ' (not: ' + GAPS[family, 'student'] + ')'}, "
                     f"{'own aux loss kept' if aux else 'no aux loss of its own'} |")
     return "\n".join(rows)
