@@ -110,10 +110,18 @@ def naive_all_weights(router, logits):
     return scores * getattr(router, "routed_scaling_factor", getattr(router, "route_scale", 1.0))
 
 
+# dtype -> (the model's tensors, bf16 autocast): fp32; bf16 as moekd runs a teacher on a GPU, every tensor
+# bf16 (model.to) or as a checkpoint loads (-load); and the other two pairings, where the family's casts show
+# too (on every token: there the router's outputs on fewer tokens suffice)
+DTYPES = {"fp32": ("fp32", False), "bf16": ("bf16", True), "bf16-load": ("bf16-load", True),
+          "bf16-no-autocast": ("bf16", False), "fp32-autocast": ("fp32", True)}
+CASTS_ONLY = dict(tokens=4000, logits=False)
+
+
 def model_in(family: str, dtype: str, device: str = "cpu"):
-    """The family's tiny model in fp32; in bf16 ("bf16": every tensor, as model.to(torch.bfloat16)); or in bf16
-    as moekd loads a teacher ("bf16-load": from_pretrained(dtype=bf16) keeps the family's _keep_in_fp32_modules,
-    e.g. DeepSeek-V3's gate weight and selection bias, in fp32)."""
+    """The family's tiny model in fp32; in bf16 ("bf16": every tensor, as model.to(torch.bfloat16)); or in
+    bf16 as moekd loads a teacher ("bf16-load": from_pretrained(dtype=bf16) keeps the family's
+    _keep_in_fp32_modules, e.g. DeepSeek-V3's gate weight and selection bias, in fp32)."""
     if dtype == "bf16-load":
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.bfloat16).eval()
@@ -134,7 +142,8 @@ class Routed(Exception):
 
 
 def router_output(block, router, h):
-    """The router's output (its arguments as its block passes them) when `block` runs on h; the block stops there."""
+    """The router's output (called with the arguments its block passes) when `block` runs on h; the block
+    stops there."""
     def stop(module, args, out):
         raise Routed(out)
     hook = router.register_forward_hook(stop)
@@ -147,12 +156,14 @@ def router_output(block, router, h):
     raise AssertionError(f"{type(block).__name__} never called its router")
 
 
-def routing_equals_native(family: str, dtype: str, device: str = "cpu", tokens: int = 20000) -> list[str]:
-    """Under the routing that should be native -- topk at the native k, KA ("sample") at prob 0 with the native k
-    -- the first MoE layer's router outputs on `tokens` random hidden states and the model's logits on ids() equal
-    the family's own forward bit for bit, dtypes included (fp32: no autocast; bf16: under bf16 autocast). Returns
-    the paths that differ."""
-    model = model_in(family, dtype, device)
+def routing_equals_native(family: str, dtype: str, device: str = "cpu", tokens: int = 20000,
+                          logits: bool = True) -> list[str]:
+    """Under the routing that should be native -- topk at the native k, KA ("sample") at prob 0 with the
+    native k -- the first MoE layer's router outputs on `tokens` random hidden states and the model's logits
+    on ids() equal the family's own forward bit for bit, dtypes included (DTYPES: the tensors' dtype, autocast
+    or not; `logits` False: the router's outputs only). Returns the paths that differ."""
+    tensors, amp = DTYPES[dtype]
+    model = model_in(family, tensors, device)
     if device == "cpu":
         model.set_experts_implementation("eager")  # as moekd loads a model on CPU (checkpoints.load_model)
     router = router_of(model)
@@ -163,21 +174,52 @@ def routing_equals_native(family: str, dtype: str, device: str = "cpu", tokens: 
     paths = {"native": contextlib.nullcontext, "topk": lambda: moekd.moe_routing(model, "topk"),
              "sample": lambda: moekd.moe_routing(model, "sample", prob=0.0, generator=generator())}
     out = {}
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype != "fp32"):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
         for path, routing in paths.items():
             with routing():
-                out[path] = router_output(block, router, h), model(ids().to(device)).logits
+                out[path] = (router_output(block, router, h),
+                             model(ids().to(device)).logits if logits else None)
     return [f"{path} {what}" for path in ("topk", "sample")
-            for what, a, b in zip(("router", "logits"), out[path], out["native"]) if not same(a, b)]
+            for what, a, b in zip(("router", "logits"), out[path], out["native"])
+            if b is not None and not same(a, b)]
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16-load"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_routing_equals_native(family, dtype):
     """topk at the native k and KA at prob 0 are the family's native forward bit for bit -- router outputs
-    (values and dtypes) on 20,000 random tokens, model logits -- in fp32 and in bf16 under bf16 autocast (the
-    family's router precision, casts and bias dtypes: moekd.HF_ROUTERS' options)."""
-    assert routing_equals_native(family, dtype) == []
+    (values and dtypes) on 20,000 random tokens, model logits -- in fp32 and in bf16 under bf16 autocast, and
+    in bf16 without autocast and fp32 under autocast (the family's router precision, casts and bias dtypes:
+    moekd.HF_ROUTERS' options)."""
+    assert routing_equals_native(family, dtype, **(CASTS_ONLY if dtype.endswith("autocast") else {})) == []
+
+
+@pytest.mark.parametrize("family", ["ernie4_5_moe", "deepseek_v3", "afmoe"])
+def test_family_norm_guards_on_degenerate_rows(family):
+    """Tokens whose chosen weights sum to almost 0 (router logits set by hand: ERNIE's chosen probabilities
+    ~1e-26, picked by its selection bias; sigmoid scores ~4e-18): topk is native there too, so the family's
+    guards on the renormalisation are kept (ERNIE's clamp at moe_norm_min, the + 1e-20 of DeepSeek-V3 and
+    AFMoE)."""
+    model = tiny_moe(family)
+    router = router_of(model)
+    block = next(m for m in model.modules() if getattr(m, "gate", getattr(m, "router", None)) is router)
+    weight = next(p for n, p in router.named_parameters() if n.endswith("weight"))
+    with torch.no_grad():
+        weight.zero_()
+        if family == "ernie4_5_moe":  # expert 0 has all the mass; the bias picks 1, 2, 3
+            weight[:, 0] = torch.tensor([0.0] + [-60.0] * (E - 1))
+            router.moe_statics.e_score_correction_bias.copy_(torch.tensor([[0.0, 2, 2, 2] + [0.0] * (E - 4)]))
+        else:
+            weight[:, 0] = -40.0
+        h = torch.zeros(1, 4, 32)
+        h[..., 0] = torch.tensor([1.0, 0.7, 0.9, 1.1])
+        native = router_output(block, router, h)
+        with moekd.moe_routing(model, "topk"):
+            routed = router_output(block, router, h)
+    assert same(routed, native)
+    if family == "ernie4_5_moe":  # the clamp binds: the chosen weights are not renormalised to 1
+        assert torch.equal(native[2].sort(-1).values, torch.tensor([[1, 2, 3]] * 4))
+        assert native[1].sum(-1).max() < 1e-3
 
 
 @pytest.mark.cuda
@@ -192,8 +234,8 @@ def test_cuda_family_routing_equals_native(family, dtype):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_routing_modes(family):
-    """"all" gives every expert the family's weight and the experts' output equals each expert applied densely and
-    weighted by hand; routing is restored on exit and on errors (topk / KA at prob 0: the test above)."""
+    """"all" gives every expert the family's weight and the experts' output equals each expert applied densely
+    and weighted by hand; routing is restored on exit and on errors (topk, KA at prob 0: the tests above)."""
     model = tiny_moe(family)
     router = router_of(model)
     assert all(type(r).__name__ in moekd.HF_ROUTERS for r in moekd.moe_routers(model))
@@ -347,8 +389,9 @@ def family_table() -> str:
         router = router_of(tiny_moe(family))
         name, mechanism, _ = moekd.HF_ROUTERS[type(router).__name__]
         aux = hasattr(moekd.sys.modules[type(router).__module__], "load_balancing_loss_func")
-        rows.append(f"| {name} | `{family}` | `{type(router).__name__}` | {mechanism} | topk = native, KA λ=0 = native "
-                    f"(fp32, bf16), all = naive, SAR grads, restore | {cells('teacher', TEACHER_METHODS) or GAPS[family, 'teacher']} | "
+        rows.append(f"| {name} | `{family}` | `{type(router).__name__}` | {mechanism} | "
+                    f"topk = native, KA λ=0 = native (fp32, bf16), all = naive, SAR grads, restore | "
+                    f"{cells('teacher', TEACHER_METHODS) or GAPS[family, 'teacher']} | "
                     f"{cells('student', list(moekd.METHODS)) or '-'}{'' if (family, 'student') not in GAPS else ' (not: ' + GAPS[family, 'student'] + ')'}, "
                     f"{'own aux loss kept' if aux else 'no aux loss of its own'} |")
     return "\n".join(rows)
