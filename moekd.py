@@ -456,20 +456,19 @@ def autocast(device: torch.device, dtype: torch.dtype):
 N = dict(norm=True)
 C = dict(cast=True)
 D = dict(unsorted=True, logits="fp32in", raw=True, eps=1e-20)  # DeepSeek-V3's router (11 families)
-G = dict(cast="input", logits="upcast")
 HF_ROUTERS = {
     "MixtralTopKRouter": ("Mixtral", "softmax", N), "MiniMaxTopKRouter": ("MiniMax", "softmax", N),
     "Qwen2MoeTopKRouter": ("Qwen2-MoE", "softmax", C), "Qwen3MoeTopKRouter": ("Qwen3-MoE", "softmax", C),
     "OlmoeTopKRouter": ("OLMoE", "softmax", C), "FlexOlmoTopKRouter": ("FlexOlmo", "softmax", C),
     "Qwen3NextTopKRouter": ("Qwen3-Next", "softmax", C), "Qwen3_5MoeTopKRouter": ("Qwen3.5-MoE", "softmax", N | C),
-    "JambaTopKRouter": ("Jamba", "softmax", dict(norm=False, cast="input")),
+    "JambaTopKRouter": ("Jamba", "softmax", dict(cast="input")),
     "HunYuanMoEV1Gate": ("HunYuan-V1-MoE", "softmax", N | C),
-    "Ernie4_5_MoeTopKRouter": ("ERNIE-4.5-MoE", "softmax", N | dict(clamp=True, cast="input", logits="fp32")),
-    "DeepseekV2TopkRouter": ("DeepSeek-V2", "softmax",
-                             dict(norm=False, unsorted=True, gmax=True, logits="fp32in")),
-    "GptOssTopKRouter": ("GPT-OSS", "logits", C), "GraniteMoeTopKRouter": ("GraniteMoE", "logits", G),
-    "GraniteMoeSharedTopKRouter": ("GraniteMoE-Shared", "logits", G),
-    "GraniteMoeHybridTopKRouter": ("GraniteMoE-Hybrid", "logits", G),
+    "Ernie4_5_MoeTopKRouter": ("ERNIE-4.5-MoE", "softmax", N | dict(cast="input", clamp=True, logits="fp32")),
+    "DeepseekV2TopkRouter": ("DeepSeek-V2", "softmax", dict(unsorted=True, gmax=True, logits="fp32in")),
+    "GptOssTopKRouter": ("GPT-OSS", "logits", C),
+    "GraniteMoeTopKRouter": ("GraniteMoE", "logits", dict(cast="input", logits="upcast")),
+    "GraniteMoeSharedTopKRouter": ("GraniteMoE-Shared", "logits", dict(cast="input", logits="upcast")),
+    "GraniteMoeHybridTopKRouter": ("GraniteMoE-Hybrid", "logits", dict(cast="input", logits="upcast")),
     "DeepseekV3TopkRouter": ("DeepSeek-V3", "sigmoid", D), "DeepseekV32TopkRouter": ("DeepSeek-V3.2", "sigmoid", D),
     "Dots1TopkRouter": ("Dots1", "sigmoid", D), "KimiLinearTopkRouter": ("Kimi-Linear", "sigmoid", D),
     "MiMoV2FlashTopkRouter": ("MiMo-V2-Flash", "sigmoid", D), "NemotronHTopkRouter": ("Nemotron-H", "sigmoid", D),
@@ -497,8 +496,7 @@ def logits_mechanism(router, logits, bias):
 
 
 def sigmoid_mechanism(router, logits, bias):
-    """DeepSeek-V3: sigmoid scores (fp32, or option raw: in the logits' dtype); the selection adds the bias;
-    KA samples the scores normalised, no bias."""
+    """Sigmoid scores (raw: in the logits' dtype); the selection adds the bias; KA samples s / Σs, no bias."""
     s = (logits if HF_ROUTERS[type(router).__name__][2].get("raw") else logits.float()).sigmoid()
     return s / s.sum(-1, keepdim=True), s if bias is None else s + bias, lambda index, keep: s.gather(1, index) * keep
 
@@ -612,8 +610,7 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
     h, w, how = hidden_states.reshape(-1, linear.weight.shape[1]), linear.weight, opt.get("logits")
     h, w = (h.float(), w.float()) if how in ("fp32in", "fp32") else (h.to(w.dtype), w)
     with torch.autocast(h.device.type, enabled=False) if how == "fp32" else contextlib.nullcontext():
-        logits = F.linear(h, w, getattr(linear, "bias", None))                                  # [N, E]
-    logits = logits.float() if how == "upcast" else logits
+        logits = F.linear(h, w, getattr(linear, "bias", None)).to(torch.float if how == "upcast" else None)
     bias = ([*args, *kwargs.values()] or [None])[0] if opt.get("bias_arg") else getattr(router, "e_score_correction_bias", None)
     probs, choice, weigh = MECHANISMS[mechanism](router, logits, bias if getattr(router, "use_expert_bias", True) else None)
     if routing.mode in ("topk", "sample") and getattr(router, "num_group", None) and \
@@ -629,11 +626,10 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
     if opt.get("norm", getattr(router, "norm_topk_prob", False)):
         total = weights.sum(dim=-1, keepdim=True)
         total = total.clamp(min=router.norm_min) if opt.get("clamp") else total + opt.get("eps", 0.0)
-        weights = weights / total if opt.get("promote") else (weights / total).to(weights.dtype)
+        weights = (weights / total).to(None if opt.get("promote") else weights.dtype)  # None: as computed
     scale = next((getattr(router, a) for a in ("routed_scaling_factor", "route_scale") if hasattr(router, a)), 1.0)
     weights = weights * scale
-    cast = {True: logits.dtype, "input": hidden_states.dtype}.get(opt.get("cast"))
-    return logits, weights if cast is None else weights.to(cast), index
+    return logits, weights.to({True: logits.dtype, "input": hidden_states.dtype}.get(opt.get("cast"))), index
 
 
 def experts_backend(model: nn.Module, mode: str) -> list[tuple[Any, str]]:
