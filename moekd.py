@@ -498,7 +498,8 @@ def logits_mechanism(router, logits, bias):
 def sigmoid_mechanism(router, logits, bias):
     """Sigmoid scores (raw: in the logits' dtype); the selection adds the bias; KA samples s / Σs, no bias."""
     s = (logits if HF_ROUTERS[type(router).__name__][2].get("raw") else logits.float()).sigmoid()
-    return s / s.sum(-1, keepdim=True), s if bias is None else s + bias, lambda index, keep: s.gather(1, index) * keep
+    law = s.float() / s.float().sum(-1, keepdim=True)  # KA's law in fp32, whatever the scores' dtype
+    return law, s if bias is None else s + bias, lambda index, keep: s.gather(1, index) * keep
 
 
 # (router, logits [N, E], selection bias) -> (sampling law [N, E], selection score [N, E], weights(index, kept))
