@@ -586,13 +586,22 @@ def native_top_k(model: nn.Module) -> int:
     return moe_routers(model)[0].top_k
 
 
-def group_limited(router: nn.Module, choice: torch.Tensor, by_max: bool) -> torch.Tensor:
-    """Selection scores outside the router's best topk_group groups set to -inf; a group scores by its best two
-    (DeepSeek-V3) or its best expert (by_max, DeepSeek-V2)."""
+def group_limited(router: nn.Module, choice: torch.Tensor, k: int, *, by_max: bool, sort: bool) -> torch.Tensor:
+    """The k best experts [N, k] under the router's group limit: a group scores by its best two (DeepSeek-V3) or
+    its best expert (by_max, DeepSeek-V2), the topk_group best groups are chosen and the top-k is taken over their
+    experts, as the family does. For k above the chosen groups' experts (KA's top-(N-1), --teacher-k, k-sweeps):
+    all of those first, then the other experts by the same score, so the sets stay nested as k grows and the
+    expert left out at N-1 is the lowest-scoring one outside the chosen groups."""
     groups = choice.view(choice.shape[0], router.num_group, -1)
     score = groups.max(-1).values if by_max else groups.topk(2, dim=-1).values.sum(-1)
     chosen = torch.zeros_like(score, dtype=torch.bool).scatter(1, score.topk(router.topk_group, dim=-1).indices, True)
-    return groups.masked_fill(~chosen.unsqueeze(-1), float("-inf")).view_as(choice)
+    inside = chosen.unsqueeze(-1).expand_as(groups).reshape_as(choice)                        # [N, E]
+    first = choice.masked_fill(~inside, float("-inf")).topk(min(k, router.topk_group * groups.shape[-1]),
+                                                            dim=-1, sorted=sort).indices
+    if k <= first.shape[-1]:
+        return first
+    rest = choice.masked_fill(inside, float("-inf")).topk(k - first.shape[-1], dim=-1).indices
+    return torch.cat([first, rest], dim=-1)
 
 
 def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.Tensor, *args, **kwargs):
@@ -603,11 +612,12 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
     logits = F.linear(h, linear.weight, getattr(linear, "bias", None))                       # [N, E]
     bias = ([*args, *kwargs.values()] or [None])[0] if opt.get("bias_arg") else getattr(router, "e_score_correction_bias", None)
     probs, choice, weigh = MECHANISMS[mechanism](router, logits, bias if getattr(router, "use_expert_bias", True) else None)
-    if routing.mode in ("topk", "sample") and getattr(router, "num_group", None) and \
-            getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy":
-        choice = group_limited(router, choice, opt.get("gmax", False))                        # KA, all: lifted
-    index, keep = select_experts(choice, routing, router.top_k, probs,
-                                 lambda c, k: c.topk(k, dim=-1, sorted=not opt.get("unsorted")).indices)
+    sort = not opt.get("unsorted")
+    top = lambda c, k: c.topk(k, dim=-1, sorted=sort).indices                                    # noqa: E731
+    if getattr(router, "num_group", None) and \
+            getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy":   # KA's draws, all: lifted
+        top = functools.partial(group_limited, router, by_max=opt.get("gmax", False), sort=sort)
+    index, keep = select_experts(choice, routing, router.top_k, probs, top)
     keep = torch.ones_like(index, dtype=torch.bool) if keep is None else keep
     if mechanism == "llama4":  # dense [N, E] scores, the sigmoid of the chosen logits, 0 elsewhere
         chosen = logits.gather(1, index).masked_fill(~keep, float("-inf"))
