@@ -1135,7 +1135,9 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / updates
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        check_finite("gradient norm", grad_norm, step)  # the same on every rank: gradients are synced
+        if not is_finite(grad_norm):  # the same on every rank (gradients are synced): name a non-finite loss first
+            check_finite("loss", all_reduce_sum([logs.get("loss", 0.0)], dist)[0], step)
+        check_finite("gradient norm", grad_norm, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     logs["tokens"] = float(sum(int(mb["attention_mask"].sum()) for mb in micro))
@@ -1144,11 +1146,17 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
     return logs
 
 
+def is_finite(value) -> bool:
+    return math.isfinite(float(value.full_tensor() if hasattr(value, "full_tensor") else value))  # DTensor: FSDP2
+
+
 def check_finite(what: str, value, step: int) -> None:
-    value = float(value.full_tensor() if hasattr(value, "full_tensor") else value)  # DTensor under FSDP2
+    """A one-line stop for a non-finite loss or gradient norm; +inf loss: the teacher's -inf where q has mass."""
+    value = float(value.full_tensor() if hasattr(value, "full_tensor") else value)
     if not math.isfinite(value):
-        raise RunStopped(f"step {step + 1}: the {what} is {value}, nothing of this step is kept "
-                         f"(try a lower --lr)")
+        cause = ("a token the teacher gives probability 0 (log-probability -inf) has mass under the student, "
+                 "or the run diverged: try a lower --lr") if value == math.inf and what == "loss" else "try a lower --lr"
+        raise RunStopped(f"step {step + 1}: the {what} is {value}, nothing of this step is kept ({cause})")
 
 
 def router_state_dict(teacher: nn.Module) -> dict[str, torch.Tensor]:
