@@ -1595,13 +1595,30 @@ def test_every_method_runs_on_every_teacher_family(tmp_path, method, family):
 
 @pytest.mark.parametrize("method", moekd.METHODS)
 def test_every_method_steps_in_bf16_on_cpu(tmp_path, method):
-    """GPU runs are bf16 (autocast, fp32 master weights, fp32 SAR routers): dtype bugs must show up here."""
+    """GPU runs are bf16 (autocast, fp32 master weights, fp32 SAR routers): dtype bugs must show up here. The
+    first step's losses are those of the same step in fp32 within rel 2e-2."""
     result = moekd.main(run_args(tmp_path / "run", method, "--dtype", "bf16", "--max-steps", "1"))
+    fp32 = moekd.main(run_args(tmp_path / "fp32", method, "--dtype", "fp32", "--max-steps", "1"))["history"][0]
     assert result["finished"] and all(math.isfinite(v) for h in result["history"] for v in h.values())
+    losses = [k for k in fp32 if k in ("loss", "rkl", "fkl", "ce", "router_kl")]
+    assert "loss" in losses and all(abs(result["history"][0][k] - fp32[k]) <= 2e-2 * abs(fp32[k]) for k in losses), \
+        {k: (result["history"][0][k], fp32[k]) for k in losses}
     trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
     init = moekd.load_model(str(STUDENT)).state_dict()
     assert all(trained[k].dtype == torch.float32 for k in trained) and any(not torch.equal(trained[k], init[k]) for k in init)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["dtype"] == "bf16"
+
+
+def test_ka_at_lambda_0_is_gkd_with_the_top_n_minus_1_experts(tmp_path):
+    """KA's draws never taken (lambda 0): every pass routes the top-(N-1), so the first step's loss is gkd's with
+    --teacher-k N-1 (N = 7 experts in the tiny teacher); at the default lambda it is not."""
+    def first(method, *extra):
+        out = tmp_path / "-".join([method, *extra]).replace("--", "")
+        return moekd.main(run_args(out, method, "--max-steps", "1", *extra))["history"][0]["loss"]
+
+    gkd = first("gkd", "--teacher-k", "6")
+    assert abs(first("ka", "--ka-lambda", "0") - gkd) <= 1e-6 * gkd
+    assert first("ka", "--ka-lambda", "1") != gkd and gkd != first("gkd")
 
 
 def test_llama_like_tokenizer_end_to_end(tmp_path):
