@@ -144,6 +144,11 @@ class Config:
     teacher_top_p: float | None = field(default=None, metadata={
         "help": "kd/gkd: route the teacher by the official gate's top-p instead of top-k: per token the most "
                 "probable experts until their softmax mass exceeds P (the official --moe-top-p)"})
+    routed_mass: str = field(default="native", metadata={
+        "help": "teachers whose router does not renormalise its chosen weights (Qwen2-MoE, OLMoE, DeepSeek-V2, ...), "
+                "under all/ka/sar, --teacher-k, --teacher-top-p: native = scale the weights to the mass of the "
+                "native top-k (the paper's gate keeps it); literal = the family's rule as is",
+        "choices": ("native", "literal")})
     ka_m: int = field(default=2, metadata={"help": "ka, ka-gold: M, teacher passes per sample, each with fresh expert draws"})
     ka_lambda: float = field(default=0.05, metadata={
         "help": "ka, ka-gold: lambda, per token and layer probability of the sampled expert set"})
@@ -253,6 +258,7 @@ METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "kd_ratio": ("kd", "ka-gold"),
     "teacher_k": ("kd", "gkd"),
     "teacher_top_p": ("kd", "gkd"),
+    "routed_mass": DISTILL,
     "ka_m": ("ka", "ka-gold"),
     "ka_lambda": ("ka", "ka-gold"),
     "ka_k": ("ka", "ka-gold"),
@@ -288,7 +294,12 @@ def parse_config(argv: list[str] | None = None) -> Config:
     values = dict(TINY_PRESET) if given.get("tiny") else {}
     values.update(given)
     if given.get("resume"):
-        values = {**saved_config(values, given, {f.name: f.default for f in dataclasses.fields(Config)}), **given}
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        values = {**saved_config(values, given, {**defaults, "routed_mass": "literal"}), **given}
+        if "routed_mass" not in values:  # neither in run.json nor given
+            values["routed_mass"] = "literal"
+            print("resume: run.json predates --routed-mass, so the run goes on with the rule it was trained with "
+                  "(--routed-mass literal)")
     check_method_flags(values.get("method", "sft"), given)
     return Config(**values)
 
@@ -503,12 +514,15 @@ class Routing:
     """How MoE layers pick experts; called on router logits [N, E] and the native k: (index [N, K], kept or None).
     topk: the k best (k None: native); sample (KA): w.p. `prob` per token (None: always) k experts drawn
     without replacement from the router's probabilities, else the top-k; topp: the official gate's top-p, the
-    most probable experts until their mass exceeds `top_p`; all: every expert."""
+    most probable experts until their mass exceeds `top_p`; all: every expert. mass: "native" (a router that
+    does not renormalise its chosen weights scales them to the mass its native selection would give, as the
+    paper's gate keeps it by its softmax over the chosen; native_mass) or "literal" (the family's rule as is)."""
     mode: str = "topk"
     k: int | None = None
     prob: float | None = None
     generator: torch.Generator | None = None
     top_p: float | None = None
+    mass: str = "native"
 
     def __call__(self, logits: torch.Tensor, native_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return select_experts(logits, self, native_k)
@@ -520,6 +534,12 @@ class Routing:
             raise ValueError(f"routing: sampling probability must be in [0, 1], got {self.prob}")
         if (self.mode == "topp") != (self.top_p is not None) or not 0.0 <= (self.top_p or 0.0) <= 1.0:
             raise ValueError(f"routing: mode topp needs top_p in [0, 1] (and only it), got {self.top_p}")
+        if self.mass not in ("native", "literal"):
+            raise ValueError(f"routing: mass must be native or literal, got {self.mass!r}")
+
+    def native(self, native_k: int) -> bool:
+        """Routes the family's own selection (top-k at its native k)."""
+        return self.mode == "topk" and self.k in (None, native_k)
 
 
 def sample_experts(probs: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -625,9 +645,20 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
     weights = weigh(index, keep)
     if opt.get("norm", getattr(router, "norm_topk_prob", False)):
         weights = weights / (weights.sum(dim=-1, keepdim=True) + opt.get("eps", 0.0))
+    elif routing.mass == "native" and mechanism != "logits" and not routing.native(router.top_k):
+        native = top(choice, router.top_k)                     # fp32, before the scaling and any cast
+        weights = native_mass(weights, weigh(native, torch.ones_like(native, dtype=torch.bool)))
     scale = next((getattr(router, a) for a in ("routed_scaling_factor", "route_scale") if hasattr(router, a)), 1.0)
     weights = weights * scale
     return logits, weights.to(logits.dtype) if opt.get("cast") else weights, index
+
+
+def native_mass(weights: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
+    """Chosen weights [N, K] scaled per token to the sum of the native selection's weights [N, k]: a router that
+    does not renormalise keeps its routed output's loudness under ALL, KA, top-p or another k, as the paper's
+    gate does (the factor keeps its gradient, like a renormalising softmax); a token of mass 0 stays 0."""
+    total = weights.sum(-1, keepdim=True)
+    return weights * torch.where(total > 0, native.sum(-1, keepdim=True) / total.where(total > 0, 1.0), 0.0)
 
 
 def experts_backend(model: nn.Module, mode: str) -> list[tuple[Any, str]]:
@@ -651,9 +682,10 @@ def experts_backend(model: nn.Module, mode: str) -> list[tuple[Any, str]]:
 
 @contextlib.contextmanager
 def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, prob: float | None = None,
-                generator: torch.Generator | None = None, top_p: float | None = None) -> Iterator[list[nn.Module]]:
+                generator: torch.Generator | None = None, top_p: float | None = None,
+                mass: str = "native") -> Iterator[list[nn.Module]]:
     """Route every MoE layer of `model` by `mode` (see Routing) inside the block; restored on exit, even on errors."""
-    routing = Routing(mode, k, prob, generator, top_p)
+    routing = Routing(mode, k, prob, generator, top_p, mass)
     routers = moe_routers(model)
     for r in routers:
         if k is not None and not 1 <= k <= r.num_experts:
@@ -951,13 +983,13 @@ def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator 
     routing = METHODS[cfg.method].teacher
     if routing == "sample":
         k = cfg.ka_k or num_experts(teacher) - 1
-        return moe_routing(teacher, "sample", k=k, prob=cfg.ka_lambda, generator=generator)
+        return moe_routing(teacher, "sample", k=k, prob=cfg.ka_lambda, generator=generator, mass=cfg.routed_mass)
     if routing == "all":
-        return moe_routing(teacher, "all")
+        return moe_routing(teacher, "all", mass=cfg.routed_mass)
     if cfg.teacher_k is not None:
-        return moe_routing(teacher, "topk", k=cfg.teacher_k)
+        return moe_routing(teacher, "topk", k=cfg.teacher_k, mass=cfg.routed_mass)
     if cfg.teacher_top_p is not None:
-        return moe_routing(teacher, "topp", top_p=cfg.teacher_top_p)
+        return moe_routing(teacher, "topp", top_p=cfg.teacher_top_p, mass=cfg.routed_mass)
     return contextlib.nullcontext()
 
 
@@ -1025,7 +1057,7 @@ def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg
         with torch.no_grad(), autocast(device, state.amp_dtype), final_hidden(student) as q:
             student(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
         torch.manual_seed(stream_seed(cfg.seed, step, first + m, "router"))  # the gates' noise
-        with moe_routing(teacher, "all"):  # also around the backward: --grad-checkpointing re-runs the forward
+        with moe_routing(teacher, "all", mass=cfg.routed_mass):  # also around the backward: --grad-checkpointing re-runs the forward
             with autocast(t_device, state.amp_dtype), record_routing(teacher) as routed, final_hidden(teacher) as p:
                 teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device))
                 lb = router_balance_loss(routed, cfg.sar_beta) / n_micro

@@ -1609,6 +1609,26 @@ def test_every_method_steps_in_bf16_on_cpu(tmp_path, method):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["dtype"] == "bf16"
 
 
+def test_routed_mass_is_recorded_and_an_older_run_resumes_literal(tmp_path, capsys):
+    """run.json records --routed-mass (default native); a run.json written before the flag existed resumes with
+    the rule it was trained with (literal), saying so in one line; asking it for native is a clear error."""
+    out = tmp_path / "run"
+    moekd.main(run_args(out, "all", "--save-every", "1", "--stop-after", "1"))
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["routed_mass"] == "native" and moekd.parse_config(["--resume", "--out", str(out)]).routed_mass == "native"
+    del saved["routed_mass"]
+    (out / "run.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert moekd.parse_config(["--resume", "--out", str(out)]).routed_mass == "literal"
+    line = [x for x in capsys.readouterr().out.splitlines() if "routed-mass" in x]
+    assert line == ["resume: run.json predates --routed-mass, so the run goes on with the rule it was trained with "
+                    "(--routed-mass literal)"]
+    with pytest.raises(moekd.MoekdError, match=r"--routed-mass 'native' \(run: 'literal'\)"):
+        moekd.parse_config(["--resume", "--out", str(out), "--routed-mass", "native"])
+    with pytest.raises(SystemExit):
+        moekd.parse_config(["--routed-mass", "loud"])
+
+
 def test_ka_at_lambda_0_is_gkd_with_the_top_n_minus_1_experts(tmp_path):
     """KA's draws never taken (lambda 0): every pass routes the top-(N-1), so the first step's loss is gkd's with
     --teacher-k N-1 (N = 7 experts in the tiny teacher); at the default lambda it is not."""
@@ -1796,11 +1816,13 @@ def test_k_sweep_and_routing_flags(tmp_path):
     assert list(result["k"]) == [str(k) for k in range(2, 8)]
     assert (tmp_path / "ev" / "k_sweep.csv").read_text().splitlines()[0] == "k,vicuna,avg"
     result = moe_eval.main(eval_args(tmp_path, "--routing", "sample", "--num-selects", "6", "--sample-prob", "0.5",
-                                     "--sets", "vicuna", name="sampled"))
+                                     "--sets", "vicuna", "--routed-mass", "literal", name="sampled"))
     assert "vicuna" in result["sets"]
+    assert json.loads((tmp_path / "sampled" / "eval.json").read_text())["protocol"]["routed_mass"] == "literal"
     result = moe_eval.main(eval_args(tmp_path, "--routing", "topp", "--top-p", "0.6", "--sets", "vicuna", name="topp"))
     protocol = json.loads((tmp_path / "topp" / "results.json").read_text())["protocol"]
-    assert (protocol["routing"], protocol["top_p"]) == ("topp", 0.6) and "vicuna" in result["sets"]
+    assert (protocol["routing"], protocol["top_p"], protocol["routed_mass"]) == ("topp", 0.6, "native")
+    assert "vicuna" in result["sets"]
 
 
 @pytest.mark.parametrize("extra,pattern", [

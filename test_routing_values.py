@@ -93,47 +93,124 @@ def test_group_limits_keep_the_familys_preference_order_for_every_k(family):
     assert left_out == [o[-1] for o in order]
 
 
-MECHANISMS = {  # case -> (family, config overrides, expected weights of the chosen experts from the logits z)
-    "softmax, norm": ("mixtral", {}, lambda z, idx: z.softmax(-1).gather(1, idx) / z.softmax(-1).gather(1, idx).sum(
-        -1, keepdim=True)),
-    "softmax, no norm": ("qwen2_moe", {}, lambda z, idx: z.softmax(-1).gather(1, idx)),
-    "logits": ("granitemoe", {}, lambda z, idx: z.gather(1, idx).softmax(-1)),
-    "sigmoid, norm": ("deepseek_v3", {}, lambda z, idx: 2.5 * z.sigmoid().gather(1, idx) / z.sigmoid().gather(
-        1, idx).sum(-1, keepdim=True)),
-    "sigmoid, no norm": ("deepseek_v3", {"norm_topk_prob": False}, lambda z, idx: 2.5 * z.sigmoid().gather(1, idx)),
-    "llama4": ("llama4_text", {}, lambda z, idx: z.sigmoid().gather(1, idx)),
+MECHANISMS = {  # case -> (family, config overrides)
+    "softmax, norm": ("mixtral", {}), "softmax, no norm": ("qwen2_moe", {}), "logits": ("granitemoe", {}),
+    "sigmoid, norm": ("deepseek_v3", {}), "sigmoid, no norm": ("deepseek_v3", {"norm_topk_prob": False}),
+    "llama4": ("llama4_text", {}),
 }
 
 
-def chosen_and_weights(router, out, family: str):
-    """(index [N, K], weights [N, K]) from a router's output; Llama 4 gives dense scores [N, E] (0 = not chosen)."""
+def weights_by_hand(case: str, z: list[float], chosen: list[int], native: list[int], mass: str) -> dict[int, float]:
+    """Each chosen expert's weight by the family's rule written out; mass "native": a router that does not
+    renormalise scales them so they sum as its native selection's would."""
+    p = [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
+    s = [1 / (1 + math.exp(-v)) for v in z]
+    if case == "softmax, norm":
+        return {e: p[e] / sum(p[c] for c in chosen) for e in chosen}
+    if case == "softmax, no norm":
+        factor = sum(p[c] for c in native) / sum(p[c] for c in chosen) if mass == "native" else 1.0
+        return {e: p[e] * factor for e in chosen}
+    if case == "logits":
+        return {e: math.exp(z[e]) / sum(math.exp(z[c]) for c in chosen) for e in chosen}
+    if case == "sigmoid, norm":
+        return {e: 2.5 * s[e] / sum(s[c] for c in chosen) for e in chosen}
+    if case == "sigmoid, no norm":
+        factor = sum(s[c] for c in native) / sum(s[c] for c in chosen) if mass == "native" else 1.0
+        return {e: 2.5 * s[e] * factor for e in chosen}
+    return {e: s[e] for e in chosen}                                                      # Llama 4
+
+
+def top_p_by_hand(case: str, z: list[float], top_p: float) -> list[int]:
+    """The official gate's top-p: experts by falling probability (softmax; sigmoid routers: s / Sum s), the first
+    and then each while the mass before it is <= top_p."""
+    law = [math.exp(v) for v in z] if case in ("softmax, norm", "softmax, no norm", "logits") else \
+        [1 / (1 + math.exp(-v)) for v in z]
+    law = [v / sum(law) for v in law]
+    ranked, kept, before = sorted(range(E), key=lambda e: -law[e]), [], 0.0
+    for e in ranked:
+        if kept and before > top_p:
+            break
+        kept.append(e)
+        before += law[e]
+    return kept
+
+
+def dense_weights(router, out, family: str) -> torch.Tensor:
+    """[N, E] weights from a router's output (0 = not chosen); Llama 4's output is dense already."""
     if family == "llama4_text":
-        scores = out[0]
-        index = torch.stack([torch.nonzero(r).flatten() for r in scores])
-        return index, scores.gather(1, index)
-    return out[2], out[1]
+        return out[0].float()
+    return torch.zeros(out[2].shape[0], E).scatter(1, out[2], out[1].float())
+
+
+RUNS = [("topk", 1, None, None), ("topk", E - 1, None, None), ("sample", E - 1, 0.0, None),
+        ("sample", E - 1, 1.0, None), ("all", None, None, None), ("topp", None, None, 0.5)]
 
 
 @pytest.mark.parametrize("case", list(MECHANISMS))
-def test_weights_at_other_k_and_in_kas_branches_by_hand(case):
-    """topk at k = 1 and N-1 (native is 3, Llama 4's 2), KA's top-(N-1) branch (prob 0) and drawn branch (prob 1):
-    the chosen set (the top branches: by the family's preference order) and each chosen expert's weight as the
-    family's own rule literally gives it, written out in float64."""
-    family, overrides, rule = MECHANISMS[case]
+def test_weights_in_every_mode_and_routed_mass_by_hand(case):
+    """topk at k = 1 and N-1 (native 3, Llama 4's 2), KA's top-(N-1) branch (prob 0) and drawn branch (prob 1),
+    all and top-p: each expert's weight (0 if not chosen) as the family's rule gives it, written out in float64,
+    in mass "literal" and "native" (non-renormalising routers scaled to their native selection's mass; every
+    other mechanism bit-identical in both)."""
+    family, overrides = MECHANISMS[case]
     model = model_of(family, **overrides)
     router = first_router(model)
     h = hidden(40, seed=5)
     z = logits_by_hand(router, h)
     order = preference_by_hand(family, router, z)
-    runs = [("topk", 1, None), ("topk", E - 1, None), ("sample", E - 1, 0.0), ("sample", E - 1, 1.0)]
-    for mode, k, prob in runs:
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad(), moekd.moe_routing(model, mode, k=k, prob=prob, generator=generator):
-            index, weights = chosen_and_weights(router, router(h), family)
-        assert index.shape == (40, k) and all(len(set(r)) == k for r in index.tolist())
-        if prob != 1.0:
-            assert [sorted(r) for r in index.tolist()] == [sorted(o[:k]) for o in order], (mode, k, prob)
-        assert_close(weights.double(), rule(z, index), rtol=1e-5, atol=1e-6, msg=f"{case} {mode} k={k} p={prob}")
+    for mode, k, prob, top_p in RUNS:
+        got = {}
+        for mass in ("literal", "native"):
+            generator = torch.Generator().manual_seed(1)
+            with torch.no_grad(), moekd.moe_routing(model, mode, k=k, prob=prob, generator=generator, top_p=top_p,
+                                                    mass=mass):
+                got[mass] = dense_weights(router, router(h), family)
+            for t in range(len(h)):
+                drawn = torch.nonzero(got[mass][t]).flatten().tolist()
+                chosen = {"all": list(range(E)), "topp": top_p_by_hand(case, z[t].tolist(), top_p or 0.0)}.get(
+                    mode, drawn if prob == 1.0 else order[t][:k])
+                assert sorted(drawn) == sorted(chosen), (case, mode, k, prob, mass, t)
+                want = weights_by_hand(case, z[t].tolist(), chosen, order[t][:router.top_k], mass)
+                expected = torch.tensor([want.get(e, 0.0) for e in range(E)], dtype=torch.float32)
+                assert_close(got[mass][t], expected, rtol=1e-5, atol=1e-6, msg=f"{case} {mode} k={k} {mass} t={t}")
+        if "no norm" not in case:
+            assert torch.equal(got["native"], got["literal"]), (case, mode)
+        else:  # the per-token sum is the native selection's, whatever was chosen
+            native_sum = [sum(weights_by_hand(case, z[t].tolist(), order[t][:3], [], "literal").values())
+                          for t in range(len(h))]
+            assert_close(got["native"].sum(-1), torch.tensor(native_sum, dtype=torch.float32))
+
+
+def test_llama_moe_routing_is_the_same_in_both_mass_modes():
+    """moekd's Llama-MoE gate renormalises (softmax over the chosen): mass "native" changes nothing, bit for bit."""
+    model = moekd.load_model(str(tf.TINY)).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 400, 7, 31, 8]])
+    for mode, k, prob, top_p in RUNS:
+        logits = {}
+        for mass in ("literal", "native"):
+            with torch.no_grad(), moekd.moe_routing(model, mode, k=k, prob=prob, top_p=top_p, mass=mass,
+                                                    generator=torch.Generator().manual_seed(1)):
+                logits[mass] = model(ids).logits
+        assert torch.equal(logits["native"], logits["literal"]), mode
+
+
+def test_the_native_mass_factor_carries_the_router_gradient():
+    """SAR's router update under all experts on a non-renormalising router (Qwen2-MoE): the weights' gradient
+    w.r.t. the router weight equals autograd on the hand-written p * Sum_top3 p / Sum p, factor included."""
+    model = model_of("qwen2_moe")
+    router = first_router(model)
+    router.weight.requires_grad_(True)
+    h = hidden(24, seed=9)
+    c = torch.randn(24, E, generator=torch.Generator().manual_seed(4))
+    with moekd.moe_routing(model, "all"):
+        out = router(h)
+    (dense_weights(router, out, "qwen2_moe") * c).sum().backward()
+    W = router.weight.detach().double().requires_grad_(True)
+    p = (h.double() @ W.T).softmax(-1)
+    native = p.gather(1, p.topk(router.top_k, dim=-1).indices).sum(-1, keepdim=True)
+    ((p * native / p.sum(-1, keepdim=True)) * c.double()).sum().backward()
+    assert_close(router.weight.grad.double(), W.grad, rtol=1e-4, atol=1e-6)
+    assert float((native / p.sum(-1, keepdim=True)).min()) < 0.9  # the factor is not ~1: it matters
 
 
 def test_sar_balance_term_of_mixtral_is_the_switch_loss_by_hand():
@@ -211,3 +288,22 @@ def test_kas_lambda_against_the_exact_probability_of_its_draws(family):
         freq = float((rows != torch.tensor(sorted(top))).any(-1).double().mean())
         expected = lam * (1 - prob_of_set(law[t].tolist(), top))
         assert abs(freq - expected) < 5 * math.sqrt(expected * (1 - expected) / n) + 1e-9, (t, freq, expected)
+
+
+def test_native_mass_by_hand_and_a_token_of_mass_zero():
+    """native_mass on hand values: [0.2, 0.1] to the native 0.3 + 0.3 + 0.15 is x2.5; a token whose weights (or
+    native mass) underflowed to 0 keeps weights 0, with finite gradients (no 0/0)."""
+    weights = torch.tensor([[0.2, 0.1], [0.0, 0.0], [0.4, 0.1]], requires_grad=True)
+    native = torch.tensor([[0.3, 0.3, 0.15], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    scaled = moekd.native_mass(weights, native)
+    assert_close(scaled.detach(), torch.tensor([[0.5, 0.25], [0.0, 0.0], [0.0, 0.0]]))
+    scaled.sum().backward()
+    assert bool(torch.isfinite(weights.grad).all())
+    model = model_of("deepseek_v3", norm_topk_prob=False)
+    router = first_router(model)
+    h = hidden(4, seed=1)
+    h[0] = -1e3 * torch.linalg.pinv(router.weight.detach()) @ torch.ones(E)  # logits -1000: sigmoid 0 for all
+    assert float(logits_by_hand(router, h[:1]).max()) < -500
+    with torch.no_grad(), moekd.moe_routing(model, "all"):
+        weights = router(h)[1]
+    assert bool(torch.isfinite(weights).all()) and float(weights[0].abs().sum()) == 0.0
