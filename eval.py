@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=None,
                    help="P for --routing topp: per token the most probable experts until their softmax mass "
                         "exceeds P (the official gate's --moe-top-p; its gate-dump scripts use 0.6)")
+    p.add_argument("--routed-mass", default="native", choices=("native", "literal"),
+                   help="with --routing or the k-sweep, routers that do not renormalise their chosen weights: native "
+                        "= scaled to the mass of their native top-k (as moekd.py's default), literal = the family's "
+                        "rule as is")
     p.add_argument("--routers", default=None, help="load SAR-trained routers (teacher_routers.safetensors or its dir)")
     p.add_argument("--label", default=None, help="row name in the table (default: from --model)")
     p.add_argument("--device", default="auto")
@@ -139,7 +143,7 @@ def routing_context(model, args, seed: int):
         return contextlib.nullcontext()
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     return moekd.moe_routing(model, args.routing, k=args.num_selects, prob=args.sample_prob, generator=generator,
-                             top_p=args.top_p)
+                             top_p=args.top_p, mass=args.routed_mass)
 
 
 def generate(model, tokenizer, examples: list[dict], seed: int, args, *, desc: str) -> list[str]:
@@ -231,7 +235,7 @@ def run_rouge(model, tokenizer, sets, args, out: Path) -> dict:
 def protocol(args) -> dict:
     return {"protocol": {k: getattr(args, k) for k in ("seeds", "max_examples", "max_prompt_len", "max_new_tokens",
                                                         "no_repeat_ngram_size", "routing", "num_selects", "sample_prob",
-                                                        "top_p", "routers")}}
+                                                        "top_p", "routed_mass", "routers")}}
 
 
 # ----------------------------------------------------------------------------

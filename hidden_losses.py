@@ -35,7 +35,7 @@ def head_logits(h: torch.Tensor, head: Head, vocab: int) -> tuple[torch.Tensor, 
         return z, head.scale
     z = z.div_(head.cap).tanh_()
     slope = (1 - z * z).mul_(head.scale)
-    return z.mul_(head.cap), slope
+    return z * head.cap if torch.is_grad_enabled() else z.mul_(head.cap), slope  # tanh's backward keeps z
 
 
 def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool, teacher_grad: bool):
@@ -152,3 +152,70 @@ def head_losses(hs: torch.Tensor, head_s: Head, labels: torch.Tensor | None = No
     t = (None, None, None) if ht is None else (ht, head_t.weight, head_t.bias)
     return _HeadLosses.apply(hs, head_s.weight, head_s.bias, *t, labels, (head_s, head_t), vocab, chunk_mb, reverse,
                              ce_weight, kl_weight)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """chunked_loss, `chunk` rows at a time: each chunk's logits are recomputed under autograd, the loss's
+    gradients taken there (torch.autograd.grad) and accumulated, and the chunk's [rows, V] tensors dropped."""
+
+    @staticmethod
+    def forward(ctx, loss_fn, hs, ws, bs, ht, wt, bt, heads, vocab, chunk_mb):
+        inputs = (hs, ws, bs, ht, wt, bt)
+        need = ctx.needs_input_grad[1:7]
+        grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) if n else None
+                 for x, n in zip(inputs, need)]
+        total = torch.zeros((), dtype=torch.float32, device=hs.device)
+        chunk = chunk_rows(chunk_mb, vocab, 2 * ht.shape[0] + 2)  # q, p and their gradients
+        for r in (slice(i, i + chunk) for i in range(0, hs.shape[0], chunk)):
+            with torch.enable_grad():
+                leaves = [None if x is None else (x[r] if i == 0 else x[:, r] if i == 3 else x).detach()
+                          .requires_grad_(bool(n)) for i, (x, n) in enumerate(zip(inputs, need))]
+                log_q = head_logits(leaves[0], heads[0]._replace(weight=leaves[1], bias=leaves[2]), vocab)[0]
+                log_p = head_logits(leaves[3], heads[1]._replace(weight=leaves[4], bias=leaves[5]), vocab)[0]
+                loss = loss_fn(log_q.log_softmax(-1), log_p.log_softmax(-1)).sum()
+                wanted = [x for x, n in zip(leaves, need) if n]
+                found = iter(torch.autograd.grad(loss, wanted) if wanted else ())
+            for i, n in enumerate(need):
+                if n:
+                    g = next(found).float()
+                    if i == 0:
+                        grads[0][r] = g
+                    elif i == 3:
+                        grads[3][:, r] = g
+                    else:
+                        grads[i] += g
+            total += loss.detach()
+        ctx.grads, ctx.dtypes = grads, [None if x is None else x.dtype for x in inputs]
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        grads, ctx.grads = ctx.grads, None
+        return None, *(None if g is None else g.mul_(grad).to(d) for g, d in zip(grads, ctx.dtypes)), None, None, None
+
+
+def chunked_loss(loss_fn, hs: torch.Tensor, head_s: Head, ht: torch.Tensor, head_t: Head, *,
+                 vocab: int | None = None, chunk_mb: float = 32) -> torch.Tensor:
+    """Sum over rows of loss_fn(log_q [c, V], log_p [M, c, V]) -> [c], from student hidden states hs [n, Hs] and M
+    teacher passes' ht [M, n, Ht], without [n, V] logits: any new loss is one function of log-probabilities.
+    Each chunk's gradients come from torch.autograd.grad on its recomputed logits (slower than head_losses'
+    hand-derived KLs, which the paper's methods use; the same memory bound)."""
+    vocab = vocab or head_s.weight.shape[0]
+    return _ChunkedLoss.apply(loss_fn, hs, head_s.weight, head_s.bias, ht, head_t.weight, head_t.bias,
+                              (head_s, head_t), vocab, chunk_mb)
+
+
+def reverse_kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) per row with log p = mean_m log p_m (KA's mean over M passes); 0 log 0 = 0."""
+    q = log_q.exp()
+    return (q * (log_q - log_p.mean(0)).masked_fill(q == 0, 0.0)).sum(-1)
+
+
+def jsd_rows(log_q: torch.Tensor, log_p: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence per row (GKD's, Agarwal et al. 2024): beta KL(p || m) +
+    (1 - beta) KL(q || m), m = beta p + (1 - beta) q, against the first teacher pass."""
+    log_p = log_p[0]
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+    kl = lambda a: (a.exp() * (a - log_m).masked_fill(a == -math.inf, 0.0)).sum(-1)  # noqa: E731
+    return beta * kl(log_p) + (1 - beta) * kl(log_q)

@@ -144,6 +144,11 @@ class Config:
     teacher_top_p: float | None = field(default=None, metadata={
         "help": "kd/gkd: route the teacher by the official gate's top-p instead of top-k: per token the most "
                 "probable experts until their softmax mass exceeds P (the official --moe-top-p)"})
+    routed_mass: str = field(default="native", metadata={
+        "help": "teachers whose router does not renormalise its chosen weights (Qwen2-MoE, OLMoE, DeepSeek-V2, ...), "
+                "under all/ka/sar, --teacher-k, --teacher-top-p: native = scale the weights to the mass of the "
+                "native top-k (the paper's gate keeps it); literal = the family's rule as is",
+        "choices": ("native", "literal")})
     ka_m: int = field(default=2, metadata={"help": "ka, ka-gold: M, teacher passes per sample, each with fresh expert draws"})
     ka_lambda: float = field(default=0.05, metadata={
         "help": "ka, ka-gold: lambda, per token and layer probability of the sampled expert set"})
@@ -253,6 +258,7 @@ METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "kd_ratio": ("kd", "ka-gold"),
     "teacher_k": ("kd", "gkd"),
     "teacher_top_p": ("kd", "gkd"),
+    "routed_mass": DISTILL,
     "ka_m": ("ka", "ka-gold"),
     "ka_lambda": ("ka", "ka-gold"),
     "ka_k": ("ka", "ka-gold"),
@@ -288,7 +294,12 @@ def parse_config(argv: list[str] | None = None) -> Config:
     values = dict(TINY_PRESET) if given.get("tiny") else {}
     values.update(given)
     if given.get("resume"):
-        values = {**saved_config(values, given, {f.name: f.default for f in dataclasses.fields(Config)}), **given}
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        values = {**saved_config(values, given, {**defaults, "routed_mass": "literal"}), **given}
+        if "routed_mass" not in values:  # neither in run.json nor given
+            values["routed_mass"] = "literal"
+            print("resume: run.json predates --routed-mass, so the run goes on with the rule it was trained with "
+                  "(--routed-mass literal)")
     check_method_flags(values.get("method", "sft"), given)
     return Config(**values)
 
@@ -512,12 +523,15 @@ class Routing:
     """How MoE layers pick experts; called on router logits [N, E] and the native k: (index [N, K], kept or None).
     topk: the k best (k None: native); sample (KA): w.p. `prob` per token (None: always) k experts drawn
     without replacement from the router's probabilities, else the top-k; topp: the official gate's top-p, the
-    most probable experts until their mass exceeds `top_p`; all: every expert."""
+    most probable experts until their mass exceeds `top_p`; all: every expert. mass: "native" (a router that
+    does not renormalise its chosen weights scales them to the mass its native selection would give, as the
+    paper's gate keeps it by its softmax over the chosen; native_mass) or "literal" (the family's rule as is)."""
     mode: str = "topk"
     k: int | None = None
     prob: float | None = None
     generator: torch.Generator | None = None
     top_p: float | None = None
+    mass: str = "native"
 
     def __call__(self, logits: torch.Tensor, native_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return select_experts(logits, self, native_k)
@@ -529,6 +543,12 @@ class Routing:
             raise ValueError(f"routing: sampling probability must be in [0, 1], got {self.prob}")
         if (self.mode == "topp") != (self.top_p is not None) or not 0.0 <= (self.top_p or 0.0) <= 1.0:
             raise ValueError(f"routing: mode topp needs top_p in [0, 1] (and only it), got {self.top_p}")
+        if self.mass not in ("native", "literal"):
+            raise ValueError(f"routing: mass must be native or literal, got {self.mass!r}")
+
+    def native(self, native_k: int) -> bool:
+        """Routes the family's own selection (top-k at its native k)."""
+        return self.mode == "topk" and self.k in (None, native_k)
 
 
 def sample_experts(probs: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -595,13 +615,23 @@ def native_top_k(model: nn.Module) -> int:
     return moe_routers(model)[0].top_k
 
 
-def group_limited(router: nn.Module, choice: torch.Tensor, by_max: bool) -> torch.Tensor:
-    """Selection scores outside the router's best topk_group groups set to -inf; a group scores by its best two
-    (DeepSeek-V3) or its best expert (by_max, DeepSeek-V2)."""
+def group_limited(router: nn.Module, choice: torch.Tensor, k: int, *, by_max: bool, sort: bool) -> torch.Tensor:
+    """The k best experts [N, k] under the router's group limit: a group scores by its best two (DeepSeek-V3) or
+    its best expert (by_max, DeepSeek-V2), the topk_group best groups are chosen and the top-k is taken over their
+    experts, as the family does. For k above the chosen groups' experts (KA's top-(N-1), --teacher-k, k-sweeps):
+    all of those first, then the other experts by the same score, so the sets stay nested as k grows and the
+    expert left out at N-1 is the lowest-scoring one outside the chosen groups."""
     groups = choice.view(choice.shape[0], router.num_group, -1)
     score = groups.max(-1).values if by_max else groups.topk(2, dim=-1).values.sum(-1)
-    chosen = torch.zeros_like(score, dtype=torch.bool).scatter(1, score.topk(router.topk_group, dim=-1).indices, True)
-    return groups.masked_fill(~chosen.unsqueeze(-1), float("-inf")).view_as(choice)
+    best = score.topk(router.topk_group, dim=-1, sorted=False).indices                   # as the family's own
+    chosen = torch.zeros_like(score, dtype=torch.bool).scatter(1, best, True)
+    inside = chosen.unsqueeze(-1).expand_as(groups).reshape_as(choice)                        # [N, E]
+    first = choice.masked_fill(~inside, float("-inf")).topk(min(k, router.topk_group * groups.shape[-1]),
+                                                            dim=-1, sorted=sort).indices
+    if k <= first.shape[-1]:
+        return first
+    rest = choice.masked_fill(inside, float("-inf")).topk(k - first.shape[-1], dim=-1).indices
+    return torch.cat([first, rest], dim=-1)
 
 
 def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.Tensor, *args, **kwargs):
@@ -614,11 +644,12 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
         logits = F.linear(h, w, getattr(linear, "bias", None)).to(torch.float if how == "upcast" else None)
     bias = ([*args, *kwargs.values()] or [None])[0] if opt.get("bias_arg") else getattr(router, "e_score_correction_bias", None)
     probs, choice, weigh = MECHANISMS[mechanism](router, logits, bias if getattr(router, "use_expert_bias", True) else None)
-    if routing.mode in ("topk", "sample") and getattr(router, "num_group", None) and \
-            getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy":
-        choice = group_limited(router, choice, opt.get("gmax", False))                        # KA, all: lifted
-    index, keep = select_experts(choice, routing, router.top_k, probs,
-                                 lambda c, k: c.topk(k, dim=-1, sorted=not opt.get("unsorted")).indices)
+    sort = not opt.get("unsorted")
+    top = lambda c, k: c.topk(k, dim=-1, sorted=sort).indices                                    # noqa: E731
+    if getattr(router, "num_group", None) and \
+            getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy":   # KA's draws, all: lifted
+        top = functools.partial(group_limited, router, by_max=opt.get("gmax", False), sort=sort)
+    index, keep = select_experts(choice, routing, router.top_k, probs, top)
     keep = torch.ones_like(index, dtype=torch.bool) if keep is None else keep
     if mechanism == "llama4":  # dense [N, E] scores, the sigmoid of the chosen logits, 0 elsewhere
         chosen = logits.gather(1, index).masked_fill(~keep, float("-inf"))
@@ -628,9 +659,20 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
         total = weights.sum(dim=-1, keepdim=True)
         total = total.clamp(min=router.norm_min) if opt.get("clamp") else total + opt.get("eps", 0.0)
         weights = (weights / total).to(None if opt.get("promote") else weights.dtype)  # None: as computed
+    elif routing.mass == "native" and mechanism != "logits" and not routing.native(router.top_k):
+        native = weigh(top(choice, router.top_k), torch.ones_like(index[:, :1], dtype=torch.bool))
+        weights = native_mass(weights.float(), native.float()).to(weights.dtype)  # fp32, before scale and casts
     scale = next((getattr(router, a) for a in ("routed_scaling_factor", "route_scale") if hasattr(router, a)), 1.0)
     weights = weights * scale
     return logits, weights.to({True: logits.dtype, "input": hidden_states.dtype}.get(opt.get("cast"))), index
+
+
+def native_mass(weights: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
+    """Chosen weights [N, K] scaled per token to the sum of the native selection's weights [N, k]: a router that
+    does not renormalise keeps its routed output's loudness under ALL, KA, top-p or another k, as the paper's
+    gate does (the factor keeps its gradient, like a renormalising softmax); a token of mass 0 stays 0."""
+    total = weights.sum(-1, keepdim=True)
+    return weights * torch.where(total > 0, native.sum(-1, keepdim=True) / total.where(total > 0, 1.0), 0.0)
 
 
 def experts_backend(model: nn.Module, mode: str) -> list[tuple[Any, str]]:
@@ -654,9 +696,10 @@ def experts_backend(model: nn.Module, mode: str) -> list[tuple[Any, str]]:
 
 @contextlib.contextmanager
 def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, prob: float | None = None,
-                generator: torch.Generator | None = None, top_p: float | None = None) -> Iterator[list[nn.Module]]:
+                generator: torch.Generator | None = None, top_p: float | None = None,
+                mass: str = "native") -> Iterator[list[nn.Module]]:
     """Route every MoE layer of `model` by `mode` (see Routing) inside the block; restored on exit, even on errors."""
-    routing = Routing(mode, k, prob, generator, top_p)
+    routing = Routing(mode, k, prob, generator, top_p, mass)
     routers = moe_routers(model)
     for r in routers:
         if k is not None and not 1 <= k <= r.num_experts:
@@ -954,13 +997,13 @@ def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator 
     routing = METHODS[cfg.method].teacher
     if routing == "sample":
         k = cfg.ka_k or num_experts(teacher) - 1
-        return moe_routing(teacher, "sample", k=k, prob=cfg.ka_lambda, generator=generator)
+        return moe_routing(teacher, "sample", k=k, prob=cfg.ka_lambda, generator=generator, mass=cfg.routed_mass)
     if routing == "all":
-        return moe_routing(teacher, "all")
+        return moe_routing(teacher, "all", mass=cfg.routed_mass)
     if cfg.teacher_k is not None:
-        return moe_routing(teacher, "topk", k=cfg.teacher_k)
+        return moe_routing(teacher, "topk", k=cfg.teacher_k, mass=cfg.routed_mass)
     if cfg.teacher_top_p is not None:
-        return moe_routing(teacher, "topp", top_p=cfg.teacher_top_p)
+        return moe_routing(teacher, "topp", top_p=cfg.teacher_top_p, mass=cfg.routed_mass)
     return contextlib.nullcontext()
 
 
@@ -1028,7 +1071,7 @@ def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg
         with torch.no_grad(), autocast(device, state.amp_dtype), final_hidden(student) as q:
             student(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
         torch.manual_seed(stream_seed(cfg.seed, step, first + m, "router"))  # the gates' noise
-        with moe_routing(teacher, "all"):  # also around the backward: --grad-checkpointing re-runs the forward
+        with moe_routing(teacher, "all", mass=cfg.routed_mass):  # also around the backward: --grad-checkpointing re-runs the forward
             with autocast(t_device, state.amp_dtype), record_routing(teacher) as routed, final_hidden(teacher) as p:
                 teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device))
                 lb = router_balance_loss(routed, cfg.sar_beta) / n_micro
@@ -1138,7 +1181,9 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / updates
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        check_finite("gradient norm", grad_norm, step)  # the same on every rank: gradients are synced
+        if not is_finite(grad_norm):  # the same on every rank (gradients are synced): name a non-finite loss first
+            check_finite("loss", all_reduce_sum([logs.get("loss", 0.0)], dist)[0], step)
+        check_finite("gradient norm", grad_norm, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     logs["tokens"] = float(sum(int(mb["attention_mask"].sum()) for mb in micro))
@@ -1147,11 +1192,17 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
     return logs
 
 
+def is_finite(value) -> bool:
+    return math.isfinite(float(value.full_tensor() if hasattr(value, "full_tensor") else value))  # DTensor: FSDP2
+
+
 def check_finite(what: str, value, step: int) -> None:
-    value = float(value.full_tensor() if hasattr(value, "full_tensor") else value)  # DTensor under FSDP2
+    """A one-line stop for a non-finite loss or gradient norm; +inf loss: the teacher's -inf where q has mass."""
+    value = float(value.full_tensor() if hasattr(value, "full_tensor") else value)
     if not math.isfinite(value):
-        raise RunStopped(f"step {step + 1}: the {what} is {value}, nothing of this step is kept "
-                         f"(try a lower --lr)")
+        cause = ("a token the teacher gives probability 0 (log-probability -inf) has mass under the student, "
+                 "or the run diverged: try a lower --lr") if value == math.inf and what == "loss" else "try a lower --lr"
+        raise RunStopped(f"step {step + 1}: the {what} is {value}, nothing of this step is kept ({cause})")
 
 
 def router_state_dict(teacher: nn.Module) -> dict[str, torch.Tensor]:

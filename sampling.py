@@ -49,8 +49,14 @@ def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     k = mix32(keys ^ mix32(keys * 0 + step))             # [B]; step: an int or a 0-d tensor (compiled decode)
     h = torch.arange(vocab, device=keys.device, dtype=torch.long).mul_(0x9E3779B1)
     h = mix32(h.unsqueeze(0).add(k[:, None]).bitwise_and_(M32))                           # [B, V]
-    u = (h >> 8).float().add_(0.5).mul_(2.0 ** -24)                                       # uniform in (0, 1)
-    return u.log_().neg_().log_().neg_()
+    return uniform_from_hash(h).log_().neg_().log_().neg_()
+
+
+def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
+    """fp32 uniforms strictly inside (0, 1) from 32-bit hash values (int64): the top 23 bits, centred.
+    23, not 24: (2^24 - 1) + 0.5 rounds to 2^24 in fp32, so u would be 1 and the noise +inf (a token drawn
+    whatever its probability). Here u is in [2^-24, 1 - 2^-24], the noise in [-2.8, 16.6], all exact in fp32."""
+    return (h >> 9).float().add_(0.5).mul_(2.0 ** -23)
 
 
 class RowSeededSampler:

@@ -234,8 +234,9 @@ def test_cuda_family_routing_equals_native(family, dtype):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_routing_modes(family):
-    """"all" gives every expert the family's weight and the experts' output equals each expert applied densely
-    and weighted by hand; routing is restored on exit and on errors (topk, KA at prob 0: the tests above)."""
+    """"all" keeps the routed mass of the family's own forward (the weights' per-token sum), and in mass "literal"
+    gives every expert the family's weight, the experts' output equal to each expert applied densely and weighted
+    by hand; routing is restored on exit and on errors (topk, KA at prob 0: the tests above)."""
     model = tiny_moe(family)
     router = router_of(model)
     assert all(type(r).__name__ in moekd.HF_ROUTERS for r in moekd.moe_routers(model))
@@ -243,9 +244,15 @@ def test_family_routing_modes(family):
     with torch.no_grad():
         native = model(ids()).logits
         seen = []
+        hooks = [router.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))]
+        model(ids())
+        hooks[0].remove()
+        (x, native_out), seen[:] = seen[0], []
+        with moekd.moe_routing(model, "all"):  # mass "native": the routed weights sum as the native selection's
+            all_out = router(x)
         hooks = [router.register_forward_hook(lambda m, a, out: seen.append(out)),
                  block.experts.register_forward_hook(lambda m, a, out: seen.append((a, out)))]
-        with moekd.moe_routing(model, "all"):
+        with moekd.moe_routing(model, "all", mass="literal"):
             dense = model(ids()).logits
         for h in hooks:
             h.remove()
@@ -253,10 +260,11 @@ def test_family_routing_modes(family):
             raise RuntimeError("boom")
         assert torch.equal(model(ids()).logits, native) and "forward" not in router.__dict__
     assert not torch.equal(dense, native)
-    if family == "llama4_text":  # dense [N, E] scores: the sigmoid of every logit
+    if family == "llama4_text":  # dense [N, E] scores: the sigmoid of every logit (inputs scaled: mass literal)
         scores, logits = seen[0]
         assert_close(scores, naive_all_weights(router, logits))
         return
+    assert_close(all_out[1].float().sum(-1), native_out[1].float().sum(-1))
     (logits, weights, index), ((x, *_), out) = seen[0], seen[1]
     assert torch.equal(index, torch.arange(E).expand(len(x), E))
     naive = naive_all_weights(router, logits)
@@ -383,15 +391,19 @@ def family_table() -> str:
     """docs/families.md's table, from FAMILIES (every row is a parametrisation of the tests above)."""
     cells = lambda role, methods: ", ".join(m for m in methods if (family, m) in  # noqa: E731
                                             [p if isinstance(p, tuple) else () for p in matrix(role, methods)])
-    rows = ["| family | model_type | router | mechanism | default suite | teacher (`-m slow`) | student (`-m slow`) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| family | model_type | router | mechanism | routed mass under all, KA, top-p, k ≠ native | default suite "
+            "| teacher (`-m slow`) | student (`-m slow`) |", "|---|---|---|---|---|---|---|---|"]
     for family in FAMILIES:
         router = router_of(tiny_moe(family))
-        name, mechanism, _ = moekd.HF_ROUTERS[type(router).__name__]
+        name, mechanism, opt = moekd.HF_ROUTERS[type(router).__name__]
         aux = hasattr(moekd.sys.modules[type(router).__module__], "load_balancing_loss_func")
-        rows.append(f"| {name} | `{family}` | `{type(router).__name__}` | {mechanism} | "
-                    f"topk = native, KA λ=0 = native (fp32, bf16), all = naive, SAR grads, restore | "
-                    f"{cells('teacher', TEACHER_METHODS) or GAPS[family, 'teacher']} | "
+        renorm = {True: "renormalises already", False: "scaled to the native top-k's mass"}
+        mass = ("literal (its scores scale the experts' inputs)" if mechanism == "llama4" else renorm[True]
+                if mechanism == "logits" else renorm[bool(opt["norm"])] if "norm" in opt else
+                "by the checkpoint's `norm_topk_prob`: False → scaled, True → renormalises")
+        rows.append(f"| {name} | `{family}` | `{type(router).__name__}` | {mechanism} | {mass} | "
+                    f"topk = native, KA λ=0 = native (fp32, bf16), all keeps the native mass, literal all = naive, "
+                    f"SAR grads, restore | {cells('teacher', TEACHER_METHODS) or GAPS[family, 'teacher']} | "
                     f"{cells('student', list(moekd.METHODS)) or '-'}{'' if (family, 'student') not in GAPS else ' (not: ' + GAPS[family, 'student'] + ')'}, "
                     f"{'own aux loss kept' if aux else 'no aux loss of its own'} |")
     return "\n".join(rows)

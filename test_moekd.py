@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import checkpoints
 import data
 import llama_moe
+import hidden_losses
 import moekd
 import sampling
 from tiny_moe import synthetic
@@ -1023,6 +1024,44 @@ def test_losses_from_hidden_states_equal_the_logits_formulas(case):
         assert_close(a, b, msg=lambda m: f"frozen teacher, {name}: {m}")
 
 
+@pytest.mark.parametrize("M,teacher_grad", [(1, True), (3, False)])
+def test_the_generic_chunked_loss_matches_the_hand_derived_kl(M, teacher_grad):
+    """chunked_loss(reverse_kl_rows) (gradients by torch.autograd.grad per chunk) = head_losses' hand-derived
+    reverse KL (_kl_chunk / _kl_passes) to 1e-6 in value and in every gradient, with scaled and soft-capped
+    heads, biases, 2-row chunks; M = 3 frozen passes: KA's mean log-probability."""
+    g = torch.Generator().manual_seed(3)
+    n, H, V = 7, 6, 13
+    leaf = lambda *shape: (torch.randn(*shape, generator=g) * 2).requires_grad_()  # noqa: E731
+    hs, ws, bs, ht, wt, bt = leaf(n, H), leaf(V, H), leaf(V), leaf(M, n, H + 1), leaf(V, H + 1), leaf(V)
+    if not teacher_grad:
+        ht, wt, bt = ht.detach(), wt.detach(), bt.detach()
+    head_s, head_t = moekd.Head(ws, bs, 0.7, 3.0), moekd.Head(wt, bt, 1.3, 3.0)
+    params = [hs, ws, bs] + ([ht, wt, bt] if teacher_grad else [])
+    hand, _ = moekd.head_losses(hs, head_s, None, ht, head_t, kl_weight=1.0, chunk_mb=2 * 4 * V * M / 2**20)
+    generic = hidden_losses.chunked_loss(hidden_losses.reverse_kl_rows, hs, head_s, ht, head_t,
+                                         chunk_mb=2 * 4 * V * (2 * M + 2) / 2**20)
+    assert abs(float(hand) - float(generic)) <= 1e-6 * float(hand)
+    for a, b in zip(torch.autograd.grad(hand * 1.3, params), torch.autograd.grad(generic * 1.3, params)):
+        assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_jsd_rows_is_the_generalised_jensen_shannon_divergence_by_hand():
+    """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, in float64 term by term; 0 at q = p,
+    symmetric at beta 0.5, a -inf logit on one side gives a finite value and finite gradients."""
+    q = torch.tensor([[0.0, 1.0, -2.0, float("-inf")]], dtype=torch.float64).log_softmax(-1).requires_grad_()
+    p = torch.tensor([[[1.0, -1.0, 0.5, 2.0]]], dtype=torch.float64).log_softmax(-1)
+    for beta in (0.5, 0.1):
+        qq, pp = q[0].exp().tolist(), p[0, 0].exp().tolist()
+        m = [beta * a + (1 - beta) * b for a, b in zip(pp, qq)]
+        by_hand = sum(beta * a * math.log(a / c) for a, c in zip(pp, m) if a > 0) + \
+            sum((1 - beta) * b * math.log(b / c) for b, c in zip(qq, m) if b > 0)
+        assert abs(float(hidden_losses.jsd_rows(q, p, beta)[0]) - by_hand) < 1e-12
+    assert abs(float(hidden_losses.jsd_rows(p[0], p)[0])) < 1e-15
+    assert abs(float(hidden_losses.jsd_rows(q, p)[0]) - float(hidden_losses.jsd_rows(p[0], q.unsqueeze(0))[0])) < 1e-12
+    hidden_losses.jsd_rows(q, p).sum().backward()
+    assert bool(torch.isfinite(q.grad).all())
+
+
 @pytest.mark.parametrize("direction", ["teacher-student", "student-teacher"])
 def test_sar_router_gradients_through_hidden_states(direction, teacher, student, tokenizer):
     """SAR's router loss from hidden states reaches the routers with the gradient of the logits formula."""
@@ -1266,7 +1305,7 @@ def test_hf_routing_modes(tmp_path, family):
             assert torch.equal(model(ids_batch()).logits, native)
         with moekd.moe_routing(model, "sample", prob=0.0, generator=torch.Generator().manual_seed(0)):
             assert torch.equal(model(ids_batch()).logits, native)  # lambda = 0 is the native top-k path
-        with moekd.moe_routing(model, "all") as routers:
+        with moekd.moe_routing(model, "all", mass="literal") as routers:  # native mass: test_routing_values.py
             dense = model(ids_batch()).logits
             captured = []
             hook = routers[0].register_forward_hook(lambda m, a, out: captured.append(out))
@@ -1595,13 +1634,50 @@ def test_every_method_runs_on_every_teacher_family(tmp_path, method, family):
 
 @pytest.mark.parametrize("method", moekd.METHODS)
 def test_every_method_steps_in_bf16_on_cpu(tmp_path, method):
-    """GPU runs are bf16 (autocast, fp32 master weights, fp32 SAR routers): dtype bugs must show up here."""
+    """GPU runs are bf16 (autocast, fp32 master weights, fp32 SAR routers): dtype bugs must show up here. The
+    first step's losses are those of the same step in fp32 within rel 2e-2."""
     result = moekd.main(run_args(tmp_path / "run", method, "--dtype", "bf16", "--max-steps", "1"))
+    fp32 = moekd.main(run_args(tmp_path / "fp32", method, "--dtype", "fp32", "--max-steps", "1"))["history"][0]
     assert result["finished"] and all(math.isfinite(v) for h in result["history"] for v in h.values())
+    losses = [k for k in fp32 if k in ("loss", "rkl", "fkl", "ce", "router_kl")]
+    assert "loss" in losses and all(abs(result["history"][0][k] - fp32[k]) <= 2e-2 * abs(fp32[k]) for k in losses), \
+        {k: (result["history"][0][k], fp32[k]) for k in losses}
     trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
     init = moekd.load_model(str(STUDENT)).state_dict()
     assert all(trained[k].dtype == torch.float32 for k in trained) and any(not torch.equal(trained[k], init[k]) for k in init)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["dtype"] == "bf16"
+
+
+def test_routed_mass_is_recorded_and_an_older_run_resumes_literal(tmp_path, capsys):
+    """run.json records --routed-mass (default native); a run.json written before the flag existed resumes with
+    the rule it was trained with (literal), saying so in one line; asking it for native is a clear error."""
+    out = tmp_path / "run"
+    moekd.main(run_args(out, "all", "--save-every", "1", "--stop-after", "1"))
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["routed_mass"] == "native" and moekd.parse_config(["--resume", "--out", str(out)]).routed_mass == "native"
+    del saved["routed_mass"]
+    (out / "run.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert moekd.parse_config(["--resume", "--out", str(out)]).routed_mass == "literal"
+    line = [x for x in capsys.readouterr().out.splitlines() if "routed-mass" in x]
+    assert line == ["resume: run.json predates --routed-mass, so the run goes on with the rule it was trained with "
+                    "(--routed-mass literal)"]
+    with pytest.raises(moekd.MoekdError, match=r"--routed-mass 'native' \(run: 'literal'\)"):
+        moekd.parse_config(["--resume", "--out", str(out), "--routed-mass", "native"])
+    with pytest.raises(SystemExit):
+        moekd.parse_config(["--routed-mass", "loud"])
+
+
+def test_ka_at_lambda_0_is_gkd_with_the_top_n_minus_1_experts(tmp_path):
+    """KA's draws never taken (lambda 0): every pass routes the top-(N-1), so the first step's loss is gkd's with
+    --teacher-k N-1 (N = 7 experts in the tiny teacher); at the default lambda it is not."""
+    def first(method, *extra):
+        out = tmp_path / "-".join([method, *extra]).replace("--", "")
+        return moekd.main(run_args(out, method, "--max-steps", "1", *extra))["history"][0]["loss"]
+
+    gkd = first("gkd", "--teacher-k", "6")
+    assert abs(first("ka", "--ka-lambda", "0") - gkd) <= 1e-6 * gkd
+    assert first("ka", "--ka-lambda", "1") != gkd and gkd != first("gkd")
 
 
 def test_llama_like_tokenizer_end_to_end(tmp_path):
@@ -1779,11 +1855,13 @@ def test_k_sweep_and_routing_flags(tmp_path):
     assert list(result["k"]) == [str(k) for k in range(2, 8)]
     assert (tmp_path / "ev" / "k_sweep.csv").read_text().splitlines()[0] == "k,vicuna,avg"
     result = moe_eval.main(eval_args(tmp_path, "--routing", "sample", "--num-selects", "6", "--sample-prob", "0.5",
-                                     "--sets", "vicuna", name="sampled"))
+                                     "--sets", "vicuna", "--routed-mass", "literal", name="sampled"))
     assert "vicuna" in result["sets"]
+    assert json.loads((tmp_path / "sampled" / "eval.json").read_text())["protocol"]["routed_mass"] == "literal"
     result = moe_eval.main(eval_args(tmp_path, "--routing", "topp", "--top-p", "0.6", "--sets", "vicuna", name="topp"))
     protocol = json.loads((tmp_path / "topp" / "results.json").read_text())["protocol"]
-    assert (protocol["routing"], protocol["top_p"]) == ("topp", 0.6) and "vicuna" in result["sets"]
+    assert (protocol["routing"], protocol["top_p"], protocol["routed_mass"]) == ("topp", 0.6, "native")
+    assert "vicuna" in result["sets"]
 
 
 @pytest.mark.parametrize("extra,pattern", [
