@@ -61,6 +61,8 @@ HERE = Path(__file__).resolve().parent
 @dataclass(frozen=True)
 class Method:
     """Everything that tells the methods apart; no other code tests a method's name."""
+    step: str                # the student's loss, a key of STEPS: "sft" (CE), "kd" ((1-r) CE + r KL(p || q),
+                             # M passes' mean), "reverse_kl" (KL(q || p) on samples)
     on_policy: bool          # the student samples the responses it learns on (else the gold data)
     teacher: str | None      # the teacher's routing: None (no teacher), "native" (its top-k, or --teacher-k /
                              # --teacher-top-p), "sample" (KA's draws), "all" (every expert)
@@ -75,13 +77,13 @@ class Method:
 
 
 METHODS = {
-    "sft": Method(on_policy=False, teacher=None, select="best"),                      # CE on gold data
-    "kd": Method(on_policy=False, teacher="native", select="best"),                   # (1-r) CE + r KL(p || q)
-    "gkd": Method(on_policy=True, teacher="native"),                                  # KL(q || p) on samples
-    "all": Method(on_policy=True, teacher="all"),                                     # ... every expert on
-    "ka": Method(on_policy=True, teacher="sample", passes=True),                      # ... mean over M draws
-    "sar": Method(on_policy=True, teacher="all", routers=True, lr=1e-6),              # routers learn first
-    "ka-gold": Method(on_policy=False, teacher="sample", passes=True, select="best"),  # KD, mean over M draws
+    "sft": Method("sft", on_policy=False, teacher=None, select="best"),                    # CE on gold data
+    "kd": Method("kd", on_policy=False, teacher="native", select="best"),                  # on gold data
+    "gkd": Method("reverse_kl", on_policy=True, teacher="native"),                         # on samples
+    "all": Method("reverse_kl", on_policy=True, teacher="all"),                            # every expert on
+    "ka": Method("reverse_kl", on_policy=True, teacher="sample", passes=True),             # mean over M draws
+    "sar": Method("reverse_kl", on_policy=True, teacher="all", routers=True, lr=1e-6),     # routers learn first
+    "ka-gold": Method("kd", on_policy=False, teacher="sample", passes=True, select="best"),  # KD, M draws
 }
 ON_POLICY = tuple(m for m, p in METHODS.items() if p.on_policy)
 DISTILL = tuple(m for m, p in METHODS.items() if p.teacher)
@@ -1092,10 +1094,12 @@ def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg
     return logs
 
 
+STEPS = {"sft": sft_step, "kd": kd_step, "reverse_kl": reverse_kl_step}  # Method.step -> the student's step
+
+
 def method_step(method: str):
-    """The student's loss of a method: reverse KL on its samples, KD's on gold data, or plain SFT."""
-    m = METHODS[method]
-    return reverse_kl_step if m.on_policy else kd_step if m.teacher else sft_step
+    """The student's step of a method, named by its row (a new method: a row, and a STEPS entry if new)."""
+    return STEPS[METHODS[method].step]
 
 
 # ----------------------------------------------------------------------------

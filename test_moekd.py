@@ -2162,6 +2162,40 @@ def test_bench_student_part_is_the_methods_own_step(method):
         assert_close(timed[n], p.grad)
 
 
+def test_a_new_method_is_one_row_and_one_step(monkeypatch, teacher, student, tokenizer):
+    """An on-policy JSD method (GKD's generalised JSD, beta 0.5): a Method row, a STEPS entry and a step of a few
+    lines on hidden_losses.chunked_loss; its loss equals the JSD written out on the full logits (float64) and
+    its gradient reaches the student."""
+    def jsd_step(model, teacher, batch, cfg, *, norm, n_micro, state):
+        with moekd.teacher_routing(teacher, cfg, state.generator):
+            t = moekd.teacher_hidden(teacher, batch, amp_dtype=state.amp_dtype)
+        h, _ = moekd.forward_with_balance(model, batch)
+        mask = moekd.loss_mask(batch["labels"]).view(-1)
+        loss = hidden_losses.chunked_loss(hidden_losses.jsd_rows, h.flatten(0, 1)[mask], moekd.output_head(model),
+                                          t.view(1, -1, t.shape[-1])[:, mask], moekd.output_head(teacher)) / norm
+        return {"loss": loss, "jsd": loss.detach()}
+
+    monkeypatch.setitem(moekd.METHODS, "gkd-jsd", moekd.Method("jsd", on_policy=True, teacher="native"))
+    monkeypatch.setitem(moekd.STEPS, "jsd", jsd_step)
+    cfg = moekd.Config(method="gkd-jsd")
+    items = [moekd.tokenize_example(tokenizer, r["prompt"], r["responses"][0], max_prompt_len=96, max_len=128)
+             for r in (data.to_example(x, where="t") for x in synthetic.synthetic_rows(3, seed=4))]
+    batch = moekd.collate(items, tokenizer.pad_token_id)
+    mask = moekd.loss_mask(batch["labels"])
+    teacher.requires_grad_(False)
+    loss = moekd.method_step("gkd-jsd")(student, teacher, batch, cfg, norm=float(mask.sum()), n_micro=1,
+                                        state=moekd.method_state(cfg, teacher, torch.float32))["loss"]
+    loss.backward()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        q = student(**inputs).logits[mask].double().softmax(-1)
+        p = teacher(**inputs).logits[mask].double().softmax(-1)
+    m = 0.5 * (p + q)
+    by_hand = (0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)).mean()
+    assert abs(float(loss) - float(by_hand)) < 1e-5 * float(by_hand) + 1e-7
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
 def test_specialisation_bits_hand_computed():
     import repro
     separated = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])   # each family its own expert: 1 bit
