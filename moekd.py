@@ -103,7 +103,8 @@ class Config:
     dev_data: str | None = field(default=None, metadata={
         "help": "dev data (same formats); default: the MiniLLM split of raw Dolly, the folder's "
                 "dev.jsonl, or the first --dev-size rows of --data"})
-    dev_size: int = field(default=1000, metadata={"help": "rows held out as dev when --dev-data is not given"})
+    dev_size: int = field(default=1000, metadata={
+        "help": "rows held out as dev when --dev-data is not given (raw Dolly: after its 500 test rows)"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<method>-<model>)"})
     overwrite: bool = field(default=False, metadata={
         "help": "empty an existing --out and start over (only a moekd run folder: run.json, nothing foreign)"})
