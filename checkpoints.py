@@ -57,6 +57,8 @@ def refuse_remote_code(directory: Path, what: str) -> Path:
             raw = json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MoekdError(f"{directory / name}: malformed JSON ({e})") from None
+        if name == "config.json" and not isinstance(raw, dict):
+            raise MoekdError(f"{directory / name}: expected a JSON object, got {type(raw).__name__}")
         if isinstance(raw, dict) and "auto_map" in raw:
             raise MoekdError(f"{what} {directory}: {name} has an auto_map, the model needs remote code, "
                              f"which moekd never runs")
@@ -64,32 +66,118 @@ def refuse_remote_code(directory: Path, what: str) -> Path:
 
 
 def load_tensors_only(path: Path, hint: str = "", **kw) -> dict:
-    """torch.load with the weights-only unpickler: a pickle holding anything else is refused, never run."""
+    """torch.load with the weights-only unpickler: a pickle holding anything else is refused, never run;
+    a truncated or damaged file is a one-line error naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except pickle.UnpicklingError:
         raise MoekdError(f"{path}: refused, it pickles objects other than tensors{hint}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise MoekdError(f"{path}: unreadable, truncated or damaged ({first_line(e)})") from None
 
 
-def read_state_dict_files(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs of a checkpoint, one shard in memory at a time."""
-    from safetensors.torch import load_file
+def first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def weight_shards(directory: Path) -> list[Path]:
+    """The weight files of a model folder: the single file, or the shards its index names. A shard name
+    that resolves outside the folder (`../`, an absolute path, a link) is refused: a model folder is read
+    as a unit and must not pull weights from elsewhere."""
     for name in WEIGHT_FILES:
         if (directory / name).exists():
             break
     else:
         raise MoekdError(f"{directory}: no weights ({' / '.join(WEIGHT_FILES)})")
-    if name.endswith(".index.json"):
-        shards = sorted(set(json.loads((directory / name).read_text())["weight_map"].values()))
-    else:
-        shards = [name]
-    for shard in shards:
-        if shard.endswith(".safetensors"):
-            tensors = load_file(directory / shard)
-        else:  # never unpickle arbitrary objects
-            tensors = load_tensors_only(directory / shard, "; convert it to safetensors", mmap=True)
+    if not name.endswith(".index.json"):
+        return [directory / name]
+    index = directory / name
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise MoekdError(f"{index}: not a weight index with a weight_map of file names "
+                         f"({first_line(e)})") from None
+    root, shards = directory.resolve(), []
+    for shard in names:
+        path = (directory / str(shard)).resolve()
+        inside = isinstance(shard, str) and not os.path.isabs(shard) and path.is_relative_to(root)
+        if not inside or path == root:
+            raise MoekdError(f"{index}: shard {shard!r} lies outside {directory}; refused")
+        if not path.is_file():
+            raise MoekdError(f"{index}: shard {shard} does not exist")
+        shards.append(directory / shard)
+    return shards
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated, damaged or other kind of file is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise MoekdError(f"{path}: not a complete safetensors file, truncated or damaged "
+                         f"({first_line(e)})") from None
+
+
+def read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """One weight file's tensors: safetensors, or a .bin through the weights-only unpickler."""
+    if path.name.endswith(".safetensors"):
+        return read_safetensors(path)
+    return load_tensors_only(path, "; convert it to safetensors", mmap=True)
+
+
+def check_weight_files(directory: Path) -> dict[str, tuple[Path, tuple]]:
+    """Open every weight file before a model is built from it: a truncated safetensors file, a .bin that
+    pickles code, a shard outside the folder are one-line errors here, not tracebacks deep in a loader.
+    Returns key -> (file, shape)."""
+    shapes = {}
+    for path in weight_shards(directory):
+        if path.name.endswith(".safetensors"):
+            from safetensors import SafetensorError, safe_open
+            try:
+                with safe_open(path, "pt") as f:
+                    shapes.update({k: (path, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
+            except (SafetensorError, OSError) as e:
+                raise MoekdError(f"{path}: not a complete safetensors file, truncated or damaged "
+                                 f"({first_line(e)})") from None
+        else:
+            shapes.update({k: (path, tuple(t.shape)) for k, t in read_shard(path).items()})
+    return shapes
+
+
+def read_state_dict_files(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of a checkpoint, one shard in memory at a time."""
+    for shard in weight_shards(directory):
+        tensors = read_shard(shard)
         yield from tensors.items()
         del tensors
+
+
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """Weights with NaN or inf make every output NaN: an error at load naming the tensor, not a
+    wrong diagnosis (or a sampling crash) later."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise MoekdError(f"{what}: weight {name} holds {bad} non-finite value(s) (NaN/inf) of "
+                             f"{p.numel()}; the model's weights are damaged")
+
+
+def check_shapes(directory: Path, config, shapes: dict[str, tuple[Path, tuple]], what: str) -> None:
+    """The weight files' shapes against the model config.json describes (built on the meta device): a
+    mismatch (a vocab_size edited, another model's weights) names the key instead of transformers'
+    load report and traceback."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in
+                    AutoModelForCausalLM.from_config(config, trust_remote_code=False).state_dict().items()}
+    for key, want in expected.items():
+        path, shape = shapes.get(key, (None, want))
+        if shape != want:
+            raise MoekdError(f"{what}: {key} has shape {shape} in {path.name}, {directory / 'config.json'} "
+                             f"gives {want}")
 
 
 def load_state_dict_strict(model: nn.Module, pairs: Iterator[tuple[str, torch.Tensor]], *, where: str,
@@ -121,35 +209,51 @@ def has_weights(directory: Path) -> bool:
 def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=torch.float32,
                what: str = "--model") -> nn.Module:
     """A causal LM in eval mode: Llama-MoE natively (no remote code), anything else via
-    AutoModelForCausalLM. A local config with `moekd_init_seed` and no weights (tiny_moe/) is
-    initialised from that seed."""
+    AutoModelForCausalLM. A local config-only folder with `moekd_init_seed` (tiny_moe/) is initialised
+    from that seed; a saved model's folder without its weights is an error, never random weights."""
     directory = local_model_dir(name_or_path, what=what)
     try:
         raw = json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise MoekdError(f"{directory / 'config.json'}: malformed JSON ({e.msg})") from None
-    init_seed = raw.get("moekd_init_seed") if not has_weights(directory) else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoekdError(f"{directory / 'config.json'}: malformed JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise MoekdError(f"{directory / 'config.json'}: expected a JSON object, got {type(raw).__name__}")
+    init_seed = None if has_weights(directory) else seeded(raw)
     if not has_weights(directory) and init_seed is None:
-        raise MoekdError(f"{what} {name_or_path}: no weights ({' / '.join(WEIGHT_FILES)})")
+        saved = " (its config.json was saved with weights, which are gone)" \
+            if "transformers_version" in raw else ""
+        raise MoekdError(f"{what} {name_or_path}: no weights ({' / '.join(WEIGHT_FILES)}){saved}")
+    shapes = check_weight_files(directory) if init_seed is None else {}
     if init_seed is not None:
         print(f"{what} {name_or_path}: no weights, initialising from moekd_init_seed={init_seed}")
     if raw.get("model_type") == "llama_moe":  # moekd's own port, llama_moe.py: no remote code
         import llama_moe
-        return llama_moe.load_llama_moe(directory, raw, device=device, dtype=dtype, init_seed=init_seed)
+        model = llama_moe.load_llama_moe(directory, raw, device=device, dtype=dtype, init_seed=init_seed)
+        check_finite_weights(model, f"{what} {name_or_path}")
+        return model
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
         if init_seed is not None:
             torch.manual_seed(init_seed)
-            model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(directory, trust_remote_code=False), dtype=dtype, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         else:
+            check_shapes(directory, config, shapes, f"{what} {name_or_path}")
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as e:
-        raise MoekdError(f"{what} {name_or_path}: transformers cannot load it "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except (ValueError, OSError, KeyError, TypeError, RuntimeError) as e:
+        if isinstance(e, MoekdError):
+            raise
+        raise MoekdError(f"{what} {name_or_path}: transformers cannot load it ({first_line(e)})") from None
+    check_finite_weights(model, f"{what} {name_or_path}")
     if torch.device(device).type == "cpu" and type(model)._can_set_experts_implementation():
         model.set_experts_implementation("eager")  # torch's CPU grouped_mm needs 16-byte-aligned sizes
     return model.to(device).eval()
+
+
+def seeded(raw: dict) -> int | None:
+    """The seed of a config-only model folder (tiny_moe/, repro.py's and bench.py's); None for a folder
+    save_pretrained wrote (transformers_version), whose missing weights are lost, not to be drawn."""
+    return None if "transformers_version" in raw else raw.get("moekd_init_seed")
 
 
 def load_tokenizer(name_or_path: str, *, what: str = "--model"):
@@ -200,6 +304,9 @@ def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+    config = directory / "config.json"  # a saved model is never a seeded config-only folder again
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                  if k != "moekd_init_seed"}, indent=2, sort_keys=True) + "\n")
 
 
 def umask() -> int:

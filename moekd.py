@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from checkpoints import (ROUTERS_FILE, MoekdError, RunStopped, check_resume_config, check_vocab,
                          clear_folder, default_out, latest_checkpoint, load_model, load_state_dict_strict,
-                         load_tokenizer, prepare_out_dir, run_cli, save_checkpoint, save_run_model, saved_config,
+                         load_tokenizer, prepare_out_dir, read_safetensors, run_cli, save_checkpoint, save_run_model, saved_config,
                          truncate_log, write_atomically, write_json)
 from data import DOLLY_HUB, load_splits
 from hidden_losses import Head, head_logits, head_losses
@@ -1153,12 +1153,11 @@ def router_state_dict(teacher: nn.Module) -> dict[str, torch.Tensor]:
 def load_routers(teacher: nn.Module, path: str | Path) -> None:
     """Load SAR-trained routers (a teacher_routers.safetensors, or a directory holding one); the file must
     hold exactly the teacher's router parameters."""
-    from safetensors.torch import load_file
     path = Path(path)
     path = path / ROUTERS_FILE if path.is_dir() else path
     if not path.is_file():
         raise MoekdError(f"--teacher-routers {path}: no such file")
-    tensors, expected = load_file(path), set(router_state_dict(teacher))
+    tensors, expected = read_safetensors(path), set(router_state_dict(teacher))
     if set(tensors) != expected:
         differ = sorted(set(tensors) ^ expected)
         raise MoekdError(f"{path}: router keys do not match the teacher ({len(differ)} differ, e.g. {differ[0]})")
