@@ -114,6 +114,15 @@ def load_splits(cfg) -> tuple[list[dict], list[dict]]:
     return rows[skip + n_dev:], rows[skip:skip + n_dev]
 
 
+def data_files(source: str | None, names: tuple[str, ...] = ("train.jsonl", "dev.jsonl")) -> list[str]:
+    """The files a --data (or, with `names` dev.jsonl/valid.jsonl, --dev-data) source reads: the file
+    itself, or those of its folder."""
+    if not source:
+        return []
+    path = Path(source)
+    return [str(path / n) for n in names] if path.is_dir() else [source]
+
+
 def _is_raw_dolly_file(path: Path) -> bool:
     with path.open(encoding="utf-8") as f:
         first = json.loads(next(line for line in f if line.strip()))
