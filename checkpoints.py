@@ -5,12 +5,15 @@ atomic checkpoints, strict JSON, and the one-line errors of every command (Moekd
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import pickle
 import re
 import shutil
+import socket
 import sys
+import contextlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,6 +29,15 @@ class MoekdError(ValueError):
 
 class RunStopped(MoekdError):
     """Training cannot go on (non-finite numbers, full disk); main() names the last good checkpoint."""
+
+
+class RunInterrupted(BaseException):
+    """SIGINT/SIGTERM stopped a run: printed as one line, exit code 128 + the signal's number. A
+    BaseException, as KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, message: str, signum: int, *, quiet: bool = False):
+        super().__init__(message)
+        self.code, self.quiet = 128 + signum, quiet
 
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
@@ -57,6 +69,8 @@ def refuse_remote_code(directory: Path, what: str) -> Path:
             raw = json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MoekdError(f"{directory / name}: malformed JSON ({e})") from None
+        if name == "config.json" and not isinstance(raw, dict):
+            raise MoekdError(f"{directory / name}: expected a JSON object, got {type(raw).__name__}")
         if isinstance(raw, dict) and "auto_map" in raw:
             raise MoekdError(f"{what} {directory}: {name} has an auto_map, the model needs remote code, "
                              f"which moekd never runs")
@@ -64,32 +78,118 @@ def refuse_remote_code(directory: Path, what: str) -> Path:
 
 
 def load_tensors_only(path: Path, hint: str = "", **kw) -> dict:
-    """torch.load with the weights-only unpickler: a pickle holding anything else is refused, never run."""
+    """torch.load with the weights-only unpickler: a pickle holding anything else is refused, never run;
+    a truncated or damaged file is a one-line error naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except pickle.UnpicklingError:
         raise MoekdError(f"{path}: refused, it pickles objects other than tensors{hint}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise MoekdError(f"{path}: unreadable, truncated or damaged ({first_line(e)})") from None
 
 
-def read_state_dict_files(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs of a checkpoint, one shard in memory at a time."""
-    from safetensors.torch import load_file
+def first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def weight_shards(directory: Path) -> list[Path]:
+    """The weight files of a model folder: the single file, or the shards its index names. A shard name
+    that resolves outside the folder (`../`, an absolute path, a link) is refused: a model folder is read
+    as a unit and must not pull weights from elsewhere."""
     for name in WEIGHT_FILES:
         if (directory / name).exists():
             break
     else:
         raise MoekdError(f"{directory}: no weights ({' / '.join(WEIGHT_FILES)})")
-    if name.endswith(".index.json"):
-        shards = sorted(set(json.loads((directory / name).read_text())["weight_map"].values()))
-    else:
-        shards = [name]
-    for shard in shards:
-        if shard.endswith(".safetensors"):
-            tensors = load_file(directory / shard)
-        else:  # never unpickle arbitrary objects
-            tensors = load_tensors_only(directory / shard, "; convert it to safetensors", mmap=True)
+    if not name.endswith(".index.json"):
+        return [directory / name]
+    index = directory / name
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise MoekdError(f"{index}: not a weight index with a weight_map of file names "
+                         f"({first_line(e)})") from None
+    root, shards = directory.resolve(), []
+    for shard in names:
+        path = (directory / str(shard)).resolve()
+        inside = isinstance(shard, str) and not os.path.isabs(shard) and path.is_relative_to(root)
+        if not inside or path == root:
+            raise MoekdError(f"{index}: shard {shard!r} lies outside {directory}; refused")
+        if not path.is_file():
+            raise MoekdError(f"{index}: shard {shard} does not exist")
+        shards.append(directory / shard)
+    return shards
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated, damaged or other kind of file is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise MoekdError(f"{path}: not a complete safetensors file, truncated or damaged "
+                         f"({first_line(e)})") from None
+
+
+def read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """One weight file's tensors: safetensors, or a .bin through the weights-only unpickler."""
+    if path.name.endswith(".safetensors"):
+        return read_safetensors(path)
+    return load_tensors_only(path, "; convert it to safetensors", mmap=True)
+
+
+def check_weight_files(directory: Path) -> dict[str, tuple[Path, tuple]]:
+    """Open every weight file before a model is built from it: a truncated safetensors file, a .bin that
+    pickles code, a shard outside the folder are one-line errors here, not tracebacks deep in a loader.
+    Returns key -> (file, shape)."""
+    shapes = {}
+    for path in weight_shards(directory):
+        if path.name.endswith(".safetensors"):
+            from safetensors import SafetensorError, safe_open
+            try:
+                with safe_open(path, "pt") as f:
+                    shapes.update({k: (path, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
+            except (SafetensorError, OSError) as e:
+                raise MoekdError(f"{path}: not a complete safetensors file, truncated or damaged "
+                                 f"({first_line(e)})") from None
+        else:
+            shapes.update({k: (path, tuple(t.shape)) for k, t in read_shard(path).items()})
+    return shapes
+
+
+def read_state_dict_files(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of a checkpoint, one shard in memory at a time."""
+    for shard in weight_shards(directory):
+        tensors = read_shard(shard)
         yield from tensors.items()
         del tensors
+
+
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """Weights with NaN or inf make every output NaN: an error at load naming the tensor, not a
+    wrong diagnosis (or a sampling crash) later."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise MoekdError(f"{what}: weight {name} holds {bad} non-finite value(s) (NaN/inf) of "
+                             f"{p.numel()}; the model's weights are damaged")
+
+
+def check_shapes(directory: Path, config, shapes: dict[str, tuple[Path, tuple]], what: str) -> None:
+    """The weight files' shapes against the model config.json describes (built on the meta device): a
+    mismatch (a vocab_size edited, another model's weights) names the key instead of transformers'
+    load report and traceback."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in
+                    AutoModelForCausalLM.from_config(config, trust_remote_code=False).state_dict().items()}
+    for key, want in expected.items():
+        path, shape = shapes.get(key, (None, want))
+        if shape != want:
+            raise MoekdError(f"{what}: {key} has shape {shape} in {path.name}, {directory / 'config.json'} "
+                             f"gives {want}")
 
 
 def load_state_dict_strict(model: nn.Module, pairs: Iterator[tuple[str, torch.Tensor]], *, where: str,
@@ -121,35 +221,51 @@ def has_weights(directory: Path) -> bool:
 def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=torch.float32,
                what: str = "--model") -> nn.Module:
     """A causal LM in eval mode: Llama-MoE natively (no remote code), anything else via
-    AutoModelForCausalLM. A local config with `moekd_init_seed` and no weights (tiny_moe/) is
-    initialised from that seed."""
+    AutoModelForCausalLM. A local config-only folder with `moekd_init_seed` (tiny_moe/) is initialised
+    from that seed; a saved model's folder without its weights is an error, never random weights."""
     directory = local_model_dir(name_or_path, what=what)
     try:
         raw = json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise MoekdError(f"{directory / 'config.json'}: malformed JSON ({e.msg})") from None
-    init_seed = raw.get("moekd_init_seed") if not has_weights(directory) else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoekdError(f"{directory / 'config.json'}: malformed JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise MoekdError(f"{directory / 'config.json'}: expected a JSON object, got {type(raw).__name__}")
+    init_seed = None if has_weights(directory) else seeded(raw)
     if not has_weights(directory) and init_seed is None:
-        raise MoekdError(f"{what} {name_or_path}: no weights ({' / '.join(WEIGHT_FILES)})")
+        saved = " (its config.json was saved with weights, which are gone)" \
+            if "transformers_version" in raw else ""
+        raise MoekdError(f"{what} {name_or_path}: no weights ({' / '.join(WEIGHT_FILES)}){saved}")
+    shapes = check_weight_files(directory) if init_seed is None else {}
     if init_seed is not None:
         print(f"{what} {name_or_path}: no weights, initialising from moekd_init_seed={init_seed}")
     if raw.get("model_type") == "llama_moe":  # moekd's own port, llama_moe.py: no remote code
         import llama_moe
-        return llama_moe.load_llama_moe(directory, raw, device=device, dtype=dtype, init_seed=init_seed)
+        model = llama_moe.load_llama_moe(directory, raw, device=device, dtype=dtype, init_seed=init_seed)
+        check_finite_weights(model, f"{what} {name_or_path}")
+        return model
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
         if init_seed is not None:
             torch.manual_seed(init_seed)
-            model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(directory, trust_remote_code=False), dtype=dtype, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         else:
+            check_shapes(directory, config, shapes, f"{what} {name_or_path}")
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as e:
-        raise MoekdError(f"{what} {name_or_path}: transformers cannot load it "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except (ValueError, OSError, KeyError, TypeError, RuntimeError) as e:
+        if isinstance(e, MoekdError):
+            raise
+        raise MoekdError(f"{what} {name_or_path}: transformers cannot load it ({first_line(e)})") from None
+    check_finite_weights(model, f"{what} {name_or_path}")
     if torch.device(device).type == "cpu" and type(model)._can_set_experts_implementation():
         model.set_experts_implementation("eager")  # torch's CPU grouped_mm needs 16-byte-aligned sizes
     return model.to(device).eval()
+
+
+def seeded(raw: dict) -> int | None:
+    """The seed of a config-only model folder (tiny_moe/, repro.py's and bench.py's); None for a folder
+    save_pretrained wrote (transformers_version), whose missing weights are lost, not to be drawn."""
+    return None if "transformers_version" in raw else raw.get("moekd_init_seed")
 
 
 def load_tokenizer(name_or_path: str, *, what: str = "--model"):
@@ -200,6 +316,9 @@ def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+    config = directory / "config.json"  # a saved model is never a seeded config-only folder again
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                  if k != "moekd_init_seed"}, indent=2, sort_keys=True) + "\n")
 
 
 def umask() -> int:
@@ -234,6 +353,8 @@ def write_atomically(directory: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if full:  # torch.save says "unexpected pos ..." on a full disk, safetensors its own error
             raise RunStopped(f"no space left on device writing {directory}") from None
+        if isinstance(e, OSError):
+            raise output_error(e, directory) from None
         raise
 
 
@@ -252,8 +373,43 @@ def write_json(path: Path, obj) -> None:
     except ValueError:
         raise MoekdError(f"{path}: refusing to write a non-finite number (NaN/inf) into JSON") from None
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def output_error(e: OSError, path: Path) -> RunStopped:
+    """An OSError of a write as one line naming the file (a failed write() carries no file name)."""
+    why = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only file system"}.get(e.errno, (e.strerror or type(e).__name__).lower())
+    return RunStopped(f"{why} writing {path}")
+
+
+@contextlib.contextmanager
+def writing(path: Path, *partial: Path):
+    """Around every output write: an OSError (full disk, read-only file system, ...) becomes a one-line
+    error naming `path`, and the `partial` files it leaves (temporary files) are removed."""
+    try:
+        yield
+    except OSError as e:
+        for leftover in partial:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        raise output_error(e, path) from None
+
+
+def append_line(path: Path, line: str) -> None:
+    """One log line appended whole or not at all: a failed write is cut back to the old end."""
+    with writing(path):
+        with path.open("a") as f:
+            end = f.tell()
+            try:
+                f.write(line + "\n")
+                f.flush()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(end)
+                raise
 
 
 ROUTERS_FILE = "teacher_routers.safetensors"
@@ -273,15 +429,17 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, weights, routers, st
     """checkpoints/step-N (model, routers, trainer state), then the `latest` pointer, both atomic.
     No RNG state: every random draw of a step is seeded from (seed, step, micro-batch)."""
     ckpt_root = out / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    with writing(ckpt_root):
+        ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step}"
     def write(tmp: Path) -> None:
         save_run_model(tmp, model, tokenizer, routers, state_dict=weights)
         torch.save({"step": step, **state}, tmp / "trainer_state.pt")
     write_atomically(ckpt_root / name, write)
     pointer = ckpt_root / "latest.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, ckpt_root / "latest")
+    with writing(ckpt_root / "latest", pointer):
+        pointer.write_text(name + "\n")
+        os.replace(pointer, ckpt_root / "latest")
     for old in ckpt_root.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old)
@@ -296,37 +454,155 @@ def truncate_log(path: Path, step: int) -> None:
     keep = [line for line in lines if line.endswith("\n") and not (
         (m := re.match(r"(?:dev )?step (\d+)", line)) and int(m.group(1)) > step)]
     if keep != lines:
-        path.write_text("".join(keep))
+        tmp = path.with_name(f".tmp-{path.name}")
+        with writing(path, tmp):
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names; it must be a step-N folder beside it, so an edited
+    pointer can never resume from another run's (or any other) folder."""
     pointer = out / "checkpoints" / "latest"
-    return out / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
+    if not pointer.exists():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    ckpt = out / "checkpoints" / name
+    if not re.fullmatch(r"step-\d+", name) or ckpt.is_symlink() or not ckpt.is_dir():
+        raise MoekdError(f"{pointer}: names {name[:300]!r}, not a checkpoint of this run (a step-N folder in "
+                         f"{out / 'checkpoints'}); refused")
+    return ckpt
 
 
-RUN_FILES = {"run.json", "log.txt", "metrics.json", "checkpoints", "best_rougeL", "final"}  # all a run writes
+LOCK = ".lock"
+MKDTEMP = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's random part (write_atomically)
+# Every name moekd.py writes in a run folder, temporary ones included (write_json, truncate_log,
+# write_atomically), and in its checkpoints/ folder.
+RUN_NAMES = re.compile(rf"run\.json|log\.txt|metrics\.json|checkpoints|best_rougeL|final|\{LOCK}"
+                       rf"|\.tmp-(run\.json|metrics\.json|log\.txt)"
+                       rf"|\.tmp-(best_rougeL|final)-{MKDTEMP}|\.old-(best_rougeL|final)-\d+")
+CHECKPOINT_NAMES = re.compile(rf"step-\d+|latest|latest\.tmp|\.tmp-step-\d+-{MKDTEMP}|\.old-step-\d+-\d+")
 
 
-def check_own_folder(out: Path, marker: str, names: set[str]) -> None:
-    """--overwrite removes only a folder moekd wrote: its marker file present and no other names than
-    `names` (and write_atomically's .tmp-/.old- leftovers of a killed run)."""
+def check_own_folder(out: Path, marker: str, names: re.Pattern, inner: dict[str, re.Pattern],
+                     marker_keys: set[str], required: set[str]) -> None:
+    """--overwrite removes only a folder moekd wrote, judged by content: every name one moekd writes
+    (`names`; in the subfolders of `inner`, theirs), and the marker a JSON object with moekd's keys
+    (`required` present, nothing outside `marker_keys`). A folder holding only a killed run's
+    leftovers (the lock, temporary files) needs no marker."""
     entries = sorted(p.name for p in out.iterdir())
-    foreign = [n for n in entries if n not in names and not n.startswith((".tmp-", ".old-"))]
+    foreign = [n for n in entries if not names.fullmatch(n)]
+    for sub, pattern in inner.items():
+        if (out / sub).is_dir() and not (out / sub).is_symlink():
+            foreign += [f"{sub}/{p.name}" for p in sorted((out / sub).iterdir())
+                        if not pattern.fullmatch(p.name)]
+        elif (out / sub).exists():
+            foreign.append(sub)
     if foreign:
         more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
         raise MoekdError(f"--out {out}: holds files moekd did not write ({', '.join(foreign[:10])}{more}); "
                          f"--overwrite refuses to delete it")
+    if all(n == LOCK or n.startswith((".tmp-", ".old-")) or n == "latest.tmp" for n in entries):
+        return  # a run stopped before its marker was written: nothing but moekd's own leftovers
     if marker not in entries:
         raise MoekdError(f"--out {out}: has no {marker}, not a moekd output folder; --overwrite refuses to delete it")
+    try:
+        saved = json.loads((out / marker).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or not required <= set(saved) or set(saved) - marker_keys:
+        raise MoekdError(f"--out {out}: its {marker} is not one moekd wrote (another tool's folder?); "
+                         f"--overwrite refuses to delete it")
 
 
 def clear_folder(out: Path) -> None:
-    """Delete what is in `out` (checked by check_own_folder), keeping the folder itself (`--out .`)."""
+    """Delete what is in `out` (checked by check_own_folder), keeping the folder itself (`--out .`)
+    and the lock this process holds in it."""
     for p in out.iterdir():
+        if p.name == LOCK:
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def busy(out: Path) -> bool:
+    """`out` holds something besides the lock a finished or killed run leaves."""
+    return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+
+
+def check_out_apart(out: Path, reads: dict[str, str | list[str] | None]) -> None:
+    """--out may not be, contain or lie inside a local path the run reads (model, teacher, data files):
+    --overwrite would delete the input (a teacher loaded from runs/T/best with --out runs/T)."""
+    where = out.resolve()
+    for flag, value in ((f, v) for f, vs in reads.items() for v in (vs if isinstance(vs, list) else [vs])):
+        if not value or not Path(value).exists():
+            continue  # unset, or a hub name
+        path = Path(value).resolve()
+        how = "is" if path == where else "contains" if path.is_relative_to(where) else \
+            "lies inside" if where.is_relative_to(path) else None
+        if how:
+            raise MoekdError(f"--out {out}: {how} {flag} {value}, which this run reads; pick another --out")
+
+
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """Before any model loads: `out` (or the folder it will be made in) must be writable, so a
+    read-only disk is one line now, not a traceback after minutes of loading."""
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    base = base if base.exists() else Path(".")
+    if os.access(base, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
+    where = f"{out}" if base == out else f"{out}: its folder {base}"
+    raise MoekdError(f"{flag} {where} {why}; pick another {flag}")
+
+
+class RunLock:
+    """An exclusive flock on `out/.lock`: one moekd process per folder (two runs, or a run and an
+    evaluation, would interleave their files). The kernel drops it when the process dies, so a
+    killed run never leaves a stale lock; the pid and host inside are only for the message."""
+
+    def __init__(self, active: bool = True):
+        self.active, self.fd, self.out = active, None, None
+
+    def acquire(self, out: Path) -> None:
+        if not self.active or self.fd is not None:
+            return
+        path = out / LOCK
+        with writing(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise MoekdError(f"--out {out}: another moekd process is using it ({holder}); wait for it to end "
+                             f"or pick another --out") from None
+        except OSError as e:
+            os.close(fd)
+            raise MoekdError(f"--out {out}: cannot lock {path} ({e.strerror})") from None
+        with writing(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd, self.out = fd, out
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def default_out(method: str, model: str) -> str:
@@ -372,23 +648,56 @@ def check_resume_config(cfg, saved: dict, world: int) -> None:
                          f"the run being resumed ({was}); change --batch-size/--grad-accum to keep it")
 
 
-def prepare_out_dir(cfg) -> tuple[Path, dict | None]:
-    """Check --out before any work: never touch an existing run unless --resume/--overwrite, and
-    --overwrite only a moekd run."""
+def prepare_out_dir(cfg, *, reads: dict[str, str | None] | None = None, lock: RunLock | None = None,
+                    fields: set[str] = frozenset()) -> tuple[Path, dict | None]:
+    """Check --out before any work: apart from the inputs, writable, never touching an existing run
+    unless --resume/--overwrite, and --overwrite only a moekd run (`fields`: run.json's keys). An
+    existing folder is locked here (rank 0: `lock`), a new one when start_out_dir makes it."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MoekdError(f"--out {out}: exists and is not a directory")
-    busy = out.exists() and any(out.iterdir())
+    check_out_apart(out, reads or {})
+    check_writable(out)
     if cfg.resume:
-        ckpt = latest_checkpoint(out) if busy else None
+        ckpt = latest_checkpoint(out) if busy(out) else None
         if ckpt is None:
             raise MoekdError(f"--out {out}: no checkpoint to resume from")
+        if lock is not None:  # a folder is locked once it is known to be ours: nothing is written elsewhere
+            lock.acquire(out)
         return out, load_tensors_only(ckpt / "trainer_state.pt")
-    if busy and not cfg.overwrite:
+    if busy(out) and not cfg.overwrite:
         raise MoekdError(f"--out {out}: exists and is not empty; pass --resume or --overwrite")
-    if busy:
-        check_own_folder(out, "run.json", RUN_FILES)
+    if busy(out):
+        check_own_folder(out, "run.json", RUN_NAMES, {"checkpoints": CHECKPOINT_NAMES},
+                         fields | {"world_size"}, {"method", "model", "out", "seed"})
+        if lock is not None:
+            lock.acquire(out)
     return out, None
+
+
+def start_out_dir(out: Path, overwrite: bool, lock: RunLock | None) -> None:
+    """Rank 0, once the inputs loaded: empty (--overwrite) or make --out, and hold its lock; a folder
+    another process filled meanwhile is refused."""
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    if lock is not None:
+        lock.acquire(out)
+    if overwrite:
+        clear_folder(out)
+    elif busy(out):
+        raise MoekdError(f"--out {out}: exists and is not empty; pass --resume or --overwrite")
+
+
+def stop_message(e: BaseException, out: Path) -> str:
+    """A stopped run's one line: why, then where to go on from (the last checkpoint, or starting over)."""
+    try:
+        ckpt = latest_checkpoint(out)
+    except MoekdError:
+        ckpt = None
+    why = str(e) if isinstance(e, RunStopped) else str(output_error(e, Path(e.filename or "(unknown file)")))
+    where = f"its last good checkpoint is {ckpt} (continue with --resume)" if ckpt else \
+        "no checkpoint was saved yet: start over with the same command and --overwrite"
+    return f"{why}; the run stopped, {where}"
 
 
 def run_cli(entry) -> int:
@@ -398,4 +707,8 @@ def run_cli(entry) -> int:
     except MoekdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        if not e.quiet:
+            print(e, file=sys.stderr)
+        return e.code
     return 0

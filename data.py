@@ -78,7 +78,7 @@ def load_splits(cfg) -> tuple[list[dict], list[dict]]:
     """(train, dev) examples as {prompt, responses}.
 
     Raw Dolly-15k (hub or a raw-schema file) without --dev-data follows MiniLLM's split:
-    rows 0-499 are the test set (shared/data/dolly/valid.jsonl), the next 1000 are dev,
+    rows 0-499 are the test set (shared/data/dolly/valid.jsonl), the next --dev-size (1000) are dev,
     the rest train. Otherwise dev is --dev-data, a folder's dev.jsonl, or the first
     --dev-size rows (the official processing's first-1000-lines-are-valid rule)."""
     if cfg.data == "synthetic":
@@ -104,11 +104,23 @@ def load_splits(cfg) -> tuple[list[dict], list[dict]]:
             raw_dolly = _is_raw_dolly_file(path)
     if cfg.dev_data is not None:
         return rows, load_examples(cfg.dev_data)
-    skip, n_dev = (500, 1000) if raw_dolly else (0, cfg.dev_size)
+    skip, n_dev = (500 if raw_dolly else 0), cfg.dev_size  # MiniLLM: 500 test + 1000 (the default) dev rows
     if len(rows) <= skip + n_dev:
+        what = f"{n_dev} dev rows" if not skip else \
+            f"the {skip} test rows of MiniLLM's split of raw Dolly (rows 0-{skip - 1}) + {n_dev} dev rows"
+        fix = f"a --dev-size below {len(rows) - skip}" if len(rows) > skip + 1 else "a bigger --data"
         raise MoekdError(f"--data {cfg.data}: {len(rows)} rows leave no training rows after holding out "
-                         f"{skip} test + {n_dev} dev rows; pass --dev-data or a smaller --dev-size")
+                         f"{what}; pass --dev-data or {fix}")
     return rows[skip + n_dev:], rows[skip:skip + n_dev]
+
+
+def data_files(source: str | None, names: tuple[str, ...] = ("train.jsonl", "dev.jsonl")) -> list[str]:
+    """The files a --data (or, with `names` dev.jsonl/valid.jsonl, --dev-data) source reads: the file
+    itself, or those of its folder."""
+    if not source:
+        return []
+    path = Path(source)
+    return [str(path / n) for n in names] if path.is_dir() else [source]
 
 
 def _is_raw_dolly_file(path: Path) -> bool:

@@ -210,7 +210,8 @@ def evaluate_rouge(model, tokenizer, sets: dict[str, list[dict] | None], args, o
                 pair = {"rougeL": sum(values) / len(values), "generations": [
                     {"set": name, "seed": seed, "prompt": e["prompt"], "references": e["references"],
                      "response": r, "rougeL": v} for e, r, v in zip(examples, responses, values)]}
-                path.parent.mkdir(exist_ok=True)
+                with checkpoints.writing(path.parent):
+                    path.parent.mkdir(exist_ok=True)
                 moekd.write_json(path, pair)
                 print(f"{name} seed {seed}: ROUGE-L {pair['rougeL']:.2f} ({len(values)} examples)")
             scores[name][seed] = pair["rougeL"]
@@ -223,9 +224,11 @@ def run_rouge(model, tokenizer, sets, args, out: Path) -> dict:
     generations: list[dict] = []
     summary = evaluate_rouge(model, tokenizer, sets, args, out, generations=generations)
     table = markdown_table({args.label: summary}, list(sets))
-    (out / "table.md").write_text(table)
+    with checkpoints.writing(out / "table.md"):
+        (out / "table.md").write_text(table)
     moekd.write_json(out / "results.json", {"model": args.model, **protocol(args), **summary})
-    with (out / "generations.jsonl").open("w", encoding="utf-8") as f:
+    path = out / "generations.jsonl"
+    with checkpoints.writing(path), path.open("w", encoding="utf-8") as f:
         for g in generations:
             f.write(json.dumps(g, ensure_ascii=False) + "\n")
     print(table, end="")
@@ -279,7 +282,7 @@ def router_kl(p_orig: torch.Tensor, p_new: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with path.open("w", newline="") as f:
+    with checkpoints.writing(path), path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
@@ -358,7 +361,8 @@ def run_k_sweep(model, tokenizer, sets, args, out: Path) -> dict:
     names = [n for n, examples in sets.items() if examples is not None]
     write_csv(out / "k_sweep.csv", ["k"] + names + ["avg"],
               [[k] + [f"{r['sets'][n]['mean']:.4f}" for n in names] + [f"{r['avg']:.4f}"] for k, r in results.items()])
-    (out / "table.md").write_text(markdown_table({f"k={k}": r for k, r in results.items()}, list(sets)))
+    with checkpoints.writing(out / "table.md"):
+        (out / "table.md").write_text(markdown_table({f"k={k}": r for k, r in results.items()}, list(sets)))
     if not args.no_plots:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -384,7 +388,8 @@ def pyplot():
 
 def save_fig(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with checkpoints.writing(path):
+        fig.savefig(path, dpi=120)
     fig.clf()
     print(f"wrote {path}")
 
@@ -392,10 +397,15 @@ def save_fig(fig, path: Path) -> None:
 # ----------------------------------------------------------------------------
 # Main
 
-# Everything eval.py writes in --out; eval.json (the evaluation's settings, written first) marks the folder as ours.
+# Everything eval.py writes in --out (write_json's temporary files and the lock too); eval.json (the
+# evaluation's settings, written first, with these keys) marks the folder as ours.
 EVAL_FILES = {"eval.json", "pairs", "results.json", "table.md", "generations.jsonl", "gate_mass.csv", "gate_mass.png",
               "router_shift.csv", "router_shift.png", "router_shift_hist.png", "k_sweep.csv", "k_sweep.png",
               *(f"{a}.json" for a in ANALYSES)}
+EVAL_NAMES = re.compile("|".join([re.escape(checkpoints.LOCK)]
+                                 + [rf"(\.tmp-)?{re.escape(n)}" for n in EVAL_FILES]))
+PAIR_NAMES = re.compile(r"(\.tmp-)?[\w.-]+-seed-?\d+\.json")
+EVAL_KEYS = {"model", "analysis", "label", "dtype", "batch_size", "sets", "protocol"}
 
 
 def check_out(out: Path, settings: dict, overwrite: bool) -> None:
@@ -403,15 +413,21 @@ def check_out(out: Path, settings: dict, overwrite: bool) -> None:
     kept); --overwrite starts over, in a folder eval.py wrote only."""
     if out.exists() and not out.is_dir():
         raise MoekdError(f"--out {out}: exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
+    if not checkpoints.busy(out):
         return
     if overwrite:
-        checkpoints.check_own_folder(out, "eval.json", EVAL_FILES)
+        checkpoints.check_own_folder(out, "eval.json", EVAL_NAMES, {"pairs": PAIR_NAMES}, EVAL_KEYS,
+                                     EVAL_KEYS)
         return
     marker = out / "eval.json"
     if not marker.is_file():
         raise MoekdError(f"--out {out}: exists and is not empty; pass --overwrite or another --out")
-    saved = json.loads(marker.read_text())
+    try:
+        saved = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoekdError(f"{marker}: malformed JSON ({e}); pass --overwrite or another --out") from None
+    if not isinstance(saved, dict):
+        raise MoekdError(f"{marker}: not an evaluation's settings; pass another --out")
     differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
     if differ:
         raise MoekdError(f"--out {out}: holds an evaluation with other settings ({', '.join(differ)} differ); "
@@ -419,7 +435,13 @@ def check_out(out: Path, settings: dict, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """One evaluation; its --out locked while it runs (one process per folder)."""
     args = parse_args(argv)
+    with checkpoints.RunLock() as lock:
+        return _main(args, lock)
+
+
+def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     name = Path(args.model.rstrip("/")).name
     out = Path(args.out or Path("results") / f"{args.analysis}-{name}")
     if (args.routing == "topp") != (args.top_p is not None):
@@ -436,7 +458,13 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {"model": args.model, "analysis": args.analysis, "label": args.label, "dtype": args.dtype,
                 "batch_size": args.batch_size, "sets": {k: None if p is None else str(p) for k, p in paths.items()},
                 **protocol(args)}
+    reads = {"--model": args.model, "--routers": args.routers,
+             **{f"--sets {k}": None if p is None else str(p) for k, p in paths.items()}}
+    checkpoints.check_out_apart(out, reads)
+    checkpoints.check_writable(out)
     check_out(out, settings, args.overwrite)
+    if out.is_dir():  # known to be ours (or empty): locked before anything is loaded
+        lock.acquire(out)
     device = moekd.resolve_device(args.device)
     args.amp_dtype = moekd.resolve_dtype(args.dtype, device)
     model = moekd.load_model(args.model, device=device, dtype=args.amp_dtype)
@@ -455,15 +483,21 @@ def main(argv: list[str] | None = None) -> dict:
             raise MoekdError(f"--model {args.model}: {err}") from None
     if args.routers is not None and args.analysis != "router-shift":
         moekd.load_routers(model, args.routers)
-    if out.exists() and args.overwrite:
-        moekd.clear_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with checkpoints.writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    lock.acquire(out)
+    if args.overwrite:
+        checkpoints.clear_folder(out)
     moekd.write_json(out / "eval.json", settings)
     run = {"rouge": run_rouge, "gate-mass": run_gate_mass, "router-shift": run_router_shift,
            "k-sweep": run_k_sweep}[args.analysis]
-    result = run(model, tokenizer, sets, args, out)
-    if args.analysis != "rouge":
-        moekd.write_json(out / f"{args.analysis}.json", {"model": args.model, **result})
+    try:
+        result = run(model, tokenizer, sets, args, out)
+        if args.analysis != "rouge":
+            moekd.write_json(out / f"{args.analysis}.json", {"model": args.model, **result})
+    except checkpoints.RunStopped as e:
+        raise MoekdError(f"{e}; the evaluation stopped, the (set, seed) pairs it finished are in "
+                         f"{out / 'pairs'} and a rerun of the same command continues from them") from None
     return {"out": str(out), **result}
 
 

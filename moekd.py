@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import functools
 import hashlib
 import json
@@ -42,17 +41,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (ROUTERS_FILE, MoekdError, RunStopped, check_resume_config, check_vocab,
-                         clear_folder, default_out, latest_checkpoint, load_model, load_state_dict_strict,
-                         load_tokenizer, prepare_out_dir, run_cli, save_checkpoint, save_run_model, saved_config,
-                         truncate_log, write_atomically, write_json)
-from data import DOLLY_HUB, load_splits
+from checkpoints import (ROUTERS_FILE, MoekdError, RunStopped, append_line, check_resume_config, check_vocab,
+                         default_out, latest_checkpoint, load_model, load_state_dict_strict, load_tokenizer,
+                         prepare_out_dir, read_safetensors, run_cli, save_checkpoint, save_run_model,
+                         saved_config, start_out_dir, truncate_log, write_atomically, write_json)
+from data import DOLLY_HUB, data_files, load_splits
 from hidden_losses import Head, head_logits, head_losses
 from llama_moe import cv_squared
 from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, enable_checkpointing,
                       full_state_dict, gradient_sync, init_distributed, is_sharded, load_optimizer_state,
                       memory_per_rank, one_rank_at_a_time, optimizer_state, resolve_device, shard_loaded,
                       split_global_batch, unwrap, wrap_student)
+from runguard import RunGuard, StopSignals
 from sampling import sample_responses, sample_tokens
 
 HERE = Path(__file__).resolve().parent
@@ -105,7 +105,8 @@ class Config:
     dev_data: str | None = field(default=None, metadata={
         "help": "dev data (same formats); default: the MiniLLM split of raw Dolly, the folder's "
                 "dev.jsonl, or the first --dev-size rows of --data"})
-    dev_size: int = field(default=1000, metadata={"help": "rows held out as dev when --dev-data is not given"})
+    dev_size: int = field(default=1000, metadata={
+        "help": "rows held out as dev when --dev-data is not given (raw Dolly: after its 500 test rows)"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<method>-<model>)"})
     overwrite: bool = field(default=False, metadata={
         "help": "empty an existing --out and start over (only a moekd run folder: run.json, nothing foreign)"})
@@ -1220,12 +1221,11 @@ def router_state_dict(teacher: nn.Module) -> dict[str, torch.Tensor]:
 def load_routers(teacher: nn.Module, path: str | Path) -> None:
     """Load SAR-trained routers (a teacher_routers.safetensors, or a directory holding one); the file must
     hold exactly the teacher's router parameters."""
-    from safetensors.torch import load_file
     path = Path(path)
     path = path / ROUTERS_FILE if path.is_dir() else path
     if not path.is_file():
         raise MoekdError(f"--teacher-routers {path}: no such file")
-    tensors, expected = load_file(path), set(router_state_dict(teacher))
+    tensors, expected = read_safetensors(path), set(router_state_dict(teacher))
     if set(tensors) != expected:
         differ = sorted(set(tensors) ^ expected)
         raise MoekdError(f"{path}: router keys do not match the teacher ({len(differ)} differ, e.g. {differ[0]})")
@@ -1255,10 +1255,11 @@ class Progress:
 
 def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, train_items: list[dict],
           dev_items: list[dict], *, out: Path, device: torch.device, amp_dtype: torch.dtype,
-          state: dict | None = None, dist: Dist = SINGLE) -> dict:
+          state: dict | None = None, dist: Dist = SINGLE, stop: StopSignals | None = None) -> dict:
     """The optimizer steps of a run, each in four phases: step, log, evaluate (and keep the best), checkpoint.
     Under torchrun `model` is DDP-wrapped; rank 0 alone logs, evaluates and saves (the others wait at a
-    barrier) and the returned metrics are rank 0's."""
+    barrier) and the returned metrics are rank 0's. `stop`: SIGINT/SIGTERM end the run at a step boundary,
+    after a checkpoint."""
     global_batch = cfg.batch_size * dist.world * cfg.grad_accum
     steps_per_epoch = len(train_items) // global_batch
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
@@ -1275,8 +1276,7 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
     def report(line: str) -> None:  # rank 0: stdout and log.txt
         if dist.main:
             print(line)
-            with (out / "log.txt").open("a") as f:
-                f.write(line + "\n")
+            append_line(out / "log.txt", line)
     def snapshot() -> tuple[dict | None, dict | None]:  # student and router weights; every rank calls it
         return (full_state_dict(student) if is_sharded(student) else None,
                 router_state_dict(teacher) if routers_learn else None)
@@ -1289,7 +1289,9 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
         print(f"train: {len(train_items)} examples, global batch {global_batch} ({cfg.batch_size} x {dist.world} "
               f"device(s) x {cfg.grad_accum} accumulation), {steps_per_epoch} steps/epoch, {total} steps, "
               f"lr {cfg.lr:g} {cfg.lr_schedule}")
-    start, step = run.step, run.step
+    start, step, signalled = run.step, run.step, 0
+    stop = stop or StopSignals(out, dist)
+    stop.step, stop.deferred = start, True
     for step in range(start, total):
         done, epoch = step + 1, step // steps_per_epoch + 1
         # -- step: one global batch (on-policy sampling, SAR's router update, the student's update)
@@ -1320,7 +1322,8 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             if improved and dist.main:
                 run.best_rougeL = metrics["dev_rougeL"]
         # -- checkpoint: at epoch ends, every --save-every steps, at the end and when stopping
-        stopping = cfg.stop_after is not None and done - start >= cfg.stop_after
+        signalled = stop.agreed()  # every rank, every step: they stop together
+        stopping = cfg.stop_after is not None and done - start >= cfg.stop_after or bool(signalled)
         if epoch_end or stopping or done == total or bool(cfg.save_every and done % cfg.save_every == 0):
             ckpt = {"optimizer": optimizer_state(student, optimizer), "best_rougeL": run.best_rougeL,
                     "history": run.history, "window": run.window, "window_steps": run.window_steps}
@@ -1330,11 +1333,18 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
             if dist.main:
                 save_checkpoint(out, done, student, tokenizer, weights, routers, ckpt)
             barrier(dist)  # nobody runs ahead (or exits) while rank 0 evaluates (epoch ends) and writes
+        stop.step = done
         if stopping and done < total:
+            if signalled:
+                break
             if dist.main:  # on stdout only: log.txt reads the same as an uninterrupted run's
                 print(f"stopped after {cfg.stop_after} steps at step {done}/{total}; continue with --resume")
             break
-    return finish(cfg, out, run, total, student, teacher, ms.optimizers(optimizer), save, device=device, dist=dist)
+    result = finish(cfg, out, run, total, student, teacher, ms.optimizers(optimizer), save, device=device,
+                    dist=dist)
+    if signalled and run.step < total:
+        raise stop.stopped(signalled, run.step, total)
+    return result
 
 
 def finish(cfg: Config, out: Path, run: Progress, total: int, student, teacher, optimizers, save, *,
@@ -1431,15 +1441,21 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv)
     dist, device = init_distributed(cfg)
     try:
-        return _main(cfg, dist, device)
+        with RunGuard(Path(cfg.out), dist) as guard:  # the lock, SIGINT/SIGTERM, one-line stops
+            return _main(cfg, dist, device, guard)
     finally:
         if dist.world > 1:
             torch.distributed.destroy_process_group()
 
 
-def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
+def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dict:
     global_batch = split_global_batch(cfg, dist.world)
-    out, state = prepare_out_dir(cfg)
+    teacher_reads = {"--teacher": cfg.teacher, "--teacher-routers": cfg.teacher_routers} \
+        if METHODS[cfg.method].teacher else {}
+    reads = {"--model": cfg.model, **teacher_reads, "--data": data_files(cfg.data),
+             "--dev-data": data_files(cfg.dev_data, ("dev.jsonl", "valid.jsonl"))}
+    out, state = prepare_out_dir(cfg, reads=reads,
+                                 lock=guard.lock, fields={f.name for f in dataclasses.fields(Config)})
     barrier(dist)  # every rank has looked at --out before rank 0 writes to it
     if state is not None:  # the run's own config wins; only invocation flags may change
         check_resume_config(cfg, json.loads((out / "run.json").read_text()), dist.world)
@@ -1472,9 +1488,7 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
         raise MoekdError(f"--data {cfg.data}: {len(train_items)} training examples, fewer than one global "
                          f"batch ({cfg.batch_size} x {dist.world} device(s) x {cfg.grad_accum})")
     if state is None and dist.main:
-        if cfg.overwrite and out.exists():
-            clear_folder(out)
-        out.mkdir(parents=True, exist_ok=True)
+        start_out_dir(out, cfg.overwrite, guard.lock)
         write_json(out / "run.json", {**dataclasses.asdict(cfg), "world_size": dist.world})
     barrier(dist)
     describe = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params{', MoE' if is_moe(m) else ''}"  # noqa: E731
@@ -1484,16 +1498,9 @@ def _main(cfg: Config, dist: Dist, device: torch.device) -> dict:
                  if teacher is not None else "")
               + f" on {device}{f' x {dist.world} ranks' if dist.world > 1 else ''}, "
               f"{str(amp_dtype).removeprefix('torch.')}, out {out}")
-    try:
-        result = train(cfg, wrap_student(model, dist, device, moe=is_moe(model)), teacher, tokenizer, train_items, dev_items, out=out,
-                       device=device, amp_dtype=amp_dtype, state=state, dist=dist)
-    except (RunStopped, OSError) as e:
-        if isinstance(e, OSError) and e.errno != errno.ENOSPC:
-            raise
-        ckpt = latest_checkpoint(out)
-        raise MoekdError(f"{e if isinstance(e, RunStopped) else f'no space left on device writing {e.filename}'}; "
-                         f"the run stopped, " + (f"its last good checkpoint is {ckpt} (continue with --resume)"
-                                                  if ckpt else "no checkpoint was saved yet")) from None
+    result = train(cfg, wrap_student(model, dist, device, moe=is_moe(model)), teacher, tokenizer, train_items,
+                   dev_items, out=out, device=device, amp_dtype=amp_dtype, state=state, dist=dist,
+                   stop=guard.signals)
     if result["finished"] and dist.main:
         dev = (f"dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | best dev_rougeL "
                f"{result['best_rougeL']:.2f} | " if result.get("best_rougeL") is not None else "")

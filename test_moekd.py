@@ -713,11 +713,12 @@ def test_existing_out_is_never_overwritten(tmp_path, monkeypatch):
     with pytest.raises(moekd.MoekdError, match="has no run.json, not a moekd output folder"):
         moekd.main(tiny_args(theirs, "--overwrite"))
     mine = tmp_path / "mine"  # what a killed moekd run leaves is replaced
-    (mine / ".tmp-final-x").mkdir(parents=True)
-    for name in ("run.json", "log.txt"):
-        (mine / name).write_text("{}")
+    (mine / ".tmp-final-x1y2z3_4").mkdir(parents=True)
+    (mine / "run.json").write_text(json.dumps({**moekd.dataclasses.asdict(moekd.Config()), "world_size": 1}))
+    (mine / "log.txt").write_text("step 1")
     moekd.main(tiny_args(mine, "--overwrite", "--max-steps", "1", "--no-dev-eval"))
-    assert sorted(p.name for p in mine.iterdir()) == ["checkpoints", "final", "log.txt", "metrics.json", "run.json"]
+    assert sorted(p.name for p in mine.iterdir()) == [".lock", "checkpoints", "final", "log.txt", "metrics.json",
+                                                      "run.json"]
     ev = tmp_path / "ev"
     ev.mkdir()
     (ev / "eval.json").write_text("{}")
