@@ -2202,6 +2202,83 @@ def test_moekd_sampler_on_student_families(family):
     assert ours == [naive_seeded_sample(model, p, s, eos_id=-1, max_new_tokens=9) for p, s in zip(prompts, seeds)]
 
 
+def test_sampler_keeps_one_static_cache_per_shape_over_200_calls(monkeypatch):
+    """200 compiled sample_rows calls in two batch shapes make two static caches and two compiles (the cache
+    is reset, not rebuilt, so a CUDA graph would be recorded once per shape), and a reused cache gives the
+    tokens of the naive loop: the last call here, and a second call on Mistral, whose sliding-window layers
+    count their writes (reset() zeroes that count)."""
+    from torch._dynamo.testing import CompileCounter
+    from transformers.cache_utils import StaticCache
+    made, init = [], StaticCache.__init__
+    monkeypatch.setattr(StaticCache, "__init__", lambda self, *args, **kwargs: made.append(
+        kwargs.get("max_cache_len")) or init(self, *args, **kwargs))
+    counter = CompileCounter()  # dynamo's graph count, no inductor (compiling with it takes ~30 s on CPU)
+    monkeypatch.setitem(sampling._compiled, "cpu", torch.compile(sampling.decode_step, dynamic=False,
+                                                                  backend=counter))
+    torch._dynamo.reset()
+    model = tiny_causal_lm("Llama")
+    prompts = [[5, 6, 7, 8, 9], [12, 13], [40, 41, 42]]
+    for i in range(200):
+        batch = prompts[:2 + i % 2]
+        rows = sampling.sample_rows(model, batch, pad_id=0, eos_id=-1, max_new_tokens=2,
+                                    seeds=[i, i + 1, i + 2][:len(batch)], compile=True)
+        if i == 2:
+            after_both_shapes = counter.frame_count
+    assert made == [64, 64] and counter.frame_count == after_both_shapes == 2
+    assert rows == [naive_seeded_sample(model, p, s, eos_id=-1, max_new_tokens=2)
+                    for p, s in zip(prompts, [199, 200, 201])]
+    mistral = tiny_causal_lm("Mistral")  # sliding window 8, shorter than prompt + 9 new tokens
+    for seeds in ([3, 4], [5, 6]):
+        ours = sampling.sample_rows(mistral, prompts[:2], pad_id=0, eos_id=-1, max_new_tokens=9, seeds=seeds)
+        assert ours == [naive_seeded_sample(mistral, p, s, eos_id=-1, max_new_tokens=9)
+                        for p, s in zip(prompts, seeds)]
+    assert made[2:] == [64]
+
+
+def test_sampler_checks_for_the_end_every_few_steps(monkeypatch):
+    """The host asks whether every row has ended once per EOS_CHECK_EVERY steps, never without an EOS id
+    a token can take, and the steps run past the last row's EOS are cut: the tokens of the naive loop."""
+    model = tiny_causal_lm("Llama")
+    checks = []
+    monkeypatch.setattr(sampling, "batch_ended", lambda ended: checks.append(1) or bool(ended.all()))
+    prompt, seed = [5, 6, 7, 8], 11
+    free = naive_seeded_sample(model, prompt, seed, eos_id=-1, max_new_tokens=20)
+    assert sampling.sample_rows(model, [prompt, prompt], pad_id=0, eos_id=-1, max_new_tokens=20,
+                                seeds=[seed, seed]) == [free, free] and checks == []
+    eos = free[2]
+    expected = naive_seeded_sample(model, prompt, seed, eos_id=eos, max_new_tokens=20)
+    assert len(expected) == free.index(eos) + 1 < sampling.EOS_CHECK_EVERY
+    got = sampling.sample_rows(model, [prompt, prompt], pad_id=0, eos_id=eos, max_new_tokens=20,
+                               seeds=[seed, seed])
+    assert got == [expected, expected] and len(checks) == 1  # stopped at the first check, 8 steps in
+    checks.clear()
+    sampling.sample_rows(model, [prompt], pad_id=0, eos_id=299, max_new_tokens=20, seeds=[12345])
+    assert 1 <= len(checks) <= 20 // sampling.EOS_CHECK_EVERY
+
+
+def ragged_prompt_rows(model, compile: bool) -> tuple[list, list, list]:
+    """Left-padded prompts of lengths 7, 2 and 4 sampled together and each alone, with every logits tensor
+    the model returned while sampling them together."""
+    prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]], [3, 1 << 40, 77]
+    logits = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: logits.append(out.logits.detach()),
+                                       with_kwargs=True) if not compile else None
+    kw = dict(pad_id=0, eos_id=-1, max_new_tokens=12, compile=compile)
+    together = sampling.sample_rows(model, prompts, seeds=seeds, **kw)
+    if hook is not None:
+        hook.remove()
+    alone = [sampling.sample_rows(model, [p], seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    return together, alone, logits
+
+
+def test_ragged_prompts_sample_finite_logits_and_each_row_as_alone():
+    """Left padding (prompts of 7, 2 and 4 tokens): every logit the sampler reads is finite (a pad query that
+    attends to nothing must not turn a row into NaN), and each row's tokens are those it gets alone."""
+    model = tiny_causal_lm("Llama")
+    together, alone, logits = ragged_prompt_rows(model, compile=False)
+    assert together == alone and len(logits) == 12 and all(bool(t.isfinite().all()) for t in logits)
+
+
 def test_bf16_autocast_samples_from_a_bf16_copy_kept_in_step(tokenizer):
     """Under bf16 autocast over fp32 weights, moekd's sampler runs a bf16 copy of the student: the tokens of
     the naive loop on the model cast to bf16, and a change to the weights reaches the copy on the next call."""
