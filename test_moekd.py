@@ -2279,6 +2279,18 @@ def test_ragged_prompts_sample_finite_logits_and_each_row_as_alone():
     assert together == alone and len(logits) == 12 and all(bool(t.isfinite().all()) for t in logits)
 
 
+def test_seeded_llama_moe_weights_on_cpu_are_the_cpu_generators_draws():
+    """build_llama_moe(init_seed) draws on the device it builds on; on the CPU the weights stay what tiny_moe
+    and the published runs were trained from: one CPU generator, normal(0, initializer_range) per matrix in
+    parameter order, norms 1 (written out here independently)."""
+    model = llama_moe.build_llama_moe(llama_moe.check_llama_moe_config(TINY_CFG, where="test"), init_seed=7)
+    g = torch.Generator().manual_seed(7)
+    for name, p in model.named_parameters():
+        expected = torch.ones(p.shape) if p.ndim == 1 else torch.randn(p.shape, generator=g) * 0.02
+        assert torch.equal(p, expected), name
+    assert TINY_CFG.get("initializer_range", 0.02) == 0.02
+
+
 def test_bf16_autocast_samples_from_a_bf16_copy_kept_in_step(tokenizer):
     """Under bf16 autocast over fp32 weights, moekd's sampler runs a bf16 copy of the student: the tokens of
     the naive loop on the model cast to bf16, and a change to the weights reaches the copy on the next call."""
@@ -2671,6 +2683,20 @@ def test_cuda_routing_conformance(tmp_path, family):
             dense = model(ids).logits
         assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], native)
         assert not torch.equal(dense, native) and torch.equal(model(ids).logits, native)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_seeded_llama_moe_weights_are_drawn_on_the_device():
+    """With init_seed on CUDA the weights come from a CUDA generator: on the device, reproducible, the spread
+    of normal(0, 0.02), and the same in bf16 as the fp32 draws rounded."""
+    cfg = llama_moe.check_llama_moe_config(TINY_CFG, where="test")
+    a, b = (llama_moe.build_llama_moe(cfg, device="cuda", init_seed=7) for _ in range(2))
+    half = llama_moe.build_llama_moe(cfg, device="cuda", dtype=torch.bfloat16, init_seed=7)
+    w = a.lm_head.weight
+    assert w.is_cuda and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert abs(float(w.std()) - 0.02) < 1e-3 and abs(float(w.mean())) < 1e-3
+    assert torch.equal(half.lm_head.weight, w.to(torch.bfloat16))
 
 
 @pytest.mark.cuda
