@@ -2026,24 +2026,101 @@ def test_bench_smoke():
     assert rows["ka-m2"]["teacher_head_ms"] > 0 and rows["gkd"]["teacher_head_ms"] == 0
 
 
-def test_gpu_check_at_tiny_scale_on_cpu():
-    """bench.py --gpu-check's code path on CPU at tiny shapes: every method's bf16 step finite, the parts of
-    each step timed where train_step calls them (SAR alone has a router part), the bandwidth floor from the
-    student's shapes (the paper's student: the parameter count of its public config), the Markdown report."""
+def test_gpu_check_at_tiny_scale_on_cpu(tmp_path, monkeypatch):
+    """bench.py --gpu-check's code path on CPU at tiny shapes, the ka stage forced to fail.
+
+    Its traceback is recorded and every other stage's figures are on disk (the JSON was already saved before
+    the failing stage ran): every method's bf16 step finite, the tiny teacher frozen but SAR's routers, the
+    parts of each step timed where train_step calls them (SAR alone has a router part), the bandwidth floor
+    from the student's shapes (the paper's student: the parameter count of its public config), the
+    environment, the Markdown."""
     import bench
-    report = bench.gpu_check("tiny", torch.device("cpu"), 4.3e12)
+    original, seen = bench.paper_method, {}
+
+    def failing_ka(method, *args, **kwargs):
+        if method == "ka":
+            seen.update(json.loads((tmp_path / "check.json").read_text())["stages"])
+            raise RuntimeError("forced ka failure")
+        return original(method, *args, **kwargs)
+    monkeypatch.setattr(bench, "paper_method", failing_ka)
+    bench.gpu_check("tiny", torch.device("cpu"), 4.3e12, tmp_path / "check.json")
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert seen["method_gkd"]["ok"] and "method_ka" not in seen  # saved after each stage, before the next
+    stages = report["stages"]
+    ka = stages.pop("method_ka")
+    assert not ka["ok"] and "forced ka failure" in ka["error"] and "in failing_ka" in ka["error"]  # traceback
+    assert stages.pop("cuda_tests") == {"ok": False, "skipped": "no CUDA device"}
+    assert list(stages) == ["environment", "tiny_bf16_steps", "paper_pair", "method_gkd", "method_sar",
+                            "sampler"]
+    assert all(st["ok"] and st["seconds"] > 0 and st["peak_rss_gb"] > 0 for st in stages.values())
+    assert all(set(st["compile"]) == {"frames_compiled", "unique_graphs", "recompiles", "cudagraph_skips",
+                                      "cudagraph_recordings"} for st in stages.values())
+    env = report["environment"]
+    assert env["torch"] == torch.__version__
+    assert set(env["sdpa"]) == {"flash", "mem_efficient", "math", "cudnn"}
+    assert "nvidia_smi" in env and "triton" in env and report["transformers"] == env["transformers"]
     assert report["tiny_bf16_finite"] and set(report["tiny_bf16_steps"]) == set(moekd.METHODS)
+    routers = sum(p.numel() for n, p in moekd.load_model(str(TINY)).named_parameters() if ".gate." in n)
+    assert {m: logs["teacher_trainable"] for m, logs in report["tiny_bf16_steps"].items()} == {
+        m: routers if m == "sar" else 0 for m in moekd.METHODS}
     by = {m["method"]: m for m in report["methods"]}
+    assert set(by) == {"gkd", "sar"}
     for m in by.values():
         assert len(m["steps"]) == 2 and all(s["student_s"] > 0 and s["gen_s"] > 0 for s in m["steps"])
         assert m["gen_tokens_per_s"] == pytest.approx(4 * 16 / m["steady"]["gen_s"])
     assert by["sar"]["steady"]["router_s"] > 0 and by["gkd"]["steady"]["router_s"] == 0
-    assert by["ka"]["plan_gb"] > by["gkd"]["plan_gb"] and report["sampler"]["speedup"] > 0
+    assert by["sar"]["plan_gb"] > by["gkd"]["plan_gb"] and report["sampler"]["speedup"] > 0
     check = bench.CHECKS["paper"]
     weights = 2 * 1.345e9 + 2 * 24 * 16 * 384 * 2048 * 2          # bf16 weights + half the final KV cache
     assert bench.bandwidth_floor_tokens_per_s(check, 4.3e12) == pytest.approx(16 / (weights / 4.3e12), rel=0.01)
-    assert "| gkd |" in bench.gpu_check_markdown(report)
+    md = (tmp_path / "check.md").read_text()
+    assert "| gkd |" in md and "| method_ka | **FAILED** |" in md and "forced ka failure" in md
     assert moekd.sample_tokens is sampling.sample_tokens and moekd.teacher_hidden.__module__ == "moekd"  # restored
+
+
+def test_gpu_check_keeps_the_test_output_through_a_timeout_and_an_empty_one(tmp_path):
+    """The CUDA tests' subprocess: killed at its timeout, the check goes on with what it printed saved; no
+    output at all is a summary too; pytest's FAILED/ERROR lines are picked out of the -rfE summary."""
+    import bench
+    slow = [sys.executable, "-c", "import time; print('collected 9 items', flush=True); time.sleep(60)"]
+    t0 = time.perf_counter()
+    out = bench.run_tests(slow, tmp_path / "slow.txt", timeout=2)
+    assert time.perf_counter() - t0 < 30 and out["timed_out"] and out["returncode"] is None
+    assert out["summary"] == "killed after 2 s; last line: collected 9 items"
+    assert (tmp_path / "slow.txt").read_text() == "collected 9 items\n"
+    empty = bench.run_tests([sys.executable, "-c", "pass"], tmp_path / "empty.txt", timeout=60)
+    assert empty == {"returncode": 0, "timed_out": False, "log": str(tmp_path / "empty.txt"),
+                     "summary": "(no output)", "failures": []}
+    lines = ["F.", "FAILED test_moekd.py::test_a - AssertionError", "ERROR test_moekd.py::test_b", "1 failed"]
+    failed = bench.run_tests([sys.executable, "-c", f"import sys; print({chr(10).join(lines)!r}); "
+                              "sys.stderr.write('warning\\n'); sys.exit(1)"], tmp_path / "f.txt", timeout=60)
+    assert failed["returncode"] == 1 and failed["failures"] == lines[1:3]
+    assert "warning" in (tmp_path / "f.txt").read_text()  # stderr kept too
+
+
+def test_memory_plan_counts_sars_saved_concatenated_expert_weights():
+    """SAR's router backward through a Llama-MoE teacher saves each layer's concatenated expert weights
+    (counted here from autograd's saved tensors on the tiny teacher, [I, H] or [H, I]: 3 per layer, 1 in the
+    first, whose input needs no gradient); the plan counts them: (3 x 32 - 2) x 16 experts x 688 x 4096 x 2
+    bytes = 8.48 GB for the paper's teacher."""
+    import bench
+    teacher = moekd.load_model(str(TINY)).requires_grad_(False)
+    moekd.train_routers(teacher)
+    I, H, L = TINY_CFG["intermediate_size"], TINY_CFG["hidden_size"], TINY_CFG["num_hidden_layers"]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        with moekd.moe_routing(teacher, "all"):
+            teacher(ids_batch()).logits.sum().backward()
+    assert sum(shape in ((I, H), (H, I)) for shape in saved) == 3 * L - 2
+    pair = bench.PAIRS[bench.PAPER_PAIR]
+    opts = dict(shard_teacher=False, shard_student=False, grad_checkpointing=False)
+    sar, gkd = bench.plan(pair, **opts, sar=True), bench.plan(pair, **opts, sar=False)
+    assert sar["SAR saved expert weights"] == pytest.approx(94 * 16 * 688 * 4096 * 2 / 1e9)  # 8.48
+    assert gkd["SAR saved expert weights"] == 0
+    extra = sar["SAR saved expert weights"] + sar["teacher activations (SAR)"]
+    assert sar["total"] - gkd["total"] == pytest.approx(extra)
+    other = bench.PAIRS["Qwen3-30B-A3B -> Qwen3-1.7B"]  # stacked expert weights (grouped_mm): no copy
+    assert bench.plan(other, **opts, sar=True)["SAR saved expert weights"] == 0
 
 
 def test_bench_loss_paths_compute_the_same_gradients(monkeypatch):
