@@ -2778,6 +2778,44 @@ def test_cuda_seeded_llama_moe_weights_are_drawn_on_the_device():
 
 @pytest.mark.cuda
 @needs_cuda
+def test_cuda_sampler_records_its_cuda_graph_once_per_shape_over_200_calls():
+    """200 compiled sample_rows calls on CUDA in two batch shapes: the CUDA graphs recorded after the first
+    calls of both shapes are all there will be (a new cache per call re-recorded them every call, toward
+    torch's re-record limit), no CUDA-graph skip, no new compile; the last call is the eager tokens."""
+    import bench
+    from torch._dynamo.utils import counters
+    model = tiny_causal_lm("Llama").cuda()
+    prompts = [[5, 6, 7, 8, 9], [12, 13], [40, 41, 42]]
+    skips = counters["inductor"]["cudagraph_skips"]
+    with bench.counting_cudagraph_recordings(torch.device("cuda")):
+        for i in range(200):
+            batch, seeds = prompts[:2 + i % 2], [i, i + 1, i + 2][:2 + i % 2]
+            rows = sampling.sample_rows(model, batch, pad_id=0, eos_id=-1, max_new_tokens=4, seeds=seeds,
+                                        compile=True)
+            if i == 3:
+                warm = bench.compile_counters()
+        final = bench.compile_counters()
+    assert warm["cudagraph_recordings"] >= 2 and final == warm
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    assert rows == sampling.sample_rows(model, prompts, pad_id=0, eos_id=-1, max_new_tokens=4, seeds=seeds)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_ragged_prompts_sample_finite_logits_and_each_row_as_alone(dtype):
+    """On CUDA kernels (SDPA's, in fp32 and bf16), left padding with prompts of 7, 2 and 4 tokens: every
+    logit the eager sampler reads is finite, and each row's tokens, eager and compiled with CUDA graphs, are
+    those it gets alone."""
+    model = tiny_causal_lm("Llama").to("cuda", dtype)
+    together, alone, logits = ragged_prompt_rows(model, compile=False)
+    assert together == alone and len(logits) == 12 and all(bool(t.isfinite().all()) for t in logits)
+    together, alone, _ = ragged_prompt_rows(model, compile=True)
+    assert together == alone
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_compiled_sampler_with_cuda_graphs_equals_eager(tokenizer):
     """The compiled decode step with CUDA graphs emits the eager sampler's tokens (fp32), and the counter-based
     noise is the CPU noise."""
