@@ -580,28 +580,34 @@ def run_stage(report: dict, name: str, fn, device, save) -> bool:
     """One stage of the GPU check: `fn()` (which puts its figures into `report`), or its full traceback if it
     raises; its seconds, peak memory and compile counters either way; then the report is saved, so a later
     stage that fails or is killed cannot take this one's figures with it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before, t0 = compile_counters(), time.perf_counter()
     entry = report["stages"][name] = {"ok": False}
+    if device.type == "cuda":
+        try:  # an earlier stage's kernel error is sticky: fn() then fails too, with its own traceback
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        except Exception as e:
+            entry["device_error_before"] = repr(e)
+    before, t0 = compile_counters(), time.perf_counter()
     try:
         fn()
         entry["ok"] = True
     except Exception:  # an OOM, a compile or kernel error: recorded, and the next stage still runs
         entry["error"] = traceback.format_exc()
     if device.type == "cuda":
-        with contextlib.suppress(Exception):  # after a device error the sync raises too
+        try:
             torch.cuda.synchronize()
-        entry["peak_gb"] = torch.cuda.max_memory_allocated() / GB
-        entry["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+            entry["peak_gb"] = torch.cuda.max_memory_allocated() / GB
+            entry["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+        except Exception as e:
+            entry["device_error_after"] = repr(e)
     else:  # the process's high-water mark so far (RSS), not this stage's own
         entry["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
     entry["seconds"] = time.perf_counter() - t0
     entry["compile"] = {k: v - before[k] for k, v in compile_counters().items()}
     gc.collect()  # the failed stage's tensors, before the next stage allocates
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        with contextlib.suppress(Exception):  # a sticky device error is already in this stage's entry
+            torch.cuda.empty_cache()
     save(report)
     return entry["ok"]
 
@@ -610,8 +616,12 @@ def save_report(report: dict, json_path: Path | None) -> None:
     """The report as JSON and Markdown beside it, each replaced whole (a kill mid-write leaves the last)."""
     if json_path is None:
         return
+    try:  # the JSON has every figure: a bug in the Markdown must not stop the check
+        md = gpu_check_markdown(report)
+    except Exception:
+        md = f"the Markdown report failed; the figures are in {json_path.name}:\n\n{traceback.format_exc()}"
     for path, text in ((json_path, json.dumps(report, indent=2, default=str) + "\n"),
-                       (json_path.with_suffix(".md"), gpu_check_markdown(report))):
+                       (json_path.with_suffix(".md"), md)):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)

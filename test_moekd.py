@@ -2784,6 +2784,7 @@ def test_cuda_sampler_records_its_cuda_graph_once_per_shape_over_200_calls():
     torch's re-record limit), no CUDA-graph skip, no new compile; the last call is the eager tokens."""
     import bench
     from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # the compiled tests before this one count toward dynamo's recompile limit
     model = tiny_causal_lm("Llama").cuda()
     prompts = [[5, 6, 7, 8, 9], [12, 13], [40, 41, 42]]
     skips = counters["inductor"]["cudagraph_skips"]
@@ -2807,6 +2808,7 @@ def test_cuda_ragged_prompts_sample_finite_logits_and_each_row_as_alone(dtype):
     """On CUDA kernels (SDPA's, in fp32 and bf16), left padding with prompts of 7, 2 and 4 tokens: every
     logit the eager sampler reads is finite, and each row's tokens, eager and compiled with CUDA graphs, are
     those it gets alone."""
+    torch._dynamo.reset()  # the compiled tests before this one count toward dynamo's recompile limit
     model = tiny_causal_lm("Llama").to("cuda", dtype)
     together, alone, logits = ragged_prompt_rows(model, compile=False)
     assert together == alone and len(logits) == 12 and all(bool(t.isfinite().all()) for t in logits)
