@@ -519,7 +519,6 @@ def run_tests(cmd: list[str], log: Path, timeout: float) -> dict:
 def environment(device) -> dict:
     """What ran the check: versions (torch, CUDA, cuDNN, transformers, Triton), the GPU, `nvidia-smi`, and the
     SDPA backends torch may pick (a kernel missing here changes speed, or NaN behaviour, silently)."""
-    import importlib.metadata
     import platform
     import transformers
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -528,8 +527,9 @@ def environment(device) -> dict:
            "sdpa": {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
                     for name in ("flash", "mem_efficient", "math", "cudnn")}}
     try:
-        env["triton"] = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
         env["triton"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
