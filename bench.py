@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -36,7 +37,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -433,11 +436,12 @@ def build_pair(shapes: dict, device, teacher_dtype) -> tuple:
 
 
 def tiny_method_steps(device, amp) -> dict:
-    """Every method, one step on the tiny shapes in bf16 autocast: its loss parts (all must be finite)."""
+    """Every method, one step on the tiny shapes in bf16 autocast: its loss parts (all must be finite) and the
+    teacher's trainable parameters (frozen as build_pair and moekd freeze it: SAR trains its routers only)."""
     out = {}
     for method in moekd.METHODS:
         teacher, student = build("tiny", None, device)
-        teacher.to(amp)
+        teacher.to(amp).requires_grad_(False)
         if moekd.METHODS[method].routers:
             moekd.train_routers(teacher)
         cfg = moekd.Config(method=method, batch_size=2, grad_accum=2, max_prompt_len=16, max_len=32, gen_batch_size=4)
@@ -446,6 +450,7 @@ def tiny_method_steps(device, amp) -> dict:
         logs = moekd.train_step(cfg, student, teacher, Tokens(), rows, optimizer, cfg.lr,
                                 moekd.method_state(cfg, teacher, amp))
         out[method] = {k: float(v) for k, v in logs.items()}
+        out[method]["teacher_trainable"] = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
     return out
 
 
@@ -491,35 +496,219 @@ def bandwidth_floor_tokens_per_s(check: dict, bandwidth: float) -> float:
     return batch / ((2 * params + kv) / bandwidth)
 
 
-def gpu_check(scale: str, device, bandwidth: float) -> dict:
-    """(1) the cuda-marked tests and every method's tiny bf16 step, (2) gkd, ka and sar at the check's shapes
-    (the paper's: 4/16 Llama-MoE-3.5B teacher, Sheared-LLaMA-1.3B student, global batch 16 = 4 x 4, 256 + 256
-    tokens, bf16) against the bandwidth floor and the memory plan, (3) the sampler against generate()."""
+CUDA_TESTS_TIMEOUT_S = 240
+
+
+def run_tests(cmd: list[str], log: Path, timeout: float) -> dict:
+    """A test command with its whole output (stdout and stderr) written to `log` as it runs, so a timeout or
+    a crash keeps what it printed: the exit code (None when killed at the timeout), the last line, and the
+    FAILED/ERROR lines of pytest's -rfE summary."""
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    lines = log.read_text(errors="replace").strip().splitlines()
+    last = lines[-1] if lines else "(no output)"
+    return {"returncode": code, "timed_out": code is None, "log": str(log),
+            "summary": last if code is not None else f"killed after {timeout:g} s; last line: {last}",
+            "failures": [line for line in lines if line.startswith(("FAILED ", "ERROR "))]}
+
+
+def environment(device) -> dict:
+    """What ran the check: versions (torch, CUDA, cuDNN, transformers, Triton), the GPU, `nvidia-smi`, and the
+    SDPA backends torch may pick (a kernel missing here changes speed, or NaN behaviour, silently)."""
+    import platform
+    import transformers
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "transformers": transformers.__version__, "transformers_path": transformers.__file__,
+           "sdpa": {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+                    for name in ("flash", "mem_efficient", "math", "cudnn")}}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gb=props.total_memory / GB)
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
+        env["nvidia_smi"] = smi.stdout + smi.stderr
+    except (OSError, subprocess.SubprocessError) as e:
+        env["nvidia_smi"] = f"not run: {e!r}"
+    return env
+
+
+def compile_counters() -> dict:
+    """torch.compile's counters so far: frames compiled, graphs, recompiles (guard failures), CUDA graphs
+    skipped (the fallback to plain launches) and recorded (moekd's decode step: once per shape per run)."""
+    from torch._dynamo.utils import counters, guard_failures
+    return {"frames_compiled": counters["frames"]["ok"], "unique_graphs": counters["stats"]["unique_graphs"],
+            "recompiles": sum(len(v) for v in guard_failures.values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+            "cudagraph_recordings": _cudagraph_recordings[0]}
+
+
+_cudagraph_recordings = [0]
+
+
+@contextlib.contextmanager
+def counting_cudagraph_recordings(device):
+    """Inside the block each CUDA graph recorded by torch.compile's cudagraph trees adds one to
+    compile_counters()'s cudagraph_recordings (torch keeps no counter of its own for it)."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+    original = CUDAGraphTreeManager.record_function
+
+    def record_function(self, *args, **kwargs):
+        _cudagraph_recordings[0] += 1
+        return original(self, *args, **kwargs)
+    CUDAGraphTreeManager.record_function = record_function
+    try:
+        yield
+    finally:
+        CUDAGraphTreeManager.record_function = original
+
+
+def run_stage(report: dict, name: str, fn, device, save) -> bool:
+    """One stage of the GPU check: `fn()` (which puts its figures into `report`), or its full traceback if it
+    raises; its seconds, peak memory and compile counters either way; then the report is saved, so a later
+    stage that fails or is killed cannot take this one's figures with it."""
+    entry = report["stages"][name] = {"ok": False}
+    if device.type == "cuda":
+        try:  # an earlier stage's kernel error is sticky: fn() then fails too, with its own traceback
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        except Exception as e:
+            entry["device_error_before"] = repr(e)
+    before, t0 = compile_counters(), time.perf_counter()
+    try:
+        fn()
+        entry["ok"] = True
+    except Exception:  # an OOM, a compile or kernel error: recorded, and the next stage still runs
+        entry["error"] = traceback.format_exc()
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize()
+            entry["peak_gb"] = torch.cuda.max_memory_allocated() / GB
+            entry["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+        except Exception as e:
+            entry["device_error_after"] = repr(e)
+    else:  # the process's high-water mark so far (RSS), not this stage's own
+        entry["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    entry["seconds"] = time.perf_counter() - t0
+    entry["compile"] = {k: v - before[k] for k, v in compile_counters().items()}
+    gc.collect()  # the failed stage's tensors, before the next stage allocates
+    if device.type == "cuda":
+        with contextlib.suppress(Exception):  # a sticky device error is already in this stage's entry
+            torch.cuda.empty_cache()
+    save(report)
+    return entry["ok"]
+
+
+def save_report(report: dict, json_path: Path | None) -> None:
+    """The report as JSON and Markdown beside it, each replaced whole (a kill mid-write leaves the last)."""
+    if json_path is None:
+        return
+    try:  # the JSON has every figure: a bug in the Markdown must not stop the check
+        md = gpu_check_markdown(report)
+    except Exception:
+        md = f"the Markdown report failed; the figures are in {json_path.name}:\n\n{traceback.format_exc()}"
+    for path, text in ((json_path, json.dumps(report, indent=2, default=str) + "\n"),
+                       (json_path.with_suffix(".md"), md)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def gpu_check(scale: str, device, bandwidth: float, json_path: Path | None = None) -> dict:
+    """(1) the environment, the cuda-marked tests (CUDA only) and every method's tiny bf16 step, (2) gkd, ka
+    and sar at the check's shapes (the paper's: 4/16 Llama-MoE-3.5B teacher, Sheared-LLaMA-1.3B student,
+    global batch 16 = 4 x 4, 256 + 256 tokens, bf16) against the bandwidth floor and the memory plan, (3) the
+    sampler against generate(). Each stage runs on its own (run_stage): a failure is recorded with its
+    traceback and the others still run; the JSON and Markdown are rewritten after every stage."""
     t0 = time.perf_counter()
     check, amp = CHECKS[scale], torch.bfloat16
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "scale": scale, "bandwidth_bytes_per_s": bandwidth}
-    import transformers
-    report["transformers"] = transformers.__version__
-    if device.type == "cuda":
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"],
-                              capture_output=True, text=True, cwd=HERE, timeout=240)
-        report["cuda_tests"] = {"returncode": proc.returncode, "summary": proc.stdout.strip().splitlines()[-1]}
-    report["tiny_bf16_steps"] = tiny_method_steps(device, amp)
-    report["tiny_bf16_finite"] = all(math.isfinite(v) for logs in report["tiny_bf16_steps"].values() for v in logs.values())
-    teacher, student = build_pair(check["shapes"], device, amp)
-    report["methods"] = [paper_method(m, check, teacher, student, device, amp, sync) for m in ("gkd", "ka", "sar")]
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "scale": scale,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__,
+              "bandwidth_bytes_per_s": bandwidth, "stages": {}, "methods": []}
+    json_path = None if json_path is None else Path(json_path)
+
+    def save(r):
+        r["wall_s"] = time.perf_counter() - t0
+        save_report(r, json_path)
+
+    def env():
+        report["environment"] = environment(device)
+        report["transformers"] = report["environment"]["transformers"]
+
+    def cuda_tests():
+        log = (json_path.with_suffix(".cuda-tests.txt") if json_path is not None
+               else Path(tempfile.mkdtemp()) / "cuda-tests.txt")
+        report["cuda_tests"] = run_tests([sys.executable, "-m", "pytest", "-q", "-rfE", "-m", "cuda", "-p",
+                                          "no:cacheprovider"], log, CUDA_TESTS_TIMEOUT_S)
+
+    def tiny():
+        report["tiny_bf16_steps"] = tiny_method_steps(device, amp)
+        report["tiny_bf16_finite"] = all(math.isfinite(v) for logs in report["tiny_bf16_steps"].values()
+                                         for v in logs.values())
+
+    pair: list = []
+
+    def build():
+        pair.extend(build_pair(check["shapes"], device, amp))
+
     floor = bandwidth_floor_tokens_per_s(check, bandwidth)
-    pair = {**PAIRS[PAPER_PAIR], "batch": check["micro"]}
-    for r in report["methods"]:
-        r["bandwidth_floor_tokens_per_s"] = floor
-        r["fraction_of_floor"] = r["gen_tokens_per_s"] / floor
-        r["plan_gb"] = plan(pair, shard_teacher=False, shard_student=False, grad_checkpointing=False,
-                            sar=r["method"] == "sar", ka_m=2 if r["method"] == "ka" else 1)["total"]
-        r["peak_over_plan"] = r["peak_gb"] / r["plan_gb"]
+    plan_pair = {**PAIRS[PAPER_PAIR], "batch": check["micro"]}
+    batch = check["micro"] * check["accum"]
+
+    def method(name):
+        def run():
+            r = paper_method(name, check, *pair, device, amp, sync)
+            r["bandwidth_floor_tokens_per_s"] = floor
+            r["fraction_of_floor"] = r["gen_tokens_per_s"] / floor
+            r["plan_gb"] = plan(plan_pair, shard_teacher=False, shard_student=False, grad_checkpointing=False,
+                                sar=name == "sar", ka_m=2 if name == "ka" else 1, gen_batch=batch)["total"]
+            r["peak_over_plan"] = r["peak_gb"] / r["plan_gb"]
+            report["methods"].append(r)
+        return run
+
+    def sampler():
+        report["sampler"] = sampler_comparison(check, pair[1], device, amp, sync)
+
+    with counting_cudagraph_recordings(device):
+        run_stage(report, "environment", env, device, save)
+        if device.type == "cuda":
+            run_stage(report, "cuda_tests", cuda_tests, device, save)
+        else:
+            report["stages"]["cuda_tests"] = {"ok": False, "skipped": "no CUDA device"}
+        run_stage(report, "tiny_bf16_steps", tiny, device, save)
+        if run_stage(report, "paper_pair", build, device, save):
+            for name in ("gkd", "ka", "sar"):
+                run_stage(report, f"method_{name}", method(name), device, save)
+            run_stage(report, "sampler", sampler, device, save)
+        else:
+            for name in ("method_gkd", "method_ka", "method_sar", "sampler"):
+                report["stages"][name] = {"ok": False, "skipped": "the paper-shape pair was not built"}
+        del pair[:]
+        save(report)
+    return report
+
+
+def sampler_comparison(check: dict, student, device, amp, sync) -> dict:
+    """moekd's sampler against generate() on the student and the same random prompts (one warm-up call
+    each, then one timed)."""
     cfg = moekd.Config(method="gkd", max_prompt_len=check["prompt"], max_len=check["prompt"] + check["response"],
-                       gen_batch_size=check["micro"] * check["accum"], compile_sampler="on" if device.type == "cuda" else "off")
+                       gen_batch_size=check["micro"] * check["accum"],
+                       compile_sampler="on" if device.type == "cuda" else "off")
     rows = random_rows(check["micro"] * check["accum"], check["prompt"], check["response"],
                        check["shapes"]["student"]["vocab_size"], seed=1)
     seconds = {}
@@ -529,29 +718,55 @@ def gpu_check(scale: str, device, bandwidth: float) -> dict:
                 run = lambda: moekd.generate_on_policy(student, rows, Tokens(), c, list(range(len(rows))))  # noqa: E731
                 run()
                 seconds[name] = timed(run, sync)
-    report["sampler"] = {f"{k}_tokens_per_s": len(rows) * check["response"] / v for k, v in seconds.items()}
-    report["sampler"]["speedup"] = seconds["generate"] / seconds["moekd"]
-    report["wall_s"] = time.perf_counter() - t0
-    return report
+    out = {f"{k}_tokens_per_s": len(rows) * check["response"] / v for k, v in seconds.items()}
+    out["speedup"] = seconds["generate"] / seconds["moekd"]
+    return out
 
 
 def gpu_check_markdown(r: dict) -> str:
-    lines = [f"GPU check {r['date']}: {r['device']}, torch {r['torch']}, transformers {r['transformers']}, "
-             f"scale {r['scale']}, wall {r['wall_s']:.0f} s", ""]
+    """The report as Markdown; written after every stage, so it reads whatever stages have run so far."""
+    env = r.get("environment", {})
+    lines = [f"GPU check {r['date']}: {r['device']}, torch {r['torch']} (CUDA {env.get('cuda')}), "
+             f"transformers {env.get('transformers')}, Triton {env.get('triton')}, scale {r['scale']}, "
+             f"wall {r.get('wall_s', 0):.0f} s",
+             "", "| stage | result | s | peak GB | frames compiled | recompiles | CUDA graphs recorded | "
+             "CUDA-graph skips |", "|" + "---|" * 8]
+    for name, st in r["stages"].items():
+        result = "ok" if st["ok"] else f"skipped: {st['skipped']}" if "skipped" in st else "**FAILED**"
+        c = st.get("compile", {})
+        peak = st.get("peak_gb", st.get("peak_rss_gb"))
+        lines.append(f"| {name} | {result} | {st.get('seconds', 0):.1f} | "
+                     f"{'' if peak is None else f'{peak:.1f}'} | {c.get('frames_compiled', '')} | "
+                     f"{c.get('recompiles', '')} | {c.get('cudagraph_recordings', '')} | "
+                     f"{c.get('cudagraph_skips', '')} |")
+    if "sdpa" in env:
+        lines += ["", "- SDPA backends enabled: " + ", ".join(k for k, v in env["sdpa"].items() if v)]
+    for name, st in r["stages"].items():
+        if "error" in st:
+            lines.append(f"- {name} failed: `{st['error'].strip().splitlines()[-1]}` (traceback in the JSON)")
     if "cuda_tests" in r:
-        lines.append(f"- `pytest -m cuda`: {r['cuda_tests']['summary']} (exit {r['cuda_tests']['returncode']})")
-    lines.append("- every method's tiny step in bf16: " + ("finite" if r["tiny_bf16_finite"] else "NOT FINITE") + " ("
-                 + ", ".join(f"{m} {logs['loss']:.3f}" for m, logs in r["tiny_bf16_steps"].items()) + ")")
-    lines += ["", "| method | step s | generation s | teacher s | student s | router s | optimizer s | first step s | "
-              "gen tokens/s | of bandwidth floor | peak GB | plan GB | peak / plan |", "|" + "---|" * 13]
+        t = r["cuda_tests"]
+        lines.append(f"- `pytest -m cuda`: {t['summary']} (exit {t['returncode']}; output: {t['log']})")
+        lines += [f"  - {line}" for line in t["failures"]]
+    if "tiny_bf16_steps" in r:
+        losses = ", ".join(f"{m} {logs['loss']:.3f}" for m, logs in r["tiny_bf16_steps"].items())
+        finite = "finite" if r["tiny_bf16_finite"] else "NOT FINITE"
+        lines.append(f"- every method's tiny step in bf16: {finite} ({losses})")
+    if r["methods"]:
+        lines += ["", "| method | step s | generation s | teacher s | student s | router s | optimizer s | "
+                  "first step s | gen tokens/s | of bandwidth floor | peak GB | plan GB | peak / plan |",
+                  "|" + "---|" * 13]
     for m in r["methods"]:
         s = m["steady"]
-        lines.append(f"| {m['method']} | {s['step_s']:.2f} | {s['gen_s']:.2f} | {s['teacher_s']:.2f} | {s['student_s']:.2f} | "
-                     f"{s['router_s']:.2f} | {s['optimizer_s']:.2f} | {m['first_step_s']:.1f} | {m['gen_tokens_per_s']:.0f} | "
-                     f"{100 * m['fraction_of_floor']:.0f}% | {m['peak_gb']:.1f} | {m['plan_gb']:.1f} | {m['peak_over_plan']:.2f} |")
-    sp = r["sampler"]
-    lines += ["", f"- sampler: moekd {sp['moekd_tokens_per_s']:.0f} tokens/s vs generate() {sp['generate_tokens_per_s']:.0f}"
-              f" tokens/s: {sp['speedup']:.2f}x"]
+        lines.append(f"| {m['method']} | {s['step_s']:.2f} | {s['gen_s']:.2f} | {s['teacher_s']:.2f} | "
+                     f"{s['student_s']:.2f} | {s['router_s']:.2f} | {s['optimizer_s']:.2f} | "
+                     f"{m['first_step_s']:.1f} | {m['gen_tokens_per_s']:.0f} | "
+                     f"{100 * m['fraction_of_floor']:.0f}% | {m['peak_gb']:.1f} | "
+                     f"{m['plan_gb']:.1f} | {m['peak_over_plan']:.2f} |")
+    if "sampler" in r:
+        sp = r["sampler"]
+        lines += ["", f"- sampler: moekd {sp['moekd_tokens_per_s']:.0f} tokens/s vs generate() "
+                  f"{sp['generate_tokens_per_s']:.0f} tokens/s: {sp['speedup']:.2f}x"]
     return "\n".join(lines) + "\n"
 
 
@@ -642,20 +857,23 @@ def dist_memory(sizes: list[str], root: Path) -> list[dict]:
 
 PAIRS = {  # parameters and shapes from the public configs; E experts, K active, I_e expert FFN size
     "Llama-MoE-3.5B (4/16) -> Sheared-LLaMA-1.3B": dict(
-        teacher=dict(params=6.74e9, H=4096, L=32, I_e=688, K=4, E=16), student=dict(params=1.35e9, H=2048, L=24, I=5504),
+        teacher=dict(params=6.74e9, H=4096, L=32, I_e=688, K=4, E=16, concat_experts=True),
+        student=dict(params=1.35e9, H=2048, L=24, I=5504, KV=2048),
         V=32000, gpus=1, batch=4),
     "Mixtral-8x7B -> Mistral-7B": dict(
-        teacher=dict(params=46.7e9, H=4096, L=32, I_e=14336, K=2, E=8), student=dict(params=7.24e9, H=4096, L=32, I=14336),
+        teacher=dict(params=46.7e9, H=4096, L=32, I_e=14336, K=2, E=8),
+        student=dict(params=7.24e9, H=4096, L=32, I=14336, KV=1024),
         V=32000, gpus=8, batch=1),
     "Qwen3-30B-A3B -> Qwen3-1.7B": dict(
-        teacher=dict(params=30.5e9, H=2048, L=48, I_e=768, K=8, E=128), student=dict(params=1.72e9, H=2048, L=28, I=6144),
+        teacher=dict(params=30.5e9, H=2048, L=48, I_e=768, K=8, E=128),
+        student=dict(params=1.72e9, H=2048, L=28, I=6144, KV=1024),
         V=151936, gpus=4, batch=4),
 }
 SEQ, GB = 512, 1e9
 
 
 def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpointing: bool, sar: bool,
-         logits: bool = False, ka_m: int = 1, chunk_mb: float = 32) -> dict[str, float]:
+         logits: bool = False, ka_m: int = 1, chunk_mb: float = 32, gen_batch: int = 16) -> dict[str, float]:
     t, s, V, W, tokens = pair["teacher"], pair["student"], pair["V"], pair["gpus"], pair["batch"] * SEQ
     dense = lambda m: 28 * m["H"] + 8 * m["I"]  # noqa: E731  bytes per token per layer
     moe_all = 28 * t["H"] + t["E"] * (2 * t["H"] + 8 * t["I_e"])  # SAR: every expert on every token
@@ -674,7 +892,17 @@ def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpoin
                       else tokens * V * 2 * (2 + ka_m + sar) + 4 * 4 * 256 * V) / GB,
            # on-policy sampling under bf16 autocast runs a bf16 copy of the student (sampling.sampling_copy;
            # a sharded student samples through generate(), without a copy)
-           "bf16 sampling copy": 0.0 if shard_student else 2 * s["params"] / GB}
+           "bf16 sampling copy": 0.0 if shard_student else 2 * s["params"] / GB,
+           # ... and its bf16 static KV cache, kept between steps (sampling.static_cache): K and V of width
+           # KV (heads x head size) per layer for gen_batch rows of SEQ tokens
+           "sampling KV cache": 0.0 if shard_student else 2 * 2 * s["L"] * gen_batch * SEQ * s["KV"] / GB,
+           # SAR's router backward through a Llama-MoE teacher runs all experts as three matmuls over each
+           # layer's concatenated expert weights (llama_moe's all_experts), and F.linear saves that bf16 copy
+           # of E I_e H for the backward: 3 per layer but the first (whose input needs no gradient: only its
+           # down projection's), one layer's when the teacher's layers are checkpointed; transformers' MoE
+           # families keep stacked expert weights (grouped_mm: no copy)
+           "SAR saved expert weights": 0.0 if not (sar and t.get("concat_experts")) else (
+               2 * t["E"] * t["I_e"] * t["H"] * (3 if grad_checkpointing else 3 * t["L"] - 2) / GB)}
     gathered = (2 * t["params"] / t["L"] * 2 if shard_teacher else 0) + (4 * s["params"] / s["L"] * 2 if shard_student else 0)
     row["FSDP gathered layers"] = gathered / GB  # the layer in use and the prefetched next one
     row["total"] = sum(row.values())
@@ -722,12 +950,8 @@ def main(argv=None) -> dict:
         return {"dist_memory": rows}
     device = moekd.resolve_device(args.device)
     if args.gpu_check:
-        report = gpu_check(args.gpu_check_scale, device, args.bandwidth)
-        md = gpu_check_markdown(report)
-        print(md)
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-            Path(args.json).with_suffix(".md").write_text(md)
+        report = gpu_check(args.gpu_check_scale, device, args.bandwidth, args.json)  # saved after every stage
+        print(gpu_check_markdown(report))
         return report
     if args.one:
         size, name, *experts = args.one.split(",")

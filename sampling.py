@@ -104,16 +104,42 @@ def cache_length(width: int) -> int:
     return max(64, 1 << (width - 1).bit_length())
 
 
+_caches: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+EOS_CHECK_EVERY = 8  # decode steps between the host's checks that every row has ended
+
+
+def static_cache(model: nn.Module, batch: int, length: int):
+    """The model's StaticCache for (batch, length), made once and reset() on every later call: the compiled
+    decode step then sees the same cache tensors (the same addresses) each call, so its CUDA graph is recorded
+    once per shape for a whole run instead of re-recorded every training step, which counts against torch's
+    re-record limit and silently drops the graph after ~128 steps. One cache per shape stays allocated."""
+    from transformers import StaticCache
+    param = next(model.parameters())
+    key = (batch, length, param.device, param.dtype)
+    caches = _caches.setdefault(model, {})
+    if key not in caches:
+        caches[key] = StaticCache(config=model.config, max_cache_len=length)
+    else:
+        caches[key].reset()  # zeros keys/values and the layers' write counters in place
+    return caches[key]
+
+
+def batch_ended(ended: torch.Tensor) -> bool:
+    """Whether every row has ended: one host synchronisation, so sample_rows asks every few steps only."""
+    return bool(ended.all())
+
+
 @torch.no_grad()
 def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
                 seeds: list[int], compile: bool = False) -> list[list[int]]:
     """moekd's own decoder for on-policy sampling: the whole left-padded batch advances one token per step
     on a preallocated static KV cache, the next token is argmax(logits + gumbel_noise) (exact sampling from
-    softmax(logits) at temperature 1, per-row seeded), no Python work per row, and it stops as soon as every
-    row has ended; `compile`: the decode step runs compiled (compiled_decode_step). A family that transformers
+    softmax(logits) at temperature 1, per-row seeded), no Python work per row, and it stops once every row
+    has ended, checked every EOS_CHECK_EVERY steps (never without a possible EOS) so the host does not wait
+    for each token; the extra steps are cut off. `compile`: the decode step runs compiled
+    (compiled_decode_step) on the model's reused static cache (static_cache). A family that transformers
     marks as not compilable (its own cache class: MiniMax) keeps its own cache and runs eager. Ended rows get
     pad tokens, as in `generate`. Same tokens as `generate` with RowSeededSampler, and as a loop without cache."""
-    from transformers import StaticCache
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -124,9 +150,10 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
     if static:
         length = cache_length(width + max_new_tokens)
         mask = torch.cat([mask, mask.new_ones(B, length - width)], dim=1)  # later slots: causally masked until written
-        cache = StaticCache(config=model.config, max_cache_len=length)
+        cache = static_cache(model, B, length)
     outputs = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
                     logits_to_keep=1)  # the prompt, eager (its own shape)
+    vocab = outputs.logits.shape[-1]
     token, cache, position, out = next_token(outputs.logits[:, -1], keys, 0), outputs.cache, position[:, -1:], []
     if compile and static:
         step_fn = compiled_decode_step(device)
@@ -134,6 +161,7 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
             for layer in cache.layers:
                 for t in (layer.keys, layer.values, layer.cumulative_length):
                     torch._dynamo.mark_static_address(t)
+    can_end = 0 <= eos_id < vocab
     for step in range(max_new_tokens):
         if step:
             position = position + 1
@@ -146,9 +174,13 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
         token = token.masked_fill(ended, pad_id)
         out.append(token)
         ended |= token == eos_id
-        if bool(ended.all()):
+        if can_end and (step + 1) % EOS_CHECK_EVERY == 0 and batch_ended(ended):
             break
-    return torch.stack(out, dim=1).tolist()
+    rows = torch.stack(out, dim=1).tolist()
+    if can_end and all(eos_id in row for row in rows):  # cut the steps run after the last row ended
+        last = max(row.index(eos_id) for row in rows)
+        rows = [row[:last + 1] for row in rows]
+    return rows
 
 
 @torch.no_grad()

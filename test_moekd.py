@@ -2105,24 +2105,101 @@ def test_bench_smoke():
     assert rows["ka-m2"]["teacher_head_ms"] > 0 and rows["gkd"]["teacher_head_ms"] == 0
 
 
-def test_gpu_check_at_tiny_scale_on_cpu():
-    """bench.py --gpu-check's code path on CPU at tiny shapes: every method's bf16 step finite, the parts of
-    each step timed where train_step calls them (SAR alone has a router part), the bandwidth floor from the
-    student's shapes (the paper's student: the parameter count of its public config), the Markdown report."""
+def test_gpu_check_at_tiny_scale_on_cpu(tmp_path, monkeypatch):
+    """bench.py --gpu-check's code path on CPU at tiny shapes, the ka stage forced to fail.
+
+    Its traceback is recorded and every other stage's figures are on disk (the JSON was already saved before
+    the failing stage ran): every method's bf16 step finite, the tiny teacher frozen but SAR's routers, the
+    parts of each step timed where train_step calls them (SAR alone has a router part), the bandwidth floor
+    from the student's shapes (the paper's student: the parameter count of its public config), the
+    environment, the Markdown."""
     import bench
-    report = bench.gpu_check("tiny", torch.device("cpu"), 4.3e12)
+    original, seen = bench.paper_method, {}
+
+    def failing_ka(method, *args, **kwargs):
+        if method == "ka":
+            seen.update(json.loads((tmp_path / "check.json").read_text())["stages"])
+            raise RuntimeError("forced ka failure")
+        return original(method, *args, **kwargs)
+    monkeypatch.setattr(bench, "paper_method", failing_ka)
+    bench.gpu_check("tiny", torch.device("cpu"), 4.3e12, tmp_path / "check.json")
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert seen["method_gkd"]["ok"] and "method_ka" not in seen  # saved after each stage, before the next
+    stages = report["stages"]
+    ka = stages.pop("method_ka")
+    assert not ka["ok"] and "forced ka failure" in ka["error"] and "in failing_ka" in ka["error"]  # traceback
+    assert stages.pop("cuda_tests") == {"ok": False, "skipped": "no CUDA device"}
+    assert list(stages) == ["environment", "tiny_bf16_steps", "paper_pair", "method_gkd", "method_sar",
+                            "sampler"]
+    assert all(st["ok"] and st["seconds"] > 0 and st["peak_rss_gb"] > 0 for st in stages.values())
+    assert all(set(st["compile"]) == {"frames_compiled", "unique_graphs", "recompiles", "cudagraph_skips",
+                                      "cudagraph_recordings"} for st in stages.values())
+    env = report["environment"]
+    assert env["torch"] == torch.__version__
+    assert set(env["sdpa"]) == {"flash", "mem_efficient", "math", "cudnn"}
+    assert "nvidia_smi" in env and "triton" in env and report["transformers"] == env["transformers"]
     assert report["tiny_bf16_finite"] and set(report["tiny_bf16_steps"]) == set(moekd.METHODS)
+    routers = sum(p.numel() for n, p in moekd.load_model(str(TINY)).named_parameters() if ".gate." in n)
+    assert {m: logs["teacher_trainable"] for m, logs in report["tiny_bf16_steps"].items()} == {
+        m: routers if m == "sar" else 0 for m in moekd.METHODS}
     by = {m["method"]: m for m in report["methods"]}
+    assert set(by) == {"gkd", "sar"}
     for m in by.values():
         assert len(m["steps"]) == 2 and all(s["student_s"] > 0 and s["gen_s"] > 0 for s in m["steps"])
         assert m["gen_tokens_per_s"] == pytest.approx(4 * 16 / m["steady"]["gen_s"])
     assert by["sar"]["steady"]["router_s"] > 0 and by["gkd"]["steady"]["router_s"] == 0
-    assert by["ka"]["plan_gb"] > by["gkd"]["plan_gb"] and report["sampler"]["speedup"] > 0
+    assert by["sar"]["plan_gb"] > by["gkd"]["plan_gb"] and report["sampler"]["speedup"] > 0
     check = bench.CHECKS["paper"]
     weights = 2 * 1.345e9 + 2 * 24 * 16 * 384 * 2048 * 2          # bf16 weights + half the final KV cache
     assert bench.bandwidth_floor_tokens_per_s(check, 4.3e12) == pytest.approx(16 / (weights / 4.3e12), rel=0.01)
-    assert "| gkd |" in bench.gpu_check_markdown(report)
+    md = (tmp_path / "check.md").read_text()
+    assert "| gkd |" in md and "| method_ka | **FAILED** |" in md and "forced ka failure" in md
     assert moekd.sample_tokens is sampling.sample_tokens and moekd.teacher_hidden.__module__ == "moekd"  # restored
+
+
+def test_gpu_check_keeps_the_test_output_through_a_timeout_and_an_empty_one(tmp_path):
+    """The CUDA tests' subprocess: killed at its timeout, the check goes on with what it printed saved; no
+    output at all is a summary too; pytest's FAILED/ERROR lines are picked out of the -rfE summary."""
+    import bench
+    slow = [sys.executable, "-c", "import time; print('collected 9 items', flush=True); time.sleep(60)"]
+    t0 = time.perf_counter()
+    out = bench.run_tests(slow, tmp_path / "slow.txt", timeout=2)
+    assert time.perf_counter() - t0 < 30 and out["timed_out"] and out["returncode"] is None
+    assert out["summary"] == "killed after 2 s; last line: collected 9 items"
+    assert (tmp_path / "slow.txt").read_text() == "collected 9 items\n"
+    empty = bench.run_tests([sys.executable, "-c", "pass"], tmp_path / "empty.txt", timeout=60)
+    assert empty == {"returncode": 0, "timed_out": False, "log": str(tmp_path / "empty.txt"),
+                     "summary": "(no output)", "failures": []}
+    lines = ["F.", "FAILED test_moekd.py::test_a - AssertionError", "ERROR test_moekd.py::test_b", "1 failed"]
+    failed = bench.run_tests([sys.executable, "-c", f"import sys; print({chr(10).join(lines)!r}); "
+                              "sys.stderr.write('warning\\n'); sys.exit(1)"], tmp_path / "f.txt", timeout=60)
+    assert failed["returncode"] == 1 and failed["failures"] == lines[1:3]
+    assert "warning" in (tmp_path / "f.txt").read_text()  # stderr kept too
+
+
+def test_memory_plan_counts_sars_saved_concatenated_expert_weights():
+    """SAR's router backward through a Llama-MoE teacher saves each layer's concatenated expert weights
+    (counted here from autograd's saved tensors on the tiny teacher, [I, H] or [H, I]: 3 per layer, 1 in the
+    first, whose input needs no gradient); the plan counts them: (3 x 32 - 2) x 16 experts x 688 x 4096 x 2
+    bytes = 8.48 GB for the paper's teacher."""
+    import bench
+    teacher = moekd.load_model(str(TINY)).requires_grad_(False)
+    moekd.train_routers(teacher)
+    I, H, L = TINY_CFG["intermediate_size"], TINY_CFG["hidden_size"], TINY_CFG["num_hidden_layers"]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        with moekd.moe_routing(teacher, "all"):
+            teacher(ids_batch()).logits.sum().backward()
+    assert sum(shape in ((I, H), (H, I)) for shape in saved) == 3 * L - 2
+    pair = bench.PAIRS[bench.PAPER_PAIR]
+    opts = dict(shard_teacher=False, shard_student=False, grad_checkpointing=False)
+    sar, gkd = bench.plan(pair, **opts, sar=True), bench.plan(pair, **opts, sar=False)
+    assert sar["SAR saved expert weights"] == pytest.approx(94 * 16 * 688 * 4096 * 2 / 1e9)  # 8.48
+    assert gkd["SAR saved expert weights"] == 0
+    extra = sar["SAR saved expert weights"] + sar["teacher activations (SAR)"]
+    assert sar["total"] - gkd["total"] == pytest.approx(extra)
+    other = bench.PAIRS["Qwen3-30B-A3B -> Qwen3-1.7B"]  # stacked expert weights (grouped_mm): no copy
+    assert bench.plan(other, **opts, sar=True)["SAR saved expert weights"] == 0
 
 
 def test_bench_loss_paths_compute_the_same_gradients(monkeypatch):
@@ -2313,6 +2390,103 @@ def test_moekd_sampler_on_student_families(family):
     prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40]], [3, 4, 5]
     ours = moekd.sample_tokens(model, prompts, pad_id=0, eos_id=-1, max_new_tokens=9, batch_size=3, seeds=seeds)
     assert ours == [naive_seeded_sample(model, p, s, eos_id=-1, max_new_tokens=9) for p, s in zip(prompts, seeds)]
+
+
+def test_sampler_keeps_one_static_cache_per_shape_over_200_calls(monkeypatch):
+    """200 compiled sample_rows calls in two batch shapes make two static caches and two compiles (the cache
+    is reset, not rebuilt, so a CUDA graph would be recorded once per shape), and a reused cache gives the
+    tokens of the naive loop: the last call here, and a second call on Mistral, whose sliding-window layers
+    count their writes (reset() zeroes that count)."""
+    from torch._dynamo.testing import CompileCounter
+    from transformers.cache_utils import StaticCache
+    made, init = [], StaticCache.__init__
+    monkeypatch.setattr(StaticCache, "__init__", lambda self, *args, **kwargs: made.append(
+        kwargs.get("max_cache_len")) or init(self, *args, **kwargs))
+    counter = CompileCounter()  # dynamo's graph count, no inductor (compiling with it takes ~30 s on CPU)
+    monkeypatch.setitem(sampling._compiled, "cpu", torch.compile(sampling.decode_step, dynamic=False,
+                                                                  backend=counter))
+    torch._dynamo.reset()
+    model = tiny_causal_lm("Llama")
+    prompts = [[5, 6, 7, 8, 9], [12, 13], [40, 41, 42]]
+    for i in range(200):
+        batch = prompts[:2 + i % 2]
+        rows = sampling.sample_rows(model, batch, pad_id=0, eos_id=-1, max_new_tokens=2,
+                                    seeds=[i, i + 1, i + 2][:len(batch)], compile=True)
+        if i == 2:
+            after_both_shapes = counter.frame_count
+    assert made == [64, 64] and counter.frame_count == after_both_shapes == 2
+    assert rows == [naive_seeded_sample(model, p, s, eos_id=-1, max_new_tokens=2)
+                    for p, s in zip(prompts, [199, 200, 201])]
+    mistral = tiny_causal_lm("Mistral")  # sliding window 8, shorter than prompt + 9 new tokens
+    for seeds in ([3, 4], [5, 6]):
+        ours = sampling.sample_rows(mistral, prompts[:2], pad_id=0, eos_id=-1, max_new_tokens=9, seeds=seeds)
+        assert ours == [naive_seeded_sample(mistral, p, s, eos_id=-1, max_new_tokens=9)
+                        for p, s in zip(prompts, seeds)]
+    assert made[2:] == [64]
+
+
+def test_sampler_checks_for_the_end_every_few_steps(monkeypatch):
+    """The host asks whether every row has ended once per EOS_CHECK_EVERY steps, never without an EOS id
+    a token can take, and the steps run past the last row's EOS are cut: the tokens of the naive loop."""
+    model = tiny_causal_lm("Llama")
+    checks = []
+    monkeypatch.setattr(sampling, "batch_ended", lambda ended: checks.append(1) or bool(ended.all()))
+    prompt, seed = [5, 6, 7, 8], 11
+    free = naive_seeded_sample(model, prompt, seed, eos_id=-1, max_new_tokens=20)
+    assert sampling.sample_rows(model, [prompt, prompt], pad_id=0, eos_id=-1, max_new_tokens=20,
+                                seeds=[seed, seed]) == [free, free] and checks == []
+    eos = free[2]
+    expected = naive_seeded_sample(model, prompt, seed, eos_id=eos, max_new_tokens=20)
+    assert len(expected) == free.index(eos) + 1 < sampling.EOS_CHECK_EVERY
+    got = sampling.sample_rows(model, [prompt, prompt], pad_id=0, eos_id=eos, max_new_tokens=20,
+                               seeds=[seed, seed])
+    assert got == [expected, expected] and len(checks) == 1  # stopped at the first check, 8 steps in
+    checks.clear()
+    sampling.sample_rows(model, [prompt], pad_id=0, eos_id=299, max_new_tokens=20, seeds=[12345])
+    assert 1 <= len(checks) <= 20 // sampling.EOS_CHECK_EVERY
+
+
+def sharpened(model, scale: float = 30.0):
+    """The model with its output head scaled: at the random init's ~0.1 logit spread the Gumbel noise decides
+    nearly every token whatever the context, so a wrong attention mask would go unseen; at ~3 it does not."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def ragged_prompt_rows(model, compile: bool) -> tuple[list, list, list]:
+    """Left-padded prompts of lengths 7, 2 and 4 sampled together and each alone, with every logits tensor
+    the model returned while sampling them together."""
+    prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]], [3, 1 << 40, 77]
+    logits = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: logits.append(out.logits.detach()),
+                                       with_kwargs=True) if not compile else None
+    kw = dict(pad_id=0, eos_id=-1, max_new_tokens=12, compile=compile)
+    together = sampling.sample_rows(model, prompts, seeds=seeds, **kw)
+    if hook is not None:
+        hook.remove()
+    alone = [sampling.sample_rows(model, [p], seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    return together, alone, logits
+
+
+def test_ragged_prompts_sample_finite_logits_and_each_row_as_alone():
+    """Left padding (prompts of 7, 2 and 4 tokens): every logit the sampler reads is finite (a pad query that
+    attends to nothing must not turn a row into NaN), and each row's tokens are those it gets alone."""
+    model = sharpened(tiny_causal_lm("Llama"))
+    together, alone, logits = ragged_prompt_rows(model, compile=False)
+    assert together == alone and len(logits) == 12 and all(bool(t.isfinite().all()) for t in logits)
+
+
+def test_seeded_llama_moe_weights_on_cpu_are_the_cpu_generators_draws():
+    """build_llama_moe(init_seed) draws on the device it builds on; on the CPU the weights stay what tiny_moe
+    and the published runs were trained from: one CPU generator, normal(0, initializer_range) per matrix in
+    parameter order, norms 1 (written out here independently)."""
+    model = llama_moe.build_llama_moe(llama_moe.check_llama_moe_config(TINY_CFG, where="test"), init_seed=7)
+    g = torch.Generator().manual_seed(7)
+    for name, p in model.named_parameters():
+        expected = torch.ones(p.shape) if p.ndim == 1 else torch.randn(p.shape, generator=g) * 0.02
+        assert torch.equal(p, expected), name
+    assert TINY_CFG.get("initializer_range", 0.02) == 0.02
 
 
 def test_bf16_autocast_samples_from_a_bf16_copy_kept_in_step(tokenizer):
@@ -2707,6 +2881,62 @@ def test_cuda_routing_conformance(tmp_path, family):
             dense = model(ids).logits
         assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], native)
         assert not torch.equal(dense, native) and torch.equal(model(ids).logits, native)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_seeded_llama_moe_weights_are_drawn_on_the_device():
+    """With init_seed on CUDA the weights come from a CUDA generator: on the device, reproducible, the spread
+    of normal(0, 0.02), and the same in bf16 as the fp32 draws rounded."""
+    cfg = llama_moe.check_llama_moe_config(TINY_CFG, where="test")
+    a, b = (llama_moe.build_llama_moe(cfg, device="cuda", init_seed=7) for _ in range(2))
+    half = llama_moe.build_llama_moe(cfg, device="cuda", dtype=torch.bfloat16, init_seed=7)
+    w = a.lm_head.weight
+    assert w.is_cuda and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert abs(float(w.std()) - 0.02) < 1e-3 and abs(float(w.mean())) < 1e-3
+    assert torch.equal(half.lm_head.weight, w.to(torch.bfloat16))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_sampler_records_its_cuda_graph_once_per_shape_over_200_calls():
+    """200 compiled sample_rows calls on CUDA in two batch shapes: the CUDA graphs recorded after the first
+    calls of both shapes are all there will be (a new cache per call re-recorded them every call, toward
+    torch's re-record limit), no CUDA-graph skip, no new compile; the last call is the eager tokens."""
+    import bench
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # the compiled tests before this one count toward dynamo's recompile limit
+    model = tiny_causal_lm("Llama").cuda()
+    prompts = [[5, 6, 7, 8, 9], [12, 13], [40, 41, 42]]
+    skips = counters["inductor"]["cudagraph_skips"]
+    with bench.counting_cudagraph_recordings(torch.device("cuda")):
+        for i in range(200):
+            batch, seeds = prompts[:2 + i % 2], [i, i + 1, i + 2][:2 + i % 2]
+            rows = sampling.sample_rows(model, batch, pad_id=0, eos_id=-1, max_new_tokens=4, seeds=seeds,
+                                        compile=True)
+            if i == 3:
+                warm = bench.compile_counters()
+        final = bench.compile_counters()
+    assert warm["cudagraph_recordings"] >= 2 and final == warm
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    assert rows == sampling.sample_rows(model, prompts, pad_id=0, eos_id=-1, max_new_tokens=4, seeds=seeds)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_ragged_prompts_sample_finite_logits_and_each_row_as_alone(dtype):
+    """On CUDA kernels (SDPA's, in fp32 and bf16), left padding with prompts of 7, 2 and 4 tokens: every
+    logit the eager sampler reads is finite, and each row's tokens, eager and compiled with CUDA graphs, are
+    those it gets alone (the head sharpened in fp32; in bf16 its larger logits' rounding could flip a draw
+    between batch sizes)."""
+    torch._dynamo.reset()  # the compiled tests before this one count toward dynamo's recompile limit
+    model = tiny_causal_lm("Llama")
+    model = (sharpened(model) if dtype == torch.float32 else model).to("cuda", dtype)
+    together, alone, logits = ragged_prompt_rows(model, compile=False)
+    assert together == alone and len(logits) == 12 and all(bool(t.isfinite().all()) for t in logits)
+    together, alone, _ = ragged_prompt_rows(model, compile=True)
+    assert together == alone
 
 
 @pytest.mark.cuda
