@@ -213,10 +213,8 @@ def test_the_native_mass_factor_carries_the_router_gradient():
     assert float((native / p.sum(-1, keepdim=True)).min()) < 0.9  # the factor is not ~1: it matters
 
 
-def test_sar_balance_term_of_mixtral_is_the_switch_loss_by_hand():
-    """Mixtral's own aux loss under SAR (all experts): beta * E * Sum_e f_e P_e over every layer's tokens, f_e the
-    fraction of tokens whose native top-k holds e, P_e the mean softmax probability, from the routers' inputs."""
-    model = model_of("mixtral")
+def sar_balance(model):
+    """SAR's balance term (beta 0.01) of one forward under all experts, and each router's (module, input)."""
     inputs = []
     hooks = [r.register_forward_hook(lambda m, a, out: inputs.append((m, a[0]))) for r in moekd.moe_routers(model)]
     with torch.no_grad(), moekd.moe_routing(model, "all"), moekd.record_routing(model) as routed:
@@ -224,8 +222,15 @@ def test_sar_balance_term_of_mixtral_is_the_switch_loss_by_hand():
         loss = moekd.router_balance_loss(routed, 0.01)
     for hook in hooks:
         hook.remove()
+    return loss, inputs
+
+
+def test_sar_balance_term_of_mixtral_is_the_switch_loss_by_hand():
+    """Mixtral's own aux loss under SAR (all experts): beta * E * Sum_e f_e P_e over every layer's tokens, f_e the
+    fraction of tokens whose native top-k holds e, P_e the mean softmax probability, from the routers' inputs."""
+    loss, inputs = sar_balance(model_of("mixtral"))
     z = torch.cat([logits_by_hand(m, x.reshape(-1, 32)) for m, x in inputs])             # [layers * tokens, E]
-    top = z.topk(first_router(model).top_k, dim=-1).indices
+    top = z.topk(inputs[0][0].top_k, dim=-1).indices
     f = torch.tensor([sum(e in row for row in top.tolist()) for e in range(E)], dtype=torch.float64) / len(z)
     P = z.softmax(-1).mean(0)
     assert len(inputs) == 2 and abs(float(loss) - 0.01 * E * float((f * P).sum())) < 1e-6
@@ -234,14 +239,7 @@ def test_sar_balance_term_of_mixtral_is_the_switch_loss_by_hand():
 def test_sar_balance_term_of_a_family_without_its_own_is_cv_squared_by_hand():
     """DeepSeek-V3 (no aux loss in its modeling file) under SAR: beta * Sum_layers cv2(importance) + cv2(load),
     cv2 = unbiased variance / mean^2, importance the per-expert sum of the routing weights (2.5 sigmoid, norm)."""
-    model = model_of("deepseek_v3")
-    inputs = []
-    hooks = [r.register_forward_hook(lambda m, a, out: inputs.append((m, a[0]))) for r in moekd.moe_routers(model)]
-    with torch.no_grad(), moekd.moe_routing(model, "all"), moekd.record_routing(model) as routed:
-        model(tf.ids())
-        loss = moekd.router_balance_loss(routed, 0.01)
-    for hook in hooks:
-        hook.remove()
+    loss, inputs = sar_balance(model_of("deepseek_v3"))
 
     def cv2(x):
         mean = sum(x) / len(x)
