@@ -1442,7 +1442,9 @@ def main(argv: list[str] | None = None) -> dict:
     dist, device = init_distributed(cfg)
     try:
         with RunGuard(Path(cfg.out), dist) as guard:  # the lock, SIGINT/SIGTERM, one-line stops
-            return _main(cfg, dist, device, guard)
+            result = _main(cfg, dist, device, guard)
+        barrier(dist)  # the ranks tear their process group down together (gloo aborted a rank left alone)
+        return result
     finally:
         if dist.world > 1:
             torch.distributed.destroy_process_group()
