@@ -191,7 +191,7 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
     items = moekd.generate_on_policy(student, rows, tok, cfg, seeds) if on_policy else rows
     batch = moekd.collate(items, tok.pad_token_id)
     norm = float(moekd.loss_mask(batch["labels"]).sum())
-    M = cfg.ka_m if moekd.METHODS[cfg.method].passes else 1
+    M = cfg.ka_m if cfg.spec.passes else 1
 
     def teacher_part():  # the teacher's forward(s) under the method's routing
         with moekd.teacher_routing(teacher, cfg, state.generator):

@@ -207,10 +207,15 @@ class Config:
     synthetic_train: int = field(default=3000, metadata={"help": "rows of the synthetic training set"})
     synthetic_dev: int = field(default=200, metadata={"help": "rows of the synthetic dev set"})
 
+    @property
+    def spec(self) -> Method:
+        """The method's row of METHODS: what tells it apart (read here, not by its name)."""
+        return METHODS[self.method]
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise MoekdError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        m = METHODS[self.method]
+        m = self.spec
         self.lr = m.lr if self.lr is None else self.lr
         self.lr_schedule = self.lr_schedule or m.schedule
         self.restart_epochs = m.on_policy if self.restart_epochs is None else self.restart_epochs
@@ -984,7 +989,7 @@ class MethodState:
 def method_state(cfg: Config, teacher, amp_dtype: torch.dtype, vocab: int | None = None) -> MethodState:
     """SAR's router AdamW (constant LR, the student's weight decay and clip); KA's generator; the distillation
     vocabulary (`vocab`, the tokenizer's size)."""
-    m = METHODS[cfg.method]
+    m = cfg.spec
     state = MethodState(amp_dtype, sharded_teacher=cfg.shard_teacher, vocab=vocab if m.teacher else None)
     if m.routers:
         state.router_optimizer = torch.optim.AdamW(param_groups(teacher, cfg.weight_decay), lr=cfg.router_lr)
@@ -997,7 +1002,7 @@ def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator 
     """The teacher's routing for a method: KA (on-policy or gold) samples N-1 of N experts with probability
     lambda (else its top-(N-1)), ALL and SAR use every expert, KD/GKD the native top-k (or --teacher-k,
     --teacher-top-p)."""
-    routing = METHODS[cfg.method].teacher
+    routing = cfg.spec.teacher
     if routing == "sample":
         k = cfg.ka_k or num_experts(teacher) - 1
         return moe_routing(teacher, "sample", k=k, prob=cfg.ka_lambda, generator=generator, mass=cfg.routed_mass)
@@ -1035,7 +1040,7 @@ def kd_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -
     ka-gold (the official temp_nr scripts): the KL term is the mean of KL(p_m || q_student) over KA's M
     sampled teachers, in one pass over the M teachers' hidden states. The official code writes the soft term
     as -Sum p log q; it differs from KL by H(p), a constant."""
-    M = cfg.ka_m if METHODS[cfg.method].passes else 1
+    M = cfg.ka_m if cfg.spec.passes else 1
     with teacher_routing(teacher, cfg, state.generator):
         t = teacher_hidden(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)
     h, balance = forward_with_balance(model, batch)
@@ -1048,7 +1053,7 @@ def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodSt
     """GKD, ALL, KA and SAR's student update: KL(q_student || p_teacher) on the student's own samples,
     the teacher under the method's routing. KA: mean of the M sampled teachers' losses (the official
     code), computed as one KL against the mean of their log-probabilities (the same number)."""
-    M = cfg.ka_m if METHODS[cfg.method].passes and cfg.ka_updates == "mean" else 1
+    M = cfg.ka_m if cfg.spec.passes and cfg.ka_updates == "mean" else 1
     with teacher_routing(teacher, cfg, state.generator):
         t = teacher_hidden(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)  # [M*B, T, H]
     h, balance = forward_with_balance(model, batch)
@@ -1158,7 +1163,7 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
     """One optimizer step on a global batch: this rank's micro-batches, their on-policy samples
     (gkd/all/ka/sar), SAR's router update, then the student's backward passes, grad clip and AdamW.
     Returns the loss parts summed over all ranks' micro-batches, and the token count."""
-    device, amp_dtype, student, method = next(model.parameters()).device, state.amp_dtype, unwrap(model), METHODS[cfg.method]
+    device, amp_dtype, student, method = next(model.parameters()).device, state.amp_dtype, unwrap(model), cfg.spec
     first, per_rank = dist.rank * cfg.grad_accum, cfg.batch_size * cfg.grad_accum
     mine = rows[dist.rank * per_rank:(dist.rank + 1) * per_rank]
     if method.on_policy:  # row i of the global batch samples from its own stream (seed, step, i)
@@ -1263,7 +1268,7 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
     global_batch = cfg.batch_size * dist.world * cfg.grad_accum
     steps_per_epoch = len(train_items) // global_batch
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    student, routers_learn = unwrap(model), METHODS[cfg.method].routers
+    student, routers_learn = unwrap(model), cfg.spec.routers
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     ms, run = method_state(cfg, teacher, amp_dtype, vocab=len(tokenizer)), Progress()
     if state is not None:
@@ -1379,13 +1384,13 @@ def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.d
     and keeps them in fp32 so small updates (LR 1e-6) are not lost to bf16 rounding. `routers` (files or
     run dirs) are loaded in order. --shard-teacher: the ranks read the teacher into CPU memory one after
     another and FSDP2 keeps 1/world of it on each rank's device."""
-    if not METHODS[cfg.method].teacher:
+    if not cfg.spec.teacher:
         return None
     device = device or resolve_device(cfg.device)
     if cfg.shard_teacher:
         def build():
             teacher = _prepared_teacher(cfg, student, tokenizer, amp_dtype, torch.device("cpu"), routers)
-            separate = moe_routers(teacher) if METHODS[cfg.method].routers else []
+            separate = moe_routers(teacher) if cfg.spec.routers else []
             return shard_loaded(teacher, mesh, device, separate=separate, frozen=True)
         return one_rank_at_a_time(dist, build)
     t_device = resolve_device(cfg.teacher_device, "--teacher-device") if cfg.teacher_device else device
@@ -1396,7 +1401,7 @@ def _prepared_teacher(cfg, student, tokenizer, amp_dtype, device, routers) -> nn
     teacher = load_model(cfg.teacher, device=device, dtype=amp_dtype, what="--teacher")
     check_teacher(teacher, student, load_tokenizer(cfg.teacher, what="--teacher"), tokenizer, cfg)
     teacher.requires_grad_(False)
-    if METHODS[cfg.method].routers:
+    if cfg.spec.routers:
         train_routers(teacher)
     for path in routers:
         load_routers(teacher, path)
@@ -1419,7 +1424,7 @@ def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_t
                          f"--model tokenizer {student_tok.name_or_path} ({len(student_tok)}); distillation needs one")
     check_vocab(teacher, teacher_tok, "--teacher")
     check_head(teacher, "--teacher")
-    steered = METHODS[cfg.method].teacher in ("sample", "all")
+    steered = cfg.spec.teacher in ("sample", "all")
     needs_moe = steered or cfg.teacher_k is not None or cfg.teacher_top_p is not None
     if needs_moe and not is_moe(teacher):
         flag = f"--method {cfg.method}" if steered else \
@@ -1453,7 +1458,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dict:
     global_batch = split_global_batch(cfg, dist.world)
     teacher_reads = {"--teacher": cfg.teacher, "--teacher-routers": cfg.teacher_routers} \
-        if METHODS[cfg.method].teacher else {}
+        if cfg.spec.teacher else {}
     reads = {"--model": cfg.model, **teacher_reads, "--data": data_files(cfg.data),
              "--dev-data": data_files(cfg.dev_data, ("dev.jsonl", "valid.jsonl"))}
     out, state = prepare_out_dir(cfg, reads=reads,
@@ -1461,7 +1466,7 @@ def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dic
     barrier(dist)  # every rank has looked at --out before rank 0 writes to it
     if state is not None:  # the run's own config wins; only invocation flags may change
         check_resume_config(cfg, json.loads((out / "run.json").read_text()), dist.world)
-    if not METHODS[cfg.method].teacher and cfg.shard_teacher:
+    if not cfg.spec.teacher and cfg.shard_teacher:
         raise MoekdError(f"--shard-teacher: --method {cfg.method} has no teacher")
     amp_dtype = resolve_dtype(cfg.dtype, device)
     train_examples, dev_examples = load_splits(cfg)
@@ -1478,11 +1483,11 @@ def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dic
         model = load_model(source, device=device, dtype=torch.float32)
     check_vocab(model, tokenizer)
     check_head(model, "--model")
-    routers = [p for p in (cfg.teacher_routers, ckpt if METHODS[cfg.method].routers else None) if p]
+    routers = [p for p in (cfg.teacher_routers, ckpt if cfg.spec.routers else None) if p]
     teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist, mesh=mesh)
     if cfg.grad_checkpointing:
         enable_checkpointing(model, "--model")
-        if METHODS[cfg.method].routers:  # the only method that backpropagates through the teacher
+        if cfg.spec.routers:  # the only method that backpropagates through the teacher
             enable_checkpointing(teacher, "--teacher")
     train_items = tokenize_examples(tokenizer, train_examples, cfg, name="train")
     dev_items = tokenize_examples(tokenizer, dev_examples, cfg, name="dev")
