@@ -82,7 +82,7 @@ METHODS = {
     "gkd": Method("reverse_kl", on_policy=True, teacher="native"),                         # on samples
     "all": Method("reverse_kl", on_policy=True, teacher="all"),                            # every expert on
     "ka": Method("reverse_kl", on_policy=True, teacher="sample", passes=True),             # mean over M draws
-    "sar": Method("reverse_kl", on_policy=True, teacher="all", routers=True, lr=1e-6),     # routers learn first
+    "sar": Method("reverse_kl", on_policy=True, teacher="all", routers=True, lr=1e-6),     # routers first
     "ka-gold": Method("kd", on_policy=False, teacher="sample", passes=True, select="best"),  # KD, M draws
 }
 ON_POLICY = tuple(m for m, p in METHODS.items() if p.on_policy)
@@ -148,8 +148,9 @@ class Config:
         "help": "kd/gkd: route the teacher by the official gate's top-p instead of top-k: per token the most "
                 "probable experts until their softmax mass exceeds P (the official --moe-top-p)"})
     routed_mass: str = field(default="native", metadata={
-        "help": "teachers whose router does not renormalise its chosen weights (Qwen2-MoE, OLMoE, DeepSeek-V2, ...), "
-                "under all/ka/sar, --teacher-k, --teacher-top-p: native = scale the weights to the mass of the "
+        "help": "teachers whose router does not renormalise its chosen weights (Qwen2-MoE, OLMoE, "
+                "DeepSeek-V2, ...), under all/ka/sar, --teacher-k, --teacher-top-p: native = scale the weights to "
+                "the mass of the "
                 "native top-k (the paper's gate keeps it); literal = the family's rule as is",
         "choices": ("native", "literal")})
     ka_m: int = field(default=2, metadata={"help": "ka, ka-gold: M, teacher passes per sample, each with fresh expert draws"})
@@ -306,8 +307,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         values = {**saved_config(values, given, {**defaults, "routed_mass": "literal"}), **given}
         if "routed_mass" not in values:  # neither in run.json nor given
             values["routed_mass"] = "literal"
-            print("resume: run.json predates --routed-mass, so the run goes on with the rule it was trained with "
-                  "(--routed-mass literal)")
+            print("resume: run.json predates --routed-mass, so the run goes on with the rule it was trained "
+                  "with (--routed-mass literal)")
     check_method_flags(values.get("method", "sft"), given)
     return Config(**values)
 
@@ -533,7 +534,7 @@ class Routing:
     without replacement from the router's probabilities, else the top-k; topp: the official gate's top-p, the
     most probable experts until their mass exceeds `top_p`; all: every expert. mass: "native" (a router that
     does not renormalise its chosen weights scales them to the mass its native selection would give, as the
-    paper's gate keeps it by its softmax over the chosen; native_mass) or "literal" (the family's rule as is)."""
+    paper's gate keeps it by its softmax over the chosen; native_mass) or "literal" (the family's rule)."""
     mode: str = "topk"
     k: int | None = None
     prob: float | None = None
@@ -623,7 +624,8 @@ def native_top_k(model: nn.Module) -> int:
     return moe_routers(model)[0].top_k
 
 
-def group_limited(router: nn.Module, choice: torch.Tensor, k: int, *, by_max: bool, sort: bool) -> torch.Tensor:
+def group_limited(router: nn.Module, choice: torch.Tensor, k: int, *, by_max: bool,
+                  sort: bool) -> torch.Tensor:
     """The k best experts [N, k] under the router's group limit: a group scores by its best two (DeepSeek-V3) or
     its best expert (by_max, DeepSeek-V2), the topk_group best groups are chosen and the top-k is taken over their
     experts, as the family does. For k above the chosen groups' experts (KA's top-(N-1), --teacher-k, k-sweeps):
@@ -655,7 +657,7 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
     sort = not opt.get("unsorted")
     top = lambda c, k: c.topk(k, dim=-1, sorted=sort).indices                                    # noqa: E731
     if getattr(router, "num_group", None) and \
-            getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy":   # KA's draws, all: lifted
+            getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy":  # not KA's draws, all
         top = functools.partial(group_limited, router, by_max=opt.get("gmax", False), sort=sort)
     index, keep = select_experts(choice, routing, router.top_k, probs, top)
     keep = torch.ones_like(index, dtype=torch.bool) if keep is None else keep
@@ -1079,7 +1081,8 @@ def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg
         with torch.no_grad(), autocast(device, state.amp_dtype), final_hidden(student) as q:
             student(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
         torch.manual_seed(stream_seed(cfg.seed, step, first + m, "router"))  # the gates' noise
-        with moe_routing(teacher, "all", mass=cfg.routed_mass):  # also around the backward: --grad-checkpointing re-runs the forward
+        # also around the backward: --grad-checkpointing re-runs the forward
+        with moe_routing(teacher, "all", mass=cfg.routed_mass):
             with autocast(t_device, state.amp_dtype), record_routing(teacher) as routed, final_hidden(teacher) as p:
                 teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device))
                 lb = router_balance_loss(routed, cfg.sar_beta) / n_micro
