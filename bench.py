@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -289,7 +290,7 @@ def loss_inputs(method: str, shape: str) -> dict:
 
 
 def logits_loss_path(method: str, x: dict) -> None:
-    """The loss code of the method steps before the hidden-state path, on logits = lm_head(hidden states)."""
+    """Each method's loss on full logits = lm_head(hidden states): the plain formulas (moekd.reverse_kl, forward_kl)."""
     hs, ws, ht, wt, labels, M = x["hs"], x["ws"], x["ht"], x["wt"], x["labels"], x["M"]
     mask = moekd.loss_mask(labels)
     norm = float(mask.sum())
@@ -301,23 +302,15 @@ def logits_loss_path(method: str, x: dict) -> None:
         targets[:, :-1] = labels[:, 1:]
         per = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
         return torch.where(mask, per, 0.0).sum() / norm
+    views = t.view(M, *logits.shape)  # the M teacher passes
     if method == "sft":
         loss = ce()
     elif method in ("kd", "ka-gold"):
-        fkl = sum(moekd.kl_per_token(t_m, logits, mask).sum() for t_m in t.view(M, *logits.shape)) / (M * norm)
-        loss = 0.5 * ce() + 0.5 * fkl
-    elif method == "gkd":
-        loss = moekd.kl_per_token(logits, t, mask).sum() / norm
-    elif method == "ka":  # one KL against the mean of the M passes' log-probabilities
-        with torch.no_grad():
-            views = t.view(M, *logits.shape)
-            log_p = views[0].float().log_softmax(-1)
-            for m in range(1, M):
-                log_p += views[m].float().log_softmax(-1)
-            log_p /= M
-        loss = moekd.kl_per_token(logits, log_p, mask, input_is_log_probs=True).sum() / norm
+        loss = 0.5 * ce() + 0.5 * sum(moekd.forward_kl(logits, t_m, mask) for t_m in views) / M
+    elif method in ("gkd", "ka"):  # KA: the mean of the M passes' reverse KLs
+        loss = sum(moekd.reverse_kl(logits, t_m, mask) for t_m in views) / M
     else:  # SAR's router loss KL(p_teacher || q_student), the student without gradient
-        loss = moekd.kl_per_token(t, logits.detach(), mask).sum() / norm
+        loss = moekd.forward_kl(logits.detach(), t, mask)
     loss.backward()
 
 
@@ -336,21 +329,43 @@ def hidden_loss_path(method: str, x: dict, chunk_mb: float) -> None:
     loss.backward()
 
 
+GENERIC_LOSSES = {"gkd": hidden_losses.reverse_kl_rows, "ka": hidden_losses.reverse_kl_rows,
+                  "sar-router": hidden_losses.forward_kl_rows}  # the methods whose whole loss is one KL
+
+
+def generic_loss_path(method: str, x: dict, chunk_mb: float) -> None:
+    """The same KL through hidden_losses.chunked_loss: the loss a function of log-probabilities, each chunk's
+    gradients from torch.autograd.grad (the path a new loss takes)."""
+    mask = moekd.loss_mask(x["labels"]).view(-1)
+    hs, ht = x["hs"].flatten(0, 1)[mask], x["ht"].view(x["M"], mask.numel(), -1)[:, mask]
+    loss = hidden_losses.chunked_loss(GENERIC_LOSSES[method], hs, hidden_losses.Head(x["ws"]), ht,
+                                      hidden_losses.Head(x["wt"]), chunk_mb=chunk_mb) / float(mask.sum())
+    loss.backward()
+
+
+LOSS_PATHS = {"logits": lambda method, x, chunk_mb: logits_loss_path(method, x),
+              "hidden": hidden_loss_path, "generic": generic_loss_path}
+
+
+def loss_paths(method: str) -> tuple[str, ...]:
+    return ("logits", "hidden", "generic") if method in GENERIC_LOSSES else ("logits", "hidden")
+
+
 def loss_memory(method: str, path: str, chunk_mb: float, shape: str = "large") -> dict:
     """Peak extra memory (RSS high-water mark) of one loss path + backward over the inputs."""
     x = loss_inputs(method, shape)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    logits_loss_path(method, x) if path == "logits" else hidden_loss_path(method, x, chunk_mb)
+    LOSS_PATHS[path](method, x, chunk_mb)
     return {"extra_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20}
 
 
 def loss_times(method: str, repeats: int, chunk_mb: float, shape: str = "large") -> dict:
-    """Median seconds of the two loss paths, interleaved (one warm-up each)."""
+    """Median seconds of the loss paths, interleaved (one warm-up each)."""
     x = loss_inputs(method, shape)
-    times = {"logits": [], "hidden": []}
+    times = {path: [] for path in loss_paths(method)}
     for i in range(repeats + 1):
-        for path, fn in (("logits", lambda: logits_loss_path(method, x)),
-                         ("hidden", lambda: hidden_loss_path(method, x, chunk_mb))):
+        for path in times:
+            fn = functools.partial(LOSS_PATHS[path], method, x, chunk_mb)
             for t in (x["hs"], x["ws"], x["ht"]):
                 t.grad = None
             seconds = timed(fn, lambda: None)
@@ -363,10 +378,9 @@ def large_vocab_loss(repeats: int, chunk_mb: float) -> dict:
     rows = []
     for method in LOSS_METHODS:
         mem = {p: worker(["--loss-memory", f"{method},{p}", "--kl-chunk", str(chunk_mb)], EXACT_MALLOC)["extra_mb"]
-               for p in ("logits", "hidden")}
+               for p in loss_paths(method)}
         sec = worker(["--loss-time", method, "--steps", str(repeats), "--kl-chunk", str(chunk_mb)])
-        rows.append({"method": method, "logits_mb": mem["logits"], "hidden_mb": mem["hidden"],
-                     "logits_ms": 1000 * sec["logits"], "hidden_ms": 1000 * sec["hidden"],
+        rows.append({"method": method, **{f"{p}_mb": mem[p] for p in mem}, **{f"{p}_ms": 1000 * sec[p] for p in sec},
                      "memory_ratio": mem["hidden"] / mem["logits"], "time_ratio": sec["hidden"] / sec["logits"]})
     return {"shape": LOSS_SHAPES["large"], "chunk_mb": chunk_mb, "rows": rows,
             "memory_ratio": max(r["memory_ratio"] for r in rows), "time_ratio": max(r["time_ratio"] for r in rows)}
@@ -1012,10 +1026,14 @@ def main(argv=None) -> dict:
         print(f"\nloss path from hidden states vs full logits: V {s['V']}, H {s['H']}, {s['B']} x {s['T']} tokens "
               f"({s['prompt']} prompt), KA M = {s['M']}, fp32, chunk temporaries {lv['chunk_mb']:g} MB; peak extra MB "
               f"(RSS) and median ms over {args.steps}")
-        print("| method | logits MB | hidden MB | memory ratio | logits ms | hidden ms | time ratio |\n|---|---|---|---|---|---|---|")
+        print("| method | logits MB | hidden MB | memory ratio | logits ms | hidden ms | time ratio | generic MB | "
+              "generic ms |\n|---|---|---|---|---|---|---|---|---|")
         for r in lv["rows"]:
+            generic = f"{r['generic_mb']:.0f} | {r['generic_ms']:.0f}" if "generic_ms" in r else "- | -"
             print(f"| {r['method']} | {r['logits_mb']:.0f} | {r['hidden_mb']:.0f} | {r['memory_ratio']:.3f} | "
-                  f"{r['logits_ms']:.0f} | {r['hidden_ms']:.0f} | {r['time_ratio']:.2f} |")
+                  f"{r['logits_ms']:.0f} | {r['hidden_ms']:.0f} | {r['time_ratio']:.2f} | {generic} |")
+        print("generic: hidden_losses.chunked_loss, a loss written as a function of log-probabilities (what a new "
+              "loss costs before its gradients are derived by hand)")
         print(f"worst: memory ratio {lv['memory_ratio']:.3f} (target <= 0.2), time ratio {lv['time_ratio']:.2f} "
               f"(targets <= 1.2 distillation, <= 1.35 sft)")
     if not args.no_scaling and sizes:

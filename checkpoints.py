@@ -372,9 +372,14 @@ def write_json(path: Path, obj) -> None:
         text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     except ValueError:
         raise MoekdError(f"{path}: refusing to write a non-finite number (NaN/inf) into JSON") from None
+    replace_file(path, lambda tmp: tmp.write_text(text))
+
+
+def replace_file(path: Path, write) -> None:
+    """write(tmp) to a temporary file beside `path`, then rename it into place: never half a file."""
     tmp = path.with_name(f".tmp-{path.name}")
     with writing(path, tmp):
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
 
 
@@ -478,8 +483,8 @@ LOCK = ".lock"
 MKDTEMP = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's random part (write_atomically)
 # Every name moekd.py writes in a run folder, temporary ones included (write_json, truncate_log,
 # write_atomically), and in its checkpoints/ folder.
-RUN_NAMES = re.compile(rf"run\.json|log\.txt|metrics\.json|checkpoints|best_rougeL|final|\{LOCK}"
-                       rf"|\.tmp-(run\.json|metrics\.json|log\.txt)"
+RUN_NAMES = re.compile(rf"run\.json|log\.txt|metrics\.json|training\.png|checkpoints|best_rougeL|final|\{LOCK}"
+                       rf"|\.tmp-(run\.json|metrics\.json|log\.txt|training\.png)"
                        rf"|\.tmp-(best_rougeL|final)-{MKDTEMP}|\.old-(best_rougeL|final)-\d+")
 CHECKPOINT_NAMES = re.compile(rf"step-\d+|latest|latest\.tmp|\.tmp-step-\d+-{MKDTEMP}|\.old-step-\d+-\d+")
 

@@ -212,10 +212,17 @@ def reverse_kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     return (q * (log_q - log_p.mean(0)).masked_fill(q == 0, 0.0)).sum(-1)
 
 
+def forward_kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """mean_m KL(p_m || q) per row (KD's soft term; ka-gold's M passes); 0 log 0 = 0."""
+    p = log_p.exp()
+    return (p * (log_p - log_q).masked_fill(p == 0, 0.0)).sum(-1).mean(0)
+
+
 def jsd_rows(log_q: torch.Tensor, log_p: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
     """Generalised Jensen-Shannon divergence per row (GKD's, Agarwal et al. 2024): beta KL(p || m) +
     (1 - beta) KL(q || m), m = beta p + (1 - beta) q, against the first teacher pass."""
     log_p = log_p[0]
     log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
-    kl = lambda a: (a.exp() * (a - log_m).masked_fill(a == -math.inf, 0.0)).sum(-1)  # noqa: E731
+    def kl(log_a):
+        return (log_a.exp() * (log_a - log_m).masked_fill(log_a == -math.inf, 0.0)).sum(-1)
     return beta * kl(log_p) + (1 - beta) * kl(log_q)

@@ -50,6 +50,11 @@ def smooth_load(clean: torch.Tensor, noise: torch.Tensor, noise_std: torch.Tenso
     return torch.where(noise > threshold_in, prob_in, prob_out).sum(0)
 
 
+def official_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The official gate's top-k [N, k]: the first k of topk(k + 1), its order among ties."""
+    return scores.topk(min(k + 1, scores.shape[-1]), dim=-1).indices[:, :k]
+
+
 def gate_balance_loss(importance: torch.Tensor, load: torch.Tensor, weight: float) -> torch.Tensor:
     """w * (cv^2(importance) + cv^2(load)), one layer's balance loss."""
     return weight * (cv_squared(importance) + cv_squared(load))
@@ -83,10 +88,10 @@ class LlamaMoEGate(nn.Module):
             noise_std = F.softplus(self.weight_noise(x)) + self.noise_epsilon
             noise = torch.randn_like(clean) * noise_std
         logits = clean if noise is None else clean + noise
-        if self.routing is None:  # the official top-k: the first k of topk(k + 1)
-            index, keep = logits.topk(min(self.top_k + 1, self.num_experts), dim=-1).indices[:, :self.top_k], None
+        if self.routing is None:
+            index, keep = official_top_k(logits, self.top_k), None
         else:
-            index, keep = self.routing(logits, self.top_k)               # [N, K]
+            index, keep = self.routing(logits, self.top_k, official_top_k)  # [N, K]
         weights = routing_weights(logits, index, keep)                   # [N, K]
         k = index.shape[1]
         if self.use_balance:

@@ -1,9 +1,8 @@
 """moekd: knowledge distillation from Mixture-of-Experts teachers.
 
-Reference implementation of "Every Expert Matters: Towards Effective Knowledge Distillation for
-Mixture-of-Experts Language Models" (Kim, Chu, Yang; arXiv 2502.12947). A dense student learns from an
-MoE teacher by on-policy reverse KL (GKD, Agarwal et al. 2024); the paper's two MoE-specific methods let
-it hear the experts the router did not pick:
+Reference implementation of "Every Expert Matters" (Kim, Chu, Yang; arXiv 2502.12947; official code
+github.com/gmkim-ai/MoEKD). A dense student learns from an MoE teacher by on-policy reverse KL (GKD, Agarwal
+et al. 2024); the paper's two MoE-specific methods let it hear the experts the router did not pick:
   KA  (knowledge augmentation, Sec. 4.1): M teacher passes, each token and layer routed w.p. lambda to
       N-1 experts sampled without replacement from the router softmax; the M reverse KLs are averaged.
   SAR (student-aware router, Sec. 4.2): all experts on; every step the teacher's routers first learn
@@ -11,17 +10,15 @@ it hear the experts the router did not pick:
 
     python moekd.py --tiny --model tiny_moe --out runs/tiny-teacher    # SFT the tiny MoE on CPU
     python moekd.py --method sar --model SFT_STUDENT --teacher SFT_MOE --device cuda
-    pytest -q                                                           # tests, CPU, offline
 
-This file is the method, read top to bottom: config (the method table first) -> data -> generation ->
-routing control -> losses -> method steps -> training loop -> main. Routing, losses and method steps are
-one block whose functions copy out on their own (moe_routing, reverse_kl and forward_kl need nothing but
-torch). The engine lives beside it: llama_moe.py (the Llama-MoE model port), checkpoints.py (model files,
-run folders, checkpoints), parallel.py (torchrun: DDP/FSDP2, no-ops in one process), sampling.py
-(generation), hidden_losses.py (the training losses from hidden states, chunked), tiny_moe/synthetic.py (the
-synthetic data). Shape legend: B batch, T time, H hidden, V vocab, E experts, K selected experts, N flattened
-tokens, M teacher passes.
+Read top to bottom: the method table, config, data, generation, routing control, losses, method steps, the
+training loop and main; the command line's paperwork comes after main. Routing, losses and method steps copy
+out on their own (moe_routing, reverse_kl and forward_kl need nothing but torch). The engine lives beside it:
+llama_moe.py (the Llama-MoE port), checkpoints.py (model files, run folders), parallel.py (torchrun),
+sampling.py (generation), hidden_losses.py (the training losses from hidden states), data.py (the files).
 """
+
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +30,10 @@ import json
 import math
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -43,12 +41,13 @@ import torch.nn.functional as F
 
 from checkpoints import (ROUTERS_FILE, MoekdError, RunStopped, append_line, check_resume_config, check_vocab,
                          default_out, latest_checkpoint, load_model, load_state_dict_strict, load_tokenizer,
-                         prepare_out_dir, read_safetensors, run_cli, save_checkpoint, save_run_model,
-                         saved_config, start_out_dir, truncate_log, write_atomically, write_json)
+                         prepare_out_dir, read_safetensors, replace_file, run_cli, save_checkpoint,
+                         save_run_model, saved_config, start_out_dir, truncate_log, write_atomically,
+                         write_json)
 from data import DOLLY_HUB, data_files, load_splits
 from hidden_losses import Head, head_logits, head_losses
 from llama_moe import cv_squared
-from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, enable_checkpointing,
+from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, enable_checkpointing, full,
                       full_state_dict, gradient_sync, init_distributed, is_sharded, load_optimizer_state,
                       memory_per_rank, one_rank_at_a_time, optimizer_state, resolve_device, shard_loaded,
                       split_global_batch, unwrap, wrap_student)
@@ -58,10 +57,13 @@ from sampling import sample_responses, sample_tokens
 HERE = Path(__file__).resolve().parent
 
 
+# Shapes: B batch, T time, H hidden, V vocab, E experts, K selected experts, N tokens (B*T flattened),
+# M teacher passes. p is the teacher's distribution, q the student's.
+
 @dataclass(frozen=True)
 class Method:
     """Everything that tells the methods apart; no other code tests a method's name."""
-    step: str                # the student's loss, a key of STEPS: "sft" (CE), "kd" ((1-r) CE + r KL(p || q),
+    step: str                # the student's step, a key of STEPS: "sft" (CE), "kd" ((1-r) CE + r KL(p || q),
                              # M passes' mean), "reverse_kl" (KL(q || p) on samples)
     on_policy: bool          # the student samples the responses it learns on (else the gold data)
     teacher: str | None      # the teacher's routing: None (no teacher), "native" (its top-k, or --teacher-k /
@@ -85,128 +87,91 @@ METHODS = {
     "sar": Method("reverse_kl", on_policy=True, teacher="all", routers=True, lr=1e-6),     # routers first
     "ka-gold": Method("kd", on_policy=False, teacher="sample", passes=True, select="best"),  # KD, M draws
 }
-ON_POLICY = tuple(m for m, p in METHODS.items() if p.on_policy)
-DISTILL = tuple(m for m, p in METHODS.items() if p.teacher)
 
 
 # ----------------------------------------------------------------------------
-# Config
+# Config: one field per command-line flag (ka_m is --ka-m); knob(default, help). More: docs/reference.md.
+
+def knob(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
 
 @dataclass
 class Config:
-    method: str = field(default="sft", metadata={"help": "training method", "choices": tuple(METHODS)})
-    model: str = field(default="princeton-nlp/Sheared-LLaMA-1.3B", metadata={
-        "help": "model to train (the student; for sft the model itself): hub name or local dir"})
-    teacher: str = field(default="llama-moe/LLaMA-MoE-v1-3_5B-4_16", metadata={
-        "help": "MoE teacher for kd/gkd/all/ka/sar: hub name or local dir"})
-    data: str = field(default=DOLLY_HUB, metadata={
-        "help": "training data: 'synthetic', the Dolly hub name, a jsonl file (raw Dolly or "
-                "MiniLLM prompt/output), or a folder with train.jsonl (+ dev.jsonl)"})
-    dev_data: str | None = field(default=None, metadata={
-        "help": "dev data (same formats); default: the MiniLLM split of raw Dolly, the folder's "
-                "dev.jsonl, or the first --dev-size rows of --data"})
-    dev_size: int = field(default=1000, metadata={
-        "help": "rows held out as dev when --dev-data is not given (raw Dolly: after its 500 test rows)"})
-    out: str | None = field(default=None, metadata={"help": "run directory (default runs/<method>-<model>)"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "empty an existing --out and start over (only a moekd run folder: run.json, nothing foreign)"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue the run in --out from its last checkpoint with its saved config (run.json)"})
-    tiny: bool = field(default=False, metadata={
-        "help": "CPU preset: tiny_moe models, synthetic data, short sequences, large LR"})
-    device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda if available)"})
-    dtype: str = field(default="auto", metadata={
-        "help": "compute dtype under autocast, master weights stay fp32 (auto: bf16 on cuda, fp32 on cpu)",
-        "choices": ("auto", "bf16", "fp32")})
-    seed: int = field(default=10, metadata={"help": "seed for init, data order, gate noise, sampling"})
-    epochs: int = field(default=10, metadata={"help": "passes over the training data"})
-    max_steps: int | None = field(default=None, metadata={"help": "cap on optimizer steps (sets the schedule length)"})
-    stop_after: int | None = field(default=None, metadata={
-        "help": "checkpoint and exit after this many optimizer steps in this invocation (time-limited jobs)"})
-    batch_size: int = field(default=16, metadata={
-        "help": "micro-batch per device; global batch = batch_size * devices * grad_accum"})
-    grad_accum: int | None = field(default=None, metadata={
-        "help": "micro-batches per device per optimizer step (default 1, or what --global-batch-size needs)"})
-    global_batch_size: int | None = field(default=None, metadata={
-        "help": "rows per optimizer step over all devices; sets --grad-accum from --batch-size and the device count"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default 1e-5; sar 1e-6)"})
-    lr_schedule: str | None = field(default=None, metadata={
-        "help": "default cosine for gold-data methods, constant for on-policy ones", "choices": ("constant", "cosine")})
-    lr_min: float = field(default=1e-7, metadata={"help": "final LR of the cosine schedule"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=1e-2, metadata={
-        "help": "AdamW weight decay on matrices (not on norms/biases); the paper's MoE teacher SFT used 0.1"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (0: off)"})
-    loss_norm: str = field(default="global", metadata={
-        "help": "global: token mean over the whole global batch (invariant to micro-batching); "
-                "micro: mean of per-micro-batch token means (the official DeepSpeed split)",
-        "choices": ("global", "micro")})
-    kd_ratio: float = field(default=0.5, metadata={"help": "kd: weight r of the KL term in (1-r) CE + r KL"})
-    teacher_k: int | None = field(default=None, metadata={
-        "help": "kd/gkd: the teacher's top-k (default its native k; the paper's Fig. 2 sweeps it)"})
-    teacher_top_p: float | None = field(default=None, metadata={
-        "help": "kd/gkd: route the teacher by the official gate's top-p instead of top-k: per token the most "
-                "probable experts until their softmax mass exceeds P (the official --moe-top-p)"})
-    routed_mass: str = field(default="native", metadata={
-        "help": "teachers whose router does not renormalise its chosen weights (Qwen2-MoE, OLMoE, "
-                "DeepSeek-V2, ...), under all/ka/sar, --teacher-k, --teacher-top-p: native = scale the weights to "
-                "the mass of the "
-                "native top-k (the paper's gate keeps it); literal = the family's rule as is",
-        "choices": ("native", "literal")})
-    ka_m: int = field(default=2, metadata={"help": "ka, ka-gold: M, teacher passes per sample, each with fresh expert draws"})
-    ka_lambda: float = field(default=0.05, metadata={
-        "help": "ka, ka-gold: lambda, per token and layer probability of the sampled expert set"})
-    ka_k: int | None = field(default=None, metadata={
-        "help": "ka, ka-gold: experts per token (default N-1, as the official scripts)"})
-    ka_updates: str = field(default="mean", metadata={
-        "help": "ka: mean = one update on the mean of the M losses (official code); each = M updates per "
-                "sampled batch, one per teacher pass (the paper's Algorithm 1)", "choices": ("mean", "each")})
-    router_lr: float = field(default=1e-6, metadata={
-        "help": "sar: LR of the teacher routers' own AdamW (official loop scripts; the paper says 1e-5)"})
-    sar_kl: str = field(default="teacher-student", metadata={
-        "help": "sar: the routers' KL. teacher-student = KL(p_teacher || q_student) = Sum p (log p - log q), the "
-                "paper's Eq. 9 and the official --teacher-kld-type reverse; student-teacher = KL(q_student || "
-                "p_teacher), the official forward", "choices": ("teacher-student", "student-teacher")})
-    sar_beta: float = field(default=0.01, metadata={
-        "help": "sar: balance-loss weight for transformers teachers (Llama-MoE uses its config's gate_balance_loss_weight)"})
-    teacher_routers: str | None = field(default=None, metadata={
-        "help": "load teacher router weights from this teacher_routers.safetensors (or a run dir holding one)"})
-    teacher_device: str | None = field(default=None, metadata={"help": "device of the teacher (default --device)"})
-    shard_teacher: bool = field(default=False, metadata={
-        "help": "torchrun: shard the teacher over all ranks with FSDP2 instead of a full copy per rank"})
-    shard_student: bool = field(default=False, metadata={
-        "help": "torchrun: shard the student (weights, gradients, AdamW state) with FSDP2 instead of DDP"})
-    dist_timeout: int = field(default=60, metadata={
-        "help": "torchrun: minutes a rank waits in a collective (rank 0 evaluates and saves while the others wait)"})
-    restart_epochs: bool | None = field(default=None, metadata={
-        "help": "reset the optimizer state and reuse the first epoch's data order every epoch, as the official "
-                "*_loop.sh scripts' 1-epoch jobs (default on for gkd/all/ka/sar)"})
-    grad_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute each decoder layer in the backward (the student, and the teacher in SAR's router "
-                "update): activations of one layer instead of all, for about a third more compute"})
-    gen_batch_size: int = field(default=16, metadata={"help": "rows sampled together on-policy"})
-    sampler: str = field(default="moekd", metadata={
-        "help": "on-policy sampler: moekd = sampling.sample_rows on the KV cache; generate = transformers' "
-                "generate with the same per-row noise (the reference: the same tokens)", "choices": ("moekd", "generate")})
-    compile_sampler: str = field(default="auto", metadata={
-        "help": "torch.compile moekd's decode step (fixed shapes; CUDA graphs on GPU): auto = on with CUDA, off on "
-                "CPU, where compiling needs a C++ compiler and ~10-30 s per batch shape", "choices": ("auto", "on", "off")})
-    kl_chunk: int = field(default=32, metadata={
-        "help": "MB of each fp32 [tokens, V] temporary of the chunked losses (tokens per chunk = this / 4 V bytes)"})
-    max_prompt_len: int = field(default=256, metadata={"help": "prompts longer than this (tokens) are dropped"})
-    max_len: int = field(default=512, metadata={"help": "prompt + response truncated to this many tokens"})
-    log_every: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
-    save_every: int = field(default=0, metadata={"help": "also checkpoint every N steps (0: only at epoch ends)"})
-    dev_eval: bool = field(default=True, metadata={"help": "dev loss and ROUGE-L after every epoch"})
-    select: str | None = field(default=None, metadata={
-        "help": "the model a run hands on: best = best dev ROUGE-L over the epochs (best_rougeL/; the official sft, "
-                "kd and ka-gold runs), last = the model at the end (final/; the official gkd/all/ka/sar loop "
-                "scripts evaluate their last 1-epoch job). Default: the official choice for the method",
-        "choices": ("best", "last")})
-    dev_num: int | None = field(default=None, metadata={"help": "dev examples used for ROUGE-L (default all)"})
-    eval_batch_size: int = field(default=32, metadata={"help": "batch size of dev generation"})
-    synthetic_train: int = field(default=3000, metadata={"help": "rows of the synthetic training set"})
-    synthetic_dev: int = field(default=200, metadata={"help": "rows of the synthetic dev set"})
+    # -- the method and the paper's knobs
+    method: str = knob("sft", "training method (the table in README.md)", tuple(METHODS))
+    model: str = knob("princeton-nlp/Sheared-LLaMA-1.3B", "the student (sft: the model): hub name or folder")
+    teacher: str = knob("llama-moe/LLaMA-MoE-v1-3_5B-4_16", "the MoE teacher: hub name or folder")
+    kd_ratio: float = knob(0.5, "weight r of the KL in kd's (1-r) CE + r KL")
+    teacher_k: int | None = knob(None, "the teacher's top-k (default its own; the paper's Fig. 2 sweeps it)")
+    teacher_top_p: float | None = knob(None, "route by the official gate's top-p: experts up to mass P")
+    routed_mass: str = knob("native", "routers that do not renormalise, under all/ka/sar/another k: native = "
+                                      "scaled to the native top-k's mass (the paper's gate), literal = as is",
+                            ("native", "literal"))
+    ka_m: int = knob(2, "KA's M: teacher passes per sample, each with fresh expert draws")
+    ka_lambda: float = knob(0.05, "KA's lambda: per token and layer, probability of the sampled expert set")
+    ka_k: int | None = knob(None, "experts per token of KA's draws (default N-1, the official scripts')")
+    ka_updates: str = knob("mean", "mean: one update on the M losses' mean (official code); each: M updates "
+                                   "(the paper's Algorithm 1)", ("mean", "each"))
+    router_lr: float = knob(1e-6, "LR of SAR's router AdamW (official loop scripts; the paper says 1e-5)")
+    sar_kl: str = knob("teacher-student", "SAR routers' KL: teacher-student = KL(p || q), the paper's Eq. 9; "
+                       "student-teacher = KL(q || p)", ("teacher-student", "student-teacher"))
+    sar_beta: float = knob(0.01, "SAR's balance-loss weight (a Llama-MoE teacher: its config's)")
+    teacher_routers: str | None = knob(None, "load router weights: a teacher_routers.safetensors or its run")
+    # -- data
+    data: str = knob(DOLLY_HUB, "training data: synthetic, a hub name, a jsonl file or a folder")
+    dev_data: str | None = knob(None, "dev data (default: Dolly's MiniLLM split, dev.jsonl, --dev-size rows)")
+    dev_size: int = knob(1000, "rows of --data held out as dev when no dev data is given")
+    max_prompt_len: int = knob(256, "prompts longer than this (tokens) are dropped")
+    max_len: int = knob(512, "prompt + response truncated to this many tokens")
+    synthetic_train: int = knob(3000, "rows of the synthetic training set")
+    synthetic_dev: int = knob(200, "rows of the synthetic dev set")
+    # -- optimisation
+    seed: int = knob(10, "seed of init, data order, gate noise and sampling")
+    epochs: int = knob(10, "passes over the training data")
+    max_steps: int | None = knob(None, "cap on optimizer steps (sets the schedule's length)")
+    batch_size: int = knob(16, "micro-batch per device (global batch = batch_size x devices x grad_accum)")
+    grad_accum: int | None = knob(None, "micro-batches per device and step (default 1)")
+    global_batch_size: int | None = knob(None, "rows per step over all devices (sets --grad-accum)")
+    lr: float | None = knob(None, "peak learning rate (default: the method's, 1e-5; sar 1e-6)")
+    lr_schedule: str | None = knob(None, "default: cosine on gold data, constant on-policy",
+                                   ("constant", "cosine"))
+    lr_min: float = knob(1e-7, "the cosine schedule's final LR")
+    warmup_steps: int = knob(0, "linear warm-up steps")
+    weight_decay: float = knob(1e-2, "AdamW decay on matrices (the paper's teacher SFT: 0.1)")
+    grad_clip: float = knob(1.0, "clip the global gradient norm (0: off)")
+    loss_norm: str = knob("global", "global: token mean over the global batch; micro: mean of micro-batch "
+                          "means (the official DeepSpeed split)", ("global", "micro"))
+    restart_epochs: bool | None = knob(None, "fresh optimizer and the first epoch's order every epoch, as "
+                                       "the official 1-epoch loop jobs (default: on-policy methods)")
+    # -- the run: its folder, checkpoints, dev evaluation
+    out: str | None = knob(None, "run folder (default runs/<method>-<model>)")
+    overwrite: bool = knob(False, "empty an existing --out (a moekd run folder only) and start over")
+    resume: bool = knob(False, "continue the run in --out from its last checkpoint, with its run.json")
+    tiny: bool = knob(False, "CPU preset: tiny_moe models, synthetic data, short sequences, large LR")
+    stop_after: int | None = knob(None, "checkpoint and exit after this many steps of this invocation")
+    log_every: int = knob(10, "steps between log lines")
+    save_every: int = knob(0, "also checkpoint every N steps (0: at epoch ends only)")
+    dev_eval: bool = knob(True, "dev loss and ROUGE-L after every epoch")
+    select: str | None = knob(None, "the model a run hands on: best (best_rougeL/) or last (final/); "
+                              "default: the official choice for the method", ("best", "last"))
+    dev_num: int | None = knob(None, "dev rows scored by ROUGE-L (default all)")
+    eval_batch_size: int = knob(32, "batch size of dev generation")
+    # -- hardware
+    device: str = knob("auto", "cuda, cpu, ... (auto: cuda if available)")
+    dtype: str = knob("auto", "compute dtype under autocast, fp32 master weights (auto: bf16 on cuda)",
+                      ("auto", "bf16", "fp32"))
+    teacher_device: str | None = knob(None, "the teacher's device (default --device)")
+    shard_teacher: bool = knob(False, "torchrun: shard the teacher over the ranks (FSDP2)")
+    shard_student: bool = knob(False, "torchrun: shard the student and its optimizer (FSDP2, not DDP)")
+    dist_timeout: int = knob(60, "torchrun: minutes a rank waits in a collective")
+    grad_checkpointing: bool = knob(False, "recompute each layer in the backward (a third more compute)")
+    gen_batch_size: int = knob(16, "rows sampled together on-policy")
+    sampler: str = knob("moekd", "on-policy sampler: moekd's on the KV cache, or transformers' generate "
+                        "with the same noise", ("moekd", "generate"))
+    compile_sampler: str = knob("auto", "torch.compile the decode step (auto: on CUDA)",
+                                ("auto", "on", "off"))
+    kl_chunk: int = knob(32, "MB of each fp32 [tokens, V] temporary of the chunked losses")
 
     @property
     def spec(self) -> Method:
@@ -221,109 +186,17 @@ class Config:
         self.lr_schedule = self.lr_schedule or m.schedule
         self.restart_epochs = m.on_policy if self.restart_epochs is None else self.restart_epochs
         self.select = self.select or (m.select if self.dev_eval else "last")
-        if self.select == "best" and not self.dev_eval:
-            raise MoekdError("--select best needs the dev evaluation (drop --no-dev-eval)")
-        if not 0.0 <= self.ka_lambda <= 1.0 or not 0.0 <= self.kd_ratio <= 1.0:
-            raise MoekdError("--ka-lambda and --kd-ratio must be in [0, 1]")
-        if self.teacher_top_p is not None and (self.teacher_k is not None or not 0.0 <= self.teacher_top_p <= 1.0):
-            raise MoekdError("--teacher-top-p must be in [0, 1] and cannot be combined with --teacher-k")
-        for names, low, strict in (  # (flags, bound, bound excluded); None values are "not given"
-                (("lr",), 0.0, True), (("lr_min", "weight_decay", "grad_clip", "router_lr", "sar_beta"), 0.0, False),
-                (("batch_size", "epochs", "dist_timeout", "max_prompt_len", "max_len", "log_every", "ka_m",
-                  "gen_batch_size", "kl_chunk", "grad_accum", "global_batch_size", "max_steps", "stop_after",
-                  "dev_size", "dev_num", "eval_batch_size", "synthetic_train", "synthetic_dev"), 1, False),
-                (("warmup_steps", "save_every"), 0, False)):
-            for name in names:
-                value = getattr(self, name)
-                if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
-                    raise MoekdError(f"--{name.replace('_', '-')} must be {'>' if strict else '>='} {low:g} "
-                                     f"and finite, got {value}")
-        if self.max_prompt_len >= self.max_len:
-            raise MoekdError(f"--max-prompt-len ({self.max_prompt_len}) must be < --max-len ({self.max_len})")
         if self.grad_accum is None and self.global_batch_size is None:
-            self.grad_accum = 1  # with --global-batch-size, split_global_batch() sets it from the device count
-        if self.resume and self.overwrite:
-            raise MoekdError("--resume and --overwrite contradict each other")
-        if self.out is None:
-            self.out = default_out(self.method, self.model)
-
-
-# `--tiny`: everything a laptop CPU needs for an end-to-end run in a minute or two.
-TINY_PRESET = dict(model=str(HERE / "tiny_moe" / "student"), teacher=str(HERE / "tiny_moe"),
-                   data="synthetic", lr=3e-3, epochs=8, batch_size=16, max_prompt_len=96,
-                   max_len=128, log_every=20, dev_num=64, warmup_steps=10)
-
-
-# Flags that apply to some methods only: one row per flag, Config field -> the methods that use it. Given
-# explicitly with any other method, a flag is an error. Flags without a row apply to every method.
-METHOD_FLAGS: dict[str, tuple[str, ...]] = {
-    "teacher": DISTILL,
-    "teacher_routers": DISTILL,
-    "teacher_device": DISTILL,
-    "shard_teacher": DISTILL,
-    "gen_batch_size": ON_POLICY,
-    "sampler": ON_POLICY,
-    "compile_sampler": ON_POLICY,
-    "kd_ratio": ("kd", "ka-gold"),
-    "teacher_k": ("kd", "gkd"),
-    "teacher_top_p": ("kd", "gkd"),
-    "routed_mass": DISTILL,
-    "ka_m": ("ka", "ka-gold"),
-    "ka_lambda": ("ka", "ka-gold"),
-    "ka_k": ("ka", "ka-gold"),
-    "ka_updates": ("ka",),
-    "router_lr": ("sar",),
-    "sar_beta": ("sar",),
-    "sar_kl": ("sar",),
-}
-
-
-def check_method_flags(method: str, given: dict) -> None:
-    wrong = [f"--{k.replace('_', '-')} ({'/'.join(METHOD_FLAGS[k])} only)"
-             for k in given if method not in METHOD_FLAGS.get(k, (method,))]
-    if wrong:
-        raise MoekdError(f"--method {method} does not use {', '.join(wrong)}")
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """CLI generated from Config's fields; explicit flags > --tiny preset > paper defaults. With --resume,
-    the run's saved config (run.json) replaces preset and defaults; explicit flags must agree with it
-    (except RESUME_MAY_CHANGE)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        shown = "" if f.default is None else f" (default: {f.default})"
-        kw: dict[str, Any] = dict(help=f.metadata["help"] + shown, default=argparse.SUPPRESS)
-        if str(f.type).startswith("bool"):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            kw["choices"] = f.metadata.get("choices")
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
-    values = dict(TINY_PRESET) if given.get("tiny") else {}
-    values.update(given)
-    if given.get("resume"):
-        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-        values = {**saved_config(values, given, {**defaults, "routed_mass": "literal"}), **given}
-        if "routed_mass" not in values:  # neither in run.json nor given
-            values["routed_mass"] = "literal"
-            print("resume: run.json predates --routed-mass, so the run goes on with the rule it was trained "
-                  "with (--routed-mass literal)")
-    check_method_flags(values.get("method", "sft"), given)
-    return Config(**values)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+            self.grad_accum = 1  # with --global-batch-size, split_global_batch() sets it
+        self.out = self.out or default_out(self.method, self.model)
+        check_config(self)
 
 
 # ----------------------------------------------------------------------------
 # Data: token ids, labels and batches (reading the files: data.py)
 
-
-def tokenize_example(tokenizer, prompt: str, response: str, *, max_prompt_len: int, max_len: int) -> dict | None:
+def tokenize_example(tokenizer, prompt: str, response: str, *, max_prompt_len: int,
+                     max_len: int) -> dict | None:
     """Token ids + labels for teacher forcing; None when the prompt is over max_prompt_len (dropped).
 
     As the official processing (tools/process_data_dolly.py): prompt and response are tokenized
@@ -401,9 +274,8 @@ _rouge_scorer_cache: dict = {}
 
 
 def response_through_eos(tokens: list[int], eos_id: int) -> list[int]:
-    """A sampled response cut after its first EOS, which is kept (the student must learn to stop);
-    one that never stopped gets its last token replaced by EOS, as the official code forces the last
-    generated column to pad (= eos)."""
+    """A sampled response cut after its first EOS, kept (the student learns to stop); one that never
+    stopped ends in EOS instead of its last token (the official code forces the last column to pad = eos)."""
     if eos_id in tokens:
         return tokens[:tokens.index(eos_id) + 1]
     return tokens[:-1] + [eos_id]
@@ -411,13 +283,13 @@ def response_through_eos(tokens: list[int], eos_id: int) -> list[int]:
 
 def generate_on_policy(model: nn.Module, items: list[dict], tokenizer, cfg: Config,
                        seeds: list[int] | None = None) -> list[dict]:
-    """On-policy training items (the official finetune_gkd.py): the student samples a response to each prompt (left-padded,
-    at most max_len - max_prompt_len new tokens; `seeds`: one random stream per row); the sequence is
-    the gold prompt (no BOS) + response, truncated to max_len, with the prompt masked out of the labels."""
+    """On-policy training items: each prompt's sampled response (at most max_len - max_prompt_len tokens,
+    one random stream per row from `seeds`) after the gold prompt, the prompt masked out of the labels."""
     eos = tokenizer.eos_token_id
     responses = sample_tokens(model, [it["prompt_ids"] for it in items], pad_id=tokenizer.pad_token_id,
                               eos_id=eos, max_new_tokens=cfg.max_len - cfg.max_prompt_len,
-                              batch_size=cfg.gen_batch_size, seeds=seeds, desc="on-policy", sampler=cfg.sampler,
+                              batch_size=cfg.gen_batch_size, seeds=seeds, desc="on-policy",
+                              sampler=cfg.sampler,
                               compile=cfg.compile_sampler == "on" or (cfg.compile_sampler == "auto" and
                                                                       next(model.parameters()).is_cuda))
     out = []
@@ -458,83 +330,115 @@ def autocast(device: torch.device, dtype: torch.dtype):
 # ----------------------------------------------------------------------------
 # Routing control: one mechanism for every supported MoE teacher (KA sampling, ALL, SAR, k-sweeps)
 
-# The router protocol: every MoE layer has a router module with `num_experts` and `top_k`. A router that
-# has a `routing` attribute (moekd's Llama-MoE gate) routes by it itself: None = native, else a callable
-# (logits [N, E], native k) -> (index [N, K], kept slots [N, K] or None), and applies its own weight rule.
-# A transformers-5 router gets its forward replaced for the block: the same logits, then its family's
-# mechanism (scores -> selection -> weights over the chosen set), then its output (docs/families.md).
-# Router class -> (family, mechanism, options). Options: norm (renormalise the chosen weights; default the
-# router's norm_topk_prob), cast (weights in the logits' dtype; "input": in the hidden states'), unsorted (the
-# family's top-k is sorted=False, which orders the experts' sum), eps (added to the norm's sum), clamp (the
-# norm's sum clamped below at the router's norm_min instead), gmax (a group scores by its best expert,
-# DeepSeek-V2), bias_arg (the selection bias is the forward's argument). The family's numerics, which bf16
-# autocast exposes: logits ("fp32in": the linear on fp32 copies of input and weight, which autocast still
-# runs in bf16; "fp32": the same with autocast off; "upcast": the logits cast to fp32 after the linear;
-# default: the input in the weight's dtype), raw (the sigmoid of the logits in their own dtype, not of their
-# fp32 copy), promote (the norm divides out of place: under CUDA autocast its fp32 sum promotes the weights;
-# default in place, the weights keep their dtype).
-N = dict(norm=True)
-C = dict(cast=True)
-D = dict(unsorted=True, logits="fp32in", raw=True, eps=1e-20)  # DeepSeek-V3's router (11 families)
-HF_ROUTERS = {
-    "MixtralTopKRouter": ("Mixtral", "softmax", N), "MiniMaxTopKRouter": ("MiniMax", "softmax", N),
-    "Qwen2MoeTopKRouter": ("Qwen2-MoE", "softmax", C), "Qwen3MoeTopKRouter": ("Qwen3-MoE", "softmax", C),
-    "OlmoeTopKRouter": ("OLMoE", "softmax", C), "FlexOlmoTopKRouter": ("FlexOlmo", "softmax", C),
-    "Qwen3NextTopKRouter": ("Qwen3-Next", "softmax", C), "Qwen3_5MoeTopKRouter": ("Qwen3.5-MoE", "softmax", N | C),
-    "JambaTopKRouter": ("Jamba", "softmax", dict(cast="input")),
-    "HunYuanMoEV1Gate": ("HunYuan-V1-MoE", "softmax", N | C),
-    "Ernie4_5_MoeTopKRouter": ("ERNIE-4.5-MoE", "softmax", N | dict(cast="input", clamp=True, logits="fp32")),
-    "DeepseekV2TopkRouter": ("DeepSeek-V2", "softmax", dict(unsorted=True, gmax=True, logits="fp32in")),
-    "GptOssTopKRouter": ("GPT-OSS", "logits", C),
-    "GraniteMoeTopKRouter": ("GraniteMoE", "logits", dict(cast="input", logits="upcast")),
-    "GraniteMoeSharedTopKRouter": ("GraniteMoE-Shared", "logits", dict(cast="input", logits="upcast")),
-    "GraniteMoeHybridTopKRouter": ("GraniteMoE-Hybrid", "logits", dict(cast="input", logits="upcast")),
-    "DeepseekV3TopkRouter": ("DeepSeek-V3", "sigmoid", D), "DeepseekV32TopkRouter": ("DeepSeek-V3.2", "sigmoid", D),
-    "Dots1TopkRouter": ("Dots1", "sigmoid", D), "KimiLinearTopkRouter": ("Kimi-Linear", "sigmoid", D),
-    "MiMoV2FlashTopkRouter": ("MiMo-V2-Flash", "sigmoid", D), "NemotronHTopkRouter": ("Nemotron-H", "sigmoid", D),
-    "Glm4MoeTopkRouter": ("GLM-4-MoE", "sigmoid", D), "Glm4MoeLiteTopkRouter": ("GLM-4-MoE-Lite", "sigmoid", D),
-    "GlmMoeDsaTopkRouter": ("GLM-MoE-DSA", "sigmoid", D), "ExaoneMoeTopkRouter": ("EXAONE-MoE", "sigmoid", D),
-    "SolarOpenTopkRouter": ("Solar-Open", "sigmoid", D),
-    "MiniMaxM2TopKRouter": ("MiniMax-M2", "sigmoid", dict(norm=True, unsorted=True, bias_arg=True)),
-    "Lfm2MoeTopKRouter": ("LFM2-MoE", "sigmoid", dict(eps=1e-6, bias_arg=True, raw=True, promote=True)),
-    "AfmoeTokenChoiceRouter": ("AFMoE", "sigmoid", N | dict(bias_arg=True, logits="upcast", eps=1e-20)),
-    "Llama4Router": ("Llama 4", "llama4", {}),
+# The router protocol: every MoE layer has a router module with `num_experts` and `top_k`. A router with a
+# `routing` attribute (moekd's Llama-MoE gate) routes by it itself: None = native, else a Routing, called on
+# (logits [N, E], native k, the gate's own top-k) -> (index [N, K], kept slots [N, K] or None). A
+# transformers-5 router gets its forward replaced inside moe_routing: its logits, its family's mechanism
+# (scores -> selection -> weights over the chosen set), its output (docs/families.md lists the families).
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers router family routes, read from its modeling file."""
+    name: str
+    mechanism: str               # "softmax": top-k of the softmax; "logits": top-k of the logits, softmax
+                                 # over the chosen; "sigmoid": top-k of sigmoid scores (+ a selection
+                                 # bias); "sigmoid_logits": top-k of the logits, a sigmoid each (Llama 4)
+    norm: bool | None = None     # renormalise the chosen weights (None: the router's norm_topk_prob)
+    norm_eps: float = 0.0        # added to the norm's sum
+    norm_clamp: bool = False     # the norm's sum clamped below at the router's norm_min instead
+    unsorted: bool = False       # the family's top-k is sorted=False, which orders the experts' sum
+    group_by_max: bool = False   # a group scores by its best expert (DeepSeek-V2; else by its best two)
+    bias_arg: bool = False       # the selection bias is the forward's argument, not e_score_correction_bias
+    weights_dtype: str = "own"   # the output weights' dtype: own (as computed), "logits" or "input" (hidden)
+    dense_output: bool = False   # returns dense [N, E] scores and the logits (Llama 4), not the chosen
+    # The family's numerics, which bf16 autocast exposes:
+    logits_in: str = "weight"    # the linear's inputs: "weight" (the input cast to the weight's dtype),
+                                 # "fp32" (fp32 copies, which autocast still runs in bf16),
+                                 # "fp32_no_autocast", "upcast" (the logits cast to fp32 after the linear)
+    raw_sigmoid: bool = False    # the sigmoid of the logits in their own dtype, not of their fp32 copy
+    promote: bool = False        # the norm divides out of place: under autocast its fp32 sum promotes
+
+
+def deepseek_v3(name: str) -> Family:
+    """DeepSeek-V3's router, which 11 families share."""
+    return Family(name, "sigmoid", unsorted=True, logits_in="fp32", raw_sigmoid=True, norm_eps=1e-20)
+
+
+HF_ROUTERS = {  # router class -> its family
+    "MixtralTopKRouter": Family("Mixtral", "softmax", norm=True),
+    "MiniMaxTopKRouter": Family("MiniMax", "softmax", norm=True),
+    "Qwen2MoeTopKRouter": Family("Qwen2-MoE", "softmax", weights_dtype="logits"),
+    "Qwen3MoeTopKRouter": Family("Qwen3-MoE", "softmax", weights_dtype="logits"),
+    "OlmoeTopKRouter": Family("OLMoE", "softmax", weights_dtype="logits"),
+    "FlexOlmoTopKRouter": Family("FlexOlmo", "softmax", weights_dtype="logits"),
+    "Qwen3NextTopKRouter": Family("Qwen3-Next", "softmax", weights_dtype="logits"),
+    "Qwen3_5MoeTopKRouter": Family("Qwen3.5-MoE", "softmax", norm=True, weights_dtype="logits"),
+    "JambaTopKRouter": Family("Jamba", "softmax", weights_dtype="input"),
+    "HunYuanMoEV1Gate": Family("HunYuan-V1-MoE", "softmax", norm=True, weights_dtype="logits"),
+    "Ernie4_5_MoeTopKRouter": Family("ERNIE-4.5-MoE", "softmax", norm=True, weights_dtype="input",
+                                     norm_clamp=True, logits_in="fp32_no_autocast"),
+    "DeepseekV2TopkRouter": Family("DeepSeek-V2", "softmax", unsorted=True, group_by_max=True,
+                                   logits_in="fp32"),
+    "GptOssTopKRouter": Family("GPT-OSS", "logits", weights_dtype="logits"),
+    **{router: Family(name, "logits", weights_dtype="input", logits_in="upcast") for router, name in (
+        ("GraniteMoeTopKRouter", "GraniteMoE"), ("GraniteMoeSharedTopKRouter", "GraniteMoE-Shared"),
+        ("GraniteMoeHybridTopKRouter", "GraniteMoE-Hybrid"))},
+    **{router: deepseek_v3(name) for router, name in (
+        ("DeepseekV3TopkRouter", "DeepSeek-V3"), ("DeepseekV32TopkRouter", "DeepSeek-V3.2"),
+        ("Dots1TopkRouter", "Dots1"), ("KimiLinearTopkRouter", "Kimi-Linear"),
+        ("MiMoV2FlashTopkRouter", "MiMo-V2-Flash"), ("NemotronHTopkRouter", "Nemotron-H"),
+        ("Glm4MoeTopkRouter", "GLM-4-MoE"), ("Glm4MoeLiteTopkRouter", "GLM-4-MoE-Lite"),
+        ("GlmMoeDsaTopkRouter", "GLM-MoE-DSA"), ("ExaoneMoeTopkRouter", "EXAONE-MoE"),
+        ("SolarOpenTopkRouter", "Solar-Open"))},
+    "MiniMaxM2TopKRouter": Family("MiniMax-M2", "sigmoid", norm=True, unsorted=True, bias_arg=True),
+    "Lfm2MoeTopKRouter": Family("LFM2-MoE", "sigmoid", norm_eps=1e-6, bias_arg=True, raw_sigmoid=True,
+                                promote=True),
+    "AfmoeTokenChoiceRouter": Family("AFMoE", "sigmoid", norm=True, bias_arg=True, logits_in="upcast",
+                                     norm_eps=1e-20),
+    "Llama4Router": Family("Llama 4", "sigmoid_logits", dense_output=True),
 }
 
 
-def softmax_mechanism(router, logits, bias):
-    """Softmax over the experts, top-k of the probabilities (ERNIE 4.5: of the probabilities plus its bias)."""
-    probs = torch.softmax(logits, -1, dtype=torch.float)
-    choice = router.moe_statics(probs) if hasattr(router, "moe_statics") else probs
-    return probs, choice, lambda index, keep: probs.gather(1, index) * keep
+class Scores(NamedTuple):
+    """A mechanism's scores of every expert: what KA samples from, what the top-k selects by, what weighs."""
+    law: torch.Tensor     # [N, E] fp32 probabilities: KA's sampling law (and top-p's)
+    choice: torch.Tensor  # [N, E] the selection score (with a selection bias where the family has one)
+    weight: torch.Tensor  # [N, E] the chosen experts' weights before the family's norm (softmax over the
+                          # chosen for "logits"; a sigmoid each for "sigmoid_logits")
 
 
-def logits_mechanism(router, logits, bias):
-    """Top-k of the logits, softmax over the chosen (in the logits' dtype)."""
-    return torch.softmax(logits, -1, dtype=torch.float), logits, lambda index, keep: torch.softmax(
-        logits.gather(1, index).masked_fill(~keep, float("-inf")), -1, dtype=logits.dtype)
+def router_scores(router: nn.Module, family: Family, logits: torch.Tensor, bias: torch.Tensor | None
+                  ) -> Scores:
+    """The family's scores from its router logits [N, E]."""
+    if family.mechanism == "softmax":  # ERNIE 4.5 selects by the probabilities plus its bias (moe_statics)
+        probs = torch.softmax(logits, -1, dtype=torch.float)
+        return Scores(probs, router.moe_statics(probs) if hasattr(router, "moe_statics") else probs, probs)
+    if family.mechanism == "logits":
+        return Scores(torch.softmax(logits, -1, dtype=torch.float), logits, logits)
+    s = (logits if family.raw_sigmoid else logits.float()).sigmoid()
+    law = s.float() / s.float().sum(-1, keepdim=True)  # KA samples s / sum(s), without the bias
+    if family.mechanism == "sigmoid_logits":
+        return Scores(law, logits, logits)
+    return Scores(law, s if bias is None else s + bias, s)
 
 
-def sigmoid_mechanism(router, logits, bias):
-    """Sigmoid scores (raw: in the logits' dtype); the selection adds the bias; KA samples s / Σs, no bias."""
-    s = (logits if HF_ROUTERS[type(router).__name__][2].get("raw") else logits.float()).sigmoid()
-    law = s.float() / s.float().sum(-1, keepdim=True)  # KA's law in fp32, whatever the scores' dtype
-    return law, s if bias is None else s + bias, lambda index, keep: s.gather(1, index) * keep
-
-
-# (router, logits [N, E], selection bias) -> (sampling law [N, E], selection score [N, E], weights(index, kept))
-MECHANISMS = {"softmax": softmax_mechanism, "logits": logits_mechanism, "sigmoid": sigmoid_mechanism,
-              "llama4": lambda r, logits, bias: (sigmoid_mechanism(r, logits, None)[0], logits, None)}
+def chosen_weights(family: Family, scores: Scores, index: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The chosen experts' weights [N, K] (0 in slots not kept), before the family's norm and scale."""
+    chosen = scores.weight.gather(1, index)
+    if family.mechanism == "logits":
+        return torch.softmax(chosen.masked_fill(~keep, float("-inf")), -1, dtype=chosen.dtype)
+    if family.mechanism == "sigmoid_logits":
+        return chosen.float().sigmoid().to(chosen.dtype) * keep
+    return chosen * keep
 
 
 @dataclass(frozen=True)
 class Routing:
-    """How MoE layers pick experts; called on router logits [N, E] and the native k: (index [N, K], kept or None).
-    topk: the k best (k None: native); sample (KA): w.p. `prob` per token (None: always) k experts drawn
-    without replacement from the router's probabilities, else the top-k; topp: the official gate's top-p, the
-    most probable experts until their mass exceeds `top_p`; all: every expert. mass: "native" (a router that
-    does not renormalise its chosen weights scales them to the mass its native selection would give, as the
-    paper's gate keeps it by its softmax over the chosen; native_mass) or "literal" (the family's rule)."""
+    """How MoE layers pick experts. topk: the k best (k None: native); sample (KA): w.p. `prob` per token
+    (None: always) k experts drawn without replacement from the router's probabilities, else the top-k; topp:
+    the official gate's top-p, the most probable experts until their mass exceeds `top_p`; all: every expert.
+    mass: "native" (a router that does not renormalise its chosen weights keeps the mass of its native
+    selection, as the paper's gate; native_mass) or "literal" (the family's rule as is)."""
     mode: str = "topk"
     k: int | None = None
     prob: float | None = None
@@ -542,8 +446,9 @@ class Routing:
     top_p: float | None = None
     mass: str = "native"
 
-    def __call__(self, logits: torch.Tensor, native_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return select_experts(logits, self, native_k)
+    def __call__(self, logits: torch.Tensor, native_k: int, top) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(index [N, K], kept slots or None) for router logits [N, E]; `top(scores, k)`: the gate's top-k."""
+        return select_experts(logits, self, native_k, top=top)
 
     def __post_init__(self):
         if self.mode not in ("topk", "sample", "topp", "all"):
@@ -560,14 +465,19 @@ class Routing:
         return self.mode == "topk" and self.k in (None, native_k)
 
 
+def top_k(scores: torch.Tensor, k: int, sort: bool = True) -> torch.Tensor:
+    """The k best experts per row [N, k]."""
+    return scores.topk(k, dim=-1, sorted=sort).indices
+
+
 def sample_experts(probs: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """k distinct experts per row drawn without replacement in proportion to probs [N, E] -> [N, K]."""
     return torch.multinomial(probs.float(), k, replacement=False, generator=generator)
 
 
 def top_p_experts(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Experts by falling probability [N, K] and which are kept [N, K] (the official gate: the first, then each
-    while the mass before it is <= p); K is the batch's largest set, the other slots get weight 0."""
+    """Experts by falling probability [N, K] and which are kept [N, K] (the official gate: the first, then
+    each while the mass before it is <= p); K is the batch's largest set, the other slots get weight 0."""
     values, index = probs.float().sort(dim=-1, descending=True)
     mass_before = values.cumsum(-1)
     keep = torch.ones_like(index, dtype=torch.bool)
@@ -577,10 +487,10 @@ def top_p_experts(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Te
 
 
 def select_experts(choice: torch.Tensor, routing: Routing, native_k: int, probs: torch.Tensor | None = None,
-                   top=lambda c, k: c.topk(min(k + 1, c.shape[-1]), dim=-1).indices[:, :k]):
-    """(index [N, K], kept slots or None) from selection scores [N, E] (top-k) and the router's probabilities
-    (sample, topp; default softmax(choice)); `top`: the family's top-k (default the official Llama-MoE gate's,
-    the first k of topk(k + 1)). "sample" draws the sampled set S and one uniform per token, takes S if u < prob."""
+                   top=top_k) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(index [N, K], kept slots or None) from selection scores [N, E] and the router's probabilities (KA's
+    law, top-p's; default softmax(choice)); `top(scores, k)`: the family's top-k. "sample" draws the set S
+    and one uniform per token, and takes S where u < prob."""
     N, E = choice.shape
     probs = torch.softmax(choice.float(), dim=-1) if probs is None else probs
     if routing.mode == "all":
@@ -607,8 +517,9 @@ def moe_routers(model: nn.Module) -> list[nn.Module]:
             continue
         if not hasattr(router, "routing") and type(router).__name__ not in HF_ROUTERS:
             family = getattr(getattr(model, "config", None), "model_type", "?")
-            raise ValueError(f"MoE family {family!r} ({type(router).__name__}) is not supported for routing control "
-                             f"(supported: Llama-MoE and the {len(HF_ROUTERS)} transformers families of docs/families.md)")
+            raise ValueError(f"MoE family {family!r} ({type(router).__name__}) is not supported for routing "
+                             f"control (supported: Llama-MoE and the {len(HF_ROUTERS)} transformers families "
+                             f"of docs/families.md)")
         routers.append(router)
     if not routers:
         raise ValueError(f"{type(model).__name__} has no MoE layers")
@@ -626,11 +537,10 @@ def native_top_k(model: nn.Module) -> int:
 
 def group_limited(router: nn.Module, choice: torch.Tensor, k: int, *, by_max: bool,
                   sort: bool) -> torch.Tensor:
-    """The k best experts [N, k] under the router's group limit: a group scores by its best two (DeepSeek-V3) or
-    its best expert (by_max, DeepSeek-V2), the topk_group best groups are chosen and the top-k is taken over their
-    experts, as the family does. For k above the chosen groups' experts (KA's top-(N-1), --teacher-k, k-sweeps):
-    all of those first, then the other experts by the same score, so the sets stay nested as k grows and the
-    expert left out at N-1 is the lowest-scoring one outside the chosen groups."""
+    """The k best experts [N, k] under the router's group limit, as the family selects: groups score by
+    their best two experts (DeepSeek-V3) or best one (by_max, DeepSeek-V2), the topk_group best groups'
+    experts compete. k beyond those experts (KA's N-1, --teacher-k): they come first, then the rest by score,
+    so the sets stay nested as k grows."""
     groups = choice.view(choice.shape[0], router.num_group, -1)
     score = groups.max(-1).values if by_max else groups.topk(2, dim=-1).values.sum(-1)
     best = score.topk(router.topk_group, dim=-1, sorted=False).indices                   # as the family's own
@@ -644,71 +554,88 @@ def group_limited(router: nn.Module, choice: torch.Tensor, k: int, *, by_max: bo
     return torch.cat([first, rest], dim=-1)
 
 
+def router_logits(router: nn.Module, family: Family, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The router's logits [N, E] with the family's numerics (Family.logits_in)."""
+    linear = next((m for m in (getattr(router, n, None) for n in ("gate", "wg")) if isinstance(m, nn.Linear)),
+                  router)
+    h, w, how = hidden_states.reshape(-1, linear.weight.shape[1]), linear.weight, family.logits_in
+    h, w = (h.float(), w.float()) if how in ("fp32", "fp32_no_autocast") else (h.to(w.dtype), w)
+    no_autocast = how == "fp32_no_autocast"
+    with torch.autocast(h.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
+        logits = F.linear(h, w, getattr(linear, "bias", None))
+    return logits.float() if how == "upcast" else logits
+
+
 def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.Tensor, *args, **kwargs):
     """A transformers router's forward under `routing`: its logits, its family's mechanism, its output."""
-    family, mechanism, opt = HF_ROUTERS[type(router).__name__]
-    linear = next((m for m in (getattr(router, n, None) for n in ("gate", "wg")) if isinstance(m, nn.Linear)), router)
-    h, w, how = hidden_states.reshape(-1, linear.weight.shape[1]), linear.weight, opt.get("logits")
-    h, w = (h.float(), w.float()) if how in ("fp32in", "fp32") else (h.to(w.dtype), w)
-    with torch.autocast(h.device.type, enabled=False) if how == "fp32" else contextlib.nullcontext():
-        logits = F.linear(h, w, getattr(linear, "bias", None)).to(torch.float if how == "upcast" else None)
-    bias = ([*args, *kwargs.values()] or [None])[0] if opt.get("bias_arg") else getattr(router, "e_score_correction_bias", None)
-    probs, choice, weigh = MECHANISMS[mechanism](router, logits, bias if getattr(router, "use_expert_bias", True) else None)
-    sort = not opt.get("unsorted")
-    top = lambda c, k: c.topk(k, dim=-1, sorted=sort).indices                                    # noqa: E731
-    if getattr(router, "num_group", None) and \
-            getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy":  # not KA's draws, all
-        top = functools.partial(group_limited, router, by_max=opt.get("gmax", False), sort=sort)
-    index, keep = select_experts(choice, routing, router.top_k, probs, top)
+    family = HF_ROUTERS[type(router).__name__]
+    logits = router_logits(router, family, hidden_states)
+    bias = ([*args, *kwargs.values()] or [None])[0] if family.bias_arg else \
+        getattr(router, "e_score_correction_bias", None)
+    scores = router_scores(router, family, logits, bias if getattr(router, "use_expert_bias", True) else None)
+    sort = not family.unsorted
+    top = functools.partial(top_k, sort=sort)
+    grouped = getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy"
+    if getattr(router, "num_group", None) and grouped:  # the top-k's group limit (not KA's draws, not all)
+        top = functools.partial(group_limited, router, by_max=family.group_by_max, sort=sort)
+    index, keep = select_experts(scores.choice, routing, router.top_k, scores.law, top)
     keep = torch.ones_like(index, dtype=torch.bool) if keep is None else keep
-    if mechanism == "llama4":  # dense [N, E] scores, the sigmoid of the chosen logits, 0 elsewhere
-        chosen = logits.gather(1, index).masked_fill(~keep, float("-inf"))
-        return torch.full_like(logits, float("-inf")).scatter(1, index, chosen).float().sigmoid().to(logits.dtype), logits
-    weights = weigh(index, keep)
-    if opt.get("norm", getattr(router, "norm_topk_prob", False)):
+    weights = chosen_weights(family, scores, index, keep)
+    if family.dense_output:  # [N, E] scores, 0 off the chosen set
+        return torch.zeros_like(logits).scatter(1, index, weights), logits
+    if family.norm if family.norm is not None else getattr(router, "norm_topk_prob", False):
         total = weights.sum(dim=-1, keepdim=True)
-        total = total.clamp(min=router.norm_min) if opt.get("clamp") else total + opt.get("eps", 0.0)
-        weights = (weights / total).to(None if opt.get("promote") else weights.dtype)  # None: as computed
-    elif routing.mass == "native" and mechanism != "logits" and not routing.native(router.top_k):
-        native = weigh(top(choice, router.top_k), torch.ones_like(index[:, :1], dtype=torch.bool))
-        weights = native_mass(weights.float(), native.float()).to(weights.dtype)  # fp32, before scale and casts
-    scale = next((getattr(router, a) for a in ("routed_scaling_factor", "route_scale") if hasattr(router, a)), 1.0)
+        total = total.clamp(min=router.norm_min) if family.norm_clamp else total + family.norm_eps
+        weights = (weights / total).to(None if family.promote else weights.dtype)  # None: as computed
+    elif routing.mass == "native" and family.mechanism != "logits" and not routing.native(router.top_k):
+        all_kept = torch.ones_like(index[:, :1], dtype=torch.bool)
+        native = chosen_weights(family, scores, top(scores.choice, router.top_k), all_kept)
+        weights = native_mass(weights.float(), native.float()).to(weights.dtype)  # fp32, before scale, casts
+    scale = next((getattr(router, a) for a in ("routed_scaling_factor", "route_scale") if hasattr(router, a)),
+                 1.0)
     weights = weights * scale
-    return logits, weights.to({True: logits.dtype, "input": hidden_states.dtype}.get(opt.get("cast"))), index
+    dtype = {"logits": logits.dtype, "input": hidden_states.dtype}.get(family.weights_dtype)  # None: own
+    return logits, weights.to(dtype), index
 
 
 def native_mass(weights: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
-    """Chosen weights [N, K] scaled per token to the sum of the native selection's weights [N, k]: a router that
-    does not renormalise keeps its routed output's loudness under ALL, KA, top-p or another k, as the paper's
-    gate does (the factor keeps its gradient, like a renormalising softmax); a token of mass 0 stays 0."""
+    """Chosen weights [N, K] scaled per token to the native selection's total [N, k], so a router that does
+    not renormalise is as loud under ALL, KA, top-p or another k as the paper's gate (the factor keeps its
+    gradient); a token of mass 0 stays 0."""
     total = weights.sum(-1, keepdim=True)
     return weights * torch.where(total > 0, native.sum(-1, keepdim=True) / total.where(total > 0, 1.0), 0.0)
 
 
-def experts_backend(model: nn.Module, mode: str) -> list[tuple[Any, str]]:
-    """Switch the experts' backend where `mode` needs it: batched_mm materialises (T·K, 2I, H) weights, too much
-    for all experts (-> grouped_mm); grouped_mm fails on CPU for rows not a multiple of 16 bytes (-> eager).
-    Returns (config, old backend) to restore."""
-    saved = []
-    for m in model.modules():
-        config, old = getattr(m, "config", None), getattr(getattr(m, "config", None), "_experts_implementation", None)
-        if not hasattr(m, "_is_expert_parallel") or old is None or any(c is config for c, _ in saved):
-            continue
-        new = "grouped_mm" if mode == "all" and old == "batched_mm" else old
-        if new == "grouped_mm" and any(p.device.type == "cpu" and p.shape[-1] * p.element_size() % 16 for p in m.parameters()):
-            new = "eager"
-        if new != old:
-            print(f"moe_routing {mode}: experts backend {old} -> {new}")
-            saved.append((config, old))
-            config._experts_implementation = new
-    return saved
+_BACKEND_NOTED = weakref.WeakKeyDictionary()  # model -> the backend switches already reported
+
+
+def experts_backend(model: nn.Module, mode: str) -> dict | None:
+    """Switch the experts' backend where `mode` needs it; returns the backends to restore (None: unchanged).
+    batched_mm materialises (T·K, 2I, H) weights, too much for all experts (-> grouped_mm); grouped_mm fails
+    on CPU for rows not a multiple of 16 bytes (-> eager). Said once per model and switch."""
+    if not hasattr(model, "get_experts_implementation"):
+        return None
+    old = model.get_experts_implementation()
+    new = "grouped_mm" if mode == "all" and old[""] == "batched_mm" else old[""]
+    experts = [m for m in model.modules() if hasattr(m, "_is_expert_parallel")]  # transformers' experts
+    if new == "grouped_mm" and any(p.device.type == "cpu" and p.shape[-1] * p.element_size() % 16
+                                   for m in experts for p in m.parameters()):
+        new = "eager"
+    if new == old[""] or not experts:
+        return None
+    noted = _BACKEND_NOTED.setdefault(model, set())
+    if (old[""], new) not in noted:
+        noted.add((old[""], new))
+        print(f"moe_routing {mode}: experts backend {old['']} -> {new}")
+    model.set_experts_implementation(new)
+    return old
 
 
 @contextlib.contextmanager
 def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, prob: float | None = None,
                 generator: torch.Generator | None = None, top_p: float | None = None,
                 mass: str = "native") -> Iterator[list[nn.Module]]:
-    """Route every MoE layer of `model` by `mode` (see Routing) inside the block; restored on exit, even on errors."""
+    """Route every MoE layer of `model` by `mode` (see Routing) inside the block; restored on exit."""
     routing = Routing(mode, k, prob, generator, top_p, mass)
     routers = moe_routers(model)
     for r in routers:
@@ -730,8 +657,8 @@ def moe_routing(model: nn.Module, mode: str = "topk", *, k: int | None = None, p
                 del r.forward
             else:
                 setattr(r, attr, value)
-        for config, old in backends:
-            config._experts_implementation = old
+        if backends is not None:
+            model.set_experts_implementation(backends)
 
 
 def is_moe(model: nn.Module) -> bool:
@@ -742,9 +669,11 @@ def is_moe(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def record_routing(model: nn.Module) -> Iterator[list[tuple[nn.Module, Any]]]:
-    """(router, its raw output) for every router call inside the block, in call order; hooks removed on exit."""
+    """(router, its raw output) for every router call inside the block, in call order."""
     records: list[tuple[nn.Module, Any]] = []
-    handles = [r.register_forward_hook(lambda m, args, out: records.append((m, out))) for r in moe_routers(model)]
+    def keep(module, args, out):
+        records.append((module, out))
+    handles = [r.register_forward_hook(keep) for r in moe_routers(model)]
     try:
         yield records
     finally:
@@ -754,9 +683,7 @@ def record_routing(model: nn.Module) -> Iterator[list[tuple[nn.Module, Any]]]:
 
 @contextlib.contextmanager
 def record_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the noise-free router logits [N, E] of every MoE layer, in layer order, for each forward
-    run inside the block (Llama-MoE: the gate network's output, before any noise; transformers: the
-    router's first output). Hooks are removed on exit."""
+    """The noise-free router logits [N, E] of every MoE layer, in call order, of the forwards in the block."""
     records: list[torch.Tensor] = []
     def keep(module, args, out):
         records.append((out[0] if isinstance(out, tuple) else out).detach())
@@ -771,14 +698,14 @@ def record_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What SAR trains: Llama-MoE gate.gate_network + gate.weight_noise; transformers routers' parameters, not
     a selection bias (e_score_correction_bias, balanced by counting, not by gradients)."""
-    return [p for r in moe_routers(model) for n, p in r.named_parameters() if "e_score_correction_bias" not in n]
+    return [p for r in moe_routers(model) for name, p in r.named_parameters()
+            if "e_score_correction_bias" not in name]
 
 
 def router_balance_loss(records: list[tuple[nn.Module, Any]], beta: float) -> torch.Tensor:
     """SAR's balance term from the routers' outputs of one forward (record_routing): a Llama-MoE gate's own
-    loss (its config weight, pads included as the official gate), summed over layers; for a transformers family
-    with its own auxiliary loss (its modeling file's load_balancing_loss_func) beta * that loss over all its
-    layers' logits, else beta * Sum_layers cv2(importance) + cv2(load) of the routing weights."""
+    loss (its config's weight), else beta times the family's own auxiliary loss (load_balancing_loss_func)
+    or, without one, beta * Sum_layers cv2(importance) + cv2(load)."""
     terms, own = [], {}
     for router, out in records:
         aux = getattr(sys.modules[type(router).__module__], "load_balancing_loss_func", None)
@@ -796,83 +723,37 @@ def router_balance_loss(records: list[tuple[nn.Module, Any]], beta: float) -> to
             full = full.scatter(1, index, weights)
         terms.append(beta * (cv_squared(full.sum(0)) + cv_squared((full > 0).sum(0))))
     for aux, layers in own.items():
-        terms.append(beta * aux(tuple(logits for _, logits in layers), layers[0][0].num_experts, layers[0][0].top_k))
+        router = layers[0][0]
+        terms.append(beta * aux(tuple(logits for _, logits in layers), router.num_experts, router.top_k))
     return torch.stack(terms).sum()
 
 
 # ----------------------------------------------------------------------------
-# Losses (pure: logits in, scalar out; fp32 inside). From hidden states and output heads: hidden_losses.py
+# Losses on logits: the formulas as the paper writes them. Training computes the same numbers from hidden
+# states, in chunks that never hold [tokens, V] logits (hidden_losses.py; tests check the two agree).
 
 def loss_mask(labels: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: position t is a loss position when its next token labels[t+1] is a response token.
-    Kept [B, T] (last column False) so logits never need a non-contiguous [:, :-1] copy."""
+    """[B, T] bool: position t is a loss position when its next token labels[t+1] is a response token."""
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = labels[:, 1:] != -100
     return mask
 
 
-class _RowKL(torch.autograd.Function):
-    """Mean over m of KL(softmax(a) || softmax(b_m)) at rows `rows` of a [N, V], b [M, N, V] -> [N] fp32 (0
-    elsewhere): Sum_v p_a (log p_a - mean_m log p_bm) is that mean, so KA's M passes cost one KL. In fp32
-    chunks of rows; backward recomputes: dKL/da = p_a (log p_a - log p_b - KL), dKL/db = p_b - p_a (M = 1)."""
-
-    @staticmethod
-    def forward(ctx, a, b, rows, chunk, b_is_log_probs=False):
-        out = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
-        for idx in rows.split(chunk):
-            out[idx] = _kl_rows(a[idx], b[:, idx], b_is_log_probs)
-        ctx.save_for_backward(a, b, rows)
-        ctx.chunk, ctx.b_is_log_probs = chunk, b_is_log_probs
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b, rows = ctx.saved_tensors
-        if ctx.needs_input_grad[1] and (b.shape[0] != 1 or ctx.b_is_log_probs):
-            raise NotImplementedError("gradient for the averaged side of the KL")
-        grad_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
-        grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
-        for idx in rows.split(ctx.chunk):
-            kl, pa, diff = _kl_rows(a[idx], b[:, idx], ctx.b_is_log_probs, keep=True)
-            g = grad[idx].unsqueeze(1)
-            if grad_b is not None:
-                grad_b[0, idx] = (g * (b[0, idx].float().softmax(-1) - pa)).to(b.dtype)
-            if grad_a is not None:  # rows where p_a = 0 contribute nothing (diff was zeroed there)
-                grad_a[idx] = diff.sub_(kl.unsqueeze(1)).mul_(pa).mul_(g).to(a.dtype)
-        return grad_a, grad_b, None, None, None
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
+               ) -> torch.Tensor:
+    """KL(q_student || p_teacher) = Sum_v q (log q - log p), mean over masked tokens: GKD/ALL/KA/SAR's loss.
+    Logits [B, T, V], mask [B, T]; fp32; a token q gives probability 0 adds nothing (0 log 0 = 0)."""
+    log_q, log_p = student_logits[mask].float().log_softmax(-1), teacher_logits[mask].float().log_softmax(-1)
+    q = log_q.exp()
+    return (q * (log_q - log_p).masked_fill(q == 0, 0.0)).sum() / mask.sum().clamp_min(1)
 
 
-def _kl_rows(a: torch.Tensor, b: torch.Tensor, b_is_log_probs: bool = False, *, keep: bool = False):
-    """Sum_v p_a (log p_a - mean_m log p_bm) of a [n, V], b [M, n, V] in fp32; keep: also p_a, the log-ratio."""
-    diff = a.float().log_softmax(-1)
-    pa = diff.exp()
-    log_pb = b.float() if b_is_log_probs else b.float().log_softmax(-1)
-    diff.sub_(log_pb[0] if b.shape[0] == 1 else log_pb.mean(0)).masked_fill_(pa == 0, 0.0)
-    kl = (pa * diff).sum(-1)
-    return (kl, pa, diff) if keep else kl
-
-
-def kl_per_token(target_logits: torch.Tensor, input_logits: torch.Tensor, mask: torch.Tensor, *,
-                 chunk: int = 256, input_is_log_probs: bool = False) -> torch.Tensor:
-    """KL(softmax(target) || softmax(input)) per position, exact over the vocabulary, `chunk` positions at a
-    time (kl_reference is the formula): [B, T, V], mask [B, T] -> [B, T] fp32, 0 off the mask. input [M, B, T, V]
-    (or log-probabilities): the mean over m of KL(target || input_m). Differentiable in both (M = 1)."""
-    V = target_logits.shape[-1]
-    if input_logits.shape[-1] != V:
-        raise ValueError(f"KL over different vocabularies: {V} vs {input_logits.shape[-1]} logits")
-    inputs = input_logits.reshape(-1 if input_logits.dim() > target_logits.dim() else 1, mask.numel(), V)
-    rows = mask.reshape(-1).nonzero().squeeze(1)
-    return _RowKL.apply(target_logits.reshape(-1, V), inputs, rows, chunk, input_is_log_probs).view(mask.shape)
-
-
-def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(q_student || p_teacher) = Sum_v q (log q - log p), mean over masked tokens: GKD/ALL/KA/SAR's loss."""
-    return kl_per_token(student_logits, teacher_logits, mask).sum() / mask.sum().clamp_min(1)
-
-
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(p_teacher || q_student) = Sum_v p (log p - log q), mean over masked tokens (0 if none)."""
-    return kl_per_token(teacher_logits, student_logits, mask).sum() / mask.sum().clamp_min(1)
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
+               ) -> torch.Tensor:
+    """KL(p_teacher || q_student) = Sum_v p (log p - log q), mean over the masked tokens: KD's soft term."""
+    log_q, log_p = student_logits[mask].float().log_softmax(-1), teacher_logits[mask].float().log_softmax(-1)
+    p = log_p.exp()
+    return (p * (log_p - log_q).masked_fill(p == 0, 0.0)).sum() / mask.sum().clamp_min(1)
 
 
 # ----------------------------------------------------------------------------
@@ -883,7 +764,8 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
 def balance_loss(model: nn.Module, outputs) -> torch.Tensor | None:
     """An MoE's own load-balancing loss of the last forward: its routers' (a Llama-MoE gate's, weighted by
     its config, summed over layers), or a transformers MoE's router_aux_loss_coef * aux_loss."""
-    own = [m.balance_loss for m in model.modules() if hasattr(m, "routing") and getattr(m, "balance_loss", None) is not None]
+    own = [m.balance_loss for m in model.modules()
+           if hasattr(m, "routing") and getattr(m, "balance_loss", None) is not None]
     if own:
         return torch.stack(own).sum()
     aux = getattr(outputs, "aux_loss", None)
@@ -892,9 +774,9 @@ def balance_loss(model: nn.Module, outputs) -> torch.Tensor | None:
 
 @contextlib.contextmanager
 def final_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Inside the block a forward computes no logits: the output head gets an empty slice of the final hidden
-    states (logits [B, 0, V]) and the yielded list the hidden states [B, T, H] themselves, which also go into the
-    output's hidden_states, before FSDP2's hooks: the backward enters the model there (FSDP2 gathers the root)."""
+    """Inside the block a forward computes no logits: the head gets an empty slice (logits [B, 0, V]) and the
+    yielded list the final hidden states [B, T, H], also put into the output before FSDP2's hooks (the
+    backward must enter the model there)."""
     kept, inner = [], unwrap(model)
     def keep(module, args):
         kept.append(args[0])
@@ -912,13 +794,13 @@ def final_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def output_head(model: nn.Module, device: torch.device | None = None) -> Head:
-    """A causal LM's output head on `device` (FSDP2-sharded: gathered, once per call) with the logit scaling / soft
-    cap of the families that have one (Cohere, Granite, Gemma); check_head verifies it gives the model's logits."""
+    """A causal LM's output head on `device` (FSDP2-sharded: gathered) with the logit scaling or soft cap of
+    the families that have one (Cohere, Granite, Gemma); check_head verifies it gives the model's logits."""
     inner = unwrap(model)
     linear, c = inner.get_output_embeddings(), inner.config
-    full = lambda t: None if t is None else (t.full_tensor() if hasattr(t, "full_tensor") else t).to(device)  # noqa: E731
+    bias = None if linear.bias is None else full(linear.bias).to(device)
     scale = (getattr(c, "logit_scale", None) or 1.0) / (getattr(c, "logits_scaling", None) or 1.0)
-    return Head(full(linear.weight), full(linear.bias), scale, getattr(c, "final_logit_softcapping", None))
+    return Head(full(linear.weight).to(device), bias, scale, getattr(c, "final_logit_softcapping", None))
 
 
 @torch.no_grad()
@@ -932,15 +814,17 @@ def check_head(model: nn.Module, what: str) -> None:
         return (kept[0],)
     handle = model.get_output_embeddings().register_forward_pre_hook(probe)
     try:
-        logits = model(input_ids=torch.tensor([[1, 2, 3]], device=next(model.parameters()).device)).logits.float()
+        ids = torch.tensor([[1, 2, 3]], device=next(model.parameters()).device)
+        logits = model(input_ids=ids).logits.float()
     finally:
         handle.remove()
-        if hasattr(model, "reshard"):  # FSDP2 keeps a root gathered after its forward: the optimizer wants shards
+        if hasattr(model, "reshard"):  # FSDP2 keeps a root gathered after its forward; AdamW wants shards
             model.reshard()
-    if not torch.allclose(head_logits(kept[0], output_head(model), logits.shape[-1])[0], logits, rtol=0.02, atol=0.1):
-        raise MoekdError(f"{what}: {type(model).__name__} turns its last hidden state into logits in a way moekd does "
-                         f"not know (it applies logit_scale, logits_scaling, final_logit_softcapping), so its losses "
-                         f"cannot be computed from hidden states")
+    ours = head_logits(kept[0], output_head(model), logits.shape[-1])[0]
+    if not torch.allclose(ours, logits, rtol=0.02, atol=0.1):
+        raise MoekdError(f"{what}: {type(model).__name__} turns its last hidden state into logits in a way "
+                         f"moekd does not know (it applies logit_scale, logits_scaling, "
+                         f"final_logit_softcapping), so its losses cannot be computed from hidden states")
 
 
 def forward_with_balance(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -955,15 +839,16 @@ def forward_with_balance(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
 
 def step_losses(model, teacher, h: torch.Tensor, t: torch.Tensor | None, batch: dict, cfg: Config,
                 state: MethodState, **weights) -> tuple[torch.Tensor, torch.Tensor]:
-    """head_losses at the batch's loss positions, on the student's device: hidden states h [B, T, H], the teacher's
-    t [M*B, T, H] or None, over state.vocab (the tokenizer's: no padding rows; default the smaller head)."""
+    """head_losses at the batch's loss positions, on the student's device: hidden states h [B, T, H],
+    the teacher's t [M*B, T, H] or None, over state.vocab (the tokenizer's size; default the smaller head)."""
     mask = loss_mask(batch["labels"]).view(-1)
     head_s, head_t = output_head(model), None if teacher is None else output_head(teacher, h.device)
     if t is not None:
         t = t.to(h.device).view(-1, mask.numel(), t.shape[-1])[:, mask]
     vocab = state.vocab or min(x.weight.shape[0] for x in (head_s, head_t) if x is not None)
     labels = batch["labels"].roll(-1, 1).reshape(-1)[mask]  # position t predicts token t + 1
-    return head_losses(h.flatten(0, 1)[mask], head_s, labels, t, head_t, vocab=vocab, chunk_mb=cfg.kl_chunk, **weights)
+    return head_losses(h.flatten(0, 1)[mask], head_s, labels, t, head_t, vocab=vocab, chunk_mb=cfg.kl_chunk,
+                       **weights)
 
 
 def add_balance(parts: dict, balance: torch.Tensor | None, n_micro: int) -> dict:
@@ -1001,13 +886,13 @@ def method_state(cfg: Config, teacher, amp_dtype: torch.dtype, vocab: int | None
 
 
 def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator | None):
-    """The teacher's routing for a method: KA (on-policy or gold) samples N-1 of N experts with probability
-    lambda (else its top-(N-1)), ALL and SAR use every expert, KD/GKD the native top-k (or --teacher-k,
-    --teacher-top-p)."""
+    """The teacher's routing for the method: KA's draws, all experts (ALL, SAR), or the native top-k
+    (--teacher-k, --teacher-top-p)."""
     routing = cfg.spec.teacher
     if routing == "sample":
         k = cfg.ka_k or num_experts(teacher) - 1
-        return moe_routing(teacher, "sample", k=k, prob=cfg.ka_lambda, generator=generator, mass=cfg.routed_mass)
+        return moe_routing(teacher, "sample", k=k, prob=cfg.ka_lambda, generator=generator,
+                           mass=cfg.routed_mass)
     if routing == "all":
         return moe_routing(teacher, "all", mass=cfg.routed_mass)
     if cfg.teacher_k is not None:
@@ -1020,9 +905,8 @@ def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator 
 @torch.no_grad()
 def teacher_hidden(teacher: nn.Module, batch: dict, *, repeat: int = 1,
                    amp_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The teacher's final hidden states on its device, [repeat*B, T, H], under autocast on that device (no
-    logits). Repeating the rows runs KA's M passes as one batched forward; every row gets its own expert
-    draws in every layer."""
+    """The teacher's final hidden states [repeat*B, T, H] on its device, no logits. Repeating the rows runs
+    KA's M passes as one batched forward, each row with its own expert draws."""
     device = next(teacher.parameters()).device
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with autocast(device, amp_dtype), final_hidden(teacher) as kept:
@@ -1038,10 +922,9 @@ def sft_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) 
 
 
 def kd_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -> dict[str, torch.Tensor]:
-    """KD (Sanh 2019) on gold data: (1 - r) CE + r KL(p_teacher || q_student), r = --kd-ratio (0.5).
-    ka-gold (the official temp_nr scripts): the KL term is the mean of KL(p_m || q_student) over KA's M
-    sampled teachers, in one pass over the M teachers' hidden states. The official code writes the soft term
-    as -Sum p log q; it differs from KL by H(p), a constant."""
+    """KD on gold data: (1 - r) CE + r KL(p_teacher || q_student), r = --kd-ratio. ka-gold: the KL term is
+    the mean over KA's M sampled teachers (the official temp_nr scripts). The official code writes the soft
+    term as -Sum p log q, which differs from KL by the constant H(p)."""
     M = cfg.ka_m if cfg.spec.passes else 1
     with teacher_routing(teacher, cfg, state.generator):
         t = teacher_hidden(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)
@@ -1051,10 +934,10 @@ def kd_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -
     return add_balance({"loss": loss, "ce": sums[0] / norm, "fkl": sums[1] / norm}, balance, n_micro)
 
 
-def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -> dict[str, torch.Tensor]:
-    """GKD, ALL, KA and SAR's student update: KL(q_student || p_teacher) on the student's own samples,
-    the teacher under the method's routing. KA: mean of the M sampled teachers' losses (the official
-    code), computed as one KL against the mean of their log-probabilities (the same number)."""
+def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()
+                    ) -> dict[str, torch.Tensor]:
+    """GKD, ALL, KA and SAR's student update: KL(q_student || p_teacher) on the student's own samples. KA:
+    the mean of the M passes' KLs (the official code), one KL against their mean log-probabilities."""
     M = cfg.ka_m if cfg.spec.passes and cfg.ka_updates == "mean" else 1
     with teacher_routing(teacher, cfg, state.generator):
         t = teacher_hidden(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)  # [M*B, T, H]
@@ -1065,11 +948,9 @@ def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodSt
 
 def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg: Config,
                       state: MethodState, *, step: int = 0, dist: Dist = SINGLE) -> dict[str, float]:
-    """SAR step (a), before the student's: only the teacher's routers learn, teacher in train mode
-    (gate noise on), all experts; loss KL(p_teacher || q_student) + beta * balance (the paper's Eq. 9;
-    --sar-kl student-teacher: KL(q_student || p_teacher)).
-    Router gradients are averaged over ranks (FSDP2 does it for a sharded teacher), so with the
-    x world loss scale every rank applies the same update and the routers stay identical."""
+    """SAR step (a), before the student's: the teacher's routers alone learn KL(p_teacher || q_student) +
+    beta * balance (Eq. 9; --sar-kl student-teacher: KL(q || p)), teacher in train mode, all experts. Router
+    gradients are averaged over ranks so every rank's routers stay identical."""
     student = unwrap(model)
     device, t_device = next(student.parameters()).device, next(teacher.parameters()).device
     student.eval()
@@ -1083,8 +964,10 @@ def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg
         torch.manual_seed(stream_seed(cfg.seed, step, first + m, "router"))  # the gates' noise
         # also around the backward: --grad-checkpointing re-runs the forward
         with moe_routing(teacher, "all", mass=cfg.routed_mass):
-            with autocast(t_device, state.amp_dtype), record_routing(teacher) as routed, final_hidden(teacher) as p:
-                teacher(input_ids=mb["input_ids"].to(t_device), attention_mask=mb["attention_mask"].to(t_device))
+            with autocast(t_device, state.amp_dtype), record_routing(teacher) as routed, \
+                    final_hidden(teacher) as p:
+                teacher(input_ids=mb["input_ids"].to(t_device),
+                        attention_mask=mb["attention_mask"].to(t_device))
                 lb = router_balance_loss(routed, cfg.sar_beta) / n_micro
             with autocast(device, state.amp_dtype):  # into the routers through the teacher's hidden states
                 kl, _ = step_losses(student, teacher, q[0], p[0], mb, cfg, state, kl_weight=1 / norm,
@@ -1112,9 +995,10 @@ def method_step(method: str):
 
 
 # ----------------------------------------------------------------------------
-# Random streams: every draw of a step is seeded from its position in the global batch (each row's
-# on-policy sample from (seed, step, row); gate noise and KA draws from (seed, step, micro-batch)), so a
-# run does not depend on how the batch is split over devices and accumulation, and resuming needs no RNG state.
+# Training loop: AdamW, LR schedule, accumulation, dev selection, atomic resumable checkpoints.
+# Every draw of a step is seeded from its position in the global batch (each row's on-policy sample from
+# (seed, step, row); gate noise and KA draws from (seed, step, micro-batch)), so a run does not depend on
+# how the batch is split over devices and accumulation, and resuming needs no RNG state.
 
 def stream_seed(seed: int, step: int, index: int, stream: str) -> int:
     """Seed of one random stream: a hash of (run seed, step, index of the row or micro-batch in the
@@ -1122,9 +1006,6 @@ def stream_seed(seed: int, step: int, index: int, stream: str) -> int:
     digest = hashlib.blake2b(f"{seed}/{step}/{index}/{stream}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
-
-# ----------------------------------------------------------------------------
-# Training loop: AdamW, LR schedule, accumulation, dev selection, atomic resumable checkpoints
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices, none on norms and biases (the 1-D parameters)."""
@@ -1154,7 +1035,7 @@ def step_rows(items: list[dict], cfg: Config, step: int, steps_per_epoch: int, w
 
 def loss_norms(micro: list[dict], mode: str, dist: Dist = SINGLE) -> list[float]:
     """Divisor of each micro-batch's token-sum loss. global: all loss tokens of the step on every rank
-    (as TRL fixed it for accumulation, trl PR #6006); micro: own tokens x #micro-batches (mean of micro means)."""
+    (as TRL fixed it for accumulation, trl PR #6006); micro: own tokens x micro-batches (mean of means)."""
     counts = [max(int(loss_mask(mb["labels"]).sum()), 1) for mb in micro]
     if mode == "global":
         return [all_reduce_sum([float(sum(counts))], dist)[0]] * len(micro)
@@ -1163,10 +1044,10 @@ def loss_norms(micro: list[dict], mode: str, dist: Dist = SINGLE) -> list[float]
 
 def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimizer, lr: float,
                state: MethodState, *, step: int = 0, dist: Dist = SINGLE) -> dict[str, float]:
-    """One optimizer step on a global batch: this rank's micro-batches, their on-policy samples
-    (gkd/all/ka/sar), SAR's router update, then the student's backward passes, grad clip and AdamW.
-    Returns the loss parts summed over all ranks' micro-batches, and the token count."""
-    device, amp_dtype, student, method = next(model.parameters()).device, state.amp_dtype, unwrap(model), cfg.spec
+    """One optimizer step on a global batch: on-policy samples, SAR's router update, the student's micro-
+    batches, clip and AdamW. Returns the loss parts summed over all ranks, and the token count."""
+    device, amp_dtype, student, method = next(model.parameters()).device, state.amp_dtype, unwrap(model), \
+        cfg.spec
     first, per_rank = dist.rank * cfg.grad_accum, cfg.batch_size * cfg.grad_accum
     mine = rows[dist.rank * per_rank:(dist.rank + 1) * per_rank]
     if method.on_policy:  # row i of the global batch samples from its own stream (seed, step, i)
@@ -1176,7 +1057,9 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
     B = cfg.batch_size
     micro = [collate(mine[m * B:(m + 1) * B], tokenizer.pad_token_id) for m in range(cfg.grad_accum)]
     norms, n_micro = loss_norms(micro, cfg.loss_norm, dist), len(micro) * dist.world
-    logs = sar_router_update(model, teacher, micro, norms, cfg, state, step=step, dist=dist) if method.routers else {}
+    logs = {}
+    if method.routers:
+        logs = sar_router_update(model, teacher, micro, norms, cfg, state, step=step, dist=dist)
     updates = cfg.ka_m if method.passes and method.on_policy and cfg.ka_updates == "each" else 1
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -1189,12 +1072,14 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
                 state.generator.manual_seed(stream_seed(cfg.seed, step, first + m, f"ka{u}"))
             last = m == len(micro) - 1  # ranks reduce gradients in the last backward only
             with autocast(device, amp_dtype), gradient_sync(model, last):
-                parts = method_step(cfg.method)(model, teacher, mb, cfg, norm=norm, n_micro=n_micro, state=state)
-                (parts["loss"] * dist.world).backward()  # DDP/FSDP average over ranks: x world makes it the sum
+                parts = method_step(cfg.method)(model, teacher, mb, cfg, norm=norm, n_micro=n_micro,
+                                                state=state)
+                (parts["loss"] * dist.world).backward()  # DDP/FSDP average over ranks: x world is the sum
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / updates
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if not is_finite(grad_norm):  # the same on every rank (gradients are synced): name a non-finite loss first
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if not is_finite(grad_norm):  # the same on every rank (gradients are synced): name a bad loss first
             check_finite("loss", all_reduce_sum([logs.get("loss", 0.0)], dist)[0], step)
         check_finite("gradient norm", grad_norm, step)
         optimizer.step()
@@ -1206,38 +1091,17 @@ def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimiz
 
 
 def is_finite(value) -> bool:
-    return math.isfinite(float(value.full_tensor() if hasattr(value, "full_tensor") else value))  # DTensor: FSDP2
+    return math.isfinite(float(full(value)))
 
 
 def check_finite(what: str, value, step: int) -> None:
-    """A one-line stop for a non-finite loss or gradient norm; +inf loss: the teacher's -inf where q has mass."""
-    value = float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+    """A one-line stop for a non-finite loss or gradient norm (+inf loss: the teacher's -inf where q > 0)."""
+    value = float(full(value))
     if not math.isfinite(value):
         cause = ("a token the teacher gives probability 0 (log-probability -inf) has mass under the student, "
-                 "or the run diverged: try a lower --lr") if value == math.inf and what == "loss" else "try a lower --lr"
+                 "or the run diverged: try a lower --lr") if value == math.inf and what == "loss" else \
+            "try a lower --lr"
         raise RunStopped(f"step {step + 1}: the {what} is {value}, nothing of this step is kept ({cause})")
-
-
-def router_state_dict(teacher: nn.Module) -> dict[str, torch.Tensor]:
-    """The teacher's router parameters, full tensors on the CPU. On an FSDP2-sharded teacher this
-    gathers the shards: every rank must call it."""
-    ids = {id(p) for p in router_parameters(teacher)}
-    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731 (DTensor shards)
-    return {name: full(p.detach()).contiguous().cpu() for name, p in teacher.named_parameters() if id(p) in ids}
-
-
-def load_routers(teacher: nn.Module, path: str | Path) -> None:
-    """Load SAR-trained routers (a teacher_routers.safetensors, or a directory holding one); the file must
-    hold exactly the teacher's router parameters."""
-    path = Path(path)
-    path = path / ROUTERS_FILE if path.is_dir() else path
-    if not path.is_file():
-        raise MoekdError(f"--teacher-routers {path}: no such file")
-    tensors, expected = read_safetensors(path), set(router_state_dict(teacher))
-    if set(tensors) != expected:
-        differ = sorted(set(tensors) ^ expected)
-        raise MoekdError(f"{path}: router keys do not match the teacher ({len(differ)} differ, e.g. {differ[0]})")
-    load_state_dict_strict(teacher, iter(tensors.items()), where=str(path), partial=True)
 
 
 @dataclass
@@ -1249,16 +1113,87 @@ class Progress:
     window: dict = field(default_factory=dict)  # loss sums since the last log line
     window_steps: int = 0
     busy: float = 0.0                           # seconds of training work since the last log line (not saved)
+    started: float = field(default_factory=time.perf_counter)  # this invocation's start (not saved)
+    steps_run: int = 0                          # steps of this invocation (not saved)
 
     def log_line(self, done: int, total: int, epoch: int, lr: float) -> str:
         """The log line of the steps since the last one (their mean losses); also appended to the history."""
         n, tokens = self.window_steps, self.window.pop("tokens")
-        parts = " | ".join(f"{k} {self.window[k] / n:.4f}" for k in sorted(self.window, key=lambda k: k != "loss"))
-        line = (f"step {done}/{total} | epoch {epoch} | {parts} | lr {lr:.2e} | {tokens / self.busy:.0f} tok/s | "
-                f"{1000 * self.busy / n:.0f} ms")
+        keys = sorted(self.window, key=lambda k: k != "loss")
+        parts = " | ".join(f"{k} {self.window[k] / n:.4f}" for k in keys)
+        eta = (time.perf_counter() - self.started) / max(self.steps_run, 1) * (total - done)
+        line = (f"step {done}/{total} | epoch {epoch} | {parts} | lr {lr:.2e} | {tokens / self.busy:.0f} "
+                f"tok/s | {1000 * self.busy / n:.0f} ms | eta {duration(eta)}")
         self.history.append({"step": done, **{k: v / n for k, v in self.window.items()}})
         self.window, self.window_steps, self.busy = {}, 0, 0.0
         return line
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+@dataclass
+class Run:
+    """What the loop carries: the models, their optimizers, the record, and where rank 0 writes."""
+    cfg: Config
+    out: Path
+    dist: Dist
+    student: nn.Module       # unwrapped (the loop steps the DDP/FSDP-wrapped model)
+    teacher: nn.Module | None
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    ms: MethodState
+    progress: Progress
+
+    def report(self, line: str) -> None:
+        """Rank 0: stdout (flushed, so a log piped to a file keeps up) and log.txt."""
+        if self.dist.main:
+            print(line, flush=True)
+            append_line(self.out / "log.txt", line)
+
+    def snapshot(self) -> tuple[dict | None, dict | None]:
+        """Student weights (gathered when sharded) and the trained routers; every rank calls it."""
+        return (full_state_dict(self.student) if is_sharded(self.student) else None,
+                router_state_dict(self.teacher) if self.cfg.spec.routers else None)
+
+    def save(self, directory: Path) -> None:
+        weights, routers = self.snapshot()
+        if self.dist.main:
+            write_atomically(directory, lambda d: save_run_model(d, self.student, self.tokenizer, routers,
+                                                                 state_dict=weights))
+
+    def checkpoint(self, done: int) -> None:
+        """checkpoint-<done>/: weights, optimizers and the record (resumable); every rank calls it."""
+        run = self.progress
+        state = {"optimizer": optimizer_state(self.student, self.optimizer), "best_rougeL": run.best_rougeL,
+                 "history": run.history, "window": run.window, "window_steps": run.window_steps}
+        if self.ms.router_optimizer:
+            state["router_optimizer"] = optimizer_state(self.teacher, self.ms.router_optimizer)
+        weights, routers = self.snapshot()
+        if self.dist.main:
+            save_checkpoint(self.out, done, self.student, self.tokenizer, weights, routers, state)
+        barrier(self.dist)  # nobody runs ahead (or exits) while rank 0 evaluates and writes
+
+    def evaluate(self, done: int, dev_items: list[dict], device, amp_dtype) -> None:
+        """Dev loss and ROUGE-L (rank 0, or every rank of a sharded student); keeps the best model."""
+        cfg, dist, run = self.cfg, self.dist, self.progress
+        if dist.main or is_sharded(self.student):  # a sharded student's forward needs every rank
+            metrics = evaluate_dev(self.student, self.tokenizer, dev_items, cfg, device=device,
+                                   amp_dtype=amp_dtype)
+        if dist.main:
+            self.report(f"dev step {done} | dev_loss {metrics['dev_loss']:.4f} | "
+                        f"dev_rougeL {metrics['dev_rougeL']:.2f}")
+            run.history.append({"step": done, **metrics})
+        improved = all_reduce_sum([float(dist.main and metrics["dev_rougeL"] > run.best_rougeL)], dist)[0] > 0
+        if improved and cfg.select == "best":
+            self.save(self.out / "best_rougeL")
+        if improved and dist.main:
+            run.best_rougeL = metrics["dev_rougeL"]
 
 
 def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, train_items: list[dict],
@@ -1266,106 +1201,91 @@ def train(cfg: Config, model: nn.Module, teacher: nn.Module | None, tokenizer, t
           state: dict | None = None, dist: Dist = SINGLE, stop: StopSignals | None = None) -> dict:
     """The optimizer steps of a run, each in four phases: step, log, evaluate (and keep the best), checkpoint.
     Under torchrun `model` is DDP-wrapped; rank 0 alone logs, evaluates and saves (the others wait at a
-    barrier) and the returned metrics are rank 0's. `stop`: SIGINT/SIGTERM end the run at a step boundary,
-    after a checkpoint."""
-    global_batch = cfg.batch_size * dist.world * cfg.grad_accum
-    steps_per_epoch = len(train_items) // global_batch
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    student, routers_learn = unwrap(model), cfg.spec.routers
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    ms, run = method_state(cfg, teacher, amp_dtype, vocab=len(tokenizer)), Progress()
-    if state is not None:
-        load_optimizer_state(student, optimizer, state["optimizer"])
-        if ms.router_optimizer:
-            load_optimizer_state(teacher, ms.router_optimizer, state["router_optimizer"])
-        run = Progress(state["step"], state["best_rougeL"], state["history"], state["window"], state["window_steps"])
-        if dist.main:
-            truncate_log(out / "log.txt", run.step)
-    def report(line: str) -> None:  # rank 0: stdout and log.txt
-        if dist.main:
-            print(line)
-            append_line(out / "log.txt", line)
-    def snapshot() -> tuple[dict | None, dict | None]:  # student and router weights; every rank calls it
-        return (full_state_dict(student) if is_sharded(student) else None,
-                router_state_dict(teacher) if routers_learn else None)
-    def save(directory: Path) -> None:
-        weights, routers = snapshot()
-        if dist.main:
-            write_atomically(directory, lambda d: save_run_model(d, student, tokenizer, routers, state_dict=weights))
-
+    barrier). `stop`: SIGINT/SIGTERM end the run at a step boundary, after a checkpoint."""
+    steps_per_epoch, total = schedule_length(cfg, len(train_items), dist.world)
+    r = start_run(cfg, unwrap(model), teacher, tokenizer, amp_dtype, state, out=out, dist=dist)
+    run, ms = r.progress, r.ms
     if dist.main:
-        print(f"train: {len(train_items)} examples, global batch {global_batch} ({cfg.batch_size} x {dist.world} "
-              f"device(s) x {cfg.grad_accum} accumulation), {steps_per_epoch} steps/epoch, {total} steps, "
-              f"lr {cfg.lr:g} {cfg.lr_schedule}")
-    start, step, signalled = run.step, run.step, 0
+        global_batch = cfg.batch_size * dist.world * cfg.grad_accum
+        print(f"train: {len(train_items)} examples, global batch {global_batch}"
+              f" ({cfg.batch_size} x {dist.world} device(s) x {cfg.grad_accum} accumulation), "
+              f"{steps_per_epoch} steps/epoch, {total} steps, lr {cfg.lr:g} {cfg.lr_schedule}")
+    start, signalled = run.step, 0
     stop = stop or StopSignals(out, dist)
     stop.step, stop.deferred = start, True
     for step in range(start, total):
-        done, epoch = step + 1, step // steps_per_epoch + 1
+        done, epoch, t0 = step + 1, step // steps_per_epoch + 1, time.perf_counter()
         # -- step: one global batch (on-policy sampling, SAR's router update, the student's update)
-        t0 = time.perf_counter()
         if cfg.restart_epochs and step % steps_per_epoch == 0 and step > 0:
-            for opt in ms.optimizers(optimizer):
+            for opt in ms.optimizers(r.optimizer):
                 opt.state.clear()  # each official loop epoch is a fresh job with a fresh optimizer
-        lr = lr_at(step, lr=cfg.lr, schedule=cfg.lr_schedule, total=total, warmup=cfg.warmup_steps, lr_min=cfg.lr_min)
-        logs = train_step(cfg, model, teacher, tokenizer, step_rows(train_items, cfg, step, steps_per_epoch, dist.world),
-                          optimizer, lr, ms, step=step, dist=dist)
+        lr = lr_at(step, lr=cfg.lr, schedule=cfg.lr_schedule, total=total, warmup=cfg.warmup_steps,
+                   lr_min=cfg.lr_min)
+        rows = step_rows(train_items, cfg, step, steps_per_epoch, dist.world)
+        logs = train_step(cfg, model, teacher, tokenizer, rows, r.optimizer, lr, ms, step=step, dist=dist)
         for k, v in logs.items():
             run.window[k] = run.window.get(k, 0.0) + v
-        run.step, run.window_steps, run.busy = done, run.window_steps + 1, run.busy + time.perf_counter() - t0
+        run.step, run.window_steps, run.steps_run = done, run.window_steps + 1, run.steps_run + 1
+        run.busy += time.perf_counter() - t0
         # -- log
         if done % cfg.log_every == 0 or done == total:
-            report(run.log_line(done, total, epoch, lr))
+            r.report(run.log_line(done, total, epoch, lr))
         # -- evaluate at epoch ends: dev loss and ROUGE-L; keep the best model (--select best)
         epoch_end = done % steps_per_epoch == 0 or done == total
         if epoch_end and cfg.dev_eval:
-            if dist.main or is_sharded(student):  # a sharded student's forward needs every rank
-                metrics = evaluate_dev(student, tokenizer, dev_items, cfg, device=device, amp_dtype=amp_dtype)
-            if dist.main:
-                report(f"dev step {done} | dev_loss {metrics['dev_loss']:.4f} | dev_rougeL {metrics['dev_rougeL']:.2f}")
-                run.history.append({"step": done, **metrics})
-            improved = all_reduce_sum([float(dist.main and metrics["dev_rougeL"] > run.best_rougeL)], dist)[0] > 0
-            if improved and cfg.select == "best":
-                save(out / "best_rougeL")
-            if improved and dist.main:
-                run.best_rougeL = metrics["dev_rougeL"]
+            r.evaluate(done, dev_items, device, amp_dtype)
         # -- checkpoint: at epoch ends, every --save-every steps, at the end and when stopping
         signalled = stop.agreed()  # every rank, every step: they stop together
         stopping = cfg.stop_after is not None and done - start >= cfg.stop_after or bool(signalled)
         if epoch_end or stopping or done == total or bool(cfg.save_every and done % cfg.save_every == 0):
-            ckpt = {"optimizer": optimizer_state(student, optimizer), "best_rougeL": run.best_rougeL,
-                    "history": run.history, "window": run.window, "window_steps": run.window_steps}
-            if ms.router_optimizer:
-                ckpt["router_optimizer"] = optimizer_state(teacher, ms.router_optimizer)
-            weights, routers = snapshot()
-            if dist.main:
-                save_checkpoint(out, done, student, tokenizer, weights, routers, ckpt)
-            barrier(dist)  # nobody runs ahead (or exits) while rank 0 evaluates (epoch ends) and writes
+            r.checkpoint(done)
         stop.step = done
         if stopping and done < total:
-            if signalled:
-                break
-            if dist.main:  # on stdout only: log.txt reads the same as an uninterrupted run's
+            if not signalled and dist.main:  # on stdout only: log.txt reads as an uninterrupted run's
                 print(f"stopped after {cfg.stop_after} steps at step {done}/{total}; continue with --resume")
             break
-    result = finish(cfg, out, run, total, student, teacher, ms.optimizers(optimizer), save, device=device,
-                    dist=dist)
+    result = finish(r, total, device=device)
     if signalled and run.step < total:
         raise stop.stopped(signalled, run.step, total)
     return result
 
 
-def finish(cfg: Config, out: Path, run: Progress, total: int, student, teacher, optimizers, save, *,
-           device: torch.device, dist: Dist) -> dict:
-    """The end of an invocation: final/ when the run is complete, the memory report, metrics.json."""
+def schedule_length(cfg: Config, n_items: int, world: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): whole global batches only; --max-steps caps the total."""
+    steps_per_epoch = n_items // (cfg.batch_size * world * cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs
+    return steps_per_epoch, total if cfg.max_steps is None else min(cfg.max_steps, total)
+
+
+def start_run(cfg: Config, student: nn.Module, teacher, tokenizer, amp_dtype: torch.dtype,
+              state: dict | None, *, out: Path, dist: Dist) -> Run:
+    """The loop's optimizers and record: new, or restored from a checkpoint's trainer state (--resume)."""
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+                                  eps=1e-8)
+    ms, progress = method_state(cfg, teacher, amp_dtype, vocab=len(tokenizer)), Progress()
+    if state is not None:
+        load_optimizer_state(student, optimizer, state["optimizer"])
+        if ms.router_optimizer:
+            load_optimizer_state(teacher, ms.router_optimizer, state["router_optimizer"])
+        progress = Progress(state["step"], state["best_rougeL"], state["history"], state["window"],
+                            state["window_steps"])
+        if dist.main:
+            truncate_log(out / "log.txt", progress.step)
+    return Run(cfg, out, dist, student, teacher, tokenizer, optimizer, ms, progress)
+
+
+def finish(r: Run, total: int, *, device: torch.device) -> dict:
+    """The end of an invocation: final/ when the run is complete, the memory report, metrics.json and
+    training.png (the loss and dev ROUGE-L curves)."""
+    cfg, out, run, dist = r.cfg, r.out, r.progress, r.dist
     finished = run.step >= total
     if finished:
-        save(out / "final")
-    memory = memory_per_rank(student, teacher, optimizers, device, dist)
+        r.save(out / "final")
+    memory = memory_per_rank(r.student, r.teacher, r.ms.optimizers(r.optimizer), device, dist)
     if dist.main:
         print("memory per rank (MB): " + "; ".join(
-            f"rank {r}: student {m['student_mb']:.1f} (weights + grads), teacher {m['teacher_mb']:.1f}, "
-            f"optimizer {m['optimizer_mb']:.1f}, peak {m['peak_mb']:.0f}" for r, m in enumerate(memory)))
+            f"rank {i}: student {m['student_mb']:.1f} (weights + grads), teacher {m['teacher_mb']:.1f}, "
+            f"optimizer {m['optimizer_mb']:.1f}, peak {m['peak_mb']:.0f}" for i, m in enumerate(memory)))
     dev = [h for h in run.history if "dev_rougeL" in h]
     selected = out / ("best_rougeL" if cfg.select == "best" else "final")
     result = {"out": str(out), "step": run.step, "total_steps": total, "finished": finished,
@@ -1373,20 +1293,104 @@ def finish(cfg: Config, out: Path, run: Progress, total: int, student, teacher, 
               "history": run.history, "memory": memory, **(dev[-1] if dev else {})}
     if dist.main:
         write_json(out / "metrics.json", result)
+        plot_training(run.history, out / "training.png", title=f"{cfg.method}: {out.name}")
     return result
 
 
 # ----------------------------------------------------------------------------
 # Main
 
+def main(argv: list[str] | None = None) -> dict:
+    """Run one training job (one process of a torchrun launch); returns its metrics."""
+    cfg = parse_config(argv)
+    dist, device = init_distributed(cfg)
+    try:
+        with RunGuard(Path(cfg.out), dist) as guard:  # the lock, SIGINT/SIGTERM, one-line stops
+            result = _main(cfg, dist, device, guard)
+        barrier(dist)  # the ranks tear their process group down together (gloo aborted a rank left alone)
+        return result
+    finally:
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dict:
+    # -- the run folder: a new one, or the run to resume (its own config wins)
+    global_batch = split_global_batch(cfg, dist.world)
+    teacher_reads = {"--teacher": cfg.teacher, "--teacher-routers": cfg.teacher_routers} \
+        if cfg.spec.teacher else {}
+    reads = {"--model": cfg.model, **teacher_reads, "--data": data_files(cfg.data),
+             "--dev-data": data_files(cfg.dev_data, ("dev.jsonl", "valid.jsonl"))}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    out, state = prepare_out_dir(cfg, reads=reads, lock=guard.lock, fields=fields)
+    barrier(dist)  # every rank has looked at --out before rank 0 writes to it
+    if state is not None:
+        check_resume_config(cfg, json.loads((out / "run.json").read_text()), dist.world)
+    if not cfg.spec.teacher and cfg.shard_teacher:
+        raise MoekdError(f"--shard-teacher: --method {cfg.method} has no teacher")
+    # -- data and models
+    amp_dtype = resolve_dtype(cfg.dtype, device)
+    train_examples, dev_examples = load_splits(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    ckpt = latest_checkpoint(out) if state is not None else None
+    mesh = device_mesh(cfg, device, dist)
+    model = load_student(cfg, str(ckpt or cfg.model), tokenizer, device=device, mesh=mesh, dist=dist)
+    routers = [p for p in (cfg.teacher_routers, ckpt if cfg.spec.routers else None) if p]
+    teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist,
+                            mesh=mesh)
+    if cfg.grad_checkpointing:
+        enable_checkpointing(model, "--model")
+        if cfg.spec.routers:  # the only method that backpropagates through the teacher
+            enable_checkpointing(teacher, "--teacher")
+    train_items = tokenize_examples(tokenizer, train_examples, cfg, name="train")
+    dev_items = tokenize_examples(tokenizer, dev_examples, cfg, name="dev")
+    if len(train_items) < global_batch:
+        raise MoekdError(f"--data {cfg.data}: {len(train_items)} training examples, fewer than one global "
+                         f"batch ({cfg.batch_size} x {dist.world} device(s) x {cfg.grad_accum})")
+    # -- train: run.json first (what --resume reads), then the loop
+    if state is None and dist.main:
+        start_out_dir(out, cfg.overwrite, guard.lock)
+        write_json(out / "run.json", {**dataclasses.asdict(cfg), "world_size": dist.world})
+    barrier(dist)
+    if dist.main:
+        print(describe_run(cfg, model, teacher, device, amp_dtype, out, dist.world))
+    result = train(cfg, wrap_student(model, dist, device, moe=is_moe(model)), teacher, tokenizer, train_items,
+                   dev_items, out=out, device=device, amp_dtype=amp_dtype, state=state, dist=dist,
+                   stop=guard.signals)
+    if result["finished"] and dist.main:
+        print(done_line(cfg, result))
+    return result
+
+
+# ----------------------------------------------------------------------------
+# The paperwork of a run: loading and checking the models, the command line, the run's last lines
+
+def device_mesh(cfg: Config, device: torch.device, dist: Dist):
+    """torchrun's 1-D device mesh of the FSDP2-sharded models (None without sharding)."""
+    if not (cfg.shard_teacher or cfg.shard_student):
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device.type, (dist.world,))
+
+
+def load_student(cfg: Config, source: str, tokenizer, *, device: torch.device, mesh, dist: Dist) -> nn.Module:
+    """The student in fp32 master weights, checked (--shard-student: read one rank at a time, sharded)."""
+    if cfg.shard_student:
+        def build():
+            return shard_loaded(load_model(source, dtype=torch.float32), mesh, device)
+        model = one_rank_at_a_time(dist, build)
+    else:
+        model = load_model(source, device=device, dtype=torch.float32)
+    check_vocab(model, tokenizer)
+    check_head(model, "--model")
+    return model
+
 
 def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.dtype, *,
                   device: torch.device | None = None, routers: list[str | Path] = (), dist: Dist = SINGLE,
                   mesh=None) -> nn.Module | None:
-    """Load and check the teacher: frozen, in the compute dtype (bf16 on GPU); SAR unfreezes the routers
-    and keeps them in fp32 so small updates (LR 1e-6) are not lost to bf16 rounding. `routers` (files or
-    run dirs) are loaded in order. --shard-teacher: the ranks read the teacher into CPU memory one after
-    another and FSDP2 keeps 1/world of it on each rank's device."""
+    """Load and check the teacher: frozen in the compute dtype, SAR's routers trainable in fp32 (so LR 1e-6
+    updates survive); `routers` files load in order. --shard-teacher: read one rank at a time, sharded."""
     if not cfg.spec.teacher:
         return None
     device = device or resolve_device(cfg.device)
@@ -1419,12 +1423,12 @@ def train_routers(teacher: nn.Module) -> None:
 
 
 def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_tok, cfg: Config) -> None:
-    """One tokenizer (the heads may differ by padding rows past it: the KL covers len(tokenizer) tokens), heads
-    moekd can compute logits of; KA/SAR/ALL need an MoE teacher whose routing we control; expert counts must fit
-    the flags."""
+    """One tokenizer, heads moekd can compute logits of, an MoE teacher it can steer where the method needs
+    one, and expert counts that fit the flags."""
     if teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise MoekdError(f"--teacher tokenizer {teacher_tok.name_or_path} ({len(teacher_tok)} tokens) differs from "
-                         f"--model tokenizer {student_tok.name_or_path} ({len(student_tok)}); distillation needs one")
+        raise MoekdError(f"--teacher tokenizer {teacher_tok.name_or_path} ({len(teacher_tok)} tokens) "
+                         f"differs from --model tokenizer {student_tok.name_or_path} ({len(student_tok)}); "
+                         f"distillation needs one")
     check_vocab(teacher, teacher_tok, "--teacher")
     check_head(teacher, "--teacher")
     steered = cfg.spec.teacher in ("sample", "all")
@@ -1443,79 +1447,184 @@ def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_t
                 raise MoekdError(f"{flag} {k} is outside [1, {E}] (the teacher has {E} experts)")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run one training job (one process of a torchrun launch); returns its metrics.
-    Raises MoekdError on bad input."""
-    cfg = parse_config(argv)
-    dist, device = init_distributed(cfg)
-    try:
-        with RunGuard(Path(cfg.out), dist) as guard:  # the lock, SIGINT/SIGTERM, one-line stops
-            result = _main(cfg, dist, device, guard)
-        barrier(dist)  # the ranks tear their process group down together (gloo aborted a rank left alone)
-        return result
-    finally:
-        if dist.world > 1:
-            torch.distributed.destroy_process_group()
+def router_state_dict(teacher: nn.Module) -> dict[str, torch.Tensor]:
+    """The teacher's router parameters, full tensors on the CPU. On an FSDP2-sharded teacher this
+    gathers the shards: every rank must call it."""
+    ids = {id(p) for p in router_parameters(teacher)}
+    return {name: full(p.detach()).contiguous().cpu() for name, p in teacher.named_parameters()
+            if id(p) in ids}
 
 
-def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dict:
-    global_batch = split_global_batch(cfg, dist.world)
-    teacher_reads = {"--teacher": cfg.teacher, "--teacher-routers": cfg.teacher_routers} \
+def load_routers(teacher: nn.Module, path: str | Path) -> None:
+    """Load SAR-trained routers (a teacher_routers.safetensors, or a directory holding one); the file must
+    hold exactly the teacher's router parameters."""
+    path = Path(path)
+    path = path / ROUTERS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise MoekdError(f"--teacher-routers {path}: no such file")
+    tensors, expected = read_safetensors(path), set(router_state_dict(teacher))
+    if set(tensors) != expected:
+        differ = sorted(set(tensors) ^ expected)
+        raise MoekdError(f"{path}: router keys do not match the teacher ({len(differ)} differ, e.g. "
+                         f"{differ[0]})")
+    load_state_dict_strict(teacher, iter(tensors.items()), where=str(path), partial=True)
+
+
+def describe_run(cfg: Config, model, teacher, device, amp_dtype, out: Path, world: int) -> str:
+    """The run's first line: the models, their sizes, the device and dtype."""
+    def size(m):
+        return f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params{', MoE' if is_moe(m) else ''}"
+    line = f"{cfg.method}: model {cfg.model} ({size(model)}{', sharded' if cfg.shard_student else ''})"
+    if teacher is not None:
+        line += f", teacher {cfg.teacher} ({size(teacher)}{', sharded' if cfg.shard_teacher else ''})"
+    ranks = f" x {world} ranks" if world > 1 else ""
+    return f"{line} on {device}{ranks}, {str(amp_dtype).removeprefix('torch.')}, out {out}"
+
+
+def done_line(cfg: Config, result: dict) -> str:
+    """The run's last line; a distillation from moekd runs also sets teacher, student before and after side
+    by side (the dev ROUGE-L their runs' metrics.json recorded for the folders given)."""
+    dev = (f"dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | best dev_rougeL "
+           f"{result['best_rougeL']:.2f} | " if result.get("best_rougeL") is not None else "")
+    line = f"done: {dev}model ({cfg.select}) -> {result['model']}"
+    scores = {"teacher": run_score(cfg.teacher), "student before": run_score(cfg.model)} \
         if cfg.spec.teacher else {}
-    reads = {"--model": cfg.model, **teacher_reads, "--data": data_files(cfg.data),
-             "--dev-data": data_files(cfg.dev_data, ("dev.jsonl", "valid.jsonl"))}
-    out, state = prepare_out_dir(cfg, reads=reads,
-                                 lock=guard.lock, fields={f.name for f in dataclasses.fields(Config)})
-    barrier(dist)  # every rank has looked at --out before rank 0 writes to it
-    if state is not None:  # the run's own config wins; only invocation flags may change
-        check_resume_config(cfg, json.loads((out / "run.json").read_text()), dist.world)
-    if not cfg.spec.teacher and cfg.shard_teacher:
-        raise MoekdError(f"--shard-teacher: --method {cfg.method} has no teacher")
-    amp_dtype = resolve_dtype(cfg.dtype, device)
-    train_examples, dev_examples = load_splits(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    ckpt = latest_checkpoint(out) if state is not None else None
-    mesh = None
-    if cfg.shard_teacher or cfg.shard_student:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (dist.world,))
-    source = str(ckpt or cfg.model)
-    if cfg.shard_student:  # fp32 master weights throughout
-        model = one_rank_at_a_time(dist, lambda: shard_loaded(load_model(source, dtype=torch.float32), mesh, device))
-    else:
-        model = load_model(source, device=device, dtype=torch.float32)
-    check_vocab(model, tokenizer)
-    check_head(model, "--model")
-    routers = [p for p in (cfg.teacher_routers, ckpt if cfg.spec.routers else None) if p]
-    teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist, mesh=mesh)
-    if cfg.grad_checkpointing:
-        enable_checkpointing(model, "--model")
-        if cfg.spec.routers:  # the only method that backpropagates through the teacher
-            enable_checkpointing(teacher, "--teacher")
-    train_items = tokenize_examples(tokenizer, train_examples, cfg, name="train")
-    dev_items = tokenize_examples(tokenizer, dev_examples, cfg, name="dev")
-    if len(train_items) < global_batch:
-        raise MoekdError(f"--data {cfg.data}: {len(train_items)} training examples, fewer than one global "
-                         f"batch ({cfg.batch_size} x {dist.world} device(s) x {cfg.grad_accum})")
-    if state is None and dist.main:
-        start_out_dir(out, cfg.overwrite, guard.lock)
-        write_json(out / "run.json", {**dataclasses.asdict(cfg), "world_size": dist.world})
-    barrier(dist)
-    describe = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params{', MoE' if is_moe(m) else ''}"  # noqa: E731
-    if dist.main:
-        print(f"{cfg.method}: model {cfg.model} ({describe(model)}{', sharded' if cfg.shard_student else ''})"
-              + (f", teacher {cfg.teacher} ({describe(teacher)}{', sharded' if cfg.shard_teacher else ''})"
-                 if teacher is not None else "")
-              + f" on {device}{f' x {dist.world} ranks' if dist.world > 1 else ''}, "
-              f"{str(amp_dtype).removeprefix('torch.')}, out {out}")
-    result = train(cfg, wrap_student(model, dist, device, moe=is_moe(model)), teacher, tokenizer, train_items,
-                   dev_items, out=out, device=device, amp_dtype=amp_dtype, state=state, dist=dist,
-                   stop=guard.signals)
-    if result["finished"] and dist.main:
-        dev = (f"dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | best dev_rougeL "
-               f"{result['best_rougeL']:.2f} | " if result.get("best_rougeL") is not None else "")
-        print(f"done: {dev}model ({cfg.select}) -> {result['model']}")
-    return result
+    after = result.get("best_rougeL" if cfg.select == "best" else "dev_rougeL")
+    if not scores or after is None or None in scores.values():
+        return line
+    side = " | ".join(f"{name} {score:.2f}" for name, score in scores.items())
+    gain = after - scores["student before"]
+    return f"{line}\ndev ROUGE-L: {side} | student after {cfg.method} {after:.2f} ({gain:+.2f})"
+
+
+def run_score(model_dir: str) -> float | None:
+    """The dev ROUGE-L a moekd run recorded for a model folder it handed on (best_rougeL/ or final/)."""
+    path = Path(model_dir)
+    metrics = path.parent / "metrics.json"
+    if path.name not in ("best_rougeL", "final") or not metrics.is_file():
+        return None
+    record = json.loads(metrics.read_text())
+    return record.get("best_rougeL" if path.name == "best_rougeL" else "dev_rougeL")
+
+
+def plot_training(history: list[dict], path: Path, *, title: str) -> None:
+    """training.png: the logged losses by step, and the dev ROUGE-L beside them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key in sorted({k for h in history for k in h} - {"step", "dev_rougeL"}):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        left.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
+    dev = [(h["step"], h["dev_rougeL"]) for h in history if "dev_rougeL" in h]
+    if dev:
+        right.plot(*zip(*dev), marker="o", color="tab:green")
+    left.set(xlabel="step", ylabel="loss", title=title)
+    right.set(xlabel="step", ylabel="dev ROUGE-L", title="dev ROUGE-L")
+    if history:
+        left.legend(fontsize="small")
+    fig.tight_layout()
+    replace_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+# `--tiny`: everything a laptop CPU needs for an end-to-end run in a minute or two.
+TINY_PRESET = dict(model=str(HERE / "tiny_moe" / "student"), teacher=str(HERE / "tiny_moe"),
+                   data="synthetic", lr=3e-3, epochs=8, batch_size=16, max_prompt_len=96,
+                   max_len=128, log_every=20, dev_num=64, warmup_steps=10)
+ON_POLICY = tuple(m for m, p in METHODS.items() if p.on_policy)
+DISTILL = tuple(m for m, p in METHODS.items() if p.teacher)
+APPLIES = {  # flags of some methods only: Config field -> which Method rows use it (any other: every method)
+    "teacher": lambda m: m.teacher is not None, "teacher_routers": lambda m: m.teacher is not None,
+    "teacher_device": lambda m: m.teacher is not None, "shard_teacher": lambda m: m.teacher is not None,
+    "routed_mass": lambda m: m.teacher is not None,
+    "gen_batch_size": lambda m: m.on_policy, "sampler": lambda m: m.on_policy,
+    "compile_sampler": lambda m: m.on_policy,
+    "kd_ratio": lambda m: m.step == "kd",
+    "teacher_k": lambda m: m.teacher == "native", "teacher_top_p": lambda m: m.teacher == "native",
+    "ka_m": lambda m: m.passes, "ka_lambda": lambda m: m.passes, "ka_k": lambda m: m.passes,
+    "ka_updates": lambda m: m.passes and m.on_policy,
+    "router_lr": lambda m: m.routers, "sar_beta": lambda m: m.routers, "sar_kl": lambda m: m.routers,
+}
+# Config field -> the methods that use it; given explicitly with any other method, the flag is an error.
+METHOD_FLAGS = {flag: tuple(name for name, m in METHODS.items() if uses(m)) for flag, uses in APPLIES.items()}
+EXAMPLES = """examples:
+  python moekd.py --tiny --model tiny_moe --out runs/tiny-teacher     # SFT the tiny MoE teacher on CPU
+  python moekd.py --method sar --model SFT_STUDENT --teacher SFT_MOE --device cuda
+  torchrun --nproc-per-node 8 moekd.py --method ka --model ... --teacher ... --shard-teacher
+
+Defaults are the official code's; --tiny sets a CPU preset (explicit flags win). More: docs/reference.md."""
+
+
+def check_method_flags(method: str, given: dict) -> None:
+    wrong = [f"--{k.replace('_', '-')} ({'/'.join(METHOD_FLAGS[k])} only)"
+             for k in given if method not in METHOD_FLAGS.get(k, (method,))]
+    if wrong:
+        raise MoekdError(f"--method {method} does not use {', '.join(wrong)}")
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Config from the command line: explicit flags > --tiny preset > defaults. --resume: the run's run.json
+    replaces preset and defaults, and explicit flags must agree with it (except RESUME_MAY_CHANGE)."""
+    parser = argparse.ArgumentParser(usage="python moekd.py [--method METHOD] [--model M] [--teacher T] [...]",
+                                     description=f"{__doc__.split(chr(10) * 2)[0]}\n\n{EXAMPLES}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        shown = "" if f.default is None or "default" in f.metadata["help"] else f" (default: {f.default})"
+        kw: dict[str, Any] = dict(help=f.metadata["help"] + shown, default=argparse.SUPPRESS)
+        if str(f.type).startswith("bool"):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            kw["choices"] = f.metadata.get("choices")
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
+    values = dict(TINY_PRESET) if given.get("tiny") else {}
+    values.update(given)
+    if given.get("resume"):
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        values = {**saved_config(values, given, {**defaults, "routed_mass": "literal"}), **given}
+        if "routed_mass" not in values:  # neither in run.json nor given
+            values["routed_mass"] = "literal"
+            print("resume: run.json predates --routed-mass, so the run goes on with the rule it was trained "
+                  "with (--routed-mass literal)")
+    check_method_flags(values.get("method", "sft"), given)
+    return Config(**values)
+
+
+BOUNDS = (  # (flags, bound, bound excluded); None values are "not given"
+    (("lr",), 0.0, True),
+    (("lr_min", "weight_decay", "grad_clip", "router_lr", "sar_beta"), 0.0, False),
+    (("batch_size", "epochs", "dist_timeout", "max_prompt_len", "max_len", "log_every", "ka_m",
+      "gen_batch_size", "kl_chunk", "grad_accum", "global_batch_size", "max_steps", "stop_after", "dev_size",
+      "dev_num", "eval_batch_size", "synthetic_train", "synthetic_dev"), 1, False),
+    (("warmup_steps", "save_every"), 0, False))
+
+
+def check_config(cfg: Config) -> None:
+    """One-line errors for values no run can use, and for flags that contradict each other."""
+    if cfg.select == "best" and not cfg.dev_eval:
+        raise MoekdError("--select best needs the dev evaluation (drop --no-dev-eval)")
+    if not 0.0 <= cfg.ka_lambda <= 1.0 or not 0.0 <= cfg.kd_ratio <= 1.0:
+        raise MoekdError("--ka-lambda and --kd-ratio must be in [0, 1]")
+    if cfg.teacher_top_p is not None and (cfg.teacher_k is not None or not 0.0 <= cfg.teacher_top_p <= 1.0):
+        raise MoekdError("--teacher-top-p must be in [0, 1] and cannot be combined with --teacher-k")
+    for names, low, strict in BOUNDS:
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
+                raise MoekdError(f"--{name.replace('_', '-')} must be {'>' if strict else '>='} {low:g} "
+                                 f"and finite, got {value}")
+    if cfg.max_prompt_len >= cfg.max_len:
+        raise MoekdError(f"--max-prompt-len ({cfg.max_prompt_len}) must be < --max-len ({cfg.max_len})")
+    if cfg.resume and cfg.overwrite:
+        raise MoekdError("--resume and --overwrite contradict each other")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 if __name__ == "__main__":

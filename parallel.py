@@ -138,6 +138,11 @@ def average_gradients(params: list[nn.Parameter], dist: Dist) -> None:
         offset += g.numel()
 
 
+def full(t):
+    """A DTensor's full tensor (FSDP2 gathers its shards); any other tensor, or None, as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (generation, saving and attribute checks use it)."""
     return getattr(model, "module", model)

@@ -221,7 +221,8 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
         twin = sampling_copy(model, amp)
     plain = contextlib.nullcontext() if twin is model else torch.autocast(device.type, enabled=False)
     with neutral_generation_defaults(model), plain:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
+        batches = range(0, len(prompts), batch_size)
+        for start in tqdm(batches, desc=desc, leave=False, disable=None if len(batches) > 1 else True):
             if ours:
                 out.extend(sample_rows(twin, prompts[start:start + batch_size], pad_id=pad_id, eos_id=eos_id,
                                        max_new_tokens=max_new_tokens, seeds=seeds[start:start + batch_size],

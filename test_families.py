@@ -102,11 +102,12 @@ def router_of(model):
 
 def naive_all_weights(router, logits):
     """Every expert's weight under "all", from the family's rule written out: [N, E]."""
-    _, mechanism, opt = moekd.HF_ROUTERS[type(router).__name__]
+    family = moekd.HF_ROUTERS[type(router).__name__]
     scores = {"softmax": lambda: logits.float().softmax(-1), "logits": lambda: logits.float().softmax(-1),
-              "sigmoid": lambda: logits.float().sigmoid(), "llama4": lambda: logits.float().sigmoid()}[mechanism]()
-    if opt.get("norm", getattr(router, "norm_topk_prob", False)):
-        scores = scores / (scores.sum(-1, keepdim=True) + opt.get("eps", 0.0))
+              "sigmoid": lambda: logits.float().sigmoid(),
+              "sigmoid_logits": lambda: logits.float().sigmoid()}[family.mechanism]()
+    if family.norm if family.norm is not None else getattr(router, "norm_topk_prob", False):
+        scores = scores / (scores.sum(-1, keepdim=True) + family.norm_eps)
     return scores * getattr(router, "routed_scaling_factor", getattr(router, "route_scale", 1.0))
 
 
@@ -395,11 +396,12 @@ def family_table() -> str:
             "| teacher (`-m slow`) | student (`-m slow`) |", "|---|---|---|---|---|---|---|---|"]
     for family in FAMILIES:
         router = router_of(tiny_moe(family))
-        name, mechanism, opt = moekd.HF_ROUTERS[type(router).__name__]
+        row = moekd.HF_ROUTERS[type(router).__name__]
+        name, mechanism = row.name, row.mechanism
         aux = hasattr(moekd.sys.modules[type(router).__module__], "load_balancing_loss_func")
         renorm = {True: "renormalises already", False: "scaled to the native top-k's mass"}
-        mass = ("literal (its scores scale the experts' inputs)" if mechanism == "llama4" else renorm[True]
-                if mechanism == "logits" else renorm[bool(opt["norm"])] if "norm" in opt else
+        mass = ("literal (its scores scale the experts' inputs)" if mechanism == "sigmoid_logits" else renorm[True]
+                if mechanism == "logits" else renorm[row.norm] if row.norm is not None else
                 "by the checkpoint's `norm_topk_prob`: False → scaled, True → renormalises")
         rows.append(f"| {name} | `{family}` | `{type(router).__name__}` | {mechanism} | {mass} | "
                     f"topk = native, KA λ=0 = native (fp32, bf16), all keeps the native mass, literal all = naive, "
