@@ -45,7 +45,8 @@ from checkpoints import (ROUTERS_FILE, MoekdError, RunStopped, append_line, chec
                          default_out, latest_checkpoint, load_model, load_state_dict_strict, load_tokenizer,
                          prepare_out_dir, read_safetensors, run_cli, save_checkpoint, save_run_model,
                          saved_config, start_out_dir, truncate_log, write_atomically, write_json)
-from data import DOLLY_HUB, data_files, load_splits
+from data import (DOLLY_HUB, TEMPLATES, check_same_template, data_files, load_splits, prompt_and_response,
+                  set_template)
 from hidden_losses import Head, head_logits, head_losses
 from llama_moe import cv_squared
 from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, enable_checkpointing,
@@ -53,7 +54,7 @@ from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, 
                       memory_per_rank, one_rank_at_a_time, optimizer_state, resolve_device, shard_loaded,
                       split_global_batch, unwrap, wrap_student)
 from runguard import RunGuard, StopSignals
-from sampling import sample_responses, sample_tokens
+from sampling import sample_responses, sample_tokens, stop_ids
 
 HERE = Path(__file__).resolve().parent
 
@@ -100,13 +101,26 @@ class Config:
     teacher: str = field(default="llama-moe/LLaMA-MoE-v1-3_5B-4_16", metadata={
         "help": "MoE teacher for kd/gkd/all/ka/sar: hub name or local dir"})
     data: str = field(default=DOLLY_HUB, metadata={
-        "help": "training data: 'synthetic', the Dolly hub name, a jsonl file (raw Dolly or "
-                "MiniLLM prompt/output), or a folder with train.jsonl (+ dev.jsonl)"})
+        "help": "training data: 'synthetic', the Dolly hub name, a jsonl file (raw Dolly, MiniLLM "
+                "prompt/output or chat messages), a folder with train.jsonl (+ dev.jsonl), a "
+                "parquet/arrow/csv file, a folder `datasets` saved, or a hub dataset name"})
     dev_data: str | None = field(default=None, metadata={
         "help": "dev data (same formats); default: the MiniLLM split of raw Dolly, the folder's "
                 "dev.jsonl, or the first --dev-size rows of --data"})
     dev_size: int = field(default=1000, metadata={
         "help": "rows held out as dev when --dev-data is not given (raw Dolly: after its 500 test rows)"})
+    template: str = field(default="alpaca", metadata={
+        "help": "prompt format: alpaca = the paper's template (MiniLLM prompts verbatim); chat = the "
+                "student's chat template: rows with messages, or the instruction (+ input) as one user turn",
+        "choices": TEMPLATES})
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "read --data by column: the prompt (a string, or chat turns); with --response-column"})
+    response_column: str | None = field(default=None, metadata={
+        "help": "read --data by column: the response (a string, a list of references, or chat turns)"})
+    data_split: str | None = field(default=None, metadata={
+        "help": "the split of a --data that has splits (a hub dataset, a DatasetDict folder); default train"})
+    dev_split: str | None = field(default=None, metadata={
+        "help": "dev = this split of --dev-data, else of --data (instead of holding out --dev-size rows)"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<method>-<model>)"})
     overwrite: bool = field(default=False, metadata={
         "help": "empty an existing --out and start over (only a moekd run folder: run.json, nothing foreign)"})
@@ -238,6 +252,8 @@ class Config:
                 if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
                     raise MoekdError(f"--{name.replace('_', '-')} must be {'>' if strict else '>='} {low:g} "
                                      f"and finite, got {value}")
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise MoekdError("--prompt-column and --response-column go together")
         if self.max_prompt_len >= self.max_len:
             raise MoekdError(f"--max-prompt-len ({self.max_prompt_len}) must be < --max-len ({self.max_len})")
         if self.grad_accum is None and self.global_batch_size is None:
@@ -332,12 +348,13 @@ def tokenize_example(tokenizer, prompt: str, response: str, *, max_prompt_len: i
     EOS appended, truncation to max_len, prompt labels -100. Labels come from lengths, never from
     `token == pad`, so the final EOS stays a label even though pad == eos (TRL PR #6357).
     `prefix_ok` is False when the prompt's own ids are not a prefix of the joint ids (a merge across
-    the boundary); the official slice is kept all the same and such rows are counted in the data log."""
+    the boundary); the official slice is kept all the same and such rows are counted in the data log.
+    The end appended is stop_ids' first: the EOS, or under --template chat the template's end of turn."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     if len(prompt_ids) > max_prompt_len:
         return None
     joint = tokenizer.encode(prompt + response, add_special_tokens=False)
-    response_ids = joint[len(prompt_ids):] + [tokenizer.eos_token_id]
+    response_ids = joint[len(prompt_ids):] + [stop_ids(tokenizer)[0]]
     input_ids = (prompt_ids + response_ids)[:max_len]
     labels = ([-100] * len(prompt_ids) + response_ids)[:max_len]
     return {"input_ids": input_ids, "labels": labels, "prompt_ids": prompt_ids,
@@ -345,13 +362,16 @@ def tokenize_example(tokenizer, prompt: str, response: str, *, max_prompt_len: i
 
 
 def tokenize_examples(tokenizer, examples: list[dict], cfg: Config, *, name: str) -> list[dict]:
-    out, dropped, empty, merged = [], 0, 0, 0
+    out, dropped, empty, merged, unsplit = [], 0, 0, 0, 0
     for ex in examples:
         if not ex["responses"][0].strip():  # nothing to learn or to score against
             empty += 1
             continue
-        item = tokenize_example(tokenizer, ex["prompt"], ex["responses"][0],
-                                max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len)
+        text = prompt_and_response(tokenizer, ex)  # a conversation through the chat template
+        if text is None:
+            unsplit += 1
+            continue
+        item = tokenize_example(tokenizer, *text, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len)
         if item is None:
             dropped += 1
             continue
@@ -359,10 +379,13 @@ def tokenize_examples(tokenizer, examples: list[dict], cfg: Config, *, name: str
         out.append({**item, "responses": ex["responses"]})
     print(f"data {name}: {len(out)} examples kept, {dropped} dropped with prompts over "
           f"{cfg.max_prompt_len} tokens, {empty} dropped with empty responses, {merged} whose prompt tokens "
-          f"merge into the response (kept, split at the prompt's length as the official processing)")
+          f"merge into the response (kept, split at the prompt's length as the official processing)"
+          + (f", {unsplit} dropped whose chat template renders their prompt other than as the start of the "
+             f"conversation" if unsplit else ""))
     if not out:
         raise MoekdError(f"data {name}: no examples left ({dropped} prompts longer than --max-prompt-len "
-                         f"{cfg.max_prompt_len}, {empty} empty responses)")
+                         f"{cfg.max_prompt_len}, {empty} empty responses, {unsplit} not split by the chat "
+                         f"template)")
     return out
 
 
@@ -400,13 +423,14 @@ def rouge_l(prediction: str, references: list[str]) -> float:
 _rouge_scorer_cache: dict = {}
 
 
-def response_through_eos(tokens: list[int], eos_id: int) -> list[int]:
+def response_through_eos(tokens: list[int], eos_id: int | list[int]) -> list[int]:
     """A sampled response cut after its first EOS, which is kept (the student must learn to stop);
     one that never stopped gets its last token replaced by EOS, as the official code forces the last
-    generated column to pad (= eos)."""
-    if eos_id in tokens:
-        return tokens[:tokens.index(eos_id) + 1]
-    return tokens[:-1] + [eos_id]
+    generated column to pad (= eos). A list of stop ids (stop_ids: a chat model's end of turn, EOS, ...):
+    the first of any ends it, the list's first replaces the last token."""
+    stops = [eos_id] if isinstance(eos_id, int) else eos_id
+    end = next((i for i, t in enumerate(tokens) if t in stops), None)
+    return tokens[:-1] + [stops[0]] if end is None else tokens[:end + 1]
 
 
 def generate_on_policy(model: nn.Module, items: list[dict], tokenizer, cfg: Config,
@@ -414,7 +438,7 @@ def generate_on_policy(model: nn.Module, items: list[dict], tokenizer, cfg: Conf
     """On-policy training items (the official finetune_gkd.py): the student samples a response to each prompt (left-padded,
     at most max_len - max_prompt_len new tokens; `seeds`: one random stream per row); the sequence is
     the gold prompt (no BOS) + response, truncated to max_len, with the prompt masked out of the labels."""
-    eos = tokenizer.eos_token_id
+    eos = stop_ids(tokenizer)
     responses = sample_tokens(model, [it["prompt_ids"] for it in items], pad_id=tokenizer.pad_token_id,
                               eos_id=eos, max_new_tokens=cfg.max_len - cfg.max_prompt_len,
                               batch_size=cfg.gen_batch_size, seeds=seeds, desc="on-policy", sampler=cfg.sampler,
@@ -1425,6 +1449,8 @@ def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_t
     if teacher_tok.get_vocab() != student_tok.get_vocab():
         raise MoekdError(f"--teacher tokenizer {teacher_tok.name_or_path} ({len(teacher_tok)} tokens) differs from "
                          f"--model tokenizer {student_tok.name_or_path} ({len(student_tok)}); distillation needs one")
+    if cfg.template == "chat":
+        check_same_template(teacher_tok, student_tok, teacher=cfg.teacher, model=cfg.model)
     check_vocab(teacher, teacher_tok, "--teacher")
     check_head(teacher, "--teacher")
     steered = cfg.spec.teacher in ("sample", "all")
@@ -1474,6 +1500,7 @@ def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dic
     amp_dtype = resolve_dtype(cfg.dtype, device)
     train_examples, dev_examples = load_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
+    set_template(tokenizer, cfg.template)  # chat: the ids that end a response
     ckpt = latest_checkpoint(out) if state is not None else None
     mesh = None
     if cfg.shard_teacher or cfg.shard_student:
