@@ -280,10 +280,6 @@ def load_hub(name: str, flag: str = "--data", *, split: str | None = None, templ
     return table_examples(table, name, flag, template=template, columns=columns, kinds=kinds)
 
 
-def load_dolly_hub(name: str = DOLLY_HUB) -> list[dict]:
-    return load_hub(name)
-
-
 def is_saved_dataset(path: Path) -> bool:
     """A folder `datasets` wrote with save_to_disk (a Dataset or a DatasetDict)."""
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
