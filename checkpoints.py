@@ -54,7 +54,7 @@ def local_model_dir(name_or_path: str, *, what: str = "--model") -> Path:
     try:
         from huggingface_hub import snapshot_download
         path = Path(snapshot_download(name_or_path, allow_patterns=[
-            "*.json", "*.safetensors", "*.bin", "*.model", "*.txt"], ignore_patterns=["*.pth"]))
+            "*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja"], ignore_patterns=["*.pth"]))
     except Exception as e:
         raise MoekdError(f"{what} {name_or_path}: not a local directory and not loadable from the hub "
                          f"({type(e).__name__})") from None

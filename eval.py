@@ -11,6 +11,10 @@ the prompt is encoded *with* special tokens (BOS), cut to its first 256 tokens a
 are sampled with top_k 0, top_p 1, temperature 1, no_repeat_ngram_size 6, at most 256 new tokens, under
 seeds 10, 20, 30, 40, 50; ROUGE-L F (rouge-score, Porter stemming) against the best reference, mean x 100.
 Per set: mean and population std over seeds; "Avg" = mean of the set means (= mean of all scores).
+With --template chat (a chat model) each row's instruction and input are one user turn (or the row is a
+conversation, `messages`), rendered by the model's chat template with its generation prompt and encoded
+without added special tokens (the template writes its own); a longer prompt keeps its last N tokens (the
+generation prompt), and generation stops at the template's end-of-turn token too (data.chat_stop_ids).
 """
 from __future__ import annotations
 
@@ -46,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated set names, or name=path.jsonl for any other MiniLLM-format file (default: "
                         f"{','.join(SETS)}, all of which must exist; a missing set named here is listed as missing)")
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
+    p.add_argument("--template", default="alpaca", choices=data.TEMPLATES,
+                   help="alpaca: the sets' prompts as they are (the paper's template); chat: the model's "
+                        "chat template, the instruction and input as one user turn")
     p.add_argument("--analysis", default="rouge", choices=ANALYSES, help="what to run")
     p.add_argument("--out", default=None, help="output folder (default results/<analysis>-<model>)")
     p.add_argument("--overwrite", action="store_true",
@@ -123,15 +130,26 @@ def resolve_sets(spec: str | None, data_dir: str | Path) -> dict[str, Path | Non
     return sets
 
 
-def load_set(path: Path, max_examples: int | None) -> list[dict]:
-    """[{prompt, references}] from a MiniLLM-format jsonl (errors name the file and line)."""
-    rows = data.read_jsonl(path)
-    return [{"prompt": r["prompt"], "references": r["responses"]} for r in rows[:max_examples]]
+def load_set(path: Path, max_examples: int | None, template: str = "alpaca") -> list[dict]:
+    """[{prompt, references}] from a MiniLLM-format jsonl (errors name the file and line); with --template
+    chat also the conversation (messages, ending with the reference's turn), its prompt the last user turn."""
+    rows = data.read_jsonl(path, template=template)
+    return [{"prompt": r["prompt"], "references": r["responses"]} if "messages" not in r else
+            {"prompt": r["messages"][-2]["content"], "references": r["responses"], "messages": r["messages"],
+             "where": r["where"]} for r in rows[:max_examples]]
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> list[list[int]]:
     """With special tokens (BOS), as the official evaluation (training had none); first N tokens kept."""
     return [tokenizer.encode(p)[:max_prompt_len] for p in prompts]
+
+
+def chat_prompt_ids(tokenizer, examples: list[dict], max_prompt_len: int) -> list[list[int]]:
+    """The conversations before their answers through the chat template (+ generation prompt), no added
+    special tokens (the template writes its BOS); the last N tokens kept: the generation prompt survives."""
+    texts = [data.render(tokenizer, e["messages"][:-1], generation_prompt=True, where=e["where"])
+             for e in examples]
+    return [tokenizer.encode(t, add_special_tokens=False)[-max_prompt_len:] for t in texts]
 
 
 def clean_response(text: str) -> str:
@@ -148,7 +166,8 @@ def routing_context(model, args, seed: int):
 
 def generate(model, tokenizer, examples: list[dict], seed: int, args, *, desc: str) -> list[str]:
     device = next(model.parameters()).device
-    prompts = encode_prompts(tokenizer, [e["prompt"] for e in examples], args.max_prompt_len)
+    prompts = chat_prompt_ids(tokenizer, examples, args.max_prompt_len) if args.template == "chat" else \
+        encode_prompts(tokenizer, [e["prompt"] for e in examples], args.max_prompt_len)
     with routing_context(model, args, seed), moekd.autocast(device, args.amp_dtype):
         texts = moekd.sample_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                        batch_size=args.batch_size, seed=seed, desc=desc,
@@ -236,9 +255,11 @@ def run_rouge(model, tokenizer, sets, args, out: Path) -> dict:
 
 
 def protocol(args) -> dict:
-    return {"protocol": {k: getattr(args, k) for k in ("seeds", "max_examples", "max_prompt_len", "max_new_tokens",
-                                                        "no_repeat_ngram_size", "routing", "num_selects", "sample_prob",
-                                                        "top_p", "routed_mass", "routers")}}
+    """The settings that make an evaluation (--template only when not the paper's: earlier folders match)."""
+    keys = ("seeds", "max_examples", "max_prompt_len", "max_new_tokens", "no_repeat_ngram_size", "routing",
+            "num_selects", "sample_prob", "top_p", "routed_mass", "routers")
+    keys += ("template",) if args.template != "alpaca" else ()
+    return {"protocol": {k: getattr(args, k) for k in keys}}
 
 
 # ----------------------------------------------------------------------------
@@ -248,7 +269,8 @@ def gold_batches(tokenizer, name: str, examples: list[dict], args, batch_size: i
     """Teacher-forced gold sequences (first reference) in the training format, with a mask of the
     response tokens."""
     cfg = moekd.Config(max_prompt_len=args.max_prompt_len, max_len=args.max_prompt_len + args.max_new_tokens)
-    rows = [{"prompt": e["prompt"], "responses": e["references"]} for e in examples]
+    rows = [{"prompt": e["prompt"], "responses": e["references"]} if "messages" not in e else
+            {"messages": e["messages"], "responses": e["references"], "where": e["where"]} for e in examples]
     items = moekd.tokenize_examples(tokenizer, rows, cfg, name=name)
     for start in range(0, len(items), batch_size):
         batch = moekd.collate(items[start:start + batch_size], tokenizer.pad_token_id)
@@ -449,7 +471,7 @@ def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     if args.analysis == "router-shift" and args.routers is None:
         raise MoekdError("--analysis router-shift needs --routers (the SAR run's teacher_routers)")
     paths = resolve_sets(args.sets, args.data_dir)
-    sets = {name: None if path is None else load_set(path, args.max_examples)  # bad files fail before any work
+    sets = {name: None if path is None else load_set(path, args.max_examples, args.template)
             for name, path in paths.items()}
     args.label = args.label or (name if name not in ("best_rougeL", "final") else
                                 f"{Path(args.model.rstrip('/')).parent.name}/{name}")
@@ -469,6 +491,7 @@ def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     args.amp_dtype = moekd.resolve_dtype(args.dtype, device)
     model = moekd.load_model(args.model, device=device, dtype=args.amp_dtype)
     tokenizer = moekd.load_tokenizer(args.model)
+    data.set_template(tokenizer, args.template)  # chat: generation stops at the end of turn too
     moekd.check_vocab(model, tokenizer)
     needs_moe = args.analysis != "rouge" or args.routing is not None or args.routers is not None
     if needs_moe and not moekd.is_moe(model):

@@ -44,7 +44,8 @@ from checkpoints import (ROUTERS_FILE, MoekdError, RunStopped, append_line, chec
                          prepare_out_dir, read_safetensors, replace_file, run_cli, save_checkpoint,
                          save_run_model, saved_config, start_out_dir, truncate_log, write_atomically,
                          write_json)
-from data import DOLLY_HUB, data_files, load_splits
+from data import (DOLLY_HUB, TEMPLATES, check_same_template, data_files, load_splits, prompt_and_response,
+                  set_template)
 from hidden_losses import Head, head_logits, head_losses
 from llama_moe import cv_squared
 from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, enable_checkpointing, full,
@@ -52,7 +53,7 @@ from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, 
                       memory_per_rank, one_rank_at_a_time, optimizer_state, resolve_device, shard_loaded,
                       split_global_batch, unwrap, wrap_student)
 from runguard import RunGuard, StopSignals
-from sampling import sample_responses, sample_tokens
+from sampling import sample_responses, sample_tokens, stop_ids
 
 HERE = Path(__file__).resolve().parent
 
@@ -119,9 +120,17 @@ class Config:
     sar_beta: float = knob(0.01, "SAR's balance-loss weight (a Llama-MoE teacher: its config's)")
     teacher_routers: str | None = knob(None, "load router weights: a teacher_routers.safetensors or its run")
     # -- data
-    data: str = knob(DOLLY_HUB, "training data: synthetic, a hub name, a jsonl file or a folder")
+    data: str = knob(DOLLY_HUB, "training data: synthetic, a jsonl (Dolly, MiniLLM, chat messages), parquet, "
+                                "arrow or csv file, a folder, or a hub dataset")
     dev_data: str | None = knob(None, "dev data (default: Dolly's MiniLLM split, dev.jsonl, --dev-size rows)")
     dev_size: int = knob(1000, "rows of --data held out as dev when no dev data is given")
+    template: str = knob("alpaca", "prompt format: alpaca = the paper's (MiniLLM prompts verbatim); chat = "
+                         "the student's chat template (messages, or instruction + input as a user turn)",
+                         TEMPLATES)
+    prompt_column: str | None = knob(None, "read --data by column: the prompt (text or chat turns)")
+    response_column: str | None = knob(None, "read --data by column: the response (text, references, turns)")
+    data_split: str | None = knob(None, "the split of a --data that has splits (default train)")
+    dev_split: str | None = knob(None, "dev = this split of --dev-data, else of --data (not --dev-size rows)")
     max_prompt_len: int = knob(256, "prompts longer than this (tokens) are dropped")
     max_len: int = knob(512, "prompt + response truncated to this many tokens")
     synthetic_train: int = knob(3000, "rows of the synthetic training set")
@@ -210,7 +219,7 @@ def tokenize_example(tokenizer, prompt: str, response: str, *, max_prompt_len: i
     if len(prompt_ids) > max_prompt_len:
         return None
     joint = tokenizer.encode(prompt + response, add_special_tokens=False)
-    response_ids = joint[len(prompt_ids):] + [tokenizer.eos_token_id]
+    response_ids = joint[len(prompt_ids):] + [stop_ids(tokenizer)[0]]  # EOS, or a chat template's end of turn
     input_ids = (prompt_ids + response_ids)[:max_len]
     labels = ([-100] * len(prompt_ids) + response_ids)[:max_len]
     return {"input_ids": input_ids, "labels": labels, "prompt_ids": prompt_ids,
@@ -218,13 +227,16 @@ def tokenize_example(tokenizer, prompt: str, response: str, *, max_prompt_len: i
 
 
 def tokenize_examples(tokenizer, examples: list[dict], cfg: Config, *, name: str) -> list[dict]:
-    out, dropped, empty, merged = [], 0, 0, 0
+    out, dropped, empty, merged, unsplit = [], 0, 0, 0, 0
     for ex in examples:
         if not ex["responses"][0].strip():  # nothing to learn or to score against
             empty += 1
             continue
-        item = tokenize_example(tokenizer, ex["prompt"], ex["responses"][0],
-                                max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len)
+        text = prompt_and_response(tokenizer, ex)  # a conversation through the chat template
+        if text is None:
+            unsplit += 1
+            continue
+        item = tokenize_example(tokenizer, *text, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len)
         if item is None:
             dropped += 1
             continue
@@ -232,10 +244,13 @@ def tokenize_examples(tokenizer, examples: list[dict], cfg: Config, *, name: str
         out.append({**item, "responses": ex["responses"]})
     print(f"data {name}: {len(out)} examples kept, {dropped} dropped with prompts over "
           f"{cfg.max_prompt_len} tokens, {empty} dropped with empty responses, {merged} whose prompt tokens "
-          f"merge into the response (kept, split at the prompt's length as the official processing)")
+          f"merge into the response (kept, split at the prompt's length as the official processing)"
+          + (f", {unsplit} dropped whose chat template renders their prompt other than as the start of the "
+             f"conversation" if unsplit else ""))
     if not out:
         raise MoekdError(f"data {name}: no examples left ({dropped} prompts longer than --max-prompt-len "
-                         f"{cfg.max_prompt_len}, {empty} empty responses)")
+                         f"{cfg.max_prompt_len}, {empty} empty responses, {unsplit} not split by the chat "
+                         f"template)")
     return out
 
 
@@ -273,19 +288,20 @@ def rouge_l(prediction: str, references: list[str]) -> float:
 _rouge_scorer_cache: dict = {}
 
 
-def response_through_eos(tokens: list[int], eos_id: int) -> list[int]:
-    """A sampled response cut after its first EOS, kept (the student learns to stop); one that never
-    stopped ends in EOS instead of its last token (the official code forces the last column to pad = eos)."""
-    if eos_id in tokens:
-        return tokens[:tokens.index(eos_id) + 1]
-    return tokens[:-1] + [eos_id]
+def response_through_eos(tokens: list[int], eos_id: int | list[int]) -> list[int]:
+    """A sampled response cut after its first stop id (EOS; stop_ids: also a chat model's end of turn), kept
+    (the student learns to stop); one that never stopped ends in the first stop id instead of its last token
+    (the official code forces the last generated column to pad = eos)."""
+    stops = [eos_id] if isinstance(eos_id, int) else eos_id
+    end = next((i for i, t in enumerate(tokens) if t in stops), None)
+    return tokens[:-1] + [stops[0]] if end is None else tokens[:end + 1]
 
 
 def generate_on_policy(model: nn.Module, items: list[dict], tokenizer, cfg: Config,
                        seeds: list[int] | None = None) -> list[dict]:
     """On-policy training items: each prompt's sampled response (at most max_len - max_prompt_len tokens,
     one random stream per row from `seeds`) after the gold prompt, the prompt masked out of the labels."""
-    eos = tokenizer.eos_token_id
+    eos = stop_ids(tokenizer)
     responses = sample_tokens(model, [it["prompt_ids"] for it in items], pad_id=tokenizer.pad_token_id,
                               eos_id=eos, max_new_tokens=cfg.max_len - cfg.max_prompt_len,
                               batch_size=cfg.gen_batch_size, seeds=seeds, desc="on-policy",
@@ -1332,6 +1348,7 @@ def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dic
     amp_dtype = resolve_dtype(cfg.dtype, device)
     train_examples, dev_examples = load_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
+    set_template(tokenizer, cfg.template)  # chat: the ids that end a response
     ckpt = latest_checkpoint(out) if state is not None else None
     mesh = device_mesh(cfg, device, dist)
     model = load_student(cfg, str(ckpt or cfg.model), tokenizer, device=device, mesh=mesh, dist=dist)
@@ -1429,6 +1446,8 @@ def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_t
         raise MoekdError(f"--teacher tokenizer {teacher_tok.name_or_path} ({len(teacher_tok)} tokens) "
                          f"differs from --model tokenizer {student_tok.name_or_path} ({len(student_tok)}); "
                          f"distillation needs one")
+    if cfg.template == "chat":
+        check_same_template(teacher_tok, student_tok, teacher=cfg.teacher, model=cfg.model)
     check_vocab(teacher, teacher_tok, "--teacher")
     check_head(teacher, "--teacher")
     steered = cfg.spec.teacher in ("sample", "all")
@@ -1566,7 +1585,7 @@ def check_method_flags(method: str, given: dict) -> None:
 def parse_config(argv: list[str] | None = None) -> Config:
     """Config from the command line: explicit flags > --tiny preset > defaults. --resume: the run's run.json
     replaces preset and defaults, and explicit flags must agree with it (except RESUME_MAY_CHANGE)."""
-    parser = argparse.ArgumentParser(usage="python moekd.py [--method METHOD] [--model M] [--teacher T] [...]",
+    parser = argparse.ArgumentParser(usage="python moekd.py [--method METHOD] [--model M] [--teacher T] ...",
                                      description=f"{__doc__.split(chr(10) * 2)[0]}\n\n{EXAMPLES}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
@@ -1615,6 +1634,8 @@ def check_config(cfg: Config) -> None:
             if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
                 raise MoekdError(f"--{name.replace('_', '-')} must be {'>' if strict else '>='} {low:g} "
                                  f"and finite, got {value}")
+    if (cfg.prompt_column is None) != (cfg.response_column is None):
+        raise MoekdError("--prompt-column and --response-column go together")
     if cfg.max_prompt_len >= cfg.max_len:
         raise MoekdError(f"--max-prompt-len ({cfg.max_prompt_len}) must be < --max-len ({cfg.max_len})")
     if cfg.resume and cfg.overwrite:

@@ -124,14 +124,29 @@ def static_cache(model: nn.Module, batch: int, length: int):
     return caches[key]
 
 
+def stop_ids(tokenizer) -> list[int]:
+    """The ids that end a response, the response's own end token first: those data.set_template found for
+    --template chat (the template's end-of-turn token, EOS, generation_config's eos ids), else the EOS."""
+    return list(getattr(tokenizer, "moekd_stop_ids", None) or [tokenizer.eos_token_id])
+
+
+def as_stops(eos_id: int | list[int]) -> list[int]:
+    return [eos_id] if isinstance(eos_id, int) else list(eos_id)
+
+
+def first_stop(tokens: list[int], stops: list[int]) -> int | None:
+    """The index of the first token that ends a response, None if none does."""
+    return next((i for i, t in enumerate(tokens) if t in stops), None)
+
+
 def batch_ended(ended: torch.Tensor) -> bool:
     """Whether every row has ended: one host synchronisation, so sample_rows asks every few steps only."""
     return bool(ended.all())
 
 
 @torch.no_grad()
-def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
-                seeds: list[int], compile: bool = False) -> list[list[int]]:
+def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int | list[int],
+                max_new_tokens: int, seeds: list[int], compile: bool = False) -> list[list[int]]:
     """moekd's own decoder for on-policy sampling: the whole left-padded batch advances one token per step
     on a preallocated static KV cache, the next token is argmax(logits + gumbel_noise) (exact sampling from
     softmax(logits) at temperature 1, per-row seeded), no Python work per row, and it stops once every row
@@ -139,7 +154,8 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
     for each token; the extra steps are cut off. `compile`: the decode step runs compiled
     (compiled_decode_step) on the model's reused static cache (static_cache). A family that transformers
     marks as not compilable (its own cache class: MiniMax) keeps its own cache and runs eager. Ended rows get
-    pad tokens, as in `generate`. Same tokens as `generate` with RowSeededSampler, and as a loop without cache."""
+    pad tokens, as in `generate`. Same tokens as `generate` with RowSeededSampler, and as a loop without
+    cache. `eos_id`: the id, or the ids (a chat model's end of turn, its EOS, ...), that end a row."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -161,7 +177,9 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
             for layer in cache.layers:
                 for t in (layer.keys, layer.values, layer.cumulative_length):
                     torch._dynamo.mark_static_address(t)
-    can_end = 0 <= eos_id < vocab
+    stops = as_stops(eos_id)
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
+    can_end = any(0 <= e < vocab for e in stops)
     for step in range(max_new_tokens):
         if step:
             position = position + 1
@@ -173,18 +191,19 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
                             torch.tensor(step, device=device)).clone()  # a graph's output is reused by the next
         token = token.masked_fill(ended, pad_id)
         out.append(token)
-        ended |= token == eos_id
+        ended |= torch.isin(token, stop_tensor)
         if can_end and (step + 1) % EOS_CHECK_EVERY == 0 and batch_ended(ended):
             break
     rows = torch.stack(out, dim=1).tolist()
-    if can_end and all(eos_id in row for row in rows):  # cut the steps run after the last row ended
-        last = max(row.index(eos_id) for row in rows)
-        rows = [row[:last + 1] for row in rows]
+    ends = [first_stop(row, stops) for row in rows]
+    if can_end and None not in ends:  # cut the steps run after the last row ended
+        rows = [row[:max(ends) + 1] for row in rows]
     return rows
 
 
 @torch.no_grad()
-def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
+def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int | list[int],
+                  max_new_tokens: int,
                   batch_size: int, seeds: list[int] | None = None, desc: str = "generate", sampler: str = "moekd",
                   compile: bool = False, **options) -> list[list[int]]:
     """Sampled continuations of token-id prompts, left-padded in batches: top_k 0, top_p 1,
@@ -193,7 +212,8 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
     with `compile`), or `generate` with
     RowSeededSampler (sampler "generate", the reference; also used for a sharded model). The model's own
     generation_config (a checkpoint's temperature 0.6, repetition_penalty 1.1, ...) is not consulted:
-    `options` (eval's no_repeat_ngram_size) are the only other settings. An FSDP-sharded model
+    `options` (eval's no_repeat_ngram_size) are the only other settings; `eos_id` may list several ids
+    (each ends a row). An FSDP-sharded model
     needs every rank in each forward, so its ranks keep stepping until all are done (synced_gpus)."""
     from tqdm import tqdm
     from transformers import GenerationConfig, LogitsProcessorList
@@ -279,11 +299,14 @@ def neutral_generation_defaults(model: nn.Module) -> Iterator[None]:
 
 def sample_responses(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                      batch_size: int, seed: int, desc: str = "generate", **options) -> list[str]:
-    """Decoded sampled responses, seeded on their own: the global RNG is restored afterwards, so
-    evaluating in the middle of training does not change the training run."""
+    """Decoded sampled responses, each cut at its first stop id (stop_ids: a chat model's end of turn too),
+    seeded on their own: the global RNG is restored afterwards, so evaluating in the middle of training
+    does not change the training run."""
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        rows = sample_tokens(model, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+        stops = stop_ids(tokenizer)
+        rows = sample_tokens(model, prompts, pad_id=tokenizer.pad_token_id, eos_id=stops,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc, **options)
+    rows = [row if (end := first_stop(row, stops)) is None else row[:end] for row in rows]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
