@@ -47,6 +47,7 @@ import torch
 import hidden_losses
 import llama_moe
 import moekd
+import parallel
 
 HERE = Path(__file__).resolve().parent
 METHODS = {"sft": ("sft", 1), "kd": ("kd", 1), "gkd": ("gkd", 1), "all": ("all", 1),
@@ -236,7 +237,7 @@ def teacher_head_reference(cfg, teacher, batch, t_hidden, M: int):
     def run():
         for i in range(0, t.shape[1], chunk):
             for h in t[:, i:i + chunk]:
-                moekd.head_logits(h, head, vocab)[0].log_softmax(-1)
+                hidden_losses.head_logits(h, head, vocab)[0].log_softmax(-1)
     return run
 
 
@@ -948,7 +949,7 @@ def main(argv=None) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps({"dist_memory": rows}, indent=2) + "\n")
         return {"dist_memory": rows}
-    device = moekd.resolve_device(args.device)
+    device = parallel.resolve_device(args.device)
     if args.gpu_check:
         report = gpu_check(args.gpu_check_scale, device, args.bandwidth, args.json)  # saved after every stage
         print(gpu_check_markdown(report))

@@ -1,6 +1,7 @@
 """Files of moekd: loading and saving models (local or hub, safetensors out, no remote code, .bin only with
 torch's weights-only unpickler), run folders (an overwrite guard that deletes only what moekd wrote),
-atomic checkpoints, strict JSON, and the one-line errors of every command (MoekdError, run_cli).
+atomic checkpoints, strict JSON. The one-line errors of every command (MoekdError, run_cli) live in
+errors.py; the Llama-MoE model port in llama_moe.py, which imports nothing from here.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pickle
 import re
 import shutil
 import socket
-import sys
 import contextlib
 import tempfile
 import warnings
@@ -22,22 +22,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-
-class MoekdError(ValueError):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
-class RunStopped(MoekdError):
-    """Training cannot go on (non-finite numbers, full disk); main() names the last good checkpoint."""
-
-
-class RunInterrupted(BaseException):
-    """SIGINT/SIGTERM stopped a run: printed as one line, exit code 128 + the signal's number. A
-    BaseException, as KeyboardInterrupt, so no `except Exception` on the way swallows it."""
-
-    def __init__(self, message: str, signum: int, *, quiet: bool = False):
-        super().__init__(message)
-        self.code, self.quiet = 128 + signum, quiet
+from errors import MoekdError, RunStopped
+from llama_moe import build_llama_moe, check_llama_moe_config, save_llama_moe
 
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
@@ -239,8 +225,7 @@ def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=t
     if init_seed is not None:
         print(f"{what} {name_or_path}: no weights, initialising from moekd_init_seed={init_seed}")
     if raw.get("model_type") == "llama_moe":  # moekd's own port, llama_moe.py: no remote code
-        import llama_moe
-        model = llama_moe.load_llama_moe(directory, raw, device=device, dtype=dtype, init_seed=init_seed)
+        model = load_llama_moe(directory, raw, device=device, dtype=dtype, init_seed=init_seed)
         check_finite_weights(model, f"{what} {name_or_path}")
         return model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -260,6 +245,16 @@ def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=t
     if torch.device(device).type == "cpu" and type(model)._can_set_experts_implementation():
         model.set_experts_implementation("eager")  # torch's CPU grouped_mm needs 16-byte-aligned sizes
     return model.to(device).eval()
+
+
+def load_llama_moe(directory: Path, raw: dict, *, device, dtype, init_seed: int | None) -> nn.Module:
+    """A Llama-MoE checkpoint directory (its config.json read as `raw`) in eval mode; with `init_seed`
+    and no weights, seeded random weights instead."""
+    model = build_llama_moe(check_llama_moe_config(raw, where=str(directory / "config.json")), device=device,
+                            dtype=dtype, init_seed=init_seed)
+    if init_seed is None:
+        load_state_dict_strict(model, read_state_dict_files(directory), where=str(directory))
+    return model.eval()
 
 
 def seeded(raw: dict) -> int | None:
@@ -306,8 +301,7 @@ def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if hasattr(model, "moe_config"):
-        import llama_moe
-        return llama_moe.save_llama_moe(model, directory, state_dict=state_dict, max_shard_bytes=max_shard_bytes)
+        return save_llama_moe(model, directory, state_dict=state_dict, max_shard_bytes=max_shard_bytes)
     from transformers.utils import logging as hf_logging
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar per checkpoint of a tiny model is noise
@@ -698,17 +692,3 @@ def stop_message(e: BaseException, out: Path) -> str:
     where = f"its last good checkpoint is {ckpt} (continue with --resume)" if ckpt else \
         "no checkpoint was saved yet: start over with the same command and --overwrite"
     return f"{why}; the run stopped, {where}"
-
-
-def run_cli(entry) -> int:
-    """Run a main(); bad input (MoekdError) becomes one line on stderr and exit code 2."""
-    try:
-        entry()
-    except MoekdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunInterrupted as e:
-        if not e.quiet:
-            print(e, file=sys.stderr)
-        return e.code
-    return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from checkpoints import MoekdError
+from errors import MoekdError
 
 DOLLY_HUB = "databricks/databricks-dolly-15k"
 

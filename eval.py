@@ -28,7 +28,9 @@ import torch
 import checkpoints
 import data
 import moekd
-from moekd import MoekdError
+import parallel
+import sampling
+from errors import MoekdError, RunStopped, run_cli
 
 SETS = {"dolly": "dolly/valid.jsonl", "self-inst": "self-inst/valid.jsonl", "vicuna": "vicuna/valid.jsonl",
         "sinst": "sinst/11_/valid.jsonl", "uinst": "uinst/11_/valid.jsonl"}
@@ -39,7 +41,7 @@ ANALYSES = ("rouge", "gate-mass", "router-shift", "k-sweep")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="anything moekd.load_model loads: Llama-MoE dir, HF name or dir")
+    p.add_argument("--model", required=True, help="anything checkpoints.load_model loads: Llama-MoE dir, HF name or dir")
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent / "shared" / "data"),
                    help="folder with the MiniLLM sets (dolly/valid.jsonl, self-inst/valid.jsonl, ...)")
     p.add_argument("--sets", default=None,
@@ -150,7 +152,7 @@ def generate(model, tokenizer, examples: list[dict], seed: int, args, *, desc: s
     device = next(model.parameters()).device
     prompts = encode_prompts(tokenizer, [e["prompt"] for e in examples], args.max_prompt_len)
     with routing_context(model, args, seed), moekd.autocast(device, args.amp_dtype):
-        texts = moekd.sample_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+        texts = sampling.sample_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                        batch_size=args.batch_size, seed=seed, desc=desc,
                                        no_repeat_ngram_size=args.no_repeat_ngram_size)
     return [clean_response(t) for t in texts]
@@ -212,7 +214,7 @@ def evaluate_rouge(model, tokenizer, sets: dict[str, list[dict] | None], args, o
                      "response": r, "rougeL": v} for e, r, v in zip(examples, responses, values)]}
                 with checkpoints.writing(path.parent):
                     path.parent.mkdir(exist_ok=True)
-                moekd.write_json(path, pair)
+                checkpoints.write_json(path, pair)
                 print(f"{name} seed {seed}: ROUGE-L {pair['rougeL']:.2f} ({len(values)} examples)")
             scores[name][seed] = pair["rougeL"]
             if generations is not None:
@@ -226,7 +228,7 @@ def run_rouge(model, tokenizer, sets, args, out: Path) -> dict:
     table = markdown_table({args.label: summary}, list(sets))
     with checkpoints.writing(out / "table.md"):
         (out / "table.md").write_text(table)
-    moekd.write_json(out / "results.json", {"model": args.model, **protocol(args), **summary})
+    checkpoints.write_json(out / "results.json", {"model": args.model, **protocol(args), **summary})
     path = out / "generations.jsonl"
     with checkpoints.writing(path), path.open("w", encoding="utf-8") as f:
         for g in generations:
@@ -465,11 +467,11 @@ def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     check_out(out, settings, args.overwrite)
     if out.is_dir():  # known to be ours (or empty): locked before anything is loaded
         lock.acquire(out)
-    device = moekd.resolve_device(args.device)
+    device = parallel.resolve_device(args.device)
     args.amp_dtype = moekd.resolve_dtype(args.dtype, device)
-    model = moekd.load_model(args.model, device=device, dtype=args.amp_dtype)
-    tokenizer = moekd.load_tokenizer(args.model)
-    moekd.check_vocab(model, tokenizer)
+    model = checkpoints.load_model(args.model, device=device, dtype=args.amp_dtype)
+    tokenizer = checkpoints.load_tokenizer(args.model)
+    checkpoints.check_vocab(model, tokenizer)
     needs_moe = args.analysis != "rouge" or args.routing is not None or args.routers is not None
     if needs_moe and not moekd.is_moe(model):
         what = f"--analysis {args.analysis}" if args.analysis != "rouge" else "--routing/--routers"
@@ -488,18 +490,18 @@ def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     lock.acquire(out)
     if args.overwrite:
         checkpoints.clear_folder(out)
-    moekd.write_json(out / "eval.json", settings)
+    checkpoints.write_json(out / "eval.json", settings)
     run = {"rouge": run_rouge, "gate-mass": run_gate_mass, "router-shift": run_router_shift,
            "k-sweep": run_k_sweep}[args.analysis]
     try:
         result = run(model, tokenizer, sets, args, out)
         if args.analysis != "rouge":
-            moekd.write_json(out / f"{args.analysis}.json", {"model": args.model, **result})
-    except checkpoints.RunStopped as e:
+            checkpoints.write_json(out / f"{args.analysis}.json", {"model": args.model, **result})
+    except RunStopped as e:
         raise MoekdError(f"{e}; the evaluation stopped, the (set, seed) pairs it finished are in "
                          f"{out / 'pairs'} and a rerun of the same command continues from them") from None
     return {"out": str(out), **result}
 
 
 if __name__ == "__main__":
-    sys.exit(moekd.run_cli(main))
+    sys.exit(run_cli(main))

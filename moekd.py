@@ -41,11 +41,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (ROUTERS_FILE, MoekdError, RunStopped, append_line, check_resume_config, check_vocab,
-                         default_out, latest_checkpoint, load_model, load_state_dict_strict, load_tokenizer,
-                         prepare_out_dir, read_safetensors, run_cli, save_checkpoint, save_run_model,
-                         saved_config, start_out_dir, truncate_log, write_atomically, write_json)
+from checkpoints import (ROUTERS_FILE, append_line, check_resume_config, check_vocab, default_out,
+                         latest_checkpoint, load_model, load_state_dict_strict, load_tokenizer, prepare_out_dir,
+                         read_safetensors, save_checkpoint, save_run_model, saved_config, start_out_dir,
+                         truncate_log, write_atomically, write_json)
 from data import DOLLY_HUB, data_files, load_splits
+from errors import MoekdError, RunStopped, run_cli
 from hidden_losses import Head, head_logits, head_losses
 from llama_moe import cv_squared
 from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, enable_checkpointing,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from checkpoints import MoekdError
+from errors import MoekdError
 
 
 @dataclass(frozen=True)

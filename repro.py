@@ -36,11 +36,12 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import eval as moe_eval
 import data
 import moekd
 import stats
-from moekd import MoekdError
+from errors import MoekdError, run_cli
 from tiny_moe import synthetic
 
 HERE = Path(__file__).resolve().parent
@@ -155,7 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Inputs: seeded model directories, the shared training data and evaluation sets
 
 def write_model_dir(path: Path, config: dict, *, moe: bool, seed: int) -> Path:
-    """A config-only model directory that moekd.load_model initialises from `seed`."""
+    """A config-only model directory that checkpoints.load_model initialises from `seed`."""
     if (path / "config.json").exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
@@ -250,7 +251,7 @@ def train(args, run_args, name: str, flags: list[str]) -> Path:
             "--log-every", "50"]
     if args.max_steps is not None:  # a smoke run: short training, a short dev evaluation
         argv += ["--max-steps", str(args.max_steps), "--dev-num", "4"]
-    if moekd.latest_checkpoint(run) is not None:
+    if checkpoints.latest_checkpoint(run) is not None:
         print(f"[repro] {tag}: resuming")
         argv.append("--resume")
     else:
@@ -321,8 +322,8 @@ def run_pipeline(args) -> dict:
 def expert_specialisation(teacher_dir: Path, args) -> list[list[list[float]]]:
     """Per layer, the share of each task family's response tokens whose top-1 expert is e: [L][F][E]."""
     spec = PRESETS[args.preset]["synthetic"]
-    model = moekd.load_model(str(teacher_dir))
-    tokenizer = moekd.load_tokenizer(str(teacher_dir))
+    model = checkpoints.load_model(str(teacher_dir))
+    tokenizer = checkpoints.load_tokenizer(str(teacher_dir))
     rows = synthetic.synthetic_rows(800, seed=777, families=tuple(spec["families"]), n_facts=spec["n_facts"])
     families = sorted({r["category"] for r in rows})
     counts = None
@@ -612,4 +613,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(moekd.run_cli(main))
+    sys.exit(run_cli(main))

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import data
+import errors
 import eval as moe_eval
 import moekd
 
@@ -248,7 +249,7 @@ def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(runguard, "REPEAT_S", 0.0)
     stop, before = runguard.StopSignals(tmp_path), signal.getsignal(signal.SIGINT)
     with stop:
-        with pytest.raises(checkpoints.RunInterrupted, match=r"^stopped \(SIGINT\) before training started"):
+        with pytest.raises(errors.RunInterrupted, match=r"^stopped \(SIGINT\) before training started"):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
         stop.deferred, stop.step = True, 4
@@ -256,7 +257,7 @@ def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
         time.sleep(0.05)
         assert stop.agreed() == signal.SIGTERM
         at_once = r"^stopped at once \(SIGTERM, a second signal\) in step 5; no checkpoint was saved"
-        with pytest.raises(checkpoints.RunInterrupted, match=at_once) as e:
+        with pytest.raises(errors.RunInterrupted, match=at_once) as e:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
         assert e.value.code == 143
@@ -408,7 +409,7 @@ def test_writes_name_the_file_on_a_read_only_disk(tmp_path, monkeypatch):
     def write_text(self, *args, **kw):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
     monkeypatch.setattr(pathlib.Path, "write_text", write_text)
-    with pytest.raises(checkpoints.RunStopped, match=rf"^read-only file system writing {tmp_path}/m.json$"):
+    with pytest.raises(errors.RunStopped, match=rf"^read-only file system writing {tmp_path}/m.json$"):
         checkpoints.write_json(tmp_path / "m.json", {"a": 1})
 
 
