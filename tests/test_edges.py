@@ -10,6 +10,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import errors
 import moekd
 import sampling
 
@@ -93,7 +94,7 @@ def test_a_teacher_minus_inf_where_the_student_has_mass_stops_the_run_in_one_lin
 
     monkeypatch.setattr(moekd, "_prepared_teacher", minus_inf_head)
     out = tmp_path / "run"
-    with pytest.raises(moekd.MoekdError) as e:
+    with pytest.raises(errors.MoekdError) as e:
         moekd.main(["--tiny", "--method", "gkd", "--out", str(out), "--synthetic-train", "16", "--batch-size", "4",
                     "--max-steps", "2", "--no-dev-eval"])
     message = str(e.value)

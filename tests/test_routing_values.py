@@ -9,8 +9,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import checkpoints
 import moekd
 import test_families as tf
+
+from conftest import TINY, naive_cv2, tiny_model
 
 E = tf.E
 
@@ -19,20 +22,7 @@ def model_of(family: str, **overrides):
     """The family's tiny random model (test_families' build), or a variant of its config built the same way."""
     if not overrides:
         return tf.tiny_moe(family)
-    from transformers import AutoModelForCausalLM
-    config = tf.tiny_config(family)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".gate." in name or ".router." in name:
-                p.normal_(0.0, 0.3)
-        for name, buf in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                buf.copy_(torch.randn(buf.shape) * 0.1)
-    return model
+    return tiny_model(family, random_routers=True, **tf.fields(family, **overrides))
 
 
 def first_router(model):
@@ -183,7 +173,7 @@ def test_weights_in_every_mode_and_routed_mass_by_hand(case):
 
 def test_llama_moe_routing_is_the_same_in_both_mass_modes():
     """moekd's Llama-MoE gate renormalises (softmax over the chosen): mass "native" changes nothing, bit for bit."""
-    model = moekd.load_model(str(tf.TINY)).eval()
+    model = checkpoints.load_model(str(TINY)).eval()
     ids = torch.tensor([[1, 5, 9, 13, 400, 7, 31, 8]])
     for mode, k, prob, top_p in RUNS:
         logits = {}
@@ -240,16 +230,11 @@ def test_sar_balance_term_of_a_family_without_its_own_is_cv_squared_by_hand():
     """DeepSeek-V3 (no aux loss in its modeling file) under SAR: beta * Sum_layers cv2(importance) + cv2(load),
     cv2 = unbiased variance / mean^2, importance the per-expert sum of the routing weights (2.5 sigmoid, norm)."""
     loss, inputs = sar_balance(model_of("deepseek_v3"))
-
-    def cv2(x):
-        mean = sum(x) / len(x)
-        return sum((v - mean) ** 2 for v in x) / (len(x) - 1) / (mean ** 2 + 1e-10)
-
     expected = 0.0
     for m, x in inputs:
         s = logits_by_hand(m, x.reshape(-1, 32)).sigmoid()
         w = 2.5 * s / s.sum(-1, keepdim=True)
-        expected += cv2(w.sum(0).tolist()) + cv2([float(len(w))] * E)
+        expected += naive_cv2(w.sum(0).tolist()) + naive_cv2([float(len(w))] * E)
     assert len(inputs) == 2 and abs(float(loss) - 0.01 * expected) < 1e-6 * max(1.0, expected)
 
 

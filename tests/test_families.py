@@ -5,17 +5,20 @@ docs/families.md's family table is written from FAMILIES and checked here, so it
 import contextlib
 import functools
 import math
-import shutil
+import sys
 from pathlib import Path
 
-import pytest
-import torch
-from torch.testing import assert_close
+if __name__ == "__main__":  # the script (python tests/test_families.py): the repository root's modules
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import moekd
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.testing import assert_close  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-TINY = ROOT / "tiny_moe"
+import moekd  # noqa: E402
+
+from conftest import ROOT, copy_tokenizer, tiny_model  # noqa: E402
+
 E, K = 8, 3  # experts, native top-k (3 > 2: a sorted=False top-k orders experts differently)
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, head_dim=4, qk_nope_head_dim=8, v_head_dim=8)
 DSV3 = dict(n_routed_experts=E, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0,
@@ -64,26 +67,19 @@ FAMILIES = {
 }
 
 
-def tiny_config(family: str):
-    from transformers import CONFIG_MAPPING
-    common = dict(vocab_size=2039, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=8, intermediate_size=24, moe_intermediate_size=16, num_experts_per_tok=K, pad_token_id=2,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    return CONFIG_MAPPING[family](**{**common, **FAMILIES[family]})
+COMMON = dict(vocab_size=2039, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=8, intermediate_size=24, moe_intermediate_size=16, num_experts_per_tok=K, pad_token_id=2,
+              bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def fields(family: str, **overrides) -> dict:
+    """The family's tiny config fields: the common ones, the family's, `overrides`."""
+    return {**COMMON, **FAMILIES[family], **overrides}
 
 
 @functools.lru_cache(maxsize=None)
 def _tiny_state(family: str):
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
-    with torch.no_grad():  # random routers (some families initialise them to 0: every expert ties) and selection
-        for p in moekd.router_parameters(model):  # biases, so that biased and unbiased selection differ
-            p.normal_(0.0, 0.3)
-        for name, buf in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                buf.copy_(torch.randn(buf.shape) * 0.1)
-    return model
+    return tiny_model(family, random_routers=True, **fields(family))
 
 
 def tiny_moe(family: str):
@@ -123,8 +119,7 @@ def model_in(family: str, dtype: str, device: str = "cpu"):
     bf16 as moekd loads a teacher ("bf16-load": from_pretrained(dtype=bf16) keeps the family's
     _keep_in_fp32_modules, e.g. DeepSeek-V3's gate weight and selection bias, in fp32)."""
     if dtype == "bf16-load":
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.bfloat16).eval()
+        model = tiny_model(family, seed=None, dtype=torch.bfloat16, **fields(family))
         model.load_state_dict(_tiny_state(family).state_dict())  # copied into each tensor's own dtype
         return model.to(device)
     return tiny_moe(family).to(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
@@ -343,9 +338,7 @@ def saved_family(family: str, root: str) -> Path:
     """The family's tiny model as a checkpoint with the tiny tokenizer (the student's vocabulary)."""
     path = Path(root) / family
     tiny_moe(family).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TINY / name, path / name)
-    return path
+    return copy_tokenizer(path)
 
 
 def one_step(out: Path, method: str, *extra: str) -> dict:
@@ -379,12 +372,12 @@ def test_every_method_with_the_family_as_student(tmp_path_factory, tmp_path, fam
     """The MoE student keeps its own balance loss where its family has one (transformers' aux_loss)."""
     model = saved_family(family, str(tmp_path_factory.getbasetemp()))
     result = one_step(tmp_path / "run", method, "--model", str(model))
-    has_aux = hasattr(moekd.sys.modules[type(router_of(tiny_moe(family))).__module__], "load_balancing_loss_func")
+    has_aux = hasattr(sys.modules[type(router_of(tiny_moe(family))).__module__], "load_balancing_loss_func")
     assert all(("lb" in h and h["lb"] > 0) == has_aux for h in result["history"])
 
 
 DOC = ROOT / "docs" / "families.md"
-BEGIN, END = "<!-- family table: written by `python test_families.py` -->", "<!-- end of the family table -->"
+BEGIN, END = "<!-- family table: written by `python tests/test_families.py` -->", "<!-- end of the family table -->"
 
 
 def family_table() -> str:
@@ -396,7 +389,7 @@ def family_table() -> str:
     for family in FAMILIES:
         router = router_of(tiny_moe(family))
         name, mechanism, opt = moekd.HF_ROUTERS[type(router).__name__]
-        aux = hasattr(moekd.sys.modules[type(router).__module__], "load_balancing_loss_func")
+        aux = hasattr(sys.modules[type(router).__module__], "load_balancing_loss_func")
         renorm = {True: "renormalises already", False: "scaled to the native top-k's mass"}
         mass = ("literal (its scores scale the experts' inputs)" if mechanism == "llama4" else renorm[True]
                 if mechanism == "logits" else renorm[bool(opt["norm"])] if "norm" in opt else
@@ -412,7 +405,7 @@ def family_table() -> str:
 def test_docs_family_table_is_generated():
     text = DOC.read_text()
     assert text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip() == family_table(), \
-        "docs/families.md is stale: run `python test_families.py`"
+        "docs/families.md is stale: run `python tests/test_families.py`"
 
 
 if __name__ == "__main__":
