@@ -49,7 +49,8 @@ def local_model_dir(name_or_path: str, *, what: str = "--model") -> Path:
 
 def refuse_remote_code(directory: Path, what: str) -> Path:
     """A model whose config.json or tokenizer_config.json has an `auto_map` needs its own Python code:
-    an error before transformers sees it (which would ask whether to run it), so that code is never imported."""
+    an error before transformers sees it (which would ask whether to run it), so that code is never
+    imported."""
     for name in ("config.json", "tokenizer_config.json"):
         try:
             raw = json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
@@ -289,8 +290,8 @@ def check_vocab(model: nn.Module, tokenizer, flag: str = "--model") -> None:
     """Every token id must index the model's embeddings (a bigger tokenizer fails deep inside torch)."""
     size = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > size:
-        raise MoekdError(f"{flag}: the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary "
-                         f"of {size}")
+        raise MoekdError(f"{flag}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
+                         f"vocabulary of {size}")
 
 
 def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes: int = 5 * 2**30,
@@ -343,7 +344,8 @@ def write_atomically(directory: Path, write) -> None:
         if old is not None:
             shutil.rmtree(old)
     except BaseException as e:
-        full = isinstance(e, Exception) and (isinstance(e, OSError) and e.errno == errno.ENOSPC or disk_full(tmp))
+        full = isinstance(e, Exception) and (isinstance(e, OSError) and e.errno == errno.ENOSPC
+                                             or disk_full(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
         if full:  # torch.save says "unexpected pos ..." on a full disk, safetensors its own error
             raise RunStopped(f"no space left on device writing {directory}") from None
@@ -499,7 +501,8 @@ def check_own_folder(out: Path, marker: str, names: re.Pattern, inner: dict[str,
     if all(n == LOCK or n.startswith((".tmp-", ".old-")) or n == "latest.tmp" for n in entries):
         return  # a run stopped before its marker was written: nothing but moekd's own leftovers
     if marker not in entries:
-        raise MoekdError(f"--out {out}: has no {marker}, not a moekd output folder; --overwrite refuses to delete it")
+        raise MoekdError(f"--out {out}: has no {marker}, not a moekd output folder; --overwrite refuses to "
+                         f"delete it")
     try:
         saved = json.loads((out / marker).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -606,7 +609,8 @@ def default_out(method: str, model: str) -> str:
 def saved_config(values: dict, given: dict, fields: dict) -> dict:
     """The config of the run a --resume continues (its run.json); every explicit flag that differs from it,
     other than RESUME_MAY_CHANGE, is listed in one error. `fields`: the config's field defaults."""
-    out = Path(values.get("out") or default_out(values.get("method", "sft"), values.get("model", fields["model"])))
+    out = Path(values.get("out")
+               or default_out(values.get("method", "sft"), values.get("model", fields["model"])))
     if not (out / "run.json").is_file():
         raise MoekdError(f"--out {out}: no run.json, not a moekd run to resume")
     try:
@@ -621,16 +625,16 @@ def saved_config(values: dict, given: dict, fields: dict) -> dict:
     differ = [f"--{k.replace('_', '-')} {v!r} (run: {saved.get(k, fields[k])!r})" for k, v in given.items()
               if k not in RESUME_MAY_CHANGE and v != saved.get(k, fields[k])]
     if differ:
-        raise MoekdError(f"--resume: {'; '.join(differ)} differ from the run being resumed; --resume continues "
-                         f"with the run's config (run.json), pass only flags that may change")
+        raise MoekdError(f"--resume: {'; '.join(differ)} differ from the run being resumed; --resume "
+                         f"continues with the run's config (run.json), pass only flags that may change")
     return {**saved, "out": str(out)}
 
 
 # Flags a --resume may change. The device count and its split (batch size, accumulation) may change
 # too, as long as the global batch stays the same.
-RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny", "sampler",
-                     "dist_timeout", "batch_size", "grad_accum", "global_batch_size", "shard_teacher",
-                     "shard_student"}
+RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny",
+                     "sampler", "dist_timeout", "batch_size", "grad_accum", "global_batch_size",
+                     "shard_teacher", "shard_student"}
 
 
 def check_resume_config(cfg, saved: dict, world: int) -> None:
@@ -638,8 +642,9 @@ def check_resume_config(cfg, saved: dict, world: int) -> None:
     was = saved["batch_size"] * saved.get("world_size", 1) * saved["grad_accum"]
     now = cfg.batch_size * world * cfg.grad_accum
     if now != was:
-        raise MoekdError(f"global batch {now} ({cfg.batch_size} x {world} device(s) x {cfg.grad_accum}) differs from "
-                         f"the run being resumed ({was}); change --batch-size/--grad-accum to keep it")
+        raise MoekdError(f"global batch {now} ({cfg.batch_size} x {world} device(s) x {cfg.grad_accum}) "
+                         f"differs from the run being resumed ({was}); change --batch-size/--grad-accum to "
+                         f"keep it")
 
 
 def prepare_out_dir(cfg, *, reads: dict[str, str | None] | None = None, lock: RunLock | None = None,

@@ -1,5 +1,5 @@
-"""What the test files share: the repository's paths, the tiny models' fixtures, the one builder of tiny random
-transformers models (tiny_model), the naive references and run arguments that several files use.
+"""What the test files share: the repository's paths, the tiny models' fixtures, the one builder of tiny
+random transformers models (tiny_model), the naive references and run arguments that several files use.
 
 At the repository root, so that pytest (`pytest` or `python -m pytest`, rootdir import mode) puts the root on
 sys.path: the test files under tests/ import moekd, checkpoints, ... and `from conftest import ...`.
@@ -84,8 +84,8 @@ def write_model_dir(path: Path, config: dict, tokenizer_dir: Path = TINY) -> Pat
 # ----------------------------------------------------------------------------
 # Tiny random transformers models: one builder, the presets several files use
 
-def tiny_model(model_type: str, *, seed: int | None = 0, dtype: torch.dtype | None = None, train: bool = False,
-               random_routers: bool = False, **fields) -> torch.nn.Module:
+def tiny_model(model_type: str, *, seed: int | None = 0, dtype: torch.dtype | None = None,
+               train: bool = False, random_routers: bool = False, **fields) -> torch.nn.Module:
     """A tiny random transformers causal LM: the config class of `model_type` with `fields` (no downloads),
     its weights drawn by from_config after torch.manual_seed(seed) (None: the generator as it is), in `dtype`
     (None: fp32; bf16: from_config keeps the family's fp32 modules), in eval mode (`train`: train mode, as
@@ -108,7 +108,8 @@ def tiny_model(model_type: str, *, seed: int | None = 0, dtype: torch.dtype | No
 
 
 _HF_MOE_COMMON = dict(vocab_size=2039, hidden_size=36, num_hidden_layers=2, num_attention_heads=3,
-                      num_key_value_heads=1, num_experts_per_tok=2, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+                      num_key_value_heads=1, num_experts_per_tok=2, pad_token_id=2, bos_token_id=1,
+                      eos_token_id=2)
 HF_MOES = {  # family -> tiny_model's arguments: MoEs of the tiny tokenizer's vocabulary, 5 experts, top-2
     "mixtral": dict(model_type="mixtral", num_local_experts=5, intermediate_size=37, **_HF_MOE_COMMON),
     "qwen3_moe": dict(model_type="qwen3_moe", num_experts=5, moe_intermediate_size=19, intermediate_size=37,
@@ -129,7 +130,8 @@ def hf_moe(tmp_path, family: str, seed: int = 0) -> Path:
 
 
 _STUDENT_COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2)
 STUDENT_LMS = {  # family -> tiny_model's arguments: student families for the sampler (Mistral with a sliding
     # window shorter than the samples, so its static cache wraps around)
     "Llama": dict(model_type="llama", **_STUDENT_COMMON),

@@ -13,7 +13,8 @@ DOLLY_HUB = "databricks/databricks-dolly-15k"
 
 
 def format_prompt(instruction: str, context: str = "") -> str:
-    """The Alpaca-style template of MiniLLM and the official code (tools/process_data_dolly.py), byte-exact."""
+    """The Alpaca-style template of MiniLLM and the official code (tools/process_data_dolly.py),
+    byte-exact."""
     if context:
         return ("Below is an instruction that describes a task, paired with an input that provides "
                 "further context. Write a response that appropriately completes the request.\n\n"
@@ -32,7 +33,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise MoekdError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise MoekdError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:

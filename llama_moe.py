@@ -1,11 +1,13 @@
-"""Llama-MoE (pjlab-sys4nlp/llama-moe), the paper's teachers, on a transformers-5 Llama backbone: no remote code.
+"""Llama-MoE (pjlab-sys4nlp/llama-moe), the paper's teachers, on a transformers-5 Llama backbone: no
+remote code.
 
 A model file in the manner of transformers' modeling_*.py: the TopKBalancedNoisyGate with the official
 numerics (noise in train mode, softmax over the selected logits, smooth load, unbiased cv^2 balance loss),
 SwiGLU experts of per-layer sizes scaled by score_scale_factor, config checks, the checkpoint keys, and the
-sharded safetensors output of the released checkpoints' format. checkpoints.load_model builds it (and reads the
-weight files into it) when a checkpoint's config.json says model_type "llama_moe". The gate follows moekd's router protocol: `routing` None is its
-native top-k, else a callable (logits [N, E], k) -> (index [N, K], kept slots [N, K] or None).
+sharded safetensors output of the released checkpoints' format. checkpoints.load_model builds it (and reads
+the weight files into it) when a checkpoint's config.json says model_type "llama_moe". The gate follows
+moekd's router protocol: `routing` None is its native top-k, else a callable (logits [N, E], k) ->
+(index [N, K], kept slots [N, K] or None).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + 1e-10)
 
 
-def routing_weights(logits: torch.Tensor, index: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+def routing_weights(logits: torch.Tensor, index: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
     """Llama-MoE weights: softmax over the *selected* (kept) logits only, in fp32, cast back: [N, K]."""
     chosen = logits.gather(1, index).float()
     if keep is not None:
@@ -84,7 +87,8 @@ class LlamaMoEGate(nn.Module):
             noise = torch.randn_like(clean) * noise_std
         logits = clean if noise is None else clean + noise
         if self.routing is None:  # the official top-k: the first k of topk(k + 1)
-            index, keep = logits.topk(min(self.top_k + 1, self.num_experts), dim=-1).indices[:, :self.top_k], None
+            index, keep = logits.topk(min(self.top_k + 1, self.num_experts),
+                                      dim=-1).indices[:, :self.top_k], None
         else:
             index, keep = self.routing(logits, self.top_k)               # [N, K]
         weights = routing_weights(logits, index, keep)                   # [N, K]
@@ -148,9 +152,11 @@ class LlamaMoECalculator(nn.Module):
         units are scaled by its routing weight before the down projection."""
         ex = self.experts
         sizes = torch.tensor([w.shape[0] for w in ex.weight_gate], device=x.device)
-        full = torch.zeros(x.shape[0], len(sizes), dtype=weights.dtype, device=x.device).scatter(1, index, weights)
+        full = torch.zeros(x.shape[0], len(sizes), dtype=weights.dtype, device=x.device).scatter(
+            1, index, weights)
         scale = (full * self.score_scale_factor).repeat_interleave(sizes, dim=1)          # [N, I]
-        hidden = F.silu(F.linear(x, torch.cat(list(ex.weight_gate)))) * F.linear(x, torch.cat(list(ex.weight_up)))
+        hidden = F.silu(F.linear(x, torch.cat(list(ex.weight_gate)))) * \
+            F.linear(x, torch.cat(list(ex.weight_up)))
         return F.linear((hidden * scale).to(x.dtype), torch.cat(list(ex.weight_down), dim=1))
 
 

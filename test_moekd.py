@@ -82,7 +82,8 @@ def test_param_groups_skip_decay_on_norms(teacher):
     decay, no_decay = moekd.param_groups(teacher, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert len(no_decay["params"]) == 2 * TINY_CFG["num_hidden_layers"] + 1  # RMSNorm weights
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(p.numel() for p in teacher.parameters())
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == \
+        sum(p.numel() for p in teacher.parameters())
 
 
 # ----------------------------------------------------------------------------
@@ -91,7 +92,8 @@ def test_param_groups_skip_decay_on_norms(teacher):
 def naive_kl(p_logits, q_logits):
     """KL(softmax(p) || softmax(q)) per row, one row at a time, in float64."""
     out = []
-    for a, b in zip(p_logits.reshape(-1, p_logits.shape[-1]).double(), q_logits.reshape(-1, q_logits.shape[-1]).double()):
+    for a, b in zip(p_logits.reshape(-1, p_logits.shape[-1]).double(),
+                    q_logits.reshape(-1, q_logits.shape[-1]).double()):
         pa, pb = a.softmax(-1), b.softmax(-1)
         out.append(sum(float(pa[v] * (pa[v].log() - pb[v].log())) for v in range(len(pa)) if pa[v] > 0))
     return torch.tensor(out, dtype=torch.float32).view(p_logits.shape[:-1])
@@ -120,7 +122,8 @@ def test_kl_properties(pair):
     n = mask.sum().clamp_min(1)
     assert_close(rkl, (naive_kl(s, t) * mask).sum() / n)              # KL(q_student || p_teacher)
     assert_close(moekd.forward_kl(s, t, mask), (naive_kl(t, s) * mask).sum() / n)
-    # F.kl_div(input, target) = KL(target || input): reverse KL is kl_div(input=log p_teacher, target=q_student)
+    # F.kl_div(input, target) = KL(target || input):
+    # reverse KL is kl_div(input=log p_teacher, target=q_student)
     per_tok = F.kl_div(t.log_softmax(-1), s.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     assert_close(rkl, (per_tok * mask).sum() / n)
     garbage = torch.where(mask.unsqueeze(-1), s, torch.full_like(s, float("nan")))
@@ -187,7 +190,8 @@ class StubStudent(torch.nn.Module):
     def generate(self, input_ids, attention_mask, generation_config):
         self.seen = (input_ids.clone(), attention_mask.clone(), generation_config)
         width = max(len(c) for c in self.continuations)
-        rows = [input_ids[i].tolist() + c + [self.eos] * (width - len(c)) for i, c in enumerate(self.continuations)]
+        rows = [input_ids[i].tolist() + c + [self.eos] * (width - len(c))
+                for i, c in enumerate(self.continuations)]
         return torch.tensor(rows)
 
 
@@ -200,9 +204,11 @@ def test_generate_on_policy_masks_prompt_and_keeps_first_eos(tokenizer):
     assert items[1] == {"input_ids": [12, 7, 8, 9, eos], "labels": [-100, 7, 8, 9, eos]}  # last forced to EOS
     ids, attn, gen = stub.seen
     assert ids.tolist() == [[10, 11], [eos, 12]] and attn.tolist() == [[1, 1], [0, 1]]  # left-padded prompts
-    assert (gen.do_sample, gen.top_k, gen.top_p, gen.temperature, gen.max_new_tokens) == (True, 0, 1.0, 1.0, 4)
+    assert (gen.do_sample, gen.top_k, gen.top_p, gen.temperature, gen.max_new_tokens) == \
+        (True, 0, 1.0, 1.0, 4)
     batch = moekd.collate(items, eos)
-    assert moekd.loss_mask(batch["labels"]).tolist() == [[False, True, True, True, False], [True, True, True, True, False]]
+    assert moekd.loss_mask(batch["labels"]).tolist() == [[False, True, True, True, False],
+                                                         [True, True, True, True, False]]
 
 
 def test_response_through_eos():
@@ -212,8 +218,8 @@ def test_response_through_eos():
 
 
 def training_setup(method, *, teacher=TINY, student=STUDENT, **overrides):
-    cfg = moekd.Config(method=method, model=str(student), teacher=str(teacher), max_prompt_len=96, max_len=128,
-                       **overrides)
+    cfg = moekd.Config(method=method, model=str(student), teacher=str(teacher), max_prompt_len=96,
+                       max_len=128, **overrides)
     tok = checkpoints.load_tokenizer(str(student))
     model = checkpoints.load_model(str(student))
     t = moekd.setup_teacher(cfg, model, tok, torch.float32)
@@ -255,9 +261,12 @@ def test_kd_step_is_forward_kl_with_the_teacher_as_target():
     """Hand-computed: at the one loss position p_teacher = (.7, .2, .1), q_student = (.2, .5, .3).
     KL(p || q) = .7 ln 3.5 + .2 ln .4 + .1 ln(1/3) = 0.58381; the reverse KL(q || p) would be 0.53718.
     d KL(p || q) / d student logits = q - p."""
-    teacher = FixedLogits(torch.tensor([[0.7, 0.2, 0.1], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]).log().unsqueeze(0))
-    student = FixedLogits(torch.tensor([[0.2, 0.5, 0.3], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]).log().unsqueeze(0))
-    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+    teacher = FixedLogits(torch.tensor([[0.7, 0.2, 0.1], [1.0, 1.0, 1.0],
+                                        [1.0, 1.0, 1.0]]).log().unsqueeze(0))
+    student = FixedLogits(torch.tensor([[0.2, 0.5, 0.3], [1.0, 1.0, 1.0],
+                                        [1.0, 1.0, 1.0]]).log().unsqueeze(0))
+    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long),
+             "attention_mask": torch.ones(1, 3, dtype=torch.long),
              "labels": torch.tensor([[-100, 1, -100]])}  # position 0 predicts the one response token
     cfg = moekd.Config(method="kd", kd_ratio=1.0)  # the loss is the KL alone
     parts = moekd.kd_step(student, teacher, batch, cfg, norm=2.0, n_micro=1)
@@ -293,7 +302,8 @@ def test_sar_router_loss_direction(direction):
     norms = moekd.loss_norms(micro, "global")
     expected = naive_router_kl(cfg, model, teacher, rows, swap=direction == "student-teacher")
     other = naive_router_kl(cfg, model, teacher, rows, swap=direction == "teacher-student")
-    logs = moekd.sar_router_update(model, teacher, micro, norms, cfg, moekd.method_state(cfg, teacher, torch.float32))
+    logs = moekd.sar_router_update(model, teacher, micro, norms, cfg,
+                                   moekd.method_state(cfg, teacher, torch.float32))
     assert abs(logs["router_kl"] - expected) < 1e-4 * expected and abs(expected - other) > 0.1 * expected
 
 
@@ -308,7 +318,8 @@ def test_ka_gold_is_the_mean_of_m_forward_kls():
     g = torch.Generator().manual_seed(5)
     with torch.no_grad(), moekd.moe_routing(teacher, "sample", k=6, prob=1.0, generator=g):
         rep = {k: v.repeat(3, 1) for k, v in batch.items()}
-        t = teacher(input_ids=rep["input_ids"], attention_mask=rep["attention_mask"]).logits.view(3, 4, *batch["labels"].shape[1:], -1)
+        t = teacher(input_ids=rep["input_ids"],
+                    attention_mask=rep["attention_mask"]).logits.view(3, 4, *batch["labels"].shape[1:], -1)
     s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = moekd.loss_mask(batch["labels"])
     expected = sum((dense_kl(t[m], s) * mask).sum() for m in range(3)) / 3 / 10.0
@@ -321,7 +332,8 @@ def test_ka_gold_is_the_mean_of_m_forward_kls():
 
 def test_teacher_top_p_routes_the_kd_teacher(monkeypatch):
     seen = []
-    monkeypatch.setattr(moekd, "moe_routing", lambda model, mode, **kw: seen.append((mode, kw)) or contextlib.nullcontext())
+    monkeypatch.setattr(moekd, "moe_routing", lambda model, mode, **kw: seen.append((mode, kw))
+                        or contextlib.nullcontext())
     moekd.teacher_routing(None, moekd.Config(method="kd", teacher_top_p=0.6), None)
     moekd.teacher_routing(None, moekd.Config(method="kd", teacher_top_p=0.6, routed_mass="literal"), None)
     assert seen == [("topp", {"top_p": 0.6, "mass": "native"}), ("topp", {"top_p": 0.6, "mass": "literal"})]
@@ -362,7 +374,8 @@ def test_accumulation_equivalence(method):
     """micro-batch 8 x 1 and 2 x 4 give the same update (loss normalised by the global token count)."""
     states = []
     for batch_size, accum in ((8, 1), (2, 4)):
-        cfg, model, teacher, tok, rows = training_setup(method, batch_size=batch_size, grad_accum=accum, ka_lambda=0.0)
+        cfg, model, teacher, tok, rows = training_setup(method, batch_size=batch_size, grad_accum=accum,
+                                                        ka_lambda=0.0)
         one_step(cfg, model, teacher, tok, rows[:8], lr=1.0, sgd=True)  # the update is the (clipped) gradient
         states.append(model.state_dict())
     for k in states[0]:
@@ -377,7 +390,8 @@ def test_ka_updates_each_makes_m_updates():
 
 def test_restart_epochs_repeat_the_first_order():
     items = list(range(12))
-    on, off = moekd.Config(method="gkd", batch_size=4), moekd.Config(method="gkd", batch_size=4, restart_epochs=False)
+    on, off = moekd.Config(method="gkd", batch_size=4), moekd.Config(method="gkd", batch_size=4,
+                                                                     restart_epochs=False)
     assert on.restart_epochs and not moekd.Config(method="sft").restart_epochs
     assert moekd.step_rows(items, on, 3, 3) == moekd.step_rows(items, on, 0, 3)
     assert moekd.step_rows(items, off, 3, 3) != moekd.step_rows(items, off, 0, 3)
@@ -390,16 +404,18 @@ def test_method_flag_table_names_config_fields_and_methods():
 
 
 def test_a_new_method_is_one_row_and_one_step(monkeypatch, teacher, student, tokenizer):
-    """An on-policy JSD method (GKD's generalised JSD, beta 0.5): a Method row, a STEPS entry and a step of a few
-    lines on hidden_losses.chunked_loss; its loss equals the JSD written out on the full logits (float64) and
-    its gradient reaches the student."""
+    """An on-policy JSD method (GKD's generalised JSD, beta 0.5): a Method row, a STEPS entry and a step of a
+    few lines on hidden_losses.chunked_loss; its loss equals the JSD written out on the full logits (float64)
+    and its gradient reaches the student."""
     def jsd_step(model, teacher, batch, cfg, *, norm, n_micro, state):
         with moekd.teacher_routing(teacher, cfg, state.generator):
             t = moekd.teacher_hidden(teacher, batch, amp_dtype=state.amp_dtype)
         h, _ = moekd.forward_with_balance(model, batch)
         mask = moekd.loss_mask(batch["labels"]).view(-1)
-        loss = hidden_losses.chunked_loss(hidden_losses.jsd_rows, h.flatten(0, 1)[mask], moekd.output_head(model),
-                                          t.view(1, -1, t.shape[-1])[:, mask], moekd.output_head(teacher)) / norm
+        loss = hidden_losses.chunked_loss(hidden_losses.jsd_rows, h.flatten(0, 1)[mask],
+                                          moekd.output_head(model),
+                                          t.view(1, -1, t.shape[-1])[:, mask],
+                                          moekd.output_head(teacher)) / norm
         return {"loss": loss, "jsd": loss.detach()}
 
     monkeypatch.setitem(moekd.METHODS, "gkd-jsd", moekd.Method("jsd", on_policy=True, teacher="native"))
@@ -469,11 +485,12 @@ def closure_source(roots: set[str]) -> str:
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_routing_and_losses_copy_out_of_moekd(tmp_path, family):
-    """moe_routing, reverse_kl and forward_kl with everything they need: no model class, no other module of this
-    project, and they work on transformers MoEs in a namespace holding only them (docs/methods.md gives the
-    closure's line count)."""
+    """moe_routing, reverse_kl and forward_kl with everything they need: no model class, no other module of
+    this project, and they work on transformers MoEs in a namespace holding only them (docs/methods.md gives
+    the closure's line count)."""
     code = closure_source({"moe_routing", "reverse_kl", "forward_kl"})
-    assert "LlamaMoE" not in code and not re.search(r"^(from|import) (checkpoints|parallel|llama_moe|sampling)",
+    assert "LlamaMoE" not in code and not re.search(r"^(from|import) "
+                                                    r"(checkpoints|parallel|llama_moe|sampling)",
                                                       code, re.M)
     import types
     copied = types.ModuleType("copied")  # a user's own file, importing nothing of this project

@@ -66,7 +66,8 @@ def test_existing_out_is_never_overwritten(tmp_path, monkeypatch):
         moekd.main(tiny_args(out, "--resume"))
     (out / "sub").mkdir()
     (out / "run.json").write_text("{}")
-    with pytest.raises(errors.MoekdError, match=r"^--out .*run: holds files moekd did not write \(keep.txt, sub\)"):
+    with pytest.raises(errors.MoekdError,
+                       match=r"^--out .*run: holds files moekd did not write \(keep.txt, sub\)"):
         moekd.main(tiny_args(out, "--overwrite"))
     assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 3
     monkeypatch.chdir(out)  # --out . is the working directory, foreign files and all
@@ -81,8 +82,8 @@ def test_existing_out_is_never_overwritten(tmp_path, monkeypatch):
     (mine / "run.json").write_text(json.dumps({**dataclasses.asdict(moekd.Config()), "world_size": 1}))
     (mine / "log.txt").write_text("step 1")
     moekd.main(tiny_args(mine, "--overwrite", "--max-steps", "1", "--no-dev-eval"))
-    assert sorted(p.name for p in mine.iterdir()) == [".lock", "checkpoints", "final", "log.txt", "metrics.json",
-                                                      "run.json"]
+    assert sorted(p.name for p in mine.iterdir()) == [".lock", "checkpoints", "final", "log.txt",
+                                                      "metrics.json", "run.json"]
     ev = tmp_path / "ev"
     ev.mkdir()
     (ev / "eval.json").write_text("{}")
@@ -108,7 +109,8 @@ def test_existing_out_is_never_overwritten(tmp_path, monkeypatch):
     (["--weight-decay", "inf"], "--weight-decay must be >= 0 and finite, got inf"),
     (["--max-steps", "0"], "--max-steps must be >= 1"),
     (["--ka-m", "3"], r"^--method sft does not use --ka-m \(ka/ka-gold only\)$"),
-    (["--teacher-k", "2", "--gen-batch-size", "4"], r"does not use --teacher-k \(kd/gkd only\), --gen-batch-size"),
+    (["--teacher-k", "2", "--gen-batch-size", "4"],
+     r"does not use --teacher-k \(kd/gkd only\), --gen-batch-size"),
     (["--method", "gkd", "--router-lr", "1e-3"], r"^--method gkd does not use --router-lr \(sar only\)$"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, extra, pattern):
@@ -119,9 +121,12 @@ def test_bad_input_fails_before_any_work(tmp_path, extra, pattern):
 
 
 @pytest.mark.parametrize("content,pattern", [
-    (b'{"instruction": "a", "response": "b"}\n{"instruction": "\xff", "response": "b"}\n', r"data.jsonl:2: not UTF-8"),
-    (b'{"instruction": null, "response": "b"}\n', r"data.jsonl:1: field 'instruction' must be a string, got null"),
-    (b'{"instruction": "a", "context": 3, "response": "b"}\n', r"data.jsonl:1: field 'context' must be a string"),
+    (b'{"instruction": "a", "response": "b"}\n{"instruction": "\xff", "response": "b"}\n',
+     r"data.jsonl:2: not UTF-8"),
+    (b'{"instruction": null, "response": "b"}\n',
+     r"data.jsonl:1: field 'instruction' must be a string, got null"),
+    (b'{"instruction": "a", "context": 3, "response": "b"}\n',
+     r"data.jsonl:1: field 'context' must be a string"),
 ])
 def test_bad_data_names_file_line_and_field(tmp_path, content, pattern):
     (tmp_path / "data.jsonl").write_bytes(content)
@@ -150,8 +155,8 @@ def test_model_needing_remote_code_is_refused_without_running_it(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "moekd.py"), "--tiny", "--model", str(d), "--out",
                            str(tmp_path / "run")], input="y\ny\n", capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines() == [f"error: --model {d}: config.json has an auto_map, the model needs "
-                                                f"remote code, which moekd never runs"]
+    assert proc.stderr.strip().splitlines() == [f"error: --model {d}: config.json has an auto_map, the model "
+                                                f"needs remote code, which moekd never runs"]
     with pytest.raises(errors.MoekdError, match="needs remote code"):
         moe_eval.main(eval_args(tmp_path, "--model", str(d), "--sets", "vicuna"))
     assert not marker.exists() and not (tmp_path / "run").exists()
@@ -160,7 +165,8 @@ def test_model_needing_remote_code_is_refused_without_running_it(tmp_path):
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(errors.MoekdError, match=r"^step (\d+): the (loss|gradient norm) is nan") as e:
-        moekd.main(run_args(out, "sft", "--lr", "1e6", "--synthetic-train", "40", "--max-steps", "10", "--save-every", "1"))
+        moekd.main(run_args(out, "sft", "--lr", "1e6", "--synthetic-train", "40", "--max-steps", "10",
+                            "--save-every", "1"))
     step = int(re.match(r"step (\d+)", str(e.value)).group(1))
     assert str(e.value).endswith(f"its last good checkpoint is {out / 'checkpoints' / f'step-{step - 1}'} "
                                  f"(continue with --resume)")
@@ -183,8 +189,9 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
         return real(*args, **kw)
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     out = tmp_path / "run"
-    with pytest.raises(errors.MoekdError, match=r"^no space left on device writing .*checkpoints/step-2; the run stopped, "
-                                               r"its last good checkpoint is .*checkpoints/step-1 \(continue"):
+    with pytest.raises(errors.MoekdError,
+                       match=r"^no space left on device writing .*checkpoints/step-2; the run stopped, "
+                             r"its last good checkpoint is .*checkpoints/step-1 \(continue"):
         moekd.main(tiny_args(out, "--max-steps", "3", "--save-every", "1", "--no-dev-eval"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-1"]
     assert moekd.is_moe(checkpoints.load_model(str(out / "checkpoints" / "step-1")))
@@ -205,16 +212,20 @@ def test_vocabulary_mismatch(tmp_path):
     """Heads that differ by padding rows past one tokenizer distill (as Qwen2.5's 152064 vs 151936 rows);
     another tokenizer is a one-line error naming both."""
     d = write_model_dir(tmp_path / "t", {**TINY_CFG, "vocab_size": 2041})
-    assert moekd.main(tiny_args(tmp_path / "run", "--method", "kd", "--teacher", str(d), "--model", str(STUDENT),
-                                "--max-steps", "1", "--no-dev-eval"))["finished"]
+    assert moekd.main(tiny_args(tmp_path / "run", "--method", "kd", "--teacher", str(d), "--model",
+                                str(STUDENT), "--max-steps", "1", "--no-dev-eval"))["finished"]
     d = write_model_dir(tmp_path / "sp", {**TINY_CFG, "vocab_size": 2041}, tokenizer_dir=SP)
-    with pytest.raises(errors.MoekdError, match=r"--teacher tokenizer .*sp \(\d+ tokens\) differs from --model tokenizer .*student"):
-        moekd.main(tiny_args(tmp_path / "run2", "--method", "kd", "--teacher", str(d), "--model", str(STUDENT)))
+    with pytest.raises(errors.MoekdError,
+                       match=r"--teacher tokenizer .*sp \(\d+ tokens\) differs from --model tokenizer "
+                             r".*student"):
+        moekd.main(tiny_args(tmp_path / "run2", "--method", "kd", "--teacher", str(d), "--model",
+                             str(STUDENT)))
 
 
 def test_missing_llama_moe_field_via_main(tmp_path):
     d = write_model_dir(tmp_path / "m", {k: v for k, v in TINY_CFG.items() if k != "num_selects"})
-    with pytest.raises(errors.MoekdError, match=r"config.json: Llama-MoE config is missing required field\(s\) num_selects"):
+    with pytest.raises(errors.MoekdError,
+                       match=r"config.json: Llama-MoE config is missing required field\(s\) num_selects"):
         moekd.main(tiny_args(tmp_path / "run", "--model", str(d)))
 
 
@@ -225,7 +236,8 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "moekd.py"), "--tiny", "--out", str(out)],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: --out {out}: exists and is not empty; pass --resume or --overwrite"]
+    assert proc.stderr.strip().splitlines() == [f"error: --out {out}: exists and is not empty; pass --resume "
+                                                f"or --overwrite"]
 
 
 def test_help_lists_every_flag_with_defaults():
@@ -254,7 +266,8 @@ def test_bad_distillation_flags(tmp_path, extra, pattern):
 @pytest.mark.parametrize("restart,steps", [("--restart-epochs", 2), ("--no-restart-epochs", 4)])
 def test_restart_epochs_reset_the_optimizer(tmp_path, restart, steps):
     """Two epochs of two steps: with restarts AdamW's state starts over at the second epoch."""
-    moekd.main(run_args(tmp_path / "run", "gkd", "--max-steps", "4", "--epochs", "2", "--synthetic-train", "8", restart))
+    moekd.main(run_args(tmp_path / "run", "gkd", "--max-steps", "4", "--epochs", "2",
+                        "--synthetic-train", "8", restart))
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=True)
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {steps}
 
@@ -273,7 +286,8 @@ def test_every_method_runs_on_every_teacher_family(tmp_path, method, family):
     if method == "sar":
         routers = load_file(tmp_path / "run" / "final" / checkpoints.ROUTERS_FILE)
         original = checkpoints.load_model(str(teacher)).state_dict()
-        assert routers.keys() <= original.keys() and any(not torch.equal(routers[k], original[k]) for k in routers)
+        assert routers.keys() <= original.keys() and any(not torch.equal(routers[k], original[k])
+                                                         for k in routers)
 
 
 @pytest.mark.parametrize("method", moekd.METHODS)
@@ -281,20 +295,23 @@ def test_every_method_steps_in_bf16_on_cpu(tmp_path, method):
     """GPU runs are bf16 (autocast, fp32 master weights, fp32 SAR routers): dtype bugs must show up here. The
     first step's losses are those of the same step in fp32 within rel 2e-2."""
     result = moekd.main(run_args(tmp_path / "run", method, "--dtype", "bf16", "--max-steps", "1"))
-    fp32 = moekd.main(run_args(tmp_path / "fp32", method, "--dtype", "fp32", "--max-steps", "1"))["history"][0]
+    fp32 = moekd.main(run_args(tmp_path / "fp32", method, "--dtype", "fp32", "--max-steps",
+                               "1"))["history"][0]
     assert result["finished"] and all(math.isfinite(v) for h in result["history"] for v in h.values())
     losses = [k for k in fp32 if k in ("loss", "rkl", "fkl", "ce", "router_kl")]
-    assert "loss" in losses and all(abs(result["history"][0][k] - fp32[k]) <= 2e-2 * abs(fp32[k]) for k in losses), \
+    assert "loss" in losses and all(abs(result["history"][0][k] - fp32[k]) <= 2e-2 * abs(fp32[k])
+                                    for k in losses), \
         {k: (result["history"][0][k], fp32[k]) for k in losses}
     trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
     init = checkpoints.load_model(str(STUDENT)).state_dict()
-    assert all(trained[k].dtype == torch.float32 for k in trained) and any(not torch.equal(trained[k], init[k]) for k in init)
+    assert all(trained[k].dtype == torch.float32
+               for k in trained) and any(not torch.equal(trained[k], init[k]) for k in init)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["dtype"] == "bf16"
 
 
 def test_ka_at_lambda_0_is_gkd_with_the_top_n_minus_1_experts(tmp_path):
-    """KA's draws never taken (lambda 0): every pass routes the top-(N-1), so the first step's loss is gkd's with
-    --teacher-k N-1 (N = 7 experts in the tiny teacher); at the default lambda it is not."""
+    """KA's draws never taken (lambda 0): every pass routes the top-(N-1), so the first step's loss is gkd's
+    with --teacher-k N-1 (N = 7 experts in the tiny teacher); at the default lambda it is not."""
     def first(method, *extra):
         out = tmp_path / "-".join([method, *extra]).replace("--", "")
         return moekd.main(run_args(out, method, "--max-steps", "1", *extra))["history"][0]["loss"]
@@ -307,15 +324,16 @@ def test_ka_at_lambda_0_is_gkd_with_the_top_n_minus_1_experts(tmp_path):
 def test_llama_like_tokenizer_end_to_end(tmp_path):
     """SFT of the student, then kd and gkd from it, all with the SentencePiece-style tokenizer's models."""
     common = ["--synthetic-train", "16", "--batch-size", "4", "--max-steps", "2", "--log-every", "1"]
-    sft = moekd.main(["--tiny", "--model", str(SP / "student"), "--out", str(tmp_path / "sft"), "--synthetic-dev", "4",
-                      "--dev-num", "2", *common])
+    sft = moekd.main(["--tiny", "--model", str(SP / "student"), "--out", str(tmp_path / "sft"),
+                      "--synthetic-dev", "4", "--dev-num", "2", *common])
     assert sft["model"] == str(tmp_path / "sft" / "best_rougeL")
     for method in ("kd", "gkd"):
         result = moekd.main(["--tiny", "--method", method, "--model", sft["model"], "--teacher", str(SP),
                              "--out", str(tmp_path / method), "--no-dev-eval", *common])
         assert result["finished"] and result["model"] == str(tmp_path / method / "final")
         assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in result["history"])
-        assert checkpoints.load_tokenizer(result["model"]).get_vocab() == checkpoints.load_tokenizer(str(SP)).get_vocab()
+        assert checkpoints.load_tokenizer(result["model"]).get_vocab() == \
+            checkpoints.load_tokenizer(str(SP)).get_vocab()
 
 
 @pytest.mark.parametrize("student_family", ["llama_moe", "mixtral"])
@@ -335,41 +353,49 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
     whole = moekd.main(tiny_args(tmp_path / "a"))
     b = tmp_path / "b"
     proc = subprocess.Popen([sys.executable, str(ROOT / "moekd.py"), *tiny_args(b, "--save-every", "1")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # this process's thread count:
-                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # the same float sums
+                            # this process's thread count:
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            # the same float sums
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     latest = b / "checkpoints" / "latest"
     while proc.poll() is None and not (latest.exists() and int(latest.read_text().split("-")[1]) >= 3):
         time.sleep(0.02)
     proc.kill()
     assert proc.wait() == -9, "the run ended before it could be killed"
-    with (b / "log.txt").open("a") as f:  # what a kill can leave after the checkpoint: a later step, half a line
+    # what a kill can leave after the checkpoint: a later step, half a line
+    with (b / "log.txt").open("a") as f:
         f.write("dev step 11 | dev_loss 1.0 | dev_rougeL 1.00\nstep 1")
     resumed = moekd.main(["--out", str(b), "--resume"])
     assert resumed["finished"]
-    a, c = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    a, c = load_file(tmp_path / "a" / "final" / "model.safetensors"), \
+        load_file(b / "final" / "model.safetensors")
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
     assert whole["history"] == resumed["history"]  # the same log lines and dev scores
-    assert without_timing((b / "log.txt").read_text()) == without_timing((tmp_path / "a" / "log.txt").read_text())
-    with pytest.raises(errors.MoekdError, match=r"--resume: --epochs 3 \(run: 2\); --lr 0.01 \(run: 0.003\) differ "
-                                               r"from the run being resumed"):
+    assert without_timing((b / "log.txt").read_text()) == \
+        without_timing((tmp_path / "a" / "log.txt").read_text())
+    with pytest.raises(errors.MoekdError,
+                       match=r"--resume: --epochs 3 \(run: 2\); --lr 0.01 \(run: 0.003\) differ "
+                             r"from the run being resumed"):
         moekd.main(tiny_args(b, "--resume", "--lr", "1e-2", "--epochs", "3"))
     assert not list(b.glob("**/.tmp-*"))
 
 
 def test_routed_mass_is_recorded_and_an_older_run_resumes_literal(tmp_path, capsys):
-    """run.json records --routed-mass (default native); a run.json written before the flag existed resumes with
-    the rule it was trained with (literal), saying so in one line; asking it for native is a clear error."""
+    """run.json records --routed-mass (default native); a run.json written before the flag existed resumes
+    with the rule it was trained with (literal), saying so in one line; asking it for native is a clear
+    error."""
     out = tmp_path / "run"
     moekd.main(run_args(out, "all", "--save-every", "1", "--stop-after", "1"))
     saved = json.loads((out / "run.json").read_text())
-    assert saved["routed_mass"] == "native" and moekd.parse_config(["--resume", "--out", str(out)]).routed_mass == "native"
+    assert saved["routed_mass"] == "native" and moekd.parse_config(["--resume", "--out",
+                                                                    str(out)]).routed_mass == "native"
     del saved["routed_mass"]
     (out / "run.json").write_text(json.dumps(saved))
     capsys.readouterr()
     assert moekd.parse_config(["--resume", "--out", str(out)]).routed_mass == "literal"
     line = [x for x in capsys.readouterr().out.splitlines() if "routed-mass" in x]
-    assert line == ["resume: run.json predates --routed-mass, so the run goes on with the rule it was trained with "
-                    "(--routed-mass literal)"]
+    assert line == ["resume: run.json predates --routed-mass, so the run goes on with the rule it was "
+                    "trained with (--routed-mass literal)"]
     with pytest.raises(errors.MoekdError, match=r"--routed-mass 'native' \(run: 'literal'\)"):
         moekd.parse_config(["--resume", "--out", str(out), "--routed-mass", "native"])
     with pytest.raises(SystemExit):
@@ -394,10 +420,12 @@ def test_saved_routers_reload(tmp_path):
     teacher = checkpoints.load_model(str(TINY))
     moekd.load_routers(teacher, tmp_path / "run" / "final")
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in saved.items())
-    result = moekd.main(run_args(tmp_path / "again", "gkd", "--teacher-routers", str(tmp_path / "run" / "final")))
+    result = moekd.main(run_args(tmp_path / "again", "gkd", "--teacher-routers",
+                                 str(tmp_path / "run" / "final")))
     assert result["finished"]
     with pytest.raises(errors.MoekdError, match="--teacher-routers .*: no such file"):
-        moekd.main(run_args(tmp_path / "x", "gkd", "--teacher-routers", str(tmp_path / "nothing.safetensors")))
+        moekd.main(run_args(tmp_path / "x", "gkd", "--teacher-routers",
+                            str(tmp_path / "nothing.safetensors")))
 
 
 def test_run_folder_of_the_previous_layout_resumes(tmp_path, monkeypatch):

@@ -30,7 +30,8 @@ def test_cuda_every_method_steps_in_bf16(tmp_path, method):
     assert result["finished"] and all(math.isfinite(v) for h in result["history"] for v in h.values())
     trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
     init = checkpoints.load_model(str(STUDENT)).state_dict()
-    assert all(trained[k].dtype == torch.float32 for k in trained) and any(not torch.equal(trained[k], init[k]) for k in init)
+    assert all(trained[k].dtype == torch.float32
+               for k in trained) and any(not torch.equal(trained[k], init[k]) for k in init)
 
 
 @pytest.mark.cuda
@@ -39,7 +40,8 @@ def test_cuda_every_method_steps_in_bf16(tmp_path, method):
 def test_cuda_routing_conformance(tmp_path, family):
     """On CUDA: top-k routing is the native forward bit for bit, KA at lambda 0 too, all experts differ, the
     KA draws follow the CUDA generator's seed, and the model is restored after each block."""
-    model = checkpoints.load_model(str(TINY if family == "llama_moe" else hf_moe(tmp_path, family)), device="cuda")
+    model = checkpoints.load_model(str(TINY if family == "llama_moe" else hf_moe(tmp_path, family)),
+                                   device="cuda")
     ids = ids_batch().cuda()
     with torch.no_grad():
         native = model(ids).logits
@@ -49,7 +51,8 @@ def test_cuda_routing_conformance(tmp_path, family):
             assert torch.equal(model(ids).logits, native)
         draws = []
         for _ in range(2):
-            with moekd.moe_routing(model, "sample", prob=1.0, generator=torch.Generator("cuda").manual_seed(5)):
+            with moekd.moe_routing(model, "sample", prob=1.0,
+                                   generator=torch.Generator("cuda").manual_seed(5)):
                 draws.append(model(ids).logits)
         with moekd.moe_routing(model, "all"):
             dense = model(ids).logits
@@ -116,11 +119,12 @@ def test_cuda_ragged_prompts_sample_finite_logits_and_each_row_as_alone(dtype):
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_compiled_sampler_with_cuda_graphs_equals_eager(tokenizer):
-    """The compiled decode step with CUDA graphs emits the eager sampler's tokens (fp32), and the counter-based
-    noise is the CPU noise."""
+    """The compiled decode step with CUDA graphs emits the eager sampler's tokens (fp32), and the
+    counter-based noise is the CPU noise."""
     model = checkpoints.load_model(str(STUDENT), device="cuda")
     prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]], [3, 1 << 40, 77]
     kw = dict(pad_id=tokenizer.pad_token_id, eos_id=-1, max_new_tokens=20, seeds=seeds)
-    assert sampling.sample_rows(model, prompts, compile=True, **kw) == sampling.sample_rows(model, prompts, **kw)
+    assert sampling.sample_rows(model, prompts, compile=True, **kw) == \
+        sampling.sample_rows(model, prompts, **kw)
     keys = sampling.row_keys(seeds, "cuda")
     assert_close(sampling.gumbel_noise(keys, 7, 2039).cpu(), sampling.gumbel_noise(keys.cpu(), 7, 2039))

@@ -52,7 +52,8 @@ def test_labels_mask_prompt_and_keep_eos_when_pad_is_eos(any_tokenizer):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # MoEKD's LLaMA setting
     eos = tokenizer.eos_token_id
     a = moekd.tokenize_example(tokenizer, "### Q:\n", "red", max_prompt_len=50, max_len=60)
-    b = moekd.tokenize_example(tokenizer, "### Question here:\n", "blue green black", max_prompt_len=50, max_len=60)
+    b = moekd.tokenize_example(tokenizer, "### Question here:\n", "blue green black", max_prompt_len=50,
+                               max_len=60)
     n_prompt = len(tokenizer.encode("### Q:\n", add_special_tokens=False))
     assert a["input_ids"][0] != tokenizer.bos_token_id  # no BOS in training (official processing)
     assert a["labels"][:n_prompt] == [-100] * n_prompt
@@ -64,7 +65,8 @@ def test_labels_mask_prompt_and_keep_eos_when_pad_is_eos(any_tokenizer):
     assert batch["input_ids"][0, last] == eos and batch["labels"][0, last] == eos and mask[0, last - 1]
     assert batch["input_ids"][0, last + 1] == eos and not mask[0, last:].any()  # padding is not
     assert int(mask.sum()) == sum(l != -100 for l in a["labels"] + b["labels"])
-    assert batch["attention_mask"][0].tolist() == [1] * (last + 1) + [0] * (batch["input_ids"].shape[1] - last - 1)
+    assert batch["attention_mask"][0].tolist() == \
+        [1] * (last + 1) + [0] * (batch["input_ids"].shape[1] - last - 1)
 
 
 def test_long_prompts_dropped_and_sequences_truncated(any_tokenizer):
@@ -84,7 +86,8 @@ def test_sentencepiece_tokenizer_behaves_like_llama(sp_tokenizer):
     assert tok.encode("hi")[0] == tok.bos_token_id  # <s> added, as LLaMA's tokenizer
     pieces = tok.convert_ids_to_tokens(tok.encode("Paris is\n日", add_special_tokens=False))
     assert pieces[0].startswith("▁") and "<0x0A>" in pieces  # prefix on the first word; newline as a byte
-    assert pieces[-3:] == ["<0xE6>", "<0x97>", "<0xA5>"]  # byte fallback for a character outside the vocabulary
+    # byte fallback for a character outside the vocabulary
+    assert pieces[-3:] == ["<0xE6>", "<0x97>", "<0xA5>"]
     assert tok.decode(tok.encode("Paris is\n日 ok", add_special_tokens=False)) == "Paris is\n日 ok"
 
 
@@ -113,7 +116,8 @@ def test_prompts_whose_tokens_merge_into_the_response_are_counted(tokenizer, cap
                                                 {"prompt": "Q:\n", "responses": ["yes"]}], cfg, name="t")
     assert len(items) == 2 and "prefix_ok" not in items[0]
     assert items[0]["input_ids"] == prompt_ids + joint[len(prompt_ids):] + [tokenizer.eos_token_id]
-    assert "2 examples kept, 0 dropped with prompts over 50 tokens, 0 dropped with empty responses, 1 whose prompt tokens merge" in capsys.readouterr().out
+    assert ("2 examples kept, 0 dropped with prompts over 50 tokens, 0 dropped with empty responses, "
+            "1 whose prompt tokens merge") in capsys.readouterr().out
 
 
 def test_empty_responses_are_counted_and_dropped(tokenizer, capsys):
@@ -163,7 +167,8 @@ def test_splits(tmp_path):
 def test_synthetic_fact_families_are_a_consistent_table():
     """color/password ask fixed attributes of the fact table's people (the same answer every time); a longer
     table extends a shorter one; the default mix is what it was (the families and table are opt-in)."""
-    assert synthetic.synthetic_rows(300, seed=3) == synthetic.synthetic_rows(300, seed=3, families=synthetic.DEFAULT_FAMILIES)
+    assert synthetic.synthetic_rows(300, seed=3) == \
+        synthetic.synthetic_rows(300, seed=3, families=synthetic.DEFAULT_FAMILIES)
     assert synthetic._fact_table(500)[:240] == synthetic._fact_table()
     rows = synthetic.synthetic_rows(3000, seed=5, families=("color", "password", "fact"), n_facts=50)
     assert {r["category"] for r in rows} == {"color", "password", "fact"}
@@ -173,7 +178,8 @@ def test_synthetic_fact_families_are_a_consistent_table():
     for r in rows:
         answers.setdefault(r["instruction"], set()).add(r["response"])
     assert len(unique) == 48 and len(answers) <= 3 * 49
-    assert all(len(a) == 1 for q, a in answers.items() if any(f" {n} " in q or f" {n}'s" in q for n in unique))
+    assert all(len(a) == 1 for q, a in answers.items()
+               if any(f" {n} " in q or f" {n}'s" in q for n in unique))
     assert {r["response"] for r in rows if r["category"] == "color"} <= set(synthetic._COLORS)
     with pytest.raises(ValueError, match="unknown: nope"):
         synthetic.synthetic_rows(3, seed=1, families=("add", "nope"))
@@ -215,11 +221,13 @@ def made_up_source(root: Path) -> list:
     import hashlib
     table = []
     for remote in fetch_data.FILES:
-        rows = [{"prompt": f"{remote.name} prompt {i}\n\n### Response:\n", "output": f"answer {i}"} for i in range(2)]
+        rows = [{"prompt": f"{remote.name} prompt {i}\n\n### Response:\n", "output": f"answer {i}"}
+                for i in range(2)]
         data = "".join(json.dumps(r) + "\n" for r in rows).encode()
         (root / remote.path).parent.mkdir(parents=True, exist_ok=True)
         (root / remote.path).write_bytes(data)
-        table.append(fetch_data.Remote(remote.name, remote.path, len(data), 2, hashlib.sha256(data).hexdigest()))
+        table.append(fetch_data.Remote(remote.name, remote.path, len(data), 2,
+                                       hashlib.sha256(data).hexdigest()))
     return table
 
 
@@ -238,7 +246,8 @@ def test_fetch_data_from_a_file_url_lands_where_eval_looks(tmp_path, monkeypatch
     assert (out / "vicuna" / "valid.jsonl").read_text() == "mine\n" and "kept" in capsys.readouterr().out
     assert fetch_data.main(["--out", str(out), "--source", str(tmp_path / "src"), "--sets", "vicuna",
                             "--overwrite"]) == 0
-    assert (out / "vicuna" / "valid.jsonl").read_bytes() == (tmp_path / "src" / "vicuna" / "valid.jsonl").read_bytes()
+    assert (out / "vicuna" / "valid.jsonl").read_bytes() == \
+        (tmp_path / "src" / "vicuna" / "valid.jsonl").read_bytes()
 
 
 def test_fetch_data_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys):
@@ -246,11 +255,13 @@ def test_fetch_data_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch,
     out = tmp_path / "data"
     assert fetch_data.main(["--out", str(out), "--source", str(tmp_path / "src"), "--sets", "dolly"]) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(r"error: set dolly: file://\S+/dolly/valid.jsonl has \d+ bytes, expected 505929\n", err)
+    assert re.fullmatch(r"error: set dolly: file://\S+/dolly/valid.jsonl has \d+ bytes, expected 505929\n",
+                        err)
     assert not (out / "dolly" / "valid.jsonl").exists() and not list(out.rglob("*.part"))
     (tmp_path / "src" / "uinst" / "11_" / "valid.jsonl").write_text("<html>rate limited</html>\n")
     assert fetch_data.main(["--out", str(out), "--source", str(tmp_path / "src"), "--sets", "uinst"]) == 2
-    assert "error: set uinst:" in capsys.readouterr().err and not (out / "uinst" / "11_" / "valid.jsonl").exists()
+    assert "error: set uinst:" in capsys.readouterr().err and \
+        not (out / "uinst" / "11_" / "valid.jsonl").exists()
     assert fetch_data.main(["--sets", "dolly,nope", "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: --sets: unknown set(s) nope; known: dolly, dolly-dev")
     # offline / unreachable: the script as a user runs it, against a local port nobody listens on, exit code 2
@@ -259,9 +270,11 @@ def test_fetch_data_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch,
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, str(ROOT / "fetch_data.py"), "--out", str(out), "--source",
-                           f"http://127.0.0.1:{port}/data", "--timeout", "5"], capture_output=True, text=True, timeout=60)
+                           f"http://127.0.0.1:{port}/data", "--timeout", "5"], capture_output=True, text=True,
+                           timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert re.fullmatch(rf"error: set dolly: cannot reach http://127.0.0.1:{port}/data/dolly/valid.jsonl \(.*; offline\?\)\n",
+    assert re.fullmatch(rf"error: set dolly: cannot reach http://127.0.0.1:{port}/data/dolly/valid.jsonl "
+                        rf"\(.*; offline\?\)\n",
                         proc.stderr)
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
 

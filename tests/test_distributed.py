@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("seeded")  # torch seeded 0 before each tes
 
 
 def test_stream_seeds_are_distinct_and_reproducible():
-    seeds = {moekd.stream_seed(10, step, i, s) for step in range(3) for i in range(8) for s in ("sample", "train0")}
+    seeds = {moekd.stream_seed(10, step, i, s) for step in range(3) for i in range(8)
+             for s in ("sample", "train0")}
     assert len(seeds) == 48 and all(0 <= x < 2**63 for x in seeds)
     assert moekd.stream_seed(10, 2, 5, "sample") == moekd.stream_seed(10, 2, 5, "sample")
 
@@ -31,7 +32,8 @@ def test_split_global_batch():
     cfg = moekd.Config(batch_size=4, global_batch_size=16)
     assert cfg.grad_accum is None and parallel.split_global_batch(cfg, 2) == 16 and cfg.grad_accum == 2
     assert parallel.split_global_batch(moekd.Config(batch_size=4, grad_accum=3), 2) == 24
-    with pytest.raises(errors.MoekdError, match="--global-batch-size 16 is not a multiple of --batch-size 4 x 3"):
+    with pytest.raises(errors.MoekdError,
+                       match="--global-batch-size 16 is not a multiple of --batch-size 4 x 3"):
         parallel.split_global_batch(moekd.Config(batch_size=4, global_batch_size=16), 3)
     with pytest.raises(errors.MoekdError, match="--grad-accum 1 contradicts --global-batch-size 16"):
         parallel.split_global_batch(moekd.Config(batch_size=4, grad_accum=1, global_batch_size=16), 2)
@@ -50,7 +52,8 @@ def test_launch_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(errors.MoekdError, match="--device cpu:0: under torchrun every rank picks its own device"):
+    with pytest.raises(errors.MoekdError,
+                       match="--device cpu:0: under torchrun every rank picks its own device"):
         moekd.main(run_args(tmp_path / "run", "gkd", "--device", "cpu:0"))
     with pytest.raises(errors.MoekdError, match="--teacher-device cpu:0: under torchrun the teacher lives"):
         moekd.main(run_args(tmp_path / "run", "gkd", "--teacher-device", "cpu:0"))
@@ -61,7 +64,8 @@ def test_resume_keeps_the_global_batch(tmp_path):
     moekd.main(run_args(tmp_path / "run", "gkd", "--stop-after", "1"))
     with pytest.raises(errors.MoekdError, match=r"global batch 8 \(4 x 1 device\(s\) x 2\) differs .* \(4\)"):
         moekd.main(run_args(tmp_path / "run", "gkd", "--resume", "--grad-accum", "2"))
-    result = moekd.main(run_args(tmp_path / "run", "gkd", "--resume", "--batch-size", "2", "--grad-accum", "2"))
+    result = moekd.main(run_args(tmp_path / "run", "gkd", "--resume", "--batch-size", "2",
+                                 "--grad-accum", "2"))
     assert result["finished"]
 
 
@@ -69,7 +73,8 @@ def torchrun(*args: str, nproc: int = 2) -> None:
     """Run moekd.py under torchrun on CPU (gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "moekd.py"), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
@@ -92,7 +97,8 @@ def assert_same_run(a: Path, b: Path, method: str) -> None:
     ("gkd", []), ("ka", ["--ka-lambda", "0"]), ("ka", ["--ka-lambda", "0.5"]),
     ("sar", ["--router-lr", "1e-2"]),
     ("gkd", ["--shard-teacher"]), ("sar", ["--router-lr", "1e-2", "--shard-teacher"]),
-    ("sft", ["--model", str(TINY), "--shard-student", "--dev-eval", "--synthetic-dev", "8", "--dev-num", "4"]),
+    ("sft", ["--model", str(TINY), "--shard-student", "--dev-eval", "--synthetic-dev", "8",
+             "--dev-num", "4"]),
     ("gkd", ["--shard-student", "--shard-teacher"]),
     ("sar", ["--router-lr", "1e-2", "--shard-student", "--shard-teacher", "--grad-checkpointing"])],
     ids=["sft-moe", "gkd", "ka-0", "ka-0.5", "sar", "gkd-sharded-teacher", "sar-sharded-teacher",
@@ -121,7 +127,8 @@ def test_two_ranks_match_one_process(tmp_path, method, extra):
 def test_resume_across_world_sizes(tmp_path, shard):
     """SAR (student and router optimizers) stopped after 2 of 4 steps on 2 ranks, resumed on 2 ranks
     and on 1 process, ends where an uninterrupted 1-process run ends."""
-    args = lambda out, *e: run_args(out, "sar", "--router-lr", "1e-2", "--synthetic-train", "32",  # noqa: E731
+    args = lambda out, *e: run_args(out, "sar", "--router-lr", "1e-2", "--synthetic-train",
+                                    "32",  # noqa: E731
                                     "--max-steps", "4", "--gen-batch-size", "4", *e)
     moekd.main(args(tmp_path / "whole", "--grad-accum", "2"))
     torchrun(*args(tmp_path / "two", "--stop-after", "2", *shard))

@@ -25,22 +25,25 @@ def head_logits_naive(h, head, vocab):
     return z if head.cap is None else head.cap * torch.tanh(z / head.cap)
 
 
-hidden_cases = st.tuples(st.integers(1, 2), st.integers(2, 5), st.integers(2, 6), st.integers(3, 9), st.integers(1, 4),
+hidden_cases = st.tuples(st.integers(1, 2), st.integers(2, 5), st.integers(2, 6), st.integers(3, 9),
+                         st.integers(1, 4),
                          st.booleans(), st.sampled_from([None, 2.5, "-inf"]), st.integers(0, 10_000))
 
 
 @given(hidden_cases)
 @settings(max_examples=30, deadline=None)
 def test_losses_from_hidden_states_equal_the_logits_formulas(case):
-    """head_losses (chunked, gradients in the forward) = reverse_kl / forward_kl / CE on the full logits, to 1e-5 in
-    fp32: values and gradients for student hidden states, head weight and bias, teacher hidden states (what carries
-    SAR's gradient to the routers) and head; masked rows (NaN there), M = 1..4 passes, heads with padding rows past
-    the vocabulary, soft-capped and scaled logits, -inf logits (a -inf bias on one token of both heads)."""
+    """head_losses (chunked, gradients in the forward) = reverse_kl / forward_kl / CE on the full logits, to
+    1e-5 in fp32: values and gradients for student hidden states, head weight and bias, teacher hidden states
+    (what carries SAR's gradient to the routers) and head; masked rows (NaN there), M = 1..4 passes, heads
+    with padding rows past the vocabulary, soft-capped and scaled logits, -inf logits (a -inf bias on one
+    token of both heads)."""
     B, T, H, V, M, reverse, cap, seed = case
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(B, T, generator=g) > 0.3
     leaf = lambda *shape: (torch.randn(*shape, generator=g) * 2).requires_grad_()  # noqa: E731
-    hs, ht, ws, wt, bs, bt = leaf(B, T, H), leaf(M, B, T, H + 1), leaf(V + 2, H), leaf(V + 1, H + 1), leaf(V + 2), leaf(V + 1)
+    hs, ht, ws, wt, bs, bt = (leaf(B, T, H), leaf(M, B, T, H + 1), leaf(V + 2, H), leaf(V + 1, H + 1),
+                              leaf(V + 2), leaf(V + 1))
     if cap == "-inf":
         with torch.no_grad():
             bs[V - 1] = bt[V - 1] = float("-inf")
@@ -49,8 +52,10 @@ def test_losses_from_hidden_states_equal_the_logits_formulas(case):
     labels = torch.randint(0, V - 1, (B, T), generator=g)
     n = mask.sum()
     rows = lambda x: torch.where(mask.unsqueeze(-1), x, float("nan"))[..., mask, :]  # noqa: E731
-    loss, sums = hidden_losses.head_losses(rows(hs), head_s, labels[mask], rows(ht), head_t, ce_weight=0.3, kl_weight=0.6,
-                                   reverse=reverse, vocab=V, chunk_mb=3 * 4 * V * M / 2**20)  # 3-row chunks
+    loss, sums = hidden_losses.head_losses(rows(hs), head_s, labels[mask], rows(ht), head_t, ce_weight=0.3,
+                                           kl_weight=0.6,
+                                           # 3-row chunks
+                                           reverse=reverse, vocab=V, chunk_mb=3 * 4 * V * M / 2**20)
     params = (hs, ws, bs, ht, wt, bt)
     grads = torch.autograd.grad(loss * 1.7, params)
     s, t = head_logits_naive(hs, head_s, V), head_logits_naive(ht, head_t, V)
@@ -62,11 +67,13 @@ def test_losses_from_hidden_states_equal_the_logits_formulas(case):
     for name, a, b in zip(("hs", "ws", "bs", "ht", "wt", "bt"), grads, ref):
         assert_close(a, b, msg=lambda m: f"{name}: {m}")
     assert not grads[1][V:].any() and not grads[4][V:].any()  # padding rows get nothing
-    # KA's frozen teacher: its M passes one at a time (rows chunked without the / M), the same sums and student
-    # gradients
+    # KA's frozen teacher: its M passes one at a time (rows chunked without the / M), the same sums and
+    # student gradients
     frozen = hidden_losses.Head(wt.detach(), bt.detach(), 1.3, head_t.cap)
-    loss, sums = hidden_losses.head_losses(rows(hs), head_s, labels[mask], rows(ht).detach(), frozen, ce_weight=0.3,
-                                   kl_weight=0.6, reverse=reverse, vocab=V, chunk_mb=3 * 4 * V / 2**20)
+    loss, sums = hidden_losses.head_losses(rows(hs), head_s, labels[mask], rows(ht).detach(), frozen,
+                                           ce_weight=0.3,
+                                           kl_weight=0.6, reverse=reverse, vocab=V,
+                                           chunk_mb=3 * 4 * V / 2**20)
     assert_close(sums, torch.stack([ref_ce, ref_kl]).detach())
     for name, a, b in zip(("hs", "ws", "bs"), torch.autograd.grad(loss * 1.7, params[:3]), ref):
         assert_close(a, b, msg=lambda m: f"frozen teacher, {name}: {m}")
@@ -85,7 +92,8 @@ def test_the_generic_chunked_loss_matches_the_hand_derived_kl(M, teacher_grad):
         ht, wt, bt = ht.detach(), wt.detach(), bt.detach()
     head_s, head_t = hidden_losses.Head(ws, bs, 0.7, 3.0), hidden_losses.Head(wt, bt, 1.3, 3.0)
     params = [hs, ws, bs] + ([ht, wt, bt] if teacher_grad else [])
-    hand, _ = hidden_losses.head_losses(hs, head_s, None, ht, head_t, kl_weight=1.0, chunk_mb=2 * 4 * V * M / 2**20)
+    hand, _ = hidden_losses.head_losses(hs, head_s, None, ht, head_t, kl_weight=1.0,
+                                        chunk_mb=2 * 4 * V * M / 2**20)
     generic = hidden_losses.chunked_loss(hidden_losses.reverse_kl_rows, hs, head_s, ht, head_t,
                                          chunk_mb=2 * 4 * V * (2 * M + 2) / 2**20)
     assert abs(float(hand.detach()) - float(generic.detach())) <= 1e-6 * float(hand.detach())
@@ -94,8 +102,8 @@ def test_the_generic_chunked_loss_matches_the_hand_derived_kl(M, teacher_grad):
 
 
 def test_jsd_rows_is_the_generalised_jensen_shannon_divergence_by_hand():
-    """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, in float64 term by term; 0 at q = p,
-    symmetric at beta 0.5, a -inf logit on one side gives a finite value and finite gradients."""
+    """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, in float64 term by term; 0 at q =
+    p, symmetric at beta 0.5, a -inf logit on one side gives a finite value and finite gradients."""
     q = torch.tensor([[0.0, 1.0, -2.0, float("-inf")]], dtype=torch.float64).log_softmax(-1).requires_grad_()
     p = torch.tensor([[[1.0, -1.0, 0.5, 2.0]]], dtype=torch.float64).log_softmax(-1)
     for beta in (0.5, 0.1):
@@ -105,7 +113,8 @@ def test_jsd_rows_is_the_generalised_jensen_shannon_divergence_by_hand():
             sum((1 - beta) * b * math.log(b / c) for b, c in zip(qq, m) if b > 0)
         assert abs(float(hidden_losses.jsd_rows(q, p, beta)[0]) - by_hand) < 1e-12
     assert abs(float(hidden_losses.jsd_rows(p[0], p)[0])) < 1e-15
-    assert abs(float(hidden_losses.jsd_rows(q, p)[0]) - float(hidden_losses.jsd_rows(p[0], q.unsqueeze(0))[0])) < 1e-12
+    assert abs(float(hidden_losses.jsd_rows(q, p)[0])
+               - float(hidden_losses.jsd_rows(p[0], q.unsqueeze(0))[0])) < 1e-12
     hidden_losses.jsd_rows(q, p).sum().backward()
     assert bool(torch.isfinite(q.grad).all())
 
@@ -140,7 +149,8 @@ def test_sar_router_gradients_through_hidden_states(direction, teacher, student,
         assert_close(a, b)
 
 
-_HEAD_COMMON = dict(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+_HEAD_COMMON = dict(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                    num_attention_heads=2,
                     num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 LOGIT_HEADS = {  # family -> tiny_model's arguments
     "gemma2": dict(model_type="gemma2", final_logit_softcapping=3.0, **_HEAD_COMMON),  # tied, soft-capped
@@ -152,8 +162,8 @@ LOGIT_HEADS = {  # family -> tiny_model's arguments
 
 @pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "llama-tied"])
 def test_families_with_logit_scaling_softcapping_and_tied_embeddings(family):
-    """sft's CE from hidden states equals CE on the family's own logits (scaled, soft-capped), gradients included
-    (a tied embedding gets both its input and its head gradient); check_head accepts the family."""
+    """sft's CE from hidden states equals CE on the family's own logits (scaled, soft-capped), gradients
+    included (a tied embedding gets both its input and its head gradient); check_head accepts the family."""
     model = tiny_model(train=True, **LOGIT_HEADS[family])
     moekd.check_head(model, "--model")
     batch = {"input_ids": torch.randint(3, 97, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
@@ -173,5 +183,6 @@ def test_unknown_logit_transform_is_an_error_naming_the_family():
     model = tiny_model(train=True, **LOGIT_HEADS["llama-tied"])
     head = model.get_output_embeddings()
     head.forward = lambda x: F.linear(x, head.weight) * 2  # a family that doubles its logits
-    with pytest.raises(errors.MoekdError, match="--teacher: LlamaForCausalLM turns its last hidden state into logits"):
+    with pytest.raises(errors.MoekdError,
+                       match="--teacher: LlamaForCausalLM turns its last hidden state into logits"):
         moekd.check_head(model, "--teacher")

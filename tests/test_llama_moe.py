@@ -38,7 +38,8 @@ def naive_gate(x, w1, w2, k, *, linear=False):
 
 def naive_llama_moe_logits(sd: dict, c: dict, ids: list[int]) -> torch.Tensor:
     """Whole Llama-MoE forward for one unpadded sequence, token by token where it matters."""
-    H, nh, L, E, k = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"], c["num_experts"], c["num_selects"]
+    H, nh, L, E, k = (c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"], c["num_experts"],
+                      c["num_selects"])
     hd, T = H // nh, len(ids)
 
     def rms(x, w):
@@ -63,7 +64,8 @@ def naive_llama_moe_logits(sd: dict, c: dict, ids: list[int]) -> torch.Tensor:
         att = (scores.softmax(-1) @ v).transpose(0, 1).reshape(T, H)
         x = x + att @ sd[p + "self_attn.o_proj.weight"].T
         h = rms(x, sd[p + "post_attention_layernorm.weight"])
-        idx, w = naive_gate(h, sd[p + "mlp.gate.gate_network.0.weight"], sd[p + "mlp.gate.gate_network.2.weight"], k)
+        idx, w = naive_gate(h, sd[p + "mlp.gate.gate_network.0.weight"],
+                            sd[p + "mlp.gate.gate_network.2.weight"], k)
         scale = llama_moe.layer_value(c["score_scale_factor"], i)
         y = torch.zeros_like(h)
         for t in range(T):
@@ -186,7 +188,8 @@ def test_all_experts_fast_path_equals_the_expert_loop(teacher):
     expected = torch.zeros_like(x)
     for t in range(10):
         for slot in range(7):
-            expected[t] += weights[t, slot] * calc.score_scale_factor * calc.experts.expert(int(index[t, slot]), x[t:t + 1])[0]
+            expected[t] += weights[t, slot] * calc.score_scale_factor * \
+                calc.experts.expert(int(index[t, slot]), x[t:t + 1])[0]
     assert_close(calc(x, index, weights), expected)
 
 
@@ -219,7 +222,8 @@ def expected_keys(c: dict) -> dict[str, tuple]:
         keys.update({p + f"self_attn.{n}_proj.weight": (H, H) for n in "qkvo"})
         keys.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,)})
         if c.get("gate_network", "mlp") == "mlp":
-            keys.update({p + "mlp.gate.gate_network.0.weight": (E, H), p + "mlp.gate.gate_network.2.weight": (E, E)})
+            keys.update({p + "mlp.gate.gate_network.0.weight": (E, H),
+                         p + "mlp.gate.gate_network.2.weight": (E, E)})
         else:
             keys[p + "mlp.gate.gate_network.weight"] = (E, H)
         if c.get("gate_add_noise", True):
@@ -227,7 +231,8 @@ def expected_keys(c: dict) -> dict[str, tuple]:
         sizes = c["size_experts"][i] if c.get("size_experts") else [c["intermediate_size"] // E] * E
         for j, s in enumerate(sizes):
             ex = p + "mlp.calculator.experts."
-            keys.update({ex + f"weight_gate.{j}": (s, H), ex + f"weight_up.{j}": (s, H), ex + f"weight_down.{j}": (H, s)})
+            keys.update({ex + f"weight_gate.{j}": (s, H), ex + f"weight_up.{j}": (s, H),
+                         ex + f"weight_down.{j}": (H, s)})
     return keys
 
 
@@ -299,7 +304,8 @@ def test_checkpoint_errors_name_the_key(tmp_path, teacher, tokenizer):
     sd = load_file(tmp_path / "ok" / "model.safetensors")
     cases = {
         "missing": ({k: v for k, v in sd.items() if "weight_noise" not in k}, "missing .* key"),
-        "unexpected": ({**sd, "model.layers.0.mlp.extra": torch.zeros(1)}, "unexpected checkpoint key model.layers.0.mlp.extra"),
+        "unexpected": ({**sd, "model.layers.0.mlp.extra": torch.zeros(1)},
+                       "unexpected checkpoint key model.layers.0.mlp.extra"),
         "shape": ({**sd, "lm_head.weight": torch.zeros(3, 3)}, r"lm_head.weight has shape \(3, 3\)"),
     }
     for name, (state, pattern) in cases.items():
@@ -331,14 +337,16 @@ def test_tiny_init_is_deterministic(teacher):
 def test_hf_moe_teacher_loads_and_sft_adds_router_aux_loss(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM, MixtralConfig
     c = MixtralConfig(vocab_size=2039, hidden_size=36, intermediate_size=37, num_hidden_layers=2,
-                      num_attention_heads=3, num_key_value_heads=1, num_local_experts=5, num_experts_per_tok=2)
+                      num_attention_heads=3, num_key_value_heads=1, num_local_experts=5,
+                      num_experts_per_tok=2)
     AutoModelForCausalLM.from_config(c).save_pretrained(tmp_path / "mixtral")
     model = checkpoints.load_model(str(tmp_path / "mixtral"))
     assert moekd.is_moe(model) and len(moekd.moe_routers(model)) == 2
     item = moekd.tokenize_example(tokenizer, "Q: hi\n", "yes", max_prompt_len=50, max_len=60)
     batch = moekd.collate([item, item], tokenizer.pad_token_id)
     parts = moekd.sft_step(model, None, batch, moekd.Config(), norm=1.0, n_micro=2)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_router_logits=True)
     assert_close(parts["lb"], c.router_aux_loss_coef * out.aux_loss / 2)
 
 
@@ -349,7 +357,8 @@ class Planted:  # not a tensor: the weights-only unpickler refuses it
 def test_pickled_weights_are_refused_with_safetensors_advice(tmp_path):
     d = write_model_dir(tmp_path / "m", TINY_CFG | {"moekd_init_seed": None})
     torch.save({"model.embed_tokens.weight": Planted()}, d / "pytorch_model.bin")
-    with pytest.raises(errors.MoekdError, match=r"pytorch_model.bin: refused, it pickles objects other than tensors; "
-                                               r"convert it to safetensors$") as e:
+    with pytest.raises(errors.MoekdError,
+                       match=r"pytorch_model.bin: refused, it pickles objects other than tensors; "
+                             r"convert it to safetensors$") as e:
         checkpoints.load_model(str(d))
     assert "weights_only" not in str(e.value)

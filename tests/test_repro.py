@@ -1,5 +1,6 @@
-"""repro.py and stats.py (the pipeline's smoke run, its flags, t quantiles, intervals, bootstrap, the assembly)
-and bench.py (smoke runs, the GPU check's code path on CPU, the memory plan): the full runs are commands."""
+"""repro.py and stats.py (the pipeline's smoke run, its flags, t quantiles, intervals, bootstrap, the
+assembly) and bench.py (smoke runs, the GPU check's code path on CPU, the memory plan): the full runs are
+commands."""
 import json
 import math
 import re
@@ -32,8 +33,10 @@ def test_repro_pipeline_smoke_and_resume(tmp_path, capsys):
     args = ["--out", str(out), "--max-steps", "2", "--test-examples", "2", "--seeds", "10,20",
             "--methods", "gkd,ka", "--no-k-sweep", "--train-seeds", "2"]
     result = repro.main(args)
-    assert result["train_seeds"] == [10, 20] and list(result["rows"]) == ["teacher (SFT)", "student (SFT)", "GKD", "KA"]
-    assert [(c["row"], c["baseline"]) for c in result["comparisons"]] == [("student (SFT)", "GKD"), ("KA", "GKD")]
+    assert result["train_seeds"] == [10, 20] and list(result["rows"]) == ["teacher (SFT)", "student (SFT)",
+                                                                          "GKD", "KA"]
+    assert [(c["row"], c["baseline"]) for c in result["comparisons"]] == [("student (SFT)", "GKD"),
+                                                                          ("KA", "GKD")]
     for c in result["comparisons"]:
         assert c["bootstrap"]["lo"] <= c["mean"] + 1e-9 and c["mean"] - 1e-9 <= c["bootstrap"]["hi"]
     published = out / "published"  # not a full-protocol run: nothing goes to docs/repro
@@ -41,32 +44,40 @@ def test_repro_pipeline_smoke_and_resume(tmp_path, capsys):
         summary = json.loads((published / f"seed-{seed}.json").read_text())
         assert summary == json.loads((out / f"seed-{seed}" / "results.json").read_text())
         assert summary["train_seed"] == seed and list(summary["rows"]) == list(result["rows"])
-        assert set(summary["rows"]["KA"]["sets"]) == {"add", "count", "fact", "lookup", "reverse", "sequence", "sort", "spell"}
+        assert set(summary["rows"]["KA"]["sets"]) == {"add", "count", "fact", "lookup", "reverse", "sequence",
+                                                      "sort", "spell"}
         assert set(summary["rows"]["KA"]["sets"]["add"]["scores"]) == {"10", "20"}
-        for name, scores in summary["rows"]["KA"]["examples"].items():  # per example, the mean over eval seeds
-            assert len(scores) == 2 and sum(scores) / 2 == pytest.approx(summary["rows"]["KA"]["sets"][name]["mean"], abs=0.01)
+        # per example, the mean over eval seeds
+        for name, scores in summary["rows"]["KA"]["examples"].items():
+            assert len(scores) == 2 and \
+                sum(scores) / 2 == pytest.approx(summary["rows"]["KA"]["sets"][name]["mean"], abs=0.01)
         for name in ("table.md", "experts.png", "experts.csv"):
             assert (out / f"seed-{seed}" / name).stat().st_size > 0
         share = torch.tensor(summary["expert_top1_share"])  # [layers, families, experts], rows sum to 1
         assert_close(share.sum(-1), torch.ones(share.shape[:2]))
         assert result["rows"]["GKD"]["per_seed_avg"][seed] == summary["rows"]["GKD"]["avg"]
     # the same data, other training randomness: the run configs differ only in the seed and their own paths
-    runs = {seed: json.loads((out / f"seed-{seed}" / "runs" / "sft-teacher" / "run.json").read_text()) for seed in (10, 20)}
+    runs = {seed: json.loads((out / f"seed-{seed}" / "runs" / "sft-teacher" / "run.json").read_text())
+            for seed in (10, 20)}
     differ = {k for k in runs[10] if runs[10][k] != runs[20][k]}
     assert differ == {"seed", "model", "out"} and runs[10]["data"] == str(out / "data" / "train")
-    inits = [json.loads((out / f"seed-{s}" / "models" / "teacher-init" / "config.json").read_text()) for s in (10, 20)]
+    inits = [json.loads((out / f"seed-{s}" / "models" / "teacher-init" / "config.json").read_text())
+             for s in (10, 20)]
     assert [c.pop("moekd_init_seed") for c in inits] == [10, 20] and inits[0] == inits[1]
-    weights = [load_file(out / f"seed-{s}" / "runs" / "sft-teacher" / "final" / "model.safetensors") for s in (10, 20)]
+    weights = [load_file(out / f"seed-{s}" / "runs" / "sft-teacher" / "final" / "model.safetensors")
+               for s in (10, 20)]
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     table = (published / "results.md").read_text()
     assert "2 training seeds (10, 20)" in table and "| KA | GKD |" in table and "Student-t" in table
     assert (published / "results.png").stat().st_size > 0
-    assert json.loads((published / "results.json").read_text())["comparisons"] == json.loads(json.dumps(result["comparisons"]))
+    assert json.loads((published / "results.json").read_text())["comparisons"] == \
+        json.loads(json.dumps(result["comparisons"]))
     capsys.readouterr()
     again = repro.main(args)  # a finished pipeline redoes nothing
     assert not re.search(r"\[repro\] seed \d+ \S+: (training|resuming)", capsys.readouterr().out)
     assert again["rows"] == result["rows"]
-    assert repro.main([*args[:-2], "--train-seeds", "20,", "--assemble"])["train_seeds"] == [10, 20]  # files that exist
+    # files that exist
+    assert repro.main([*args[:-2], "--train-seeds", "20,", "--assemble"])["train_seeds"] == [10, 20]
     with pytest.raises(errors.MoekdError, match="--out .*other settings \\(eval_seeds differ\\)"):
         repro.main([*args[:7], "10", *args[8:]])
 
@@ -76,7 +87,9 @@ def test_repro_train_seeds_flag():
     assert repro.parse_train_seeds("3") == [10, 20, 30] and repro.parse_train_seeds("5")[-1] == 50
     assert repro.parse_train_seeds("30,") == [30] and repro.parse_train_seeds("7,3") == [7, 3]
     for bad, message in (("30", "a count must be 1..20; for the single seed 30 write --train-seeds 30,"),
-                         ("0", "a count must be"), ("a,b", "expected a count \\(3\\) or a comma-separated list"), ("10,10", "need distinct")):
+                         ("0", "a count must be"),
+                         ("a,b", "expected a count \\(3\\) or a comma-separated list"),
+                         ("10,10", "need distinct")):
         with pytest.raises(errors.MoekdError, match=f"--train-seeds {bad}: {message}"):
             repro.parse_train_seeds(bad)
     with pytest.raises(errors.MoekdError, match="--seed: replaced by --train-seeds"):
@@ -92,7 +105,8 @@ def test_t_quantiles_against_tables():
     assert stats.t_quantile(0.995, 5) == pytest.approx(4.032, abs=5e-4)
     assert stats.t_quantile(0.025, 2) == pytest.approx(-4.303, abs=5e-4)
     assert stats.t_quantile(0.75, 1) == pytest.approx(1.0)                        # Cauchy: tan(pi/4)
-    assert stats.t_quantile(0.9, 2) == pytest.approx(0.8 / math.sqrt(0.18))         # df 2: (2p-1)/sqrt(2p(1-p))
+    # df 2: (2p-1)/sqrt(2p(1-p))
+    assert stats.t_quantile(0.9, 2) == pytest.approx(0.8 / math.sqrt(0.18))
     assert stats.t_cdf(0.0, 7) == 0.5 and stats.t_cdf(1.0, 1) == pytest.approx(0.75)
     with pytest.raises(ValueError):
         stats.t_quantile(1.0, 3)
@@ -106,15 +120,19 @@ def test_mean_ci_paired_difference_and_verdicts_hand_computed():
     assert (ci["lo"], ci["hi"]) == pytest.approx((2.5 - ci["half"], 2.5 + ci["half"]))
     gkd = {10: 49.0, 20: 50.0, 30: 51.0}
     within = stats.paired_difference({10: 50.0, 20: 52.0, 30: 51.0}, gkd)     # differences 1, 2, 0
-    assert within["mean"] == pytest.approx(1.0) and within["half"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert within["mean"] == pytest.approx(1.0) and within["half"] == pytest.approx(4.302653 / math.sqrt(3),
+                                                                                    rel=1e-5)
     assert stats.verdict(within) == "within noise at this scale"
-    better = stats.paired_difference({10: 51.0, 20: 53.0, 30: 55.0, 40: 0.0}, gkd)  # 2, 3, 4; seed 40 unpaired
-    assert better["seeds"] == [10, 20, 30] and better["lo"] == pytest.approx(3 - 4.302653 / math.sqrt(3), rel=1e-5)
+    # 2, 3, 4; seed 40 unpaired
+    better = stats.paired_difference({10: 51.0, 20: 53.0, 30: 55.0, 40: 0.0}, gkd)
+    assert better["seeds"] == [10, 20, 30] and better["lo"] == pytest.approx(3 - 4.302653 / math.sqrt(3),
+                                                                             rel=1e-5)
     assert stats.verdict(better) == "better"
     worse = stats.paired_difference(gkd, {10: 51.0, 20: 53.0, 30: 55.0})
     assert worse["mean"] == pytest.approx(-3.0) and stats.verdict(worse) == "worse"
     one = stats.paired_difference({10: 50.0}, {10: 49.0})
-    assert one["mean"] == 1.0 and one["half"] is None and stats.verdict(one) == "one training seed: no interval"
+    assert one["mean"] == 1.0 and one["half"] is None and \
+        stats.verdict(one) == "one training seed: no interval"
     assert stats.fmt(ci) == "2.50 ± 2.05" and stats.fmt(one) == "1.00"
 
 
@@ -127,21 +145,25 @@ def test_hierarchical_bootstrap_hand_computed():
     # seed 10's differences 1 (set x) and 3 (set y) -> Avg difference 2; seed 20's: 0 and 0 -> 0
     b = {10: {"x": [49.0, 59.0, 69.0], "y": [7.0, 17.0]}, 20: a[20]}
     boot = stats.hierarchical_bootstrap(a, b, n_boot=500, seed=1)
-    assert boot["mean"] == pytest.approx(1.0) and boot["lo"] == pytest.approx(0.0) and boot["hi"] == pytest.approx(2.0)
+    assert boot["mean"] == pytest.approx(1.0) and boot["lo"] == pytest.approx(0.0) and \
+        boot["hi"] == pytest.approx(2.0)
     assert boot == stats.hierarchical_bootstrap(a, b, n_boot=500, seed=1)  # seeded: the same draws
     with pytest.raises(ValueError):
         stats.hierarchical_bootstrap(a, {30: a[10]})
 
 
 def test_repro_assembly_hand_computed(tmp_path):
-    """Two seed files made by hand: per-row mean ± interval, paired differences, the gap criterion, k sweep."""
+    """Two seed files made by hand: per-row mean ± interval, paired differences, the gap criterion, k
+    sweep."""
     import repro
     def row(avg, fact):
         return {"avg": avg, "sets": {"fact": {"mean": fact, "std": 0.0, "scores": {"10": fact}}}}
     def seed_file(seed, teacher, student, kd, gkd, sweep=None):
-        rows = {"teacher (SFT)": row(teacher, teacher), "student (SFT)": row(student, student), "KD": row(kd, kd),
+        rows = {"teacher (SFT)": row(teacher, teacher), "student (SFT)": row(student, student),
+                "KD": row(kd, kd),
                 "GKD": row(gkd, gkd), "ALL": row(gkd + 1, gkd + 1), "KA": row(gkd + 2 + seed / 10, gkd + 2)}
-        return {"preset": "synthetic", "train_seed": seed, "eval_seeds": "10", "sets": ["fact"], "protocol": {},
+        return {"preset": "synthetic", "train_seed": seed, "eval_seeds": "10", "sets": ["fact"],
+                "protocol": {},
                 "rows": rows, "teacher_student_gap": teacher - student, "expert_bits": [0.5, 1.0],
                 "k_sweep": {k: row(v, v) for k, v in (sweep or {}).items()}}
     root, tmp_path = tmp_path, tmp_path / "synthetic"
@@ -150,30 +172,38 @@ def test_repro_assembly_hand_computed(tmp_path):
         (tmp_path / f"seed-{seed}.json").write_text(json.dumps(seed_file(seed, *values)))
     result = repro.assemble(repro.parse_args(["--assemble", "--publish", str(tmp_path)]))
     half = 12.706205 * math.sqrt(2) / math.sqrt(2)  # teacher: 60, 62 -> sd sqrt(2), n 2
-    assert result["rows"]["teacher (SFT)"]["avg"]["mean"] == 61 and result["rows"]["teacher (SFT)"]["avg"]["half"] == pytest.approx(half, rel=1e-5)
+    assert result["rows"]["teacher (SFT)"]["avg"]["mean"] == 61 and \
+        result["rows"]["teacher (SFT)"]["avg"]["half"] == pytest.approx(half, rel=1e-5)
     by = {(c["row"], c["baseline"]): c for c in result["comparisons"]}
-    assert set(by) == {(row, base) for base in ("GKD", "KD") for row in ("student (SFT)", "KD", "GKD", "ALL", "KA")
+    assert set(by) == {(row, base) for base in ("GKD", "KD")
+                       for row in ("student (SFT)", "KD", "GKD", "ALL", "KA")
                        if row != base} | {("KA", "ALL")}  # ALL is a baseline of KA and SAR only
     ka_all = by[("KA", "ALL")]  # differences 2, 3: mean 2.5, sd sqrt(0.5), half 12.706 * 0.5 = 6.35
-    assert ka_all["mean"] == pytest.approx(2.5) and ka_all["lo"] == pytest.approx(2.5 - 12.706205 * 0.5, rel=1e-5)
+    assert ka_all["mean"] == pytest.approx(2.5) and ka_all["lo"] == pytest.approx(2.5 - 12.706205 * 0.5,
+                                                                                  rel=1e-5)
     kd_gkd = by[("KD", "GKD")]  # differences -2, -1: mean -1.5, sd sqrt(0.5), half = 12.706 * 0.5
-    assert kd_gkd["mean"] == pytest.approx(-1.5) and kd_gkd["half"] == pytest.approx(12.706205 * 0.5, rel=1e-5)
+    assert kd_gkd["mean"] == pytest.approx(-1.5) and kd_gkd["half"] == pytest.approx(12.706205 * 0.5,
+                                                                                     rel=1e-5)
     assert kd_gkd["verdict"] == "within noise at this scale"
     gap = result["teacher_student_gap"]  # 20, 18: mean 19, sd sqrt(2): 19 >= 3 sqrt(2)
     assert gap["mean"] == 19 and gap["sd"] == pytest.approx(math.sqrt(2)) and gap["three_sd_met"] is True
     assert result["k_sweep"]["2"]["mean"] == 41.0 and result["k_sweep"]["2"]["train_seeds"] == [10]
     assert result["expert_bits"][1]["mean"] == 1.0
     md = (tmp_path / "results.md").read_text()
-    assert "| KD | GKD | -1.50 | [-7.85, +4.85] | within noise at this scale | - |" in md and "gap >= 3 std: met" in md
+    assert "| KD | GKD | -1.50 | [-7.85, +4.85] | within noise at this scale | - |" in md and \
+        "gap >= 3 std: met" in md
     summary = repro.summary_markdown(root).splitlines()  # the README's table: one column per assembled preset
     assert summary[0].endswith("| synthetic (2 seeds) |") and "| teacher (SFT) | 61.00 ± 12.71 |" in summary
-    assert "| teacher - student (SFT) | +19.00 [+6.29, +31.71], 13.4 stds |" in summary  # 19 ± 12.706 sqrt(2)/sqrt(2)
-    assert "| GKD - KD | +1.50 [-4.85, +7.85]: within noise at this scale |" in summary and "| SAR - GKD | - |" in summary
+    # 19 ± 12.706 sqrt(2)/sqrt(2)
+    assert "| teacher - student (SFT) | +19.00 [+6.29, +31.71], 13.4 stds |" in summary
+    assert "| GKD - KD | +1.50 [-4.85, +7.85]: within noise at this scale |" in summary and \
+        "| SAR - GKD | - |" in summary
     assert "| KA - ALL | +2.50 [-3.85, +8.85]: within noise at this scale |" in summary
     with pytest.raises(errors.MoekdError, match="--summary: no <preset>/results.json under"):
         repro.summary_markdown(root / "synthetic")
     (tmp_path / "seed-30.json").write_text(json.dumps({**seed_file(30, 1, 1, 1, 1), "eval_seeds": "10,20"}))
-    with pytest.raises(errors.MoekdError, match="seed-30.json differs from the other seed files in eval_seeds"):
+    with pytest.raises(errors.MoekdError,
+                       match="seed-30.json differs from the other seed files in eval_seeds"):
         repro.main(["--assemble", "--publish", str(tmp_path)])
     with pytest.raises(errors.MoekdError, match="--publish .*no seed-<s>.json"):
         repro.main(["--assemble", "--publish", str(tmp_path / "empty")])
@@ -251,10 +281,12 @@ def test_gpu_check_at_tiny_scale_on_cpu(tmp_path, monkeypatch):
     assert by["sar"]["plan_gb"] > by["gkd"]["plan_gb"] and report["sampler"]["speedup"] > 0
     check = bench.CHECKS["paper"]
     weights = 2 * 1.345e9 + 2 * 24 * 16 * 384 * 2048 * 2          # bf16 weights + half the final KV cache
-    assert bench.bandwidth_floor_tokens_per_s(check, 4.3e12) == pytest.approx(16 / (weights / 4.3e12), rel=0.01)
+    assert bench.bandwidth_floor_tokens_per_s(check, 4.3e12) == pytest.approx(16 / (weights / 4.3e12),
+                                                                              rel=0.01)
     md = (tmp_path / "check.md").read_text()
     assert "| gkd |" in md and "| method_ka | **FAILED** |" in md and "forced ka failure" in md
-    assert moekd.sample_tokens is sampling.sample_tokens and moekd.teacher_hidden.__module__ == "moekd"  # restored
+    # restored
+    assert moekd.sample_tokens is sampling.sample_tokens and moekd.teacher_hidden.__module__ == "moekd"
 
 
 def test_gpu_check_keeps_the_test_output_through_a_timeout_and_an_empty_one(tmp_path):
@@ -314,7 +346,8 @@ def test_bench_loss_paths_compute_the_same_gradients(monkeypatch):
             bench.logits_loss_path(method, x) if path == "logits" else bench.hidden_loss_path(method, x, 1)
             grads.append([t.grad for t in (x["hs"], x["ws"], x["ht"])])
         for a, b in zip(*grads):
-            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6, rtol=1e-4)), method
+            assert (a is None) == (b is None) and (a is None
+                                                   or torch.allclose(a, b, atol=1e-6, rtol=1e-4)), method
 
 
 @pytest.mark.parametrize("method", ["kd", "ka-gold"])
@@ -335,6 +368,7 @@ def test_bench_student_part_is_the_methods_own_step(method):
     student.zero_grad()
     norm = float(moekd.loss_mask(batch["labels"]).sum())
     torch.manual_seed(1)
-    moekd.method_step(method)(student, teacher, batch, cfg, norm=norm, n_micro=1, state=extras)["loss"].backward()
+    moekd.method_step(method)(student, teacher, batch, cfg, norm=norm, n_micro=1,
+                              state=extras)["loss"].backward()
     for n, p in student.named_parameters():
         assert_close(timed[n], p.grad)

@@ -45,13 +45,15 @@ def test_sampling_without_replacement_frequencies():
 
 
 def test_fraction_routed_off_topk_is_lambda():
-    """Off-top-k fraction = lambda * P(a drawn set differs from the top set), the latter measured at lambda = 1."""
+    """Off-top-k fraction = lambda * P(a drawn set differs from the top set), the latter measured at
+    lambda = 1."""
     logits = torch.randn(40_000, 8, generator=torch.Generator().manual_seed(0)) * 2
     top = moekd.select_experts(logits, moekd.Routing("topk", k=7), 2)[0].sort(-1).values
 
     def off(lam, seed):
         routing = moekd.Routing("sample", k=7, prob=lam, generator=torch.Generator().manual_seed(seed))
-        return (moekd.select_experts(logits, routing, 2)[0].sort(-1).values != top).any(-1).float().mean().item()
+        return (moekd.select_experts(logits, routing,
+                                     2)[0].sort(-1).values != top).any(-1).float().mean().item()
 
     differs = off(1.0, 1)
     assert 0.3 < differs < 0.95
@@ -132,7 +134,8 @@ def test_top_p_routing_in_models(tmp_path, teacher):
 
 def test_all_experts_weights_and_gradients_reach_routers_only(teacher):
     captured = []
-    hook = teacher.model.layers[0].mlp.calculator.register_forward_hook(lambda m, args, out: captured.append(args))
+    hook = teacher.model.layers[0].mlp.calculator.register_forward_hook(lambda m, args,
+                                                                        out: captured.append(args))
     with torch.no_grad(), moekd.moe_routing(teacher, "all"):
         teacher(ids_batch())
     hook.remove()
@@ -151,7 +154,8 @@ def test_all_experts_weights_and_gradients_reach_routers_only(teacher):
     teacher.train()
     with moekd.moe_routing(teacher, "all"):
         teacher(ids_batch()).logits.logsumexp(-1).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)  # weight_noise via the noise std
+    # weight_noise via the noise std
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
     assert all(p.grad is None for p in teacher.parameters() if not any(p is r for r in routers))
 
 
@@ -164,7 +168,8 @@ def test_hf_routing_modes(tmp_path, family):
             assert torch.equal(model(ids_batch()).logits, native)
         with moekd.moe_routing(model, "sample", prob=0.0, generator=torch.Generator().manual_seed(0)):
             assert torch.equal(model(ids_batch()).logits, native)  # lambda = 0 is the native top-k path
-        with moekd.moe_routing(model, "all", mass="literal") as routers:  # native mass: test_routing_values.py
+        # native mass: test_routing_values.py
+        with moekd.moe_routing(model, "all", mass="literal") as routers:
             dense = model(ids_batch()).logits
             captured = []
             hook = routers[0].register_forward_hook(lambda m, a, out: captured.append(out))
@@ -175,7 +180,8 @@ def test_hf_routing_modes(tmp_path, family):
     assert index.shape == (12, 5) and torch.equal(index[0], torch.arange(5))
     assert_close(weights.float(), logits.float().softmax(-1))  # all experts: softmax over all E
     assert not torch.equal(dense, native)
-    assert len(moekd.router_parameters(model)) == 2 and moekd.native_top_k(model) == 2 and moekd.num_experts(model) == 5
+    assert len(moekd.router_parameters(model)) == 2 and moekd.native_top_k(model) == 2 and \
+        moekd.num_experts(model) == 5
 
 
 def test_batched_ka_passes_equal_looped_passes_at_lambda_zero(teacher, student, tokenizer):
@@ -190,6 +196,7 @@ def test_batched_ka_passes_equal_looped_passes_at_lambda_zero(teacher, student, 
     assert_close(batched, looped, atol=1e-6, rtol=1e-5)
     parts = moekd.reverse_kl_step(student, teacher, batch, cfg, norm=10.0, n_micro=1)
     mask = moekd.loss_mask(batch["labels"])
-    expected = sum(moekd.kl_per_token(student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+    expected = sum(moekd.kl_per_token(student(**{k: batch[k]
+                                                 for k in ("input_ids", "attention_mask")}).logits,
                                       looped_logits[m * 4:(m + 1) * 4], mask).sum() for m in range(3)) / 30.0
     assert_close(parts["rkl"], expected, atol=1e-6, rtol=1e-5)

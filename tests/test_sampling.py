@@ -28,7 +28,8 @@ TOP = 2 ** 32
 def test_uniform_from_hash_is_strictly_inside_the_unit_interval_at_every_extreme():
     """The 2^16 smallest and largest 32-bit hashes (and a spread between): u in (0, 1), equal to the float64
     formula (top 23 bits + 0.5) / 2^23, and the Gumbel noise -log(-log u) finite."""
-    h = torch.cat([torch.arange(2 ** 16), torch.arange(TOP - 2 ** 16, TOP), torch.randint(0, TOP, (2 ** 16,))])
+    h = torch.cat([torch.arange(2 ** 16), torch.arange(TOP - 2 ** 16, TOP),
+                   torch.randint(0, TOP, (2 ** 16,))])
     u = sampling.uniform_from_hash(h.clone())
     assert u.dtype == torch.float32 and bool((u > 0).all()) and bool((u < 1).all())
     exact = (torch.div(h, 2 ** 9, rounding_mode="floor").double() + 0.5) / 2 ** 23
@@ -40,8 +41,9 @@ def test_uniform_from_hash_is_strictly_inside_the_unit_interval_at_every_extreme
 
 @pytest.mark.slow
 def test_a_near_certain_token_is_drawn_in_every_one_of_2_to_the_27_draws():
-    """logits [0, -60, ..., -60] over V 65536, 2048 rows (2^27 (row, token) noise values): the other tokens have
-    probability < 1e-21 together, so the first is drawn every time (the 24-bit map drew one of them in 6 rows)."""
+    """logits [0, -60, ..., -60] over V 65536, 2048 rows (2^27 (row, token) noise values): the other tokens
+    have probability < 1e-21 together, so the first is drawn every time (the 24-bit map drew one of them in 6
+    rows)."""
     V, rows = 65536, 2048
     logits = torch.full((V,), -60.0)
     logits[0] = 0.0
@@ -80,7 +82,8 @@ def test_the_sampler_and_torch_multinomial_draw_the_same_law():
     n = 400_000
     ours = draw_counts(logits, n, step=11, first_seed=10 ** 9)
     theirs = torch.bincount(torch.multinomial(torch.softmax(logits, -1), n, replacement=True,
-                                              generator=torch.Generator().manual_seed(0)), minlength=10).double()
+                                              generator=torch.Generator().manual_seed(0)),
+                                              minlength=10).double()
     pooled = (ours + theirs) / (2 * n)
     chi2 = (((ours - n * pooled) ** 2 + (theirs - n * pooled) ** 2) / (n * pooled)).sum()
     assert float(chi2) < 33.7, float(chi2)  # chi-square 9 dof: P(> 33.7) = 1e-4
@@ -90,21 +93,25 @@ def test_the_sampler_and_torch_multinomial_draw_the_same_law():
 # ----------------------------------------------------------------------------
 # The sampler against generate and a naive loop
 
-@pytest.mark.parametrize("field", ["repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "bad_words_ids",
-                                   "suppress_tokens", "forced_eos_token_id", "temperature"])
+@pytest.mark.parametrize("field", ["repetition_penalty", "no_repeat_ngram_size", "min_new_tokens",
+                                   "bad_words_ids", "suppress_tokens", "forced_eos_token_id", "temperature"])
 def test_sampling_ignores_the_checkpoints_generation_config(tmp_path, tokenizer, field):
     """A checkpoint's own decoding settings must not reach moekd's sampling: the samples are those of the
     same weights without them, on the seeded (on-policy) and the global-RNG (dev/eval) paths. Each setting
     is chosen so that it would change these samples (e.g. it bans a token the plain model draws)."""
     plain = checkpoints.load_model(str(STUDENT))
-    prompts = [tokenizer.encode(data.format_prompt("Add the two numbers.", "3 and 4"), add_special_tokens=False),
+    prompts = [tokenizer.encode(data.format_prompt("Add the two numbers.", "3 and 4"),
+                                add_special_tokens=False),
                tokenizer.encode("Q: hi\n", add_special_tokens=False)]
     kw = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=16, batch_size=2)
     first = sampling.sample_tokens(plain, prompts, seeds=[11, 12], **kw)[0]
     kw["eos_id"] = first[0]  # row 0 stops at once, unless a minimum length forbids it
-    settings = {"repetition_penalty": {"repetition_penalty": 5.0}, "no_repeat_ngram_size": {"no_repeat_ngram_size": 1},
-                "min_new_tokens": {"min_new_tokens": 10}, "bad_words_ids": {"bad_words_ids": [[t] for t in first[:3]]},
-                "suppress_tokens": {"suppress_tokens": first[:3]}, "forced_eos_token_id": {"forced_eos_token_id": 2},
+    settings = {"repetition_penalty": {"repetition_penalty": 5.0},
+                "no_repeat_ngram_size": {"no_repeat_ngram_size": 1},
+                "min_new_tokens": {"min_new_tokens": 10},
+                "bad_words_ids": {"bad_words_ids": [[t] for t in first[:3]]},
+                "suppress_tokens": {"suppress_tokens": first[:3]},
+                "forced_eos_token_id": {"forced_eos_token_id": 2},
                 "temperature": {"temperature": 0.3, "do_sample": True}}[field]
     ckpt = checkpoints.load_model(str(saved_with_generation_config(tmp_path, tokenizer, **settings)))
     for model in (plain, ckpt):
@@ -112,7 +119,8 @@ def test_sampling_ignores_the_checkpoints_generation_config(tmp_path, tokenizer,
         torch.manual_seed(3)
         model.global_rng = sampling.sample_tokens(model, prompts, **kw)
     assert ckpt.seeded == plain.seeded and ckpt.global_rng == plain.global_rng
-    assert ckpt.generation_config.to_dict() == checkpoints.load_model(str(tmp_path / "ckpt")).generation_config.to_dict()
+    assert ckpt.generation_config.to_dict() == \
+        checkpoints.load_model(str(tmp_path / "ckpt")).generation_config.to_dict()
 
 
 def test_row_seeded_samples_do_not_depend_on_the_batch(student, tokenizer):
@@ -121,14 +129,17 @@ def test_row_seeded_samples_do_not_depend_on_the_batch(student, tokenizer):
     prompts, seeds = [[5, 6, 7, 8, 9, 10], [11, 12]], [123, 456]
     kw = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=12)
     together = sampling.sample_tokens(student, prompts, batch_size=2, seeds=seeds, **kw)
-    alone = [sampling.sample_tokens(student, [p], batch_size=1, seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    alone = [sampling.sample_tokens(student, [p], batch_size=1, seeds=[s], **kw)[0]
+             for p, s in zip(prompts, seeds)]
     cut = lambda row: moekd.response_through_eos(row, tokenizer.eos_token_id)  # noqa: E731 (pads after EOS)
     assert [cut(r) for r in together] == [cut(r) for r in alone]
     assert sampling.sample_tokens(student, prompts[1:], batch_size=1, seeds=[789], **kw) != alone[1:]
 
 
-def naive_seeded_sample(model, prompt: list[int], seed: int, *, eos_id: int, max_new_tokens: int) -> list[int]:
-    """The reference for sample_rows: one row, no padding, no cache (a full forward per token), the same noise."""
+def naive_seeded_sample(model, prompt: list[int], seed: int, *, eos_id: int,
+                        max_new_tokens: int) -> list[int]:
+    """The reference for sample_rows: one row, no padding, no cache (a full forward per token), the same
+    noise."""
     keys, ids, out = sampling.row_keys([seed], "cpu"), list(prompt), []
     with torch.no_grad():
         for step in range(max_new_tokens):
@@ -152,11 +163,14 @@ def test_moekd_sampler_equals_generate_and_a_naive_loop(tokenizer, path):
     kw = dict(pad_id=tokenizer.pad_token_id, eos_id=first[1], max_new_tokens=10, batch_size=4, seeds=seeds)
     ours = sampling.sample_tokens(model, prompts, sampler="moekd", **kw)  # row 0 ends at its second token
     theirs = sampling.sample_tokens(model, prompts, sampler="generate", **kw)
-    naive = [naive_seeded_sample(model, p, s, eos_id=first[1], max_new_tokens=10) for p, s in zip(prompts, seeds)]
+    naive = [naive_seeded_sample(model, p, s, eos_id=first[1], max_new_tokens=10)
+             for p, s in zip(prompts, seeds)]
     cut = lambda row: moekd.response_through_eos(row, first[1]) if first[1] in row else row  # noqa: E731
     assert ours == theirs and [cut(r) for r in ours] == naive
-    assert len(naive[0]) == 2 and any(len(r) == 10 for r in naive)  # one row ended early, one ran to the limit
-    with pytest.raises(ValueError, match="takes no generate"):  # generate()-only options are not dropped silently
+    # one row ended early, one ran to the limit
+    assert len(naive[0]) == 2 and any(len(r) == 10 for r in naive)
+    # generate()-only options are not dropped silently
+    with pytest.raises(ValueError, match="takes no generate"):
         sampling.sample_tokens(model, prompts, sampler="moekd", no_repeat_ngram_size=2, **kw)
 
 
@@ -167,8 +181,10 @@ def test_moekd_sampler_on_student_families(family):
     naive loop without cache, ragged prompts."""
     model = tiny_model(**STUDENT_LMS[family])
     prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40]], [3, 4, 5]
-    ours = sampling.sample_tokens(model, prompts, pad_id=0, eos_id=-1, max_new_tokens=9, batch_size=3, seeds=seeds)
-    assert ours == [naive_seeded_sample(model, p, s, eos_id=-1, max_new_tokens=9) for p, s in zip(prompts, seeds)]
+    ours = sampling.sample_tokens(model, prompts, pad_id=0, eos_id=-1, max_new_tokens=9, batch_size=3,
+                                  seeds=seeds)
+    assert ours == [naive_seeded_sample(model, p, s, eos_id=-1, max_new_tokens=9)
+                    for p, s in zip(prompts, seeds)]
 
 
 def test_sampler_keeps_one_static_cache_per_shape_over_200_calls(monkeypatch):
@@ -235,7 +251,8 @@ def test_ragged_prompts_sample_finite_logits_and_each_row_as_alone():
 
 def test_bf16_autocast_samples_from_a_bf16_copy_kept_in_step(tokenizer):
     """Under bf16 autocast over fp32 weights, moekd's sampler runs a bf16 copy of the student: the tokens of
-    the naive loop on the model cast to bf16, and a change to the weights reaches the copy on the next call."""
+    the naive loop on the model cast to bf16, and a change to the weights reaches the copy on the next
+    call."""
     import copy
     model = checkpoints.load_model(str(STUDENT))
     prompts, seeds = [[5, 6, 7, 8, 9], [12, 13]], [3, 4]
@@ -244,7 +261,8 @@ def test_bf16_autocast_samples_from_a_bf16_copy_kept_in_step(tokenizer):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ours = sampling.sample_tokens(model, prompts, **kw)
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        assert ours == [naive_seeded_sample(bf16, p, s, eos_id=-1, max_new_tokens=8) for p, s in zip(prompts, seeds)]
+        assert ours == [naive_seeded_sample(bf16, p, s, eos_id=-1, max_new_tokens=8)
+                        for p, s in zip(prompts, seeds)]
         assert next(model.parameters()).dtype == torch.float32
         with torch.no_grad():
             model.lm_head.weight.mul_(-3.0)  # the second round samples from the changed weights
@@ -253,20 +271,23 @@ def test_bf16_autocast_samples_from_a_bf16_copy_kept_in_step(tokenizer):
 @pytest.mark.slow  # compiling on CPU: ~20-40 s each
 @pytest.mark.parametrize("path", [STUDENT, TINY], ids=["dense", "llama-moe"])
 def test_compiled_decode_step_emits_the_same_tokens(tokenizer, path):
-    """The torch.compile'd decode step (fixed shapes: one graph per batch shape) gives the eager tokens, and the
-    static cache length is bucketed so prompts of other widths reuse it."""
+    """The torch.compile'd decode step (fixed shapes: one graph per batch shape) gives the eager tokens, and
+    the static cache length is bucketed so prompts of other widths reuse it."""
     student = checkpoints.load_model(str(path))
     prompts, seeds = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]], [3, 1 << 40, 77]
     kw = dict(pad_id=tokenizer.pad_token_id, eos_id=-1, max_new_tokens=12, seeds=seeds)
-    assert sampling.sample_rows(student, prompts, compile=True, **kw) == sampling.sample_rows(student, prompts, **kw)
+    assert sampling.sample_rows(student, prompts, compile=True,
+                                **kw) == sampling.sample_rows(student, prompts, **kw)
     assert [sampling.cache_length(w) for w in (1, 64, 65, 128, 200, 512)] == [64, 64, 128, 128, 256, 512]
 
 
 def test_counter_noise_depends_on_seed_and_position_only():
     keys = sampling.row_keys([5, 6, 7], "cpu")
     noise = sampling.gumbel_noise(keys, 4, 50)
-    assert torch.equal(noise[1:2], sampling.gumbel_noise(sampling.row_keys([6], "cpu"), 4, 50))  # batch-independent
-    assert not torch.equal(noise, sampling.gumbel_noise(keys, 5, 50))                          # a new draw per step
+    # batch-independent
+    assert torch.equal(noise[1:2], sampling.gumbel_noise(sampling.row_keys([6], "cpu"), 4, 50))
+    # a new draw per step
+    assert not torch.equal(noise, sampling.gumbel_noise(keys, 5, 50))
     many = sampling.gumbel_noise(sampling.row_keys(list(range(400)), "cpu"), 0, 1000)          # Gumbel(0, 1)
     assert abs(many.mean() - 0.5772) < 0.01 and abs(many.std() - math.pi / math.sqrt(6)) < 0.01
 
