@@ -1,9 +1,9 @@
 """bench.py: what each method costs, per training step and per part, on random tokens of a fixed shape.
 
-    python bench.py                      # both sizes, every method, the derived figures; about 10 minutes on 2 cores
+    python bench.py             # both sizes, every method, the derived figures; about 10 minutes on 2 cores
     python bench.py --sizes tiny --steps 2 --json bench.json
-    python bench.py --dist               # per-rank memory of torchrun layouts (2 CPU ranks, gloo); about 2 minutes
-    python bench.py --plan               # the README's per-GPU memory plan for three real teacher/student pairs
+    python bench.py --dist      # per-rank memory of torchrun layouts (2 CPU ranks, gloo); about 2 minutes
+    python bench.py --plan      # the README's per-GPU memory plan for three real teacher/student pairs
 
 For each method (sft, kd, gkd, all, ka with M = 1, 2, 4, sar) and size (tiny; realistic-vocab: V = 32000,
 H = 256) it times moekd.train_step on one global batch (median over --steps after --warmup) and, separately,
@@ -48,6 +48,7 @@ import torch
 import hidden_losses
 import llama_moe
 import moekd
+import parallel
 
 HERE = Path(__file__).resolve().parent
 METHODS = {"sft": ("sft", 1), "kd": ("kd", 1), "gkd": ("gkd", 1), "all": ("all", 1),
@@ -57,10 +58,11 @@ SIZES = {
                               num_attention_heads=3, num_experts=7, num_selects=2),
                  student=dict(vocab_size=2039, hidden_size=36, intermediate_size=75, num_hidden_layers=2,
                               num_attention_heads=3)),
-    "realistic-vocab": dict(teacher=dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+    "realistic-vocab": dict(teacher=dict(vocab_size=32000, hidden_size=256, intermediate_size=1024,
+                                         num_hidden_layers=4,
                                          num_attention_heads=4, num_experts=8, num_selects=2),
-                            student=dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                                         num_attention_heads=4)),
+                            student=dict(vocab_size=32000, hidden_size=256, intermediate_size=688,
+                                         num_hidden_layers=2, num_attention_heads=4)),
 }
 BATCH, PROMPT, RESPONSE = 4, 64, 64
 
@@ -74,19 +76,27 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile-sampler", default="on", choices=("on", "off"),
-                   help="moekd's decode step compiled (steady state; the compile time is reported on its own)")
+                   help="moekd's decode step compiled (steady state; the compile time is reported "
+                        "on its own)")
     p.add_argument("--json", default=None, help="also write every figure to this file")
     p.add_argument("--no-scaling", action="store_true", help="skip the N and M scaling table")
     p.add_argument("--no-kl-memory", action="store_true", help="skip the KL vs CE memory probe")
-    p.add_argument("--dist", action="store_true", help="per-rank memory of torchrun layouts instead of timings")
-    p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan of real pairs (arithmetic)")
+    p.add_argument("--dist", action="store_true",
+                   help="per-rank memory of torchrun layouts instead of timings")
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-GPU memory plan of real pairs (arithmetic)")
     p.add_argument("--gpu-check", action="store_true",
-                   help="the GPU check: CUDA tests, every method's tiny bf16 step, gkd/ka/sar at the paper's shapes "
-                        "(bandwidth floor, memory plan), the sampler vs generate(); JSON (--json) and Markdown")
-    p.add_argument("--gpu-check-scale", default="paper", choices=tuple(CHECKS), help=argparse.SUPPRESS)  # tiny: CPU smoke
-    p.add_argument("--bandwidth", type=float, default=4.3e12, help="GPU memory bandwidth, bytes/s (H200: ~4.3e12 measured)")
-    p.add_argument("--no-large-vocab", action="store_true", help="skip the large-vocabulary loss-path comparison")
-    p.add_argument("--kl-chunk", type=float, default=moekd.Config.kl_chunk, help="moekd's --kl-chunk (MB per chunk temporary)")
+                   help="the GPU check: CUDA tests, every method's tiny bf16 step, gkd/ka/sar at the paper's "
+                        "shapes (bandwidth floor, memory plan), the sampler vs generate(); JSON (--json) "
+                        "and Markdown")
+    # tiny: CPU smoke
+    p.add_argument("--gpu-check-scale", default="paper", choices=tuple(CHECKS), help=argparse.SUPPRESS)
+    p.add_argument("--bandwidth", type=float, default=4.3e12,
+                   help="GPU memory bandwidth, bytes/s (H200: ~4.3e12 measured)")
+    p.add_argument("--no-large-vocab", action="store_true",
+                   help="skip the large-vocabulary loss-path comparison")
+    p.add_argument("--kl-chunk", type=float, default=moekd.Config.kl_chunk,
+                   help="moekd's --kl-chunk (MB per chunk temporary)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)          # worker: size,method[,experts]
     p.add_argument("--loss-memory", default=None, help=argparse.SUPPRESS)  # worker: method,path[,shape]
     p.add_argument("--loss-time", default=None, help=argparse.SUPPRESS)    # worker: method
@@ -102,7 +112,8 @@ def build(size: str, experts: int | None, device) -> tuple:
     t = {**llama_moe.LLAMA_MOE_DEFAULTS, **spec["teacher"], "max_position_embeddings": 512}
     if experts is not None:
         t.update(num_experts=experts, intermediate_size=t["intermediate_size"] // t["num_experts"] * experts)
-    teacher = llama_moe.build_llama_moe(llama_moe.check_llama_moe_config(t, where="bench"), device=device, init_seed=0).eval()
+    teacher = llama_moe.build_llama_moe(llama_moe.check_llama_moe_config(t, where="bench"), device=device,
+                                        init_seed=0).eval()
     torch.manual_seed(1)
     student = LlamaForCausalLM(LlamaConfig(**spec["student"], bos_token_id=1, eos_token_id=2)).to(device)
     return teacher, student
@@ -143,7 +154,8 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
     torch.manual_seed(0)
     teacher, student = build(size, experts, device)
     vocab = SIZES[size]["teacher"]["vocab_size"]
-    cfg = moekd.Config(method=method, ka_m=M, batch_size=BATCH, max_prompt_len=PROMPT, max_len=PROMPT + RESPONSE,
+    cfg = moekd.Config(method=method, ka_m=M, batch_size=BATCH, max_prompt_len=PROMPT,
+                       max_len=PROMPT + RESPONSE,
                        gen_batch_size=BATCH, lr=1e-5, router_lr=1e-6, compile_sampler=compile_sampler)
     tok = Tokens()
     rows = random_rows(BATCH, PROMPT, RESPONSE, vocab)
@@ -156,32 +168,38 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
     with fixed_length_responses():
         first_gen = 0.0  # the first call compiles the decode step
         if method in moekd.ON_POLICY:
-            first_gen = timed(lambda: moekd.generate_on_policy(student, rows, tok, cfg, list(range(len(rows)))), sync)
+            first_gen = timed(lambda: moekd.generate_on_policy(student, rows, tok, cfg,
+                                                               list(range(len(rows)))), sync)
         parts = step_parts(cfg, student, teacher, tok, rows, optimizer, state)
         if "gen" in parts:  # the reference sampler, side by side
             reference = dataclasses.replace(cfg, sampler="generate")
-            parts["gen_generate"] = lambda: moekd.generate_on_policy(student, rows, tok, reference, list(range(len(rows))))
+            parts["gen_generate"] = lambda: moekd.generate_on_policy(student, rows, tok, reference,
+                                                                     list(range(len(rows))))
         times: dict[str, list[float]] = {name: [] for name in ["step", *parts]}
         for i in range(warmup + steps):  # interleaved, so slow drifts of the machine hit step and parts alike
-            t = {"step": timed(lambda: moekd.train_step(cfg, student, teacher, tok, rows, optimizer, cfg.lr, state), sync)}
+            t = {"step": timed(lambda: moekd.train_step(cfg, student, teacher, tok, rows, optimizer, cfg.lr,
+                                                        state), sync)}
             for name, fn in parts.items():
                 t[name] = timed(fn, sync)
             if i >= warmup:
                 for name, value in t.items():
                     times[name].append(value)
     med = {name: statistics.median(v) for name, v in times.items()}
-    step, gen_generate, teacher_head = med.pop("step"), med.pop("gen_generate", 0.0), med.pop("teacher_head", 0.0)
+    step, gen_generate, teacher_head = (med.pop("step"), med.pop("gen_generate", 0.0),
+                                        med.pop("teacher_head", 0.0))
     for name in ("gen", "teacher", "router"):
         med.setdefault(name, 0.0)
     tokens = BATCH * (PROMPT + RESPONSE)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"size": size, "method": name_, "experts": experts or SIZES[size]["teacher"]["num_experts"],
-            "step_ms": 1000 * step, **{f"{k}_ms": 1000 * v for k, v in med.items()}, "gen_generate_ms": 1000 * gen_generate,
-            "teacher_head_ms": 1000 * teacher_head,
-            "gen_first_ms": 1000 * first_gen, "gen_tokens_per_s": BATCH * RESPONSE / med["gen"] if med["gen"] else 0.0,
+            "step_ms": 1000 * step, **{f"{k}_ms": 1000 * v for k, v in med.items()},
+            "gen_generate_ms": 1000 * gen_generate, "teacher_head_ms": 1000 * teacher_head,
+            "gen_first_ms": 1000 * first_gen,
+            "gen_tokens_per_s": BATCH * RESPONSE / med["gen"] if med["gen"] else 0.0,
             "generate_tokens_per_s": BATCH * RESPONSE / gen_generate if gen_generate else 0.0,
-            "overhead": step / max(sum(med.values()), 1e-12), "tokens_per_s": tokens / step, "peak_mb": peak / 2**20}
+            "overhead": step / max(sum(med.values()), 1e-12), "tokens_per_s": tokens / step,
+            "peak_mb": peak / 2**20}
 
 
 def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
@@ -203,7 +221,8 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
         student.zero_grad(set_to_none=True)
         student.train()
         with cached_teacher_hidden(t_hidden):
-            parts = moekd.method_step(cfg.method)(student, teacher, batch, cfg, norm=norm, n_micro=1, state=state)
+            parts = moekd.method_step(cfg.method)(student, teacher, batch, cfg, norm=norm, n_micro=1,
+                                                  state=state)
         parts["loss"].backward()
 
     def optimizer_part():  # the gradients of the last student_part are still there
@@ -219,14 +238,15 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
     if cfg.method == "sar":
         parts["router"] = lambda: moekd.sar_router_update(student, teacher, [batch], [norm], cfg, state)
     parts["optimizer"] = optimizer_part
-    if M > 1 or cfg.method == "ka":  # a reference, not a part: this work is inside student_part's chunked loss
+    # a reference, not a part: this work is inside student_part's chunked loss
+    if M > 1 or cfg.method == "ka":
         parts["teacher_head"] = teacher_head_reference(cfg, teacher, batch, t_hidden, M)
     return parts
 
 
 def teacher_head_reference(cfg, teacher, batch, t_hidden, M: int):
-    """The teacher side of the loss on its own: the M passes' head logits and log-softmax over the loss rows, in
-    the chunks and pass by pass as the hidden-state loss runs them (KA's teacher needs no gradient)."""
+    """The teacher side of the loss on its own: the M passes' head logits and log-softmax over the loss rows,
+    in the chunks and pass by pass as the hidden-state loss runs them (KA's teacher needs no gradient)."""
     mask = moekd.loss_mask(batch["labels"]).view(-1)
     head = moekd.output_head(teacher)
     t = t_hidden.view(M, mask.numel(), -1)[:, mask]
@@ -237,7 +257,7 @@ def teacher_head_reference(cfg, teacher, batch, t_hidden, M: int):
     def run():
         for i in range(0, t.shape[1], chunk):
             for h in t[:, i:i + chunk]:
-                moekd.head_logits(h, head, vocab)[0].log_softmax(-1)
+                hidden_losses.head_logits(h, head, vocab)[0].log_softmax(-1)
     return run
 
 
@@ -253,10 +273,10 @@ def cached_teacher_hidden(hidden):
 
 
 # ----------------------------------------------------------------------------
-# Large vocabulary: each method's loss path (output heads, loss, backward) from the models' final hidden states,
-# as moekd trains (hidden) vs the full-vocabulary logits it used before (logits: today's steps' loss code on
-# lm_head outputs). fp32 on CPU; the student's hidden states and head get gradients, SAR's router loss sends
-# its gradient into the teacher's hidden states (on to its routers).
+# Large vocabulary: each method's loss path (output heads, loss, backward) from the models' final hidden
+# states, as moekd trains (hidden) vs the full-vocabulary logits it used before (logits: today's steps' loss
+# code on lm_head outputs). fp32 on CPU; the student's hidden states and head get gradients, SAR's router loss
+# sends its gradient into the teacher's hidden states (on to its routers).
 
 LOSS_SHAPES = {"large": dict(V=151936, H=256, B=2, T=512, prompt=128, M=2),  # the large-vocab comparison
                "kl": dict(V=32000, H=256, B=4, T=512, prompt=0, M=1)}        # the KL memory probe
@@ -268,7 +288,8 @@ class Head(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.head, self.config = argparse.Namespace(weight=weight, bias=None), argparse.Namespace()  # the tensor itself
+        # the tensor itself
+        self.head, self.config = argparse.Namespace(weight=weight, bias=None), argparse.Namespace()
 
     def get_output_embeddings(self):
         return self.head
@@ -290,7 +311,7 @@ def loss_inputs(method: str, shape: str) -> dict:
 
 
 def logits_loss_path(method: str, x: dict) -> None:
-    """Each method's loss on full logits = lm_head(hidden states): the plain formulas (moekd.reverse_kl, forward_kl)."""
+    """Each method's loss on full logits = lm_head(hidden states): the plain moekd.reverse_kl, forward_kl."""
     hs, ws, ht, wt, labels, M = x["hs"], x["ws"], x["ht"], x["wt"], x["labels"], x["M"]
     mask = moekd.loss_mask(labels)
     norm = float(mask.sum())
@@ -300,7 +321,8 @@ def logits_loss_path(method: str, x: dict) -> None:
     def ce():
         targets = torch.full_like(labels, -100)
         targets[:, :-1] = labels[:, 1:]
-        per = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        per = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
+                                                reduction="none")
         return torch.where(mask, per, 0.0).sum() / norm
     views = t.view(M, *logits.shape)  # the M teacher passes
     if method == "sft":
@@ -320,12 +342,14 @@ def hidden_loss_path(method: str, x: dict, chunk_mb: float) -> None:
     cfg, state = moekd.Config(kl_chunk=chunk_mb), moekd.MethodState()
     batch = {"labels": x["labels"]}
     norm = float(moekd.loss_mask(x["labels"]).sum())
-    weights = {"sft": dict(ce_weight=1 / norm), "kd": dict(ce_weight=0.5 / norm, kl_weight=0.5 / norm, reverse=False),
+    weights = {"sft": dict(ce_weight=1 / norm),
+               "kd": dict(ce_weight=0.5 / norm, kl_weight=0.5 / norm, reverse=False),
                "gkd": dict(kl_weight=1 / norm), "ka": dict(kl_weight=1 / norm),
                "ka-gold": dict(ce_weight=0.5 / norm, kl_weight=0.5 / norm, reverse=False),
                "sar-router": dict(kl_weight=1 / norm, reverse=False)}[method]
     t = None if method == "sft" else x["ht"]
-    loss, _ = moekd.step_losses(student, None if t is None else teacher, x["hs"], t, batch, cfg, state, **weights)
+    loss, _ = moekd.step_losses(student, None if t is None else teacher, x["hs"], t, batch, cfg, state,
+                                **weights)
     loss.backward()
 
 
@@ -377,26 +401,30 @@ def loss_times(method: str, repeats: int, chunk_mb: float, shape: str = "large")
 def large_vocab_loss(repeats: int, chunk_mb: float) -> dict:
     rows = []
     for method in LOSS_METHODS:
-        mem = {p: worker(["--loss-memory", f"{method},{p}", "--kl-chunk", str(chunk_mb)], EXACT_MALLOC)["extra_mb"]
-               for p in loss_paths(method)}
+        mem = {p: worker(["--loss-memory", f"{method},{p}", "--kl-chunk", str(chunk_mb)],
+                         EXACT_MALLOC)["extra_mb"] for p in loss_paths(method)}
         sec = worker(["--loss-time", method, "--steps", str(repeats), "--kl-chunk", str(chunk_mb)])
-        rows.append({"method": method, **{f"{p}_mb": mem[p] for p in mem}, **{f"{p}_ms": 1000 * sec[p] for p in sec},
-                     "memory_ratio": mem["hidden"] / mem["logits"], "time_ratio": sec["hidden"] / sec["logits"]})
+        rows.append({"method": method, **{f"{p}_mb": mem[p] for p in mem},
+                     **{f"{p}_ms": 1000 * sec[p] for p in sec}, "memory_ratio": mem["hidden"] / mem["logits"],
+                     "time_ratio": sec["hidden"] / sec["logits"]})
     return {"shape": LOSS_SHAPES["large"], "chunk_mb": chunk_mb, "rows": rows,
-            "memory_ratio": max(r["memory_ratio"] for r in rows), "time_ratio": max(r["time_ratio"] for r in rows)}
+            "memory_ratio": max(r["memory_ratio"] for r in rows),
+            "time_ratio": max(r["time_ratio"] for r in rows)}
 
 
 # ----------------------------------------------------------------------------
 # GPU check (--gpu-check): the CUDA tests, every method's tiny bf16 step, the paper's shapes, the sampler
 
-PAPER_SHAPES = dict(  # Llama-MoE-3.5B (4/16) and Sheared-LLaMA-1.3B, from their public configs; random weights
+# Llama-MoE-3.5B (4/16) and Sheared-LLaMA-1.3B, from their public configs; random weights
+PAPER_SHAPES = dict(
     teacher=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_experts=16, num_selects=4),
     student=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
                  num_attention_heads=16))
 PAPER_PAIR = "Llama-MoE-3.5B (4/16) -> Sheared-LLaMA-1.3B"
 CHECKS = {"paper": dict(shapes=PAPER_SHAPES, micro=4, accum=4, prompt=256, response=256, steps=3),
-          "tiny": dict(shapes=SIZES["tiny"], micro=2, accum=2, prompt=16, response=16, steps=2)}  # CPU smoke test
+          # CPU smoke test
+          "tiny": dict(shapes=SIZES["tiny"], micro=2, accum=2, prompt=16, response=16, steps=2)}
 
 
 @contextlib.contextmanager
@@ -458,7 +486,8 @@ def tiny_method_steps(device, amp) -> dict:
         teacher.to(amp).requires_grad_(False)
         if moekd.METHODS[method].routers:
             moekd.train_routers(teacher)
-        cfg = moekd.Config(method=method, batch_size=2, grad_accum=2, max_prompt_len=16, max_len=32, gen_batch_size=4)
+        cfg = moekd.Config(method=method, batch_size=2, grad_accum=2, max_prompt_len=16, max_len=32,
+                           gen_batch_size=4)
         rows = random_rows(4, 16, 16, SIZES["tiny"]["student"]["vocab_size"])
         optimizer = torch.optim.AdamW(moekd.param_groups(student, cfg.weight_decay), lr=cfg.lr)
         logs = moekd.train_step(cfg, student, teacher, Tokens(), rows, optimizer, cfg.lr,
@@ -488,15 +517,16 @@ def paper_method(method: str, check: dict, teacher, student, device, amp, sync) 
     with fixed_length_responses():
         for i in range(check["steps"]):
             with part_timers(sync, optimizer) as spent:
-                seconds = timed(lambda: moekd.train_step(cfg, student, teacher, Tokens(), rows, optimizer, cfg.lr,
-                                                         state, step=i), sync)
+                seconds = timed(lambda: moekd.train_step(cfg, student, teacher, Tokens(), rows, optimizer,
+                                                         cfg.lr, state, step=i), sync)
             steps.append({"step_s": seconds, **{f"{k}_s": v for k, v in spent.items()},
                           "student_s": seconds - sum(spent.values())})
     peak = torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else 0.0
     steady = steps[1:] or steps  # the first step compiles the decode step
     med = {k: statistics.median(s[k] for s in steady) for k in steady[0]}
     return {"method": method, "steps": steps, "steady": med, "first_step_s": steps[0]["step_s"],
-            "gen_tokens_per_s": batch * check["response"] / med["gen_s"] if med["gen_s"] else 0.0, "peak_gb": peak}
+            "gen_tokens_per_s": batch * check["response"] / med["gen_s"] if med["gen_s"] else 0.0,
+            "peak_gb": peak}
 
 
 def bandwidth_floor_tokens_per_s(check: dict, bandwidth: float) -> float:
@@ -720,7 +750,8 @@ def gpu_check(scale: str, device, bandwidth: float, json_path: Path | None = Non
 def sampler_comparison(check: dict, student, device, amp, sync) -> dict:
     """moekd's sampler against generate() on the student and the same random prompts (one warm-up call
     each, then one timed)."""
-    cfg = moekd.Config(method="gkd", max_prompt_len=check["prompt"], max_len=check["prompt"] + check["response"],
+    cfg = moekd.Config(method="gkd", max_prompt_len=check["prompt"],
+                       max_len=check["prompt"] + check["response"],
                        gen_batch_size=check["micro"] * check["accum"],
                        compile_sampler="on" if device.type == "cuda" else "off")
     rows = random_rows(check["micro"] * check["accum"], check["prompt"], check["response"],
@@ -729,7 +760,8 @@ def sampler_comparison(check: dict, student, device, amp, sync) -> dict:
     with fixed_length_responses():
         for name, c in (("moekd", cfg), ("generate", dataclasses.replace(cfg, sampler="generate"))):
             with moekd.autocast(device, amp):
-                run = lambda: moekd.generate_on_policy(student, rows, Tokens(), c, list(range(len(rows))))  # noqa: E731
+                run = lambda: moekd.generate_on_policy(student, rows, Tokens(), c,
+                                                       list(range(len(rows))))  # noqa: E731
                 run()
                 seconds[name] = timed(run, sync)
     out = {f"{k}_tokens_per_s": len(rows) * check["response"] / v for k, v in seconds.items()}
@@ -790,7 +822,8 @@ def gpu_check_markdown(r: dict) -> str:
 # glibc hands large freed blocks back to the OS and page-faults them in again on the next step, which
 # made CPU step times swing by 2x between repetitions; keeping freed memory for reuse (what PyTorch's
 # caching allocator does on GPU) makes the CPU figures stable. Applied to the workers only.
-CPU_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36), "MALLOC_TOP_PAD_": str(2**30)}
+CPU_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36),
+              "MALLOC_TOP_PAD_": str(2**30)}
 
 
 # The loss-memory workers measure the other way: every block over 64 KB is its own mapping, returned at free,
@@ -800,9 +833,10 @@ EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 def worker(args_list: list[str], malloc: dict = CPU_MALLOC) -> dict:
     # no on-disk inductor caches: the reported compile time is a cold compile, as in a fresh environment
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
-           **malloc}
-    proc = subprocess.run([sys.executable, str(HERE / "bench.py"), *args_list], capture_output=True, text=True, env=env)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+           "TORCHINDUCTOR_AUTOGRAD_CACHE": "0", **malloc}
+    proc = subprocess.run([sys.executable, str(HERE / "bench.py"), *args_list], capture_output=True,
+                          text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {args_list} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -810,10 +844,12 @@ def worker(args_list: list[str], malloc: dict = CPU_MALLOC) -> dict:
 
 def table(rows: list[dict]) -> str:
     cols = ["size", "method", "step_ms", "gen_ms", "teacher_ms", "student_ms", "router_ms", "optimizer_ms",
-            "overhead", "tokens_per_s", "peak_mb", "gen_tokens_per_s", "generate_tokens_per_s", "gen_first_ms"]
+            "overhead", "tokens_per_s", "peak_mb", "gen_tokens_per_s", "generate_tokens_per_s",
+            "gen_first_ms"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])
+                                       for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -827,7 +863,8 @@ def model_dirs(size: str, root: Path) -> tuple[Path, Path]:
     tokenizer, whose ids all fit the larger vocabulary)."""
     spec, tok = SIZES[size], HERE / "tiny_moe"
     per_layer = ("score_scale_factor", "size_experts")  # tiny_moe's per-layer lists fit only its 3 layers
-    teacher = {**{k: v for k, v in json.loads((tok / "config.json").read_text()).items() if k not in per_layer},
+    teacher = {**{k: v for k, v in json.loads((tok / "config.json").read_text()).items()
+                  if k not in per_layer},
                **spec["teacher"], "max_position_embeddings": 512,
                "num_key_value_heads": spec["teacher"]["num_attention_heads"]}
     student = {**json.loads((tok / "student" / "config.json").read_text()), **spec["student"],
@@ -847,13 +884,15 @@ def dist_memory(sizes: list[str], root: Path) -> list[dict]:
         teacher, student = model_dirs(size, root)
         for name, nproc, flags in LAYOUTS:
             out = root / f"run-{size}-{len(rows)}"
-            launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                         f"--nproc_per_node={nproc}"]
-            run = [*launch, str(HERE / "moekd.py"), "--method", "sar", "--model", str(student), "--teacher", str(teacher),
-                   "--data", "synthetic", "--synthetic-train", "16", "--batch-size", "4", "--global-batch-size", "8",
+            launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                          "--standalone", f"--nproc_per_node={nproc}"]
+            run = [*launch, str(HERE / "moekd.py"), "--method", "sar", "--model", str(student), "--teacher",
+                   str(teacher), "--data", "synthetic", "--synthetic-train", "16", "--batch-size", "4",
+                   "--global-batch-size", "8",
                    "--max-steps", "2", "--max-prompt-len", str(PROMPT), "--max-len", str(PROMPT + RESPONSE),
                    "--no-dev-eval", "--device", "cpu", "--out", str(out), *flags]
-            proc = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            proc = subprocess.run(run, capture_output=True, text=True,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if proc.returncode != 0:
                 raise RuntimeError(f"{' '.join(run)} failed:\n{proc.stderr[-3000:]}")
             memory = json.loads((out / "metrics.json").read_text())["memory"]
@@ -895,15 +934,17 @@ def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpoin
     row = {"teacher weights": 2 * t["params"] / (W if shard_teacher else 1) / GB,
            "student weights + grads": 8 * s["params"] / (W if shard_student else 1) / GB,
            "AdamW state": 8 * s["params"] / (W if shard_student else 1) / GB,
-           "student activations": ckpt(s, dense(s)) if grad_checkpointing else tokens * dense(s) * s["L"] / GB,
+           "student activations": ckpt(s, dense(s)) if grad_checkpointing else
+                                  tokens * dense(s) * s["L"] / GB,
            "teacher activations (SAR)": 0.0 if not sar else (ckpt(t, moe_all) if grad_checkpointing
                                                               else tokens * moe_all * t["L"] / GB),
-           # from hidden states: the fp32 head-gradient buffer [V, H] (one more student-head gradient), about 3
-           # chunk temporaries (5 for KA, whose frozen passes go one at a time beside an accumulator), the M
-           # teacher passes' bf16 hidden states. Before (logits=True): bf16 student logits +
-           # their grad + M bf16 teacher logits (+ SAR's grad) and 4 fp32 [256, V] temporaries of the chunked KL
-           "losses": ((4 * V * s["H"] + (3 if ka_m == 1 else 5) * chunk_mb * 2**20 + ka_m * tokens * t["H"] * 2) if not logits
-                      else tokens * V * 2 * (2 + ka_m + sar) + 4 * 4 * 256 * V) / GB,
+           # from hidden states: the fp32 head-gradient buffer [V, H] (one more student-head gradient), about
+           # 3 chunk temporaries (5 for KA, whose frozen passes go one at a time beside an accumulator), the M
+           # teacher passes' bf16 hidden states. Before (logits=True): bf16 student logits + their grad + M
+           # bf16 teacher logits (+ SAR's grad) and 4 fp32 [256, V] temporaries of the chunked KL
+           "losses": ((4 * V * s["H"] + (3 if ka_m == 1 else 5) * chunk_mb * 2**20
+                       + ka_m * tokens * t["H"] * 2)
+                      if not logits else tokens * V * 2 * (2 + ka_m + sar) + 4 * 4 * 256 * V) / GB,
            # on-policy sampling under bf16 autocast runs a bf16 copy of the student (sampling.sampling_copy;
            # a sharded student samples through generate(), without a copy)
            "bf16 sampling copy": 0.0 if shard_student else 2 * s["params"] / GB,
@@ -917,7 +958,8 @@ def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpoin
            # families keep stacked expert weights (grouped_mm: no copy)
            "SAR saved expert weights": 0.0 if not (sar and t.get("concat_experts")) else (
                2 * t["E"] * t["I_e"] * t["H"] * (3 if grad_checkpointing else 3 * t["L"] - 2) / GB)}
-    gathered = (2 * t["params"] / t["L"] * 2 if shard_teacher else 0) + (4 * s["params"] / s["L"] * 2 if shard_student else 0)
+    gathered = (2 * t["params"] / t["L"] * 2 if shard_teacher else 0) + \
+        (4 * s["params"] / s["L"] * 2 if shard_student else 0)
     row["FSDP gathered layers"] = gathered / GB  # the layer in use and the prefetched next one
     row["total"] = sum(row.values())
     return row
@@ -925,23 +967,31 @@ def plan(pair: dict, *, shard_teacher: bool, shard_student: bool, grad_checkpoin
 
 def print_plan() -> None:
     layouts = {  # the options each pair needs, SAR being the most demanding method
-        "Llama-MoE-3.5B (4/16) -> Sheared-LLaMA-1.3B": [dict(shard_teacher=False, shard_student=False, grad_checkpointing=False)],
-        "Mixtral-8x7B -> Mistral-7B": [dict(shard_teacher=False, shard_student=False, grad_checkpointing=False),
-                                       dict(shard_teacher=True, shard_student=True, grad_checkpointing=False)],
-        "Qwen3-30B-A3B -> Qwen3-1.7B": [dict(shard_teacher=False, shard_student=False, grad_checkpointing=False),
-                                        dict(shard_teacher=True, shard_student=False, grad_checkpointing=False),
-                                        dict(shard_teacher=True, shard_student=False, grad_checkpointing=True)],
+        "Llama-MoE-3.5B (4/16) -> Sheared-LLaMA-1.3B": [dict(shard_teacher=False, shard_student=False,
+                                                             grad_checkpointing=False)],
+        "Mixtral-8x7B -> Mistral-7B": [dict(shard_teacher=False, shard_student=False,
+                                            grad_checkpointing=False),
+                                       dict(shard_teacher=True, shard_student=True,
+                                            grad_checkpointing=False)],
+        "Qwen3-30B-A3B -> Qwen3-1.7B": [dict(shard_teacher=False, shard_student=False,
+                                             grad_checkpointing=False),
+                                        dict(shard_teacher=True, shard_student=False,
+                                             grad_checkpointing=False),
+                                        dict(shard_teacher=True, shard_student=False,
+                                             grad_checkpointing=True)],
     }
     for name, options in layouts.items():
         pair = PAIRS[name]
-        print(f"\n{name}: {pair['gpus']} x 80 GB, per-device batch {pair['batch']} x {SEQ} tokens, V {pair['V']}, GB per GPU")
+        print(f"\n{name}: {pair['gpus']} x 80 GB, per-device batch {pair['batch']} x {SEQ} tokens, V "
+              f"{pair['V']}, GB per GPU")
         for opt in options:
             flags = " ".join(f"--{k.replace('_', '-')}" for k, v in opt.items() if v) or "(no option)"
             gkd, sar = plan(pair, **opt, sar=False), plan(pair, **opt, sar=True)
             before = [plan(pair, **opt, sar=s, logits=True) for s in (False, True)]
             print(f"  {flags}: " + ", ".join(f"{k} {v:.2f}" for k, v in sar.items() if k != "total")
-                  + f" | total GKD {gkd['total']:.1f}, SAR {sar['total']:.1f}; with full-vocabulary logits (before): "
-                  f"losses {before[1]['losses']:.2f}, GKD {before[0]['total']:.1f}, SAR {before[1]['total']:.1f}")
+                  + f" | total GKD {gkd['total']:.1f}, SAR {sar['total']:.1f}; with full-vocabulary logits "
+                    f"(before): losses {before[1]['losses']:.2f}, GKD {before[0]['total']:.1f}, SAR "
+                    f"{before[1]['total']:.1f}")
 
 
 def main(argv=None) -> dict:
@@ -953,27 +1003,29 @@ def main(argv=None) -> dict:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             rows = dist_memory(args.sizes.split(","), Path(tmp))
-        print(f"SAR, global batch 8 x ({PROMPT} prompt + {RESPONSE} response) tokens; MB on rank 0 (CPU, peak RSS "
-              f"includes Python, torch and transformers)")
-        print("| size | layout | student weights + grads | teacher weights | optimizer state | peak RSS |\n|---|---|---|---|---|---|")
+        print(f"SAR, global batch 8 x ({PROMPT} prompt + {RESPONSE} response) tokens; MB on rank 0 (CPU, "
+              f"peak RSS includes Python, torch and transformers)")
+        print("| size | layout | student weights + grads | teacher weights | optimizer state | peak RSS "
+              "|\n|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['size']} | {r['layout']} | {r['student_mb']:.1f} | {r['teacher_mb']:.1f} | "
                   f"{r['optimizer_mb']:.1f} | {r['peak_mb']:.0f} |")
         if args.json:
             Path(args.json).write_text(json.dumps({"dist_memory": rows}, indent=2) + "\n")
         return {"dist_memory": rows}
-    device = moekd.resolve_device(args.device)
+    device = parallel.resolve_device(args.device)
     if args.gpu_check:
         report = gpu_check(args.gpu_check_scale, device, args.bandwidth, args.json)  # saved after every stage
         print(gpu_check_markdown(report))
         return report
     if args.one:
         size, name, *experts = args.one.split(",")
-        print(json.dumps(run_one(size, name, int(experts[0]) if experts else None, args.steps, args.warmup, device,
-                                 args.compile_sampler)))
+        print(json.dumps(run_one(size, name, int(experts[0]) if experts else None, args.steps, args.warmup,
+                                 device, args.compile_sampler)))
         return {}
     if args.loss_memory:
-        print(json.dumps(loss_memory(*args.loss_memory.split(",")[:2], args.kl_chunk, *args.loss_memory.split(",")[2:])))
+        print(json.dumps(loss_memory(*args.loss_memory.split(",")[:2], args.kl_chunk,
+                                     *args.loss_memory.split(",")[2:])))
         return {}
     if args.loss_time:
         print(json.dumps(loss_times(args.loss_time, args.steps, args.kl_chunk)))
@@ -981,10 +1033,12 @@ def main(argv=None) -> dict:
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
               "--compile-sampler", args.compile_sampler]
     sizes = [s for s in args.sizes.split(",") if s]  # --sizes '': only the loss-path figures
-    rows = [worker(["--one", f"{size},{name}", *common]) for size in sizes for name in args.methods.split(",")]
-    result: dict = {"shape": {"batch": BATCH, "prompt": PROMPT, "response": RESPONSE}, "device": str(device), "rows": rows}
-    print(f"median step and part times (ms) over {args.steps} steps, batch {BATCH} x ({PROMPT} prompt + {RESPONSE} "
-          f"response) tokens, {device}, torch threads {torch.get_num_threads()}")
+    rows = [worker(["--one", f"{size},{name}", *common]) for size in sizes
+            for name in args.methods.split(",")]
+    result: dict = {"shape": {"batch": BATCH, "prompt": PROMPT, "response": RESPONSE}, "device": str(device),
+                    "rows": rows}
+    print(f"median step and part times (ms) over {args.steps} steps, batch {BATCH} x ({PROMPT} prompt + "
+          f"{RESPONSE} response) tokens, {device}, torch threads {torch.get_num_threads()}")
     print(table(rows))
     derived = {}
     for size in sizes:
@@ -992,20 +1046,24 @@ def main(argv=None) -> dict:
         derived[size] = {"max_overhead": max(r["overhead"] for r in by.values())}
         on_policy = [r for r in by.values() if r["gen_ms"] > 0]
         if on_policy:  # new sampler tokens/s over generate()'s, the same work
-            derived[size]["generation_speedup"] = statistics.median(r["gen_generate_ms"] / r["gen_ms"] for r in on_policy)
+            derived[size]["generation_speedup"] = statistics.median(r["gen_generate_ms"] / r["gen_ms"]
+                                                                    for r in on_policy)
             derived[size]["compile_s"] = max(r["gen_first_ms"] - r["gen_ms"] for r in on_policy) / 1000
         if "gkd" in by:  # the step with generate() in its place (the rest of the step does not depend on it)
             g = by["gkd"]
-            derived[size]["gkd_step_speedup"] = (g["step_ms"] - g["gen_ms"] + g["gen_generate_ms"]) / g["step_ms"]
+            derived[size]["gkd_step_speedup"] = \
+                (g["step_ms"] - g["gen_ms"] + g["gen_generate_ms"]) / g["step_ms"]
         if {"ka-m1", "ka-m2", "ka-m4"} <= set(by):
             # generation does not depend on M; leaving it out keeps its run-to-run noise out of the ratio
             work = {m: by[f"ka-m{m}"]["step_ms"] - by[f"ka-m{m}"]["gen_ms"] for m in (1, 2, 4)}
             teacher = {m: by[f"ka-m{m}"]["teacher_ms"] + by[f"ka-m{m}"]["teacher_head_ms"] for m in (1, 2, 4)}
-            derived[size]["ka_cost"] = {m: (work[m] - work[1]) / max(teacher[m] - teacher[1], 1e-9) for m in (2, 4)}
-    print("\nderived (targets: overhead <= 1.10, KA cost <= 1.10, KL memory <= 1.25, generation speed-up >= 3, "
-          "gkd step at realistic-vocab >= 1.5)")
+            derived[size]["ka_cost"] = {m: (work[m] - work[1]) / max(teacher[m] - teacher[1], 1e-9)
+                                        for m in (2, 4)}
+    print("\nderived (targets: overhead <= 1.10, KA cost <= 1.10, KL memory <= 1.25, generation speed-up >= "
+          "3, gkd step at realistic-vocab >= 1.5)")
     for size, d in derived.items():
-        ka = "" if "ka_cost" not in d else " | KA cost " + ", ".join(f"M={m}: {v:.2f}" for m, v in d["ka_cost"].items())
+        ka = "" if "ka_cost" not in d else " | KA cost " + ", ".join(f"M={m}: {v:.2f}"
+                                                                     for m, v in d["ka_cost"].items())
         gen = "" if "generation_speedup" not in d else (
             f" | generation speed-up {d['generation_speedup']:.2f}x (compiling {d['compile_s']:.1f} s once)")
         gen += "" if "gkd_step_speedup" not in d else f" | gkd step vs generate {d['gkd_step_speedup']:.2f}x"
@@ -1016,26 +1074,28 @@ def main(argv=None) -> dict:
         kl, ce, ce_logits = (worker(["--loss-memory", f"{m},{p},kl", *chunk], EXACT_MALLOC) for m, p in
                              (("gkd", "hidden"), ("sft", "hidden"), ("sft", "logits")))
         result["kl_memory"] = {"kl_extra_mb": kl["extra_mb"], "ce_extra_mb": ce["extra_mb"],
-                               "ratio": kl["extra_mb"] / ce["extra_mb"], "ce_from_logits_mb": ce_logits["extra_mb"]}
-        print(f"KL memory: reverse KL + backward from hidden states [4 x 512, 256] through [32000, 256] heads "
-              f"{kl['extra_mb']:.0f} MB vs cross-entropy + backward from the same hidden states {ce['extra_mb']:.0f} MB: "
-              f"ratio {result['kl_memory']['ratio']:.2f} (cross-entropy on the full logits: {ce_logits['extra_mb']:.0f} MB)")
+                               "ratio": kl["extra_mb"] / ce["extra_mb"],
+                               "ce_from_logits_mb": ce_logits["extra_mb"]}
+        print(f"KL memory: reverse KL + backward from hidden states [4 x 512, 256] through [32000, 256] "
+              f"heads {kl['extra_mb']:.0f} MB vs cross-entropy + backward from the same hidden states "
+              f"{ce['extra_mb']:.0f} MB: ratio {result['kl_memory']['ratio']:.2f} (cross-entropy on the full "
+              f"logits: {ce_logits['extra_mb']:.0f} MB)")
     if not args.no_large_vocab:
         lv = result["large_vocab_loss"] = large_vocab_loss(args.steps, args.kl_chunk)
         s = lv["shape"]
-        print(f"\nloss path from hidden states vs full logits: V {s['V']}, H {s['H']}, {s['B']} x {s['T']} tokens "
-              f"({s['prompt']} prompt), KA M = {s['M']}, fp32, chunk temporaries {lv['chunk_mb']:g} MB; peak extra MB "
-              f"(RSS) and median ms over {args.steps}")
-        print("| method | logits MB | hidden MB | memory ratio | logits ms | hidden ms | time ratio | generic MB | "
-              "generic ms |\n|---|---|---|---|---|---|---|---|---|")
+        print(f"\nloss path from hidden states vs full logits: V {s['V']}, H {s['H']}, {s['B']} x {s['T']} "
+              f"tokens ({s['prompt']} prompt), KA M = {s['M']}, fp32, chunk temporaries {lv['chunk_mb']:g} MB; "
+              f"peak extra MB (RSS) and median ms over {args.steps}")
+        print("| method | logits MB | hidden MB | memory ratio | logits ms | hidden ms | time ratio | generic MB "
+              "| generic ms |\n|---|---|---|---|---|---|---|---|---|")
         for r in lv["rows"]:
             generic = f"{r['generic_mb']:.0f} | {r['generic_ms']:.0f}" if "generic_ms" in r else "- | -"
-            print(f"| {r['method']} | {r['logits_mb']:.0f} | {r['hidden_mb']:.0f} | {r['memory_ratio']:.3f} | "
-                  f"{r['logits_ms']:.0f} | {r['hidden_ms']:.0f} | {r['time_ratio']:.2f} | {generic} |")
-        print("generic: hidden_losses.chunked_loss, a loss written as a function of log-probabilities (what a new "
-              "loss costs before its gradients are derived by hand)")
-        print(f"worst: memory ratio {lv['memory_ratio']:.3f} (target <= 0.2), time ratio {lv['time_ratio']:.2f} "
-              f"(targets <= 1.2 distillation, <= 1.35 sft)")
+            print(f"| {r['method']} | {r['logits_mb']:.0f} | {r['hidden_mb']:.0f} | {r['memory_ratio']:.3f} "
+                  f"| {r['logits_ms']:.0f} | {r['hidden_ms']:.0f} | {r['time_ratio']:.2f} | {generic} |")
+        print("generic: hidden_losses.chunked_loss, a loss written as a function of log-probabilities (what a "
+              "new loss costs before its gradients are derived by hand)")
+        print(f"worst: memory ratio {lv['memory_ratio']:.3f} (target <= 0.2), time ratio "
+              f"{lv['time_ratio']:.2f} (targets <= 1.2 distillation, <= 1.35 sft)")
     if not args.no_scaling and sizes:
         scaling = []
         size = sizes[0]
@@ -1046,7 +1106,8 @@ def main(argv=None) -> dict:
         print(f"\nscaling ({size}): step ms (teacher ms) by experts N")
         print("| method | N=4 | N=8 | N=16 |\n|---|---|---|---|")
         for name in ("all", "ka-m2", "sar"):
-            cells = [f"{r['step_ms']:.1f} ({r['teacher_ms'] + r['router_ms']:.1f})" for r in scaling if r["method"] == name]
+            cells = [f"{r['step_ms']:.1f} ({r['teacher_ms'] + r['router_ms']:.1f})"
+                     for r in scaling if r["method"] == name]
             print(f"| {name} | " + " | ".join(cells) + " |")
         for s in sizes:
             print(f"scaling ({s}): step ms (teacher ms) by KA passes M: " + ", ".join(

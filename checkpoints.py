@@ -1,6 +1,7 @@
 """Files of moekd: loading and saving models (local or hub, safetensors out, no remote code, .bin only with
 torch's weights-only unpickler), run folders (an overwrite guard that deletes only what moekd wrote),
-atomic checkpoints, strict JSON, and the one-line errors of every command (MoekdError, run_cli).
+atomic checkpoints, strict JSON. The one-line errors of every command (MoekdError, run_cli) live in
+errors.py; the Llama-MoE model port in llama_moe.py, which imports nothing from here.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pickle
 import re
 import shutil
 import socket
-import sys
 import contextlib
 import tempfile
 import warnings
@@ -22,22 +22,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-
-class MoekdError(ValueError):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
-class RunStopped(MoekdError):
-    """Training cannot go on (non-finite numbers, full disk); main() names the last good checkpoint."""
-
-
-class RunInterrupted(BaseException):
-    """SIGINT/SIGTERM stopped a run: printed as one line, exit code 128 + the signal's number. A
-    BaseException, as KeyboardInterrupt, so no `except Exception` on the way swallows it."""
-
-    def __init__(self, message: str, signum: int, *, quiet: bool = False):
-        super().__init__(message)
-        self.code, self.quiet = 128 + signum, quiet
+from errors import MoekdError, RunStopped
+from llama_moe import build_llama_moe, check_llama_moe_config, save_llama_moe
 
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
@@ -63,7 +49,8 @@ def local_model_dir(name_or_path: str, *, what: str = "--model") -> Path:
 
 def refuse_remote_code(directory: Path, what: str) -> Path:
     """A model whose config.json or tokenizer_config.json has an `auto_map` needs its own Python code:
-    an error before transformers sees it (which would ask whether to run it), so that code is never imported."""
+    an error before transformers sees it (which would ask whether to run it), so that code is never
+    imported."""
     for name in ("config.json", "tokenizer_config.json"):
         try:
             raw = json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
@@ -239,8 +226,7 @@ def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=t
     if init_seed is not None:
         print(f"{what} {name_or_path}: no weights, initialising from moekd_init_seed={init_seed}")
     if raw.get("model_type") == "llama_moe":  # moekd's own port, llama_moe.py: no remote code
-        import llama_moe
-        model = llama_moe.load_llama_moe(directory, raw, device=device, dtype=dtype, init_seed=init_seed)
+        model = load_llama_moe(directory, raw, device=device, dtype=dtype, init_seed=init_seed)
         check_finite_weights(model, f"{what} {name_or_path}")
         return model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -260,6 +246,16 @@ def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=t
     if torch.device(device).type == "cpu" and type(model)._can_set_experts_implementation():
         model.set_experts_implementation("eager")  # torch's CPU grouped_mm needs 16-byte-aligned sizes
     return model.to(device).eval()
+
+
+def load_llama_moe(directory: Path, raw: dict, *, device, dtype, init_seed: int | None) -> nn.Module:
+    """A Llama-MoE checkpoint directory (its config.json read as `raw`) in eval mode; with `init_seed`
+    and no weights, seeded random weights instead."""
+    model = build_llama_moe(check_llama_moe_config(raw, where=str(directory / "config.json")), device=device,
+                            dtype=dtype, init_seed=init_seed)
+    if init_seed is None:
+        load_state_dict_strict(model, read_state_dict_files(directory), where=str(directory))
+    return model.eval()
 
 
 def seeded(raw: dict) -> int | None:
@@ -294,8 +290,8 @@ def check_vocab(model: nn.Module, tokenizer, flag: str = "--model") -> None:
     """Every token id must index the model's embeddings (a bigger tokenizer fails deep inside torch)."""
     size = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > size:
-        raise MoekdError(f"{flag}: the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary "
-                         f"of {size}")
+        raise MoekdError(f"{flag}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
+                         f"vocabulary of {size}")
 
 
 def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes: int = 5 * 2**30,
@@ -306,8 +302,7 @@ def save_model(model: nn.Module, tokenizer, directory: Path, *, max_shard_bytes:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if hasattr(model, "moe_config"):
-        import llama_moe
-        return llama_moe.save_llama_moe(model, directory, state_dict=state_dict, max_shard_bytes=max_shard_bytes)
+        return save_llama_moe(model, directory, state_dict=state_dict, max_shard_bytes=max_shard_bytes)
     from transformers.utils import logging as hf_logging
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar per checkpoint of a tiny model is noise
@@ -349,7 +344,8 @@ def write_atomically(directory: Path, write) -> None:
         if old is not None:
             shutil.rmtree(old)
     except BaseException as e:
-        full = isinstance(e, Exception) and (isinstance(e, OSError) and e.errno == errno.ENOSPC or disk_full(tmp))
+        full = isinstance(e, Exception) and (isinstance(e, OSError) and e.errno == errno.ENOSPC
+                                             or disk_full(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
         if full:  # torch.save says "unexpected pos ..." on a full disk, safetensors its own error
             raise RunStopped(f"no space left on device writing {directory}") from None
@@ -510,7 +506,8 @@ def check_own_folder(out: Path, marker: str, names: re.Pattern, inner: dict[str,
     if all(n == LOCK or n.startswith((".tmp-", ".old-")) or n == "latest.tmp" for n in entries):
         return  # a run stopped before its marker was written: nothing but moekd's own leftovers
     if marker not in entries:
-        raise MoekdError(f"--out {out}: has no {marker}, not a moekd output folder; --overwrite refuses to delete it")
+        raise MoekdError(f"--out {out}: has no {marker}, not a moekd output folder; --overwrite refuses to "
+                         f"delete it")
     try:
         saved = json.loads((out / marker).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -617,7 +614,8 @@ def default_out(method: str, model: str) -> str:
 def saved_config(values: dict, given: dict, fields: dict) -> dict:
     """The config of the run a --resume continues (its run.json); every explicit flag that differs from it,
     other than RESUME_MAY_CHANGE, is listed in one error. `fields`: the config's field defaults."""
-    out = Path(values.get("out") or default_out(values.get("method", "sft"), values.get("model", fields["model"])))
+    out = Path(values.get("out")
+               or default_out(values.get("method", "sft"), values.get("model", fields["model"])))
     if not (out / "run.json").is_file():
         raise MoekdError(f"--out {out}: no run.json, not a moekd run to resume")
     try:
@@ -632,16 +630,16 @@ def saved_config(values: dict, given: dict, fields: dict) -> dict:
     differ = [f"--{k.replace('_', '-')} {v!r} (run: {saved.get(k, fields[k])!r})" for k, v in given.items()
               if k not in RESUME_MAY_CHANGE and v != saved.get(k, fields[k])]
     if differ:
-        raise MoekdError(f"--resume: {'; '.join(differ)} differ from the run being resumed; --resume continues "
-                         f"with the run's config (run.json), pass only flags that may change")
+        raise MoekdError(f"--resume: {'; '.join(differ)} differ from the run being resumed; --resume "
+                         f"continues with the run's config (run.json), pass only flags that may change")
     return {**saved, "out": str(out)}
 
 
 # Flags a --resume may change. The device count and its split (batch size, accumulation) may change
 # too, as long as the global batch stays the same.
-RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny", "sampler",
-                     "dist_timeout", "batch_size", "grad_accum", "global_batch_size", "shard_teacher",
-                     "shard_student"}
+RESUME_MAY_CHANGE = {"resume", "stop_after", "device", "teacher_device", "dtype", "log_every", "out", "tiny",
+                     "sampler", "dist_timeout", "batch_size", "grad_accum", "global_batch_size",
+                     "shard_teacher", "shard_student"}
 
 
 def check_resume_config(cfg, saved: dict, world: int) -> None:
@@ -649,8 +647,9 @@ def check_resume_config(cfg, saved: dict, world: int) -> None:
     was = saved["batch_size"] * saved.get("world_size", 1) * saved["grad_accum"]
     now = cfg.batch_size * world * cfg.grad_accum
     if now != was:
-        raise MoekdError(f"global batch {now} ({cfg.batch_size} x {world} device(s) x {cfg.grad_accum}) differs from "
-                         f"the run being resumed ({was}); change --batch-size/--grad-accum to keep it")
+        raise MoekdError(f"global batch {now} ({cfg.batch_size} x {world} device(s) x {cfg.grad_accum}) "
+                         f"differs from the run being resumed ({was}); change --batch-size/--grad-accum to "
+                         f"keep it")
 
 
 def prepare_out_dir(cfg, *, reads: dict[str, str | None] | None = None, lock: RunLock | None = None,
@@ -703,17 +702,3 @@ def stop_message(e: BaseException, out: Path) -> str:
     where = f"its last good checkpoint is {ckpt} (continue with --resume)" if ckpt else \
         "no checkpoint was saved yet: start over with the same command and --overwrite"
     return f"{why}; the run stopped, {where}"
-
-
-def run_cli(entry) -> int:
-    """Run a main(); bad input (MoekdError) becomes one line on stderr and exit code 2."""
-    try:
-        entry()
-    except MoekdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunInterrupted as e:
-        if not e.quiet:
-            print(e, file=sys.stderr)
-        return e.code
-    return 0

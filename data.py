@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from checkpoints import MoekdError
+from errors import MoekdError
 
 DOLLY_HUB = "databricks/databricks-dolly-15k"
 TEMPLATES = ("alpaca", "chat")
@@ -20,7 +20,8 @@ TABLE_FILES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}  # read 
 
 
 def format_prompt(instruction: str, context: str = "") -> str:
-    """The Alpaca-style template of MiniLLM and the official code (tools/process_data_dolly.py), byte-exact."""
+    """The Alpaca-style template of MiniLLM and the official code (tools/process_data_dolly.py),
+    byte-exact."""
     if context:
         return ("Below is an instruction that describes a task, paired with an input that provides "
                 "further context. Write a response that appropriately completes the request.\n\n"
@@ -41,7 +42,8 @@ def read_jsonl(path: str | Path, *, template: str = "alpaca", columns: tuple[str
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise MoekdError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise MoekdError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:

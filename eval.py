@@ -1,10 +1,11 @@
 """eval.py: the paper's ROUGE-L evaluation protocol and its MoE analyses.
 
     python eval.py --model runs/sar-4_16/best_rougeL --data-dir ../shared/data --out results/sar-4_16
-    python eval.py --analysis gate-mass --model runs/sft-moe/best_rougeL --data-dir ../shared/data   # Fig. 1
-    python eval.py --analysis k-sweep --model runs/sft-moe/best_rougeL --data-dir ../shared/data     # Fig. 2, teacher
+    python eval.py --analysis gate-mass --model runs/sft-moe/best_rougeL --data-dir ../shared/data  # Fig. 1
+    python eval.py --analysis k-sweep --model runs/sft-moe/best_rougeL \
+        --data-dir ../shared/data  # Fig. 2, teacher
     python eval.py --analysis router-shift --model runs/sft-moe/best_rougeL \
-        --routers runs/sar-4_16/best_rougeL --data-dir ../shared/data                              # Fig. 5
+        --routers runs/sar-4_16/best_rougeL --data-dir ../shared/data  # Fig. 5
 
 Protocol (MiniLLM / MoEKD evaluate.py): MiniLLM-format sets (`prompt`, `output` = one reference or a list);
 the prompt is encoded *with* special tokens (BOS), cut to its first 256 tokens and left-padded; responses
@@ -32,23 +33,28 @@ import torch
 import checkpoints
 import data
 import moekd
-from moekd import MoekdError
+import parallel
+import sampling
+from errors import MoekdError, RunStopped, run_cli
 
 SETS = {"dolly": "dolly/valid.jsonl", "self-inst": "self-inst/valid.jsonl", "vicuna": "vicuna/valid.jsonl",
         "sinst": "sinst/11_/valid.jsonl", "uinst": "uinst/11_/valid.jsonl"}
-PAPER_NAMES = {"dolly": "Dolly", "self-inst": "SelfInst", "vicuna": "Vicuna", "sinst": "S-NI", "uinst": "UnNI"}
+PAPER_NAMES = {"dolly": "Dolly", "self-inst": "SelfInst", "vicuna": "Vicuna", "sinst": "S-NI",
+               "uinst": "UnNI"}
 ANALYSES = ("rouge", "gate-mass", "router-shift", "k-sweep")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="anything moekd.load_model loads: Llama-MoE dir, HF name or dir")
+    p.add_argument("--model", required=True,
+                   help="anything checkpoints.load_model loads: Llama-MoE dir, HF name or dir")
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent / "shared" / "data"),
                    help="folder with the MiniLLM sets (dolly/valid.jsonl, self-inst/valid.jsonl, ...)")
     p.add_argument("--sets", default=None,
-                   help=f"comma-separated set names, or name=path.jsonl for any other MiniLLM-format file (default: "
-                        f"{','.join(SETS)}, all of which must exist; a missing set named here is listed as missing)")
+                   help=f"comma-separated set names, or name=path.jsonl for any other MiniLLM-format file "
+                        f"(default: {','.join(SETS)}, all of which must exist; a missing set named here is "
+                        f"listed as missing)")
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
     p.add_argument("--template", default="alpaca", choices=data.TEMPLATES,
                    help="alpaca: the sets' prompts as they are (the paper's template); chat: the model's "
@@ -56,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--analysis", default="rouge", choices=ANALYSES, help="what to run")
     p.add_argument("--out", default=None, help="output folder (default results/<analysis>-<model>)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start over in an existing --out written by eval.py (a rerun without it skips finished pairs)")
+                   help="start over in an existing --out written by eval.py (a rerun without it skips "
+                        "finished pairs)")
     p.add_argument("--max-examples", type=int, default=None, help="first N examples of each set (quick runs)")
     p.add_argument("--batch-size", type=int, default=64, help="generation batch (official eval batch 64)")
     p.add_argument("--max-prompt-len", type=int, default=256, help="prompts are cut to their first N tokens")
@@ -71,10 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="P for --routing topp: per token the most probable experts until their softmax mass "
                         "exceeds P (the official gate's --moe-top-p; its gate-dump scripts use 0.6)")
     p.add_argument("--routed-mass", default="native", choices=("native", "literal"),
-                   help="with --routing or the k-sweep, routers that do not renormalise their chosen weights: native "
-                        "= scaled to the mass of their native top-k (as moekd.py's default), literal = the family's "
-                        "rule as is")
-    p.add_argument("--routers", default=None, help="load SAR-trained routers (teacher_routers.safetensors or its dir)")
+                   help="with --routing or the k-sweep, routers that do not renormalise their chosen "
+                        "weights: native = scaled to the mass of their native top-k (as moekd.py's default), "
+                        "literal = the family's rule as is")
+    p.add_argument("--routers", default=None,
+                   help="load SAR-trained routers (teacher_routers.safetensors or its dir)")
     p.add_argument("--label", default=None, help="row name in the table (default: from --model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
@@ -108,8 +116,9 @@ def resolve_sets(spec: str | None, data_dir: str | Path) -> dict[str, Path | Non
                              f"python fetch_data.py --out {data_dir}")
         missing = [f"{name} ({SETS[name]})" for name in SETS if not (Path(data_dir) / SETS[name]).is_file()]
         if missing:
-            raise MoekdError(f"--data-dir {data_dir}: missing {', '.join(missing)}; name the sets to evaluate "
-                             f"with --sets, or fetch them with python fetch_data.py --out {data_dir}")
+            raise MoekdError(f"--data-dir {data_dir}: missing {', '.join(missing)}; name the sets to "
+                             f"evaluate with --sets, or fetch them with python fetch_data.py --out "
+                             f"{data_dir}")
     sets: dict[str, Path | None] = {}
     for item in (s.strip() for s in (spec or ",".join(SETS)).split(",") if s.strip()):
         name, _, path = item.partition("=")
@@ -160,8 +169,8 @@ def routing_context(model, args, seed: int):
     if args.routing is None:
         return contextlib.nullcontext()
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    return moekd.moe_routing(model, args.routing, k=args.num_selects, prob=args.sample_prob, generator=generator,
-                             top_p=args.top_p, mass=args.routed_mass)
+    return moekd.moe_routing(model, args.routing, k=args.num_selects, prob=args.sample_prob,
+                             generator=generator, top_p=args.top_p, mass=args.routed_mass)
 
 
 def generate(model, tokenizer, examples: list[dict], seed: int, args, *, desc: str) -> list[str]:
@@ -169,9 +178,9 @@ def generate(model, tokenizer, examples: list[dict], seed: int, args, *, desc: s
     prompts = chat_prompt_ids(tokenizer, examples, args.max_prompt_len) if args.template == "chat" else \
         encode_prompts(tokenizer, [e["prompt"] for e in examples], args.max_prompt_len)
     with routing_context(model, args, seed), moekd.autocast(device, args.amp_dtype):
-        texts = moekd.sample_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                       batch_size=args.batch_size, seed=seed, desc=desc,
-                                       no_repeat_ngram_size=args.no_repeat_ngram_size)
+        texts = sampling.sample_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                          batch_size=args.batch_size, seed=seed, desc=desc,
+                                          no_repeat_ngram_size=args.no_repeat_ngram_size)
     return [clean_response(t) for t in texts]
 
 
@@ -186,7 +195,8 @@ def summarize(scores: dict[str, dict[int, float] | None]) -> dict:
             continue
         values = list(per_seed.values())
         mean = sum(values) / len(values)
-        out["sets"][name] = {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)),
+        out["sets"][name] = {"mean": mean,
+                             "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)),
                              "scores": {str(k): v for k, v in per_seed.items()}}
     means = [s["mean"] for s in out["sets"].values()]
     out["avg"] = sum(means) / len(means) if means else None
@@ -231,7 +241,7 @@ def evaluate_rouge(model, tokenizer, sets: dict[str, list[dict] | None], args, o
                      "response": r, "rougeL": v} for e, r, v in zip(examples, responses, values)]}
                 with checkpoints.writing(path.parent):
                     path.parent.mkdir(exist_ok=True)
-                moekd.write_json(path, pair)
+                checkpoints.write_json(path, pair)
                 print(f"{name} seed {seed}: ROUGE-L {pair['rougeL']:.2f} ({len(values)} examples)")
             scores[name][seed] = pair["rougeL"]
             if generations is not None:
@@ -245,7 +255,7 @@ def run_rouge(model, tokenizer, sets, args, out: Path) -> dict:
     table = markdown_table({args.label: summary}, list(sets))
     with checkpoints.writing(out / "table.md"):
         (out / "table.md").write_text(table)
-    moekd.write_json(out / "results.json", {"model": args.model, **protocol(args), **summary})
+    checkpoints.write_json(out / "results.json", {"model": args.model, **protocol(args), **summary})
     path = out / "generations.jsonl"
     with checkpoints.writing(path), path.open("w", encoding="utf-8") as f:
         for g in generations:
@@ -298,7 +308,8 @@ def activated_mass(probs: torch.Tensor) -> torch.Tensor:
 
 
 def router_kl(p_orig: torch.Tensor, p_new: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """KL(p_orig || p_new) per token; negative rounding is clamped to 0 and counted (as the official script)."""
+    """KL(p_orig || p_new) per token; negative rounding is clamped to 0 and counted (as the official
+    script)."""
     kl = (p_orig * (p_orig.clamp_min(1e-30).log() - p_new.clamp_min(1e-30).log())).sum(-1)
     return kl.clamp_min(0.0), int((kl < 0).sum())
 
@@ -319,7 +330,8 @@ def first_set(sets: dict[str, list[dict] | None]) -> tuple[str, list[dict]]:
 
 def run_gate_mass(model, tokenizer, sets, args, out: Path) -> dict:
     name, examples = first_set(sets)
-    masses = [activated_mass(p) for p in router_probs_on_responses(model, gold_batches(tokenizer, name, examples, args))]
+    masses = [activated_mass(p)
+              for p in router_probs_on_responses(model, gold_batches(tokenizer, name, examples, args))]
     E, k = masses[0].numel(), moekd.native_top_k(model)
     write_csv(out / "gate_mass.csv", ["layer"] + [f"k={j}" for j in range(1, E + 1)],
               [[i] + [f"{v:.6f}" for v in m.tolist()] for i, m in enumerate(masses)])
@@ -329,7 +341,8 @@ def run_gate_mass(model, tokenizer, sets, args, out: Path) -> dict:
         layers = list(range(len(masses)))
         for j in range(E):
             native = j + 1 == k
-            ax.plot(layers, [m[j].item() for m in masses], lw=2.5 if native else 0.8, color="C3" if native else "0.6",
+            ax.plot(layers, [m[j].item() for m in masses], lw=2.5 if native else 0.8,
+                    color="C3" if native else "0.6",
                     label=f"top-{k} (native)" if native else ("top-1 ... top-%d" % E if j == 0 else None))
         ax.set(title=f"Router probability mass of the top-k experts ({name}, response tokens)",
                xlabel="layer", ylabel="mean probability mass", ylim=(0, 1.02), xticks=layers)
@@ -350,7 +363,8 @@ def run_router_shift(model, tokenizer, sets, args, out: Path) -> dict:
         kl, clamped = router_kl(p, q)
         stats.append(kl)
         rows.append([i, f"{kl.mean():.6g}", f"{kl.min():.6g}", f"{kl.max():.6g}", clamped, kl.numel()])
-    write_csv(out / "router_shift.csv", ["layer", "mean_kl", "min_kl", "max_kl", "clamped_negative", "tokens"], rows)
+    write_csv(out / "router_shift.csv",
+              ["layer", "mean_kl", "min_kl", "max_kl", "clamped_negative", "tokens"], rows)
     if not args.no_plots:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -382,7 +396,8 @@ def run_k_sweep(model, tokenizer, sets, args, out: Path) -> dict:
         results[k] = evaluate_rouge(model, tokenizer, sets, args, out, tag=f"k{k}-")
     names = [n for n, examples in sets.items() if examples is not None]
     write_csv(out / "k_sweep.csv", ["k"] + names + ["avg"],
-              [[k] + [f"{r['sets'][n]['mean']:.4f}" for n in names] + [f"{r['avg']:.4f}"] for k, r in results.items()])
+              [[k] + [f"{r['sets'][n]['mean']:.4f}" for n in names] + [f"{r['avg']:.4f}"]
+               for k, r in results.items()])
     with checkpoints.writing(out / "table.md"):
         (out / "table.md").write_text(markdown_table({f"k={k}": r for k, r in results.items()}, list(sets)))
     if not args.no_plots:
@@ -421,9 +436,9 @@ def save_fig(fig, path: Path) -> None:
 
 # Everything eval.py writes in --out (write_json's temporary files and the lock too); eval.json (the
 # evaluation's settings, written first, with these keys) marks the folder as ours.
-EVAL_FILES = {"eval.json", "pairs", "results.json", "table.md", "generations.jsonl", "gate_mass.csv", "gate_mass.png",
-              "router_shift.csv", "router_shift.png", "router_shift_hist.png", "k_sweep.csv", "k_sweep.png",
-              *(f"{a}.json" for a in ANALYSES)}
+EVAL_FILES = {"eval.json", "pairs", "results.json", "table.md", "generations.jsonl", "gate_mass.csv",
+              "gate_mass.png", "router_shift.csv", "router_shift.png", "router_shift_hist.png", "k_sweep.csv",
+              "k_sweep.png", *(f"{a}.json" for a in ANALYSES)}
 EVAL_NAMES = re.compile("|".join([re.escape(checkpoints.LOCK)]
                                  + [rf"(\.tmp-)?{re.escape(n)}" for n in EVAL_FILES]))
 PAIR_NAMES = re.compile(r"(\.tmp-)?[\w.-]+-seed-?\d+\.json")
@@ -452,8 +467,8 @@ def check_out(out: Path, settings: dict, overwrite: bool) -> None:
         raise MoekdError(f"{marker}: not an evaluation's settings; pass another --out")
     differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
     if differ:
-        raise MoekdError(f"--out {out}: holds an evaluation with other settings ({', '.join(differ)} differ); "
-                         f"pass --overwrite or another --out")
+        raise MoekdError(f"--out {out}: holds an evaluation with other settings ({', '.join(differ)} "
+                         f"differ); pass --overwrite or another --out")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -471,6 +486,7 @@ def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     if args.analysis == "router-shift" and args.routers is None:
         raise MoekdError("--analysis router-shift needs --routers (the SAR run's teacher_routers)")
     paths = resolve_sets(args.sets, args.data_dir)
+    # bad files fail before any work
     sets = {name: None if path is None else load_set(path, args.max_examples, args.template)
             for name, path in paths.items()}
     args.label = args.label or (name if name not in ("best_rougeL", "final") else
@@ -478,8 +494,8 @@ def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     args.label += (f" ({args.routing}{'' if args.num_selects is None else f', k={args.num_selects}'}"
                    f"{'' if args.top_p is None else f', p={args.top_p}'})" if args.routing else "")
     settings = {"model": args.model, "analysis": args.analysis, "label": args.label, "dtype": args.dtype,
-                "batch_size": args.batch_size, "sets": {k: None if p is None else str(p) for k, p in paths.items()},
-                **protocol(args)}
+                "batch_size": args.batch_size,
+                "sets": {k: None if p is None else str(p) for k, p in paths.items()}, **protocol(args)}
     reads = {"--model": args.model, "--routers": args.routers,
              **{f"--sets {k}": None if p is None else str(p) for k, p in paths.items()}}
     checkpoints.check_out_apart(out, reads)
@@ -487,12 +503,12 @@ def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     check_out(out, settings, args.overwrite)
     if out.is_dir():  # known to be ours (or empty): locked before anything is loaded
         lock.acquire(out)
-    device = moekd.resolve_device(args.device)
+    device = parallel.resolve_device(args.device)
     args.amp_dtype = moekd.resolve_dtype(args.dtype, device)
-    model = moekd.load_model(args.model, device=device, dtype=args.amp_dtype)
-    tokenizer = moekd.load_tokenizer(args.model)
+    model = checkpoints.load_model(args.model, device=device, dtype=args.amp_dtype)
+    tokenizer = checkpoints.load_tokenizer(args.model)
     data.set_template(tokenizer, args.template)  # chat: generation stops at the end of turn too
-    moekd.check_vocab(model, tokenizer)
+    checkpoints.check_vocab(model, tokenizer)
     needs_moe = args.analysis != "rouge" or args.routing is not None or args.routers is not None
     if needs_moe and not moekd.is_moe(model):
         what = f"--analysis {args.analysis}" if args.analysis != "rouge" else "--routing/--routers"
@@ -511,18 +527,18 @@ def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     lock.acquire(out)
     if args.overwrite:
         checkpoints.clear_folder(out)
-    moekd.write_json(out / "eval.json", settings)
+    checkpoints.write_json(out / "eval.json", settings)
     run = {"rouge": run_rouge, "gate-mass": run_gate_mass, "router-shift": run_router_shift,
            "k-sweep": run_k_sweep}[args.analysis]
     try:
         result = run(model, tokenizer, sets, args, out)
         if args.analysis != "rouge":
-            moekd.write_json(out / f"{args.analysis}.json", {"model": args.model, **result})
-    except checkpoints.RunStopped as e:
+            checkpoints.write_json(out / f"{args.analysis}.json", {"model": args.model, **result})
+    except RunStopped as e:
         raise MoekdError(f"{e}; the evaluation stopped, the (set, seed) pairs it finished are in "
                          f"{out / 'pairs'} and a rerun of the same command continues from them") from None
     return {"out": str(out), **result}
 
 
 if __name__ == "__main__":
-    sys.exit(moekd.run_cli(main))
+    sys.exit(run_cli(main))

@@ -1,11 +1,13 @@
-"""Llama-MoE (pjlab-sys4nlp/llama-moe), the paper's teachers, on a transformers-5 Llama backbone: no remote code.
+"""Llama-MoE (pjlab-sys4nlp/llama-moe), the paper's teachers, on a transformers-5 Llama backbone: no
+remote code.
 
 A model file in the manner of transformers' modeling_*.py: the TopKBalancedNoisyGate with the official
 numerics (noise in train mode, softmax over the selected logits, smooth load, unbiased cv^2 balance loss),
-SwiGLU experts of per-layer sizes scaled by score_scale_factor, config checks, and the checkpoint keys and
-sharded safetensors/.bin files of the released checkpoints. moekd.load_model uses it when a checkpoint's
-config.json says model_type "llama_moe". The gate follows moekd's router protocol: `routing` None is its
-native top-k, else a callable (logits [N, E], k) -> (index [N, K], kept slots [N, K] or None).
+SwiGLU experts of per-layer sizes scaled by score_scale_factor, config checks, the checkpoint keys, and the
+sharded safetensors output of the released checkpoints' format. checkpoints.load_model builds it (and reads
+the weight files into it) when a checkpoint's config.json says model_type "llama_moe". The gate follows
+moekd's router protocol: `routing` None is its native top-k, else a callable (logits [N, E], k) ->
+(index [N, K], kept slots [N, K] or None).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import MoekdError, load_state_dict_strict, read_state_dict_files
+from errors import MoekdError
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +30,8 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + 1e-10)
 
 
-def routing_weights(logits: torch.Tensor, index: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+def routing_weights(logits: torch.Tensor, index: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
     """Llama-MoE weights: softmax over the *selected* (kept) logits only, in fp32, cast back: [N, K]."""
     chosen = logits.gather(1, index).float()
     if keep is not None:
@@ -153,9 +156,11 @@ class LlamaMoECalculator(nn.Module):
         units are scaled by its routing weight before the down projection."""
         ex = self.experts
         sizes = torch.tensor([w.shape[0] for w in ex.weight_gate], device=x.device)
-        full = torch.zeros(x.shape[0], len(sizes), dtype=weights.dtype, device=x.device).scatter(1, index, weights)
+        full = torch.zeros(x.shape[0], len(sizes), dtype=weights.dtype, device=x.device).scatter(
+            1, index, weights)
         scale = (full * self.score_scale_factor).repeat_interleave(sizes, dim=1)          # [N, I]
-        hidden = F.silu(F.linear(x, torch.cat(list(ex.weight_gate)))) * F.linear(x, torch.cat(list(ex.weight_up)))
+        hidden = F.silu(F.linear(x, torch.cat(list(ex.weight_gate)))) * \
+            F.linear(x, torch.cat(list(ex.weight_up)))
         return F.linear((hidden * scale).to(x.dtype), torch.cat(list(ex.weight_down), dim=1))
 
 
@@ -292,16 +297,6 @@ def balance_loss(model: nn.Module) -> torch.Tensor | None:
     losses = [m.balance_loss for m in model.modules()
               if isinstance(m, LlamaMoEGate) and m.balance_loss is not None]
     return torch.stack(losses).sum() if losses else None
-
-
-def load_llama_moe(directory: Path, raw: dict, *, device, dtype, init_seed: int | None) -> nn.Module:
-    """A Llama-MoE checkpoint directory (its config.json read as `raw`) in eval mode; with `init_seed`
-    and no weights, seeded random weights instead."""
-    model = build_llama_moe(check_llama_moe_config(raw, where=str(directory / "config.json")), device=device,
-                            dtype=dtype, init_seed=init_seed)
-    if init_seed is None:
-        load_state_dict_strict(model, read_state_dict_files(directory), where=str(directory))
-    return model.eval()
 
 
 def save_llama_moe(model: nn.Module, directory: Path, *, state_dict: dict[str, torch.Tensor] | None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from checkpoints import MoekdError
+from errors import MoekdError
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ def init_distributed(cfg) -> tuple[Dist, torch.device]:
     dist = Dist(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
     device = resolve_device(cfg.device)
     if device.index is not None:
-        raise MoekdError(f"--device {cfg.device}: under torchrun every rank picks its own device (LOCAL_RANK); "
-                         f"pass --device {device.type}")
+        raise MoekdError(f"--device {cfg.device}: under torchrun every rank picks its own device "
+                         f"(LOCAL_RANK); pass --device {device.type}")
     name = cfg.teacher_device
     pinned = name is not None and resolve_device(name, "--teacher-device").index is not None
     if pinned or (name is not None and cfg.shard_teacher and name != cfg.device):
@@ -68,7 +68,8 @@ def init_distributed(cfg) -> tuple[Dist, torch.device]:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if torch.cuda.device_count() < local_world:
             raise MoekdError(f"torchrun started {local_world} processes on this node, which has "
-                             f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node <= {torch.cuda.device_count()}")
+                             f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node <= "
+                             f"{torch.cuda.device_count()}")
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     import datetime
@@ -88,8 +89,8 @@ def split_global_batch(cfg, world: int) -> int:
             raise MoekdError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of --batch-size "
                              f"{cfg.batch_size} x {world} device(s) = {per_step}")
         if cfg.grad_accum is not None and cfg.grad_accum != accum:
-            raise MoekdError(f"--grad-accum {cfg.grad_accum} contradicts --global-batch-size {cfg.global_batch_size} "
-                             f"(= {cfg.batch_size} x {world} device(s) x {accum})")
+            raise MoekdError(f"--grad-accum {cfg.grad_accum} contradicts --global-batch-size "
+                             f"{cfg.global_batch_size} (= {cfg.batch_size} x {world} device(s) x {accum})")
         cfg.grad_accum = accum
     return per_step * cfg.grad_accum
 
@@ -100,7 +101,8 @@ def enable_checkpointing(model: nn.Module, what: str) -> None:
     try:
         model.activation_checkpointing_enable()
     except (ValueError, AttributeError):
-        raise MoekdError(f"--grad-checkpointing: {what} ({type(model).__name__}) does not support it") from None
+        raise MoekdError(f"--grad-checkpointing: {what} ({type(model).__name__}) does not support "
+                         f"it") from None
 
 
 def barrier(dist: Dist) -> None:
@@ -129,7 +131,8 @@ def average_gradients(params: list[nn.Parameter], dist: Dist) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if dist.world == 1 or not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads]).to(comm_device())  # a --teacher-device cpu under nccl moves
+    # a --teacher-device cpu under nccl moves
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(comm_device())
     torch.distributed.all_reduce(flat)
     flat /= dist.world
     offset = 0
@@ -214,7 +217,8 @@ def optimizer_state(model: nn.Module, optimizer) -> dict:
     """An optimizer's state keyed by parameter name with full tensors, so a checkpoint resumes on any
     number of ranks, sharded or not (a collective for a sharded model: every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
@@ -239,7 +243,8 @@ def memory_per_rank(student: nn.Module, teacher: nn.Module | None, optimizers: l
     params = [p for p in student.parameters() if p.requires_grad]
     mine = [2 * local_mb(params) + local_mb(p for p in student.parameters() if not p.requires_grad),
             local_mb(teacher.parameters()) if teacher is not None else 0.0,
-            local_mb(v for opt in optimizers for st in opt.state.values() for v in st.values() if torch.is_tensor(v)),
+            local_mb(v for opt in optimizers for st in opt.state.values()
+                     for v in st.values() if torch.is_tensor(v)),
             peak]
     table = [0.0] * (4 * dist.world)
     table[4 * dist.rank:4 * dist.rank + 4] = mine

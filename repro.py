@@ -1,4 +1,5 @@
-"""repro.py: the paper's whole pipeline (Table 1) at CPU scale, over several training seeds, in one resumable command.
+"""repro.py: the paper's whole pipeline (Table 1) at CPU scale, over several training seeds, in one
+resumable command.
 
     python repro.py                                  # preset synthetic, training seeds 10, 20, 30
     python repro.py --train-seeds 5                  # the published tables: seeds 10, 20, 30, 40, 50
@@ -15,13 +16,13 @@ Per training seed s, each stage a moekd.py / eval.py run in its own folder under
   3. evaluate every row (teacher, SFT student, each method) with eval.py's protocol over --seeds;
   4. for training seed --k-sweep-seed (10) only: the student side of the paper's Fig. 2, kd with the teacher's
      top-k swept;
-  5. write the seed's table.md and results.json (and, for the synthetic presets, experts.csv/png), and copy the
-     results.json to --publish as seed-<s>.json.
+  5. write the seed's table.md and results.json (and, for the synthetic presets, experts.csv/png), and copy
+     the results.json to --publish as seed-<s>.json.
 The data (training rows, dev rows, test sets) is made once under --out/data and is the same for every training
 seed: seeds differ only in training randomness (initialisation, data order, gate noise, sampling).
-Then the per-seed files that exist in --publish are assembled (stats.py): results.md (mean ± 95% t-interval over
-training seeds per row, paired differences to GKD and KD, and of KA and SAR to ALL, with verdicts), results.json,
-results.png.
+Then the per-seed files that exist in --publish are assembled (stats.py): results.md (mean ± 95% t-interval
+over training seeds per row, paired differences to GKD and KD, and of KA and SAR to ALL, with verdicts),
+results.json, results.png.
 A stage whose output is complete is skipped, an interrupted training run continues from its checkpoint
 (--resume), so a killed pipeline picks up where it stopped. Everything is deterministic by the training seed.
 """
@@ -36,11 +37,12 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import eval as moe_eval
 import data
 import moekd
 import stats
-from moekd import MoekdError
+from errors import MoekdError, run_cli
 from tiny_moe import synthetic
 
 HERE = Path(__file__).resolve().parent
@@ -50,10 +52,11 @@ DATA_SEED = 10  # the synthetic training rows (dev: DATA_SEED + 1), the same for
 
 # Model sizes: the teacher has the capacity to memorise the fact table and its experts room to
 # specialise; the student is a quarter of its size, so distillation has something to transfer.
-TEACHER = dict(vocab_size=2039, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-               num_experts=8, num_selects=2, score_scale_factor=4.0, max_position_embeddings=512)
-STUDENT = dict(vocab_size=2039, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+TEACHER = dict(vocab_size=2039, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+               num_attention_heads=4, num_experts=8, num_selects=2, score_scale_factor=4.0,
                max_position_embeddings=512)
+STUDENT = dict(vocab_size=2039, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, max_position_embeddings=512)
 # The capacity preset's student: hidden 8, one head, 0.04M parameters (the teacher has 13x as many), so that
 # the facts it must memorise are beyond it and within the teacher's reach.
 SMALL_STUDENT = {**STUDENT, "hidden_size": 8, "num_attention_heads": 1}
@@ -74,7 +77,8 @@ PRESETS = {
     ),
     # Closed-book facts only: 200 people x 3 attributes (city, colour, password), each seen about 6-7 times an
     # epoch; the synthetic preset's teacher, a student of a fourth of the synthetic student's width. Its SFT
-    # teacher beat its SFT student by 25.9 ± 9.1 (sample std 3.7) over training seeds 10, 20, 30 (docs/repro.md).
+    # teacher beat its SFT student by 25.9 ± 9.1 (sample std 3.7) over training seeds 10, 20, 30
+    # (docs/repro.md).
     "capacity": dict(
         SYNTHETIC_TRAINING, teacher=TEACHER, student=SMALL_STUDENT, k_sweep=[2, 4, 8],
         teacher_sft=["--weight-decay", "0.1"],
@@ -98,7 +102,8 @@ def parse_train_seeds(value: str) -> list[int]:
     try:
         numbers = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise MoekdError(f"--train-seeds {value}: expected a count (3) or a comma-separated list (10,20,30)") from None
+        raise MoekdError(f"--train-seeds {value}: expected a count (3) or a comma-separated list "
+                         f"(10,20,30)") from None
     if "," in value:
         seeds = numbers
     else:
@@ -115,9 +120,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="synthetic", choices=PRESETS)
-    p.add_argument("--out", default=None, help="results folder (default results/repro-<preset>); one seed-<s>/ per "
-                                               "training seed, data/ shared")
-    p.add_argument("--data-dir", default=str(HERE.parent / "shared" / "data"), help="MiniLLM sets (dolly-mini)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default results/repro-<preset>); one seed-<s>/ per "
+                        "training seed, data/ shared")
+    p.add_argument("--data-dir", default=str(HERE.parent / "shared" / "data"),
+                   help="MiniLLM sets (dolly-mini)")
     p.add_argument("--train-seeds", default="3",
                    help=f"training seeds: a count N (seeds {FIRST_SEED}, {FIRST_SEED + SEED_STEP}, ... "
                         f"{FIRST_SEED} + {SEED_STEP}(N-1)) or a comma-separated list ('30,' = seed 30 alone)")
@@ -127,19 +134,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None,
                    help="cap every training run, and its dev ROUGE-L at 4 examples (smoke tests)")
     p.add_argument("--test-examples", type=int, default=None,
-                   help="examples per evaluation set (synthetic presets: 100; dolly-mini: the full MiniLLM sets)")
+                   help="examples per evaluation set (synthetic presets: 100; dolly-mini: the full MiniLLM "
+                        "sets)")
     p.add_argument("--no-k-sweep", action="store_true", help="skip the student-side k sweep")
     p.add_argument("--k-sweep-seed", type=int, default=FIRST_SEED,
-                   help="the training seed that also runs the student-side k sweep (when among --train-seeds)")
+                   help="the training seed that also runs the student-side k sweep (when among "
+                        "--train-seeds)")
     p.add_argument("--publish", default=None,
                    help="folder of the per-seed files seed-<s>.json and the assembled tables (default "
                         "docs/repro/<preset> for a full-protocol run, else <out>/published)")
     p.add_argument("--assemble", action="store_true", help="only assemble the tables from the per-seed files")
     p.add_argument("--summary", action="store_true",
-                   help="print the one-table summary over every preset assembled under docs/repro/ (the README's)")
+                   help="print the one-table summary over every preset assembled under docs/repro/ (the "
+                        "README's)")
     args = p.parse_args(argv)
     if args.seed is not None:
-        raise MoekdError(f"--seed: replaced by --train-seeds (the single seed {args.seed}: --train-seeds {args.seed},)")
+        raise MoekdError(f"--seed: replaced by --train-seeds (the single seed {args.seed}: --train-seeds "
+                         f"{args.seed},)")
     args.train_seeds = parse_train_seeds(args.train_seeds)
     args.methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in args.methods if m not in METHODS]
@@ -147,7 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise MoekdError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
     args.out = Path(args.out or HERE / "results" / f"repro-{args.preset}")
     full = args.max_steps is None and args.test_examples is None and args.methods == list(METHODS)
-    args.publish = Path(args.publish or (HERE / "docs" / "repro" / args.preset if full else args.out / "published"))
+    args.publish = Path(args.publish
+                        or (HERE / "docs" / "repro" / args.preset if full else args.out / "published"))
     return args
 
 
@@ -155,20 +167,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Inputs: seeded model directories, the shared training data and evaluation sets
 
 def write_model_dir(path: Path, config: dict, *, moe: bool, seed: int) -> Path:
-    """A config-only model directory that moekd.load_model initialises from `seed`."""
+    """A config-only model directory that checkpoints.load_model initialises from `seed`."""
     if (path / "config.json").exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
-    base = {"model_type": "llama_moe", "gate_network": "mlp", "gate_add_noise": True} if moe else {"model_type": "llama"}
+    base = {"model_type": "llama_moe", "gate_network": "mlp",
+            "gate_add_noise": True} if moe else {"model_type": "llama"}
     (path / "config.json").write_text(json.dumps({**base, **config, "moekd_init_seed": seed,
-                                                  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2))
+                                                  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+                                                  indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(HERE / "tiny_moe" / name, path / name)
     return path
 
 
 def write_jsonl_once(path: Path, rows: list[dict]) -> None:
-    """Write rows unless the file exists (it then must hold the same rows: the data never changes under a run)."""
+    """Write rows unless the file exists (it then must hold the same rows: the data never changes under a
+    run)."""
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if path.exists():
         if path.read_text() != text:
@@ -195,8 +210,9 @@ def synthetic_test_sets(folder: Path, n_per_family: int, seed: int = 12345, *,
     sets = {}
     for family in sorted({r["category"] for r in rows}):
         chosen = [r for r in rows if r["category"] == family][:n_per_family]
-        write_jsonl_once(folder / f"{family}.jsonl", [{"prompt": data.format_prompt(r["instruction"], r["context"]),
-                                                       "output": r["response"]} for r in chosen])
+        write_jsonl_once(folder / f"{family}.jsonl",
+                         [{"prompt": data.format_prompt(r["instruction"], r["context"]),
+                           "output": r["response"]} for r in chosen])
         sets[family] = folder / f"{family}.jsonl"
     return sets
 
@@ -205,7 +221,8 @@ def eval_sets(args) -> dict[str, Path]:
     spec = PRESETS[args.preset].get("synthetic")
     if spec is not None:
         n = args.test_examples or PRESETS[args.preset]["test_examples"]
-        return synthetic_test_sets(args.out / "data" / "test", n, families=spec["families"], n_facts=spec["n_facts"])
+        return synthetic_test_sets(args.out / "data" / "test", n, families=spec["families"],
+                                   n_facts=spec["n_facts"])
     sets = {name: Path(args.data_dir) / rel for name, rel in moe_eval.SETS.items()}
     return {name: path for name, path in sets.items() if path.is_file()}
 
@@ -226,8 +243,8 @@ def check_settings(args) -> None:
         saved = json.loads(path.read_text())
         differ = [k for k in settings if saved.get(k) != settings[k]]
         if differ:
-            raise MoekdError(f"--out {args.out}: holds a repro run with other settings ({', '.join(differ)} differ); "
-                             f"pass another --out")
+            raise MoekdError(f"--out {args.out}: holds a repro run with other settings ({', '.join(differ)} "
+                             f"differ); pass another --out")
     elif args.out.exists() and any(args.out.glob("seed-*")):
         raise MoekdError(f"--out {args.out}: has seed folders but no repro.json; pass another --out")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +267,7 @@ def train(args, run_args, name: str, flags: list[str]) -> Path:
             "--log-every", "50"]
     if args.max_steps is not None:  # a smoke run: short training, a short dev evaluation
         argv += ["--max-steps", str(args.max_steps), "--dev-num", "4"]
-    if moekd.latest_checkpoint(run) is not None:
+    if checkpoints.latest_checkpoint(run) is not None:
         print(f"[repro] {tag}: resuming")
         argv.append("--resume")
     else:
@@ -268,7 +285,8 @@ def evaluate(args, run_args, name: str, model: Path, sets: dict[str, Path], extr
     else:
         spec = ",".join(f"{k}={v}" for k, v in sets.items())
         limit = ["--max-examples", str(args.test_examples)] if args.test_examples else []
-        moe_eval.main(["--model", str(model), "--sets", spec, "--seeds", args.seeds, "--out", str(out),  # goes on if cut
+        # goes on if cut
+        moe_eval.main(["--model", str(model), "--sets", spec, "--seeds", args.seeds, "--out", str(out),
                        "--label", name, *PRESETS[args.preset]["eval"], *limit, *extra])
     result = json.loads((out / "results.json").read_text())
     eval_seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
@@ -295,7 +313,8 @@ def run_seed(args, seed: int, sets: dict[str, Path], data_flags: list[str], *, k
     distill = ["--model", str(student), "--teacher", str(teacher), *preset["distill"]]
     rows = {"teacher (SFT)": teacher, "student (SFT)": student}
     for method in args.methods:
-        rows[method.upper()] = train(args, run_args, method, ["--method", method, *distill, *preset.get(method, [])])
+        rows[method.upper()] = train(args, run_args, method,
+                                     ["--method", method, *distill, *preset.get(method, [])])
     results = {label: evaluate(args, run_args, label.split()[0].lower() + ("-sft" if "SFT" in label else ""),
                                model, sets) for label, model in rows.items()}
     sweep = {}
@@ -321,14 +340,16 @@ def run_pipeline(args) -> dict:
 def expert_specialisation(teacher_dir: Path, args) -> list[list[list[float]]]:
     """Per layer, the share of each task family's response tokens whose top-1 expert is e: [L][F][E]."""
     spec = PRESETS[args.preset]["synthetic"]
-    model = moekd.load_model(str(teacher_dir))
-    tokenizer = moekd.load_tokenizer(str(teacher_dir))
+    model = checkpoints.load_model(str(teacher_dir))
+    tokenizer = checkpoints.load_tokenizer(str(teacher_dir))
     rows = synthetic.synthetic_rows(800, seed=777, families=tuple(spec["families"]), n_facts=spec["n_facts"])
     families = sorted({r["category"] for r in rows})
     counts = None
     for family_index, family in enumerate(families):
-        items = [moekd.tokenize_example(tokenizer, data.format_prompt(r["instruction"], r["context"]), r["response"],
-                                        max_prompt_len=96, max_len=128) for r in rows if r["category"] == family]
+        items = [moekd.tokenize_example(tokenizer, data.format_prompt(r["instruction"], r["context"]),
+                                        r["response"],
+                                        max_prompt_len=96, max_len=128)
+                                        for r in rows if r["category"] == family]
         batch = moekd.collate(items, tokenizer.pad_token_id)
         with moekd.record_router_logits(model) as records:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -337,7 +358,8 @@ def expert_specialisation(teacher_dir: Path, args) -> list[list[list[float]]]:
             counts = torch.zeros(len(records), len(families), records[0].shape[1])
         for layer, logits in enumerate(records):
             top1 = logits[mask].argmax(-1)
-            counts[layer, family_index] = torch.bincount(top1, minlength=logits.shape[1]).float() / max(len(top1), 1)
+            counts[layer, family_index] = \
+                torch.bincount(top1, minlength=logits.shape[1]).float() / max(len(top1), 1)
     args.families = families
     return counts.tolist()
 
@@ -348,7 +370,8 @@ def expert_specialisation(teacher_dir: Path, args) -> list[list[list[float]]]:
 def small(result: dict, examples: bool = True) -> dict:
     """An eval.py result reduced to what the tables need: per set the mean, std and per-eval-seed ROUGE-L, and
     (for the bootstrap) the per-example scores."""
-    return {"avg": result["avg"], "sets": result["sets"], **({"examples": result["examples"]} if examples else {})}
+    return {"avg": result["avg"], "sets": result["sets"],
+            **({"examples": result["examples"]} if examples else {})}
 
 
 def seed_report(args, run_args, results: dict[str, dict], set_names: list[str], sweep: dict, experts) -> dict:
@@ -362,13 +385,15 @@ def seed_report(args, run_args, results: dict[str, dict], set_names: list[str], 
         bits = specialisation_bits(torch.tensor(experts))
         lines.append(f"\nExpert specialisation, I(task family; top-1 expert) per teacher layer: "
                      f"{', '.join(f'{b:.2f}' for b in bits)} bits (0 = routing ignores the family, "
-                     f"log2 {len(args.families)} = {math.log2(len(args.families)):.2f} = the family decides the expert)")
+                     f"log2 {len(args.families)} = {math.log2(len(args.families)):.2f} = the family decides "
+                     f"the expert)")
         plot_experts(args, out, experts)
     if sweep:
         lines += ["", "## Student side of Fig. 2 (kd, teacher top-k)", "",
                   moe_eval.markdown_table({f"kd, k={k}": r for k, r in sweep.items()}, set_names)]
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    summary = {"preset": args.preset, "train_seed": run_args.seed, "eval_seeds": args.seeds, "sets": set_names,
+    summary = {"preset": args.preset, "train_seed": run_args.seed, "eval_seeds": args.seeds,
+               "sets": set_names,
                "protocol": {"test_examples": args.test_examples, "max_steps": args.max_steps},
                "rows": {label: small(r) for label, r in results.items()}, "teacher_student_gap": gap,
                "k_sweep": {str(k): small(r, examples=False) for k, r in sweep.items()}, "expert_bits": bits,
@@ -420,16 +445,18 @@ def plot_experts(args, out: Path, experts) -> None:
 # ----------------------------------------------------------------------------
 # Assembly over training seeds (stats.py)
 
-# Each baseline and the rows compared with it: every row with GKD and KD; KA and SAR also with ALL (the paper's
-# ablation: do the MoE-specific methods add anything to simply activating every expert?).
+# Each baseline and the rows compared with it: every row with GKD and KD; KA and SAR also with ALL (the
+# paper's ablation: do the MoE-specific methods add anything to simply activating every expert?).
 BASELINES = {"GKD": None, "KD": None, "ALL": ("KA", "SAR")}
 
 
 def load_seed_files(folder: Path) -> dict[int, dict]:
     """Every seed-<s>.json in folder, checked to share one protocol (preset, eval seeds, sets)."""
-    files = sorted((p for p in folder.glob("seed-*.json") if p.stem[5:].isdigit()), key=lambda p: int(p.stem[5:]))
+    files = sorted((p for p in folder.glob("seed-*.json") if p.stem[5:].isdigit()),
+                   key=lambda p: int(p.stem[5:]))
     if not files:
-        raise MoekdError(f"--publish {folder}: no seed-<s>.json files to assemble; run some training seeds first")
+        raise MoekdError(f"--publish {folder}: no seed-<s>.json files to assemble; run some training seeds "
+                         f"first")
     seeds = {}
     for path in files:
         summary = json.loads(path.read_text())
@@ -450,8 +477,10 @@ def assemble_stats(seeds: dict[int, dict]) -> dict:
     labels = [label for label in first["rows"] if all(label in s["rows"] for s in seeds.values())]
     missing = sorted({label for s in seeds.values() for label in s["rows"]} - set(labels))
     per_seed_avg = {label: {seed: s["rows"][label]["avg"] for seed, s in seeds.items()} for label in labels}
-    rows = {label: {"avg": stats.mean_ci(list(per_seed_avg[label].values())), "per_seed_avg": per_seed_avg[label],
-                    "sets": {name: stats.mean_ci([s["rows"][label]["sets"][name]["mean"] for s in seeds.values()])
+    rows = {label: {"avg": stats.mean_ci(list(per_seed_avg[label].values())),
+                    "per_seed_avg": per_seed_avg[label],
+                    "sets": {name: stats.mean_ci([s["rows"][label]["sets"][name]["mean"]
+                                                  for s in seeds.values()])
                              for name in set_names}} for label in labels}
     comparisons = []
     for base, compared in BASELINES.items():
@@ -487,8 +516,9 @@ def assembled_markdown(result: dict) -> str:
     n, sets = len(result["train_seeds"]), result["sets"]
     seeds = ", ".join(map(str, result["train_seeds"]))
     lines = [f"# Reproduction, preset {result['preset']}: {n} training seed{'s' * (n != 1)} ({seeds})", "",
-             f"ROUGE-L; each cell: mean over training seeds ± the half-width of its 95% t-interval (the interval "
-             f"is mean ± half-width); inside a training seed, the mean over eval seeds {result['eval_seeds']}.",
+             f"ROUGE-L; each cell: mean over training seeds ± the half-width of its 95% t-interval (the "
+             f"interval is mean ± half-width); inside a training seed, the mean over eval seeds "
+             f"{result['eval_seeds']}.",
              "", "| Model | " + " | ".join(moe_eval.PAPER_NAMES.get(s, s) for s in sets) + " | Avg |",
              "|" + "---|" * (len(sets) + 2)]
     for label, row in result["rows"].items():
@@ -496,19 +526,23 @@ def assembled_markdown(result: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if result["missing_rows"]:
         lines += ["", f"Rows not in every seed file (left out): {', '.join(result['missing_rows'])}."]
-    lines += ["", "## Paired differences", "", f"Method: {result['method']}. The verdict reads the t-interval. "
+    lines += ["", "## Paired differences", "",
+              f"Method: {result['method']}. The verdict reads the t-interval. "
               f"Also shown: {stats.BOOTSTRAP_METHOD}.", "",
-              "| Row | vs | mean difference of Avg | 95% t-interval | verdict | bootstrap 95% (seeds, then examples) |",
+              "| Row | vs | mean difference of Avg | 95% t-interval | verdict | bootstrap 95% (seeds, then "
+              "examples) |",
               "|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         interval = "-" if c["half"] is None else f"[{c['lo']:+.2f}, {c['hi']:+.2f}]"
-        boot = "-" if c["bootstrap"] is None else f"[{c['bootstrap']['lo']:+.2f}, {c['bootstrap']['hi']:+.2f}]"
-        lines.append(f"| {c['row']} | {c['baseline']} | {c['mean']:+.2f} | {interval} | {c['verdict']} | {boot} |")
+        boot = "-" if c["bootstrap"] is None else \
+            f"[{c['bootstrap']['lo']:+.2f}, {c['bootstrap']['hi']:+.2f}]"
+        lines.append(f"| {c['row']} | {c['baseline']} | {c['mean']:+.2f} | {interval} | {c['verdict']} | "
+                     f"{boot} |")
     gap = result["teacher_student_gap"]
     lines += ["", f"Teacher - student gap (SFT rows, Avg), over training seeds: {stats.fmt(gap)}"
               + ("" if gap["sd"] is None else f"; sample std {gap['sd']:.2f}, gap / std = "
-                 f"{gap['mean'] / gap['sd'] if gap['sd'] > 0 else math.inf:.1f} (capacity criterion, gap >= 3 std: "
-                 f"{'met' if gap['three_sd_met'] else 'not met'})")]
+                 f"{gap['mean'] / gap['sd'] if gap['sd'] > 0 else math.inf:.1f} (capacity criterion, gap >= "
+                 f"3 std: {'met' if gap['three_sd_met'] else 'not met'})")]
     if result["expert_bits"]:
         lines.append("Expert specialisation, I(task family; top-1 expert) per teacher layer (bits): "
                      + ", ".join(stats.fmt(b) for b in result["expert_bits"]))
@@ -525,21 +559,24 @@ SUMMARY = [("GKD", "KD"), ("ALL", "GKD"), ("KA", "GKD"), ("SAR", "GKD"), ("KA", 
 
 def summary_markdown(root: Path) -> str:
     """One table over the presets assembled under root (<preset>/results.json): the SFT rows' Avg, the
-    teacher-student gap and the paired differences behind the paper's ordering (KA, SAR > ALL > GKD > KD), each a
-    95% t-interval over training seeds with its verdict."""
+    teacher-student gap and the paired differences behind the paper's ordering (KA, SAR > ALL > GKD > KD),
+    each a 95% t-interval over training seeds with its verdict."""
     results = {p: json.loads((root / p / "results.json").read_text()) for p in PRESETS
                if (root / p / "results.json").is_file()}
     if not results:
-        raise MoekdError(f"--summary: no <preset>/results.json under {root}; run or --assemble a preset first")
+        raise MoekdError(f"--summary: no <preset>/results.json under {root}; run or --assemble a preset "
+                         f"first")
 
     def interval(c: dict) -> str:
         return f"{c['mean']:+.2f}" + ("" if c["half"] is None else f" [{c['lo']:+.2f}, {c['hi']:+.2f}]")
 
     head = ["ROUGE-L Avg (95% t-interval over training seeds)",
-            *(f"{p} ({len(r['train_seeds'])} seed{'s' * (len(r['train_seeds']) != 1)})" for p, r in results.items())]
+            *(f"{p} ({len(r['train_seeds'])} seed{'s' * (len(r['train_seeds']) != 1)})"
+              for p, r in results.items())]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in ("teacher (SFT)", "student (SFT)"):
-        lines.append(f"| {label} | " + " | ".join(stats.fmt(r["rows"][label]["avg"]) for r in results.values()) + " |")
+        lines.append(f"| {label} | " + " | ".join(stats.fmt(r["rows"][label]["avg"])
+                                                  for r in results.values()) + " |")
     gaps = []
     for r in results.values():
         g = r["teacher_student_gap"]
@@ -578,8 +615,10 @@ def plot_assembled(result: dict, path: Path) -> None:
         row = result["rows"][label]
         left.errorbar([i], [row["avg"]["mean"]], yerr=[[row["avg"]["half"] or 0]], fmt="o", capsize=5,
                       color="0.3" if "SFT" in label else f"C{i}")
-        left.scatter([i] * len(row["per_seed_avg"]), list(row["per_seed_avg"].values()), s=10, color="0.6", zorder=3)
-    left.set(xticks=range(len(labels)), title=f"Avg ROUGE-L ({result['preset']}, {len(result['train_seeds'])} "
+        left.scatter([i] * len(row["per_seed_avg"]), list(row["per_seed_avg"].values()), s=10, color="0.6",
+                     zorder=3)
+    left.set(xticks=range(len(labels)),
+             title=f"Avg ROUGE-L ({result['preset']}, {len(result['train_seeds'])} "
              f"training seeds; bars: 95% t-interval)", ylabel="ROUGE-L")
     left.set_xticklabels(labels, rotation=20)
     comps = result["comparisons"]
@@ -587,14 +626,16 @@ def plot_assembled(result: dict, path: Path) -> None:
         right.errorbar([j], [c["mean"]], yerr=[[c["half"] or 0]], fmt="o", capsize=5,
                        color=f"C{list(BASELINES).index(c['baseline'])}")
     right.axhline(0, color="0.5", lw=0.8)
-    right.set(xticks=range(len(comps)), title="Paired difference of Avg (blue: vs GKD, orange: vs KD, green: vs ALL)",
+    right.set(xticks=range(len(comps)),
+              title="Paired difference of Avg (blue: vs GKD, orange: vs KD, green: vs ALL)",
               ylabel="ROUGE-L difference")
     right.set_xticklabels([f"{c['row'].split()[0]}-{c['baseline']}" for c in comps], rotation=40, fontsize=8)
     if sweep:
         ks = list(sweep)
         axes[2].errorbar([int(k) for k in ks], [sweep[k]["mean"] for k in ks], marker="o", capsize=3,
                          yerr=[sweep[k]["half"] or 0 for k in ks])
-        axes[2].set(title="KD vs the teacher's top-k", xlabel="k", ylabel="Avg ROUGE-L", xticks=[int(k) for k in ks])
+        axes[2].set(title="KD vs the teacher's top-k", xlabel="k", ylabel="Avg ROUGE-L",
+                    xticks=[int(k) for k in ks])
     moe_eval.save_fig(fig, path)
 
 
@@ -612,4 +653,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(moekd.run_cli(main))
+    sys.exit(run_cli(main))

@@ -11,7 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from checkpoints import MoekdError, RunInterrupted, RunLock, RunStopped, latest_checkpoint, stop_message
+from checkpoints import RunLock, latest_checkpoint, stop_message
+from errors import MoekdError, RunInterrupted, RunStopped
 from parallel import SINGLE, Dist, all_reduce_sum
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import checkpoints  # noqa: E402
 import data  # noqa: E402
+import errors  # noqa: E402
 import moekd  # noqa: E402
 import sampling  # noqa: E402
 
@@ -36,7 +37,7 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 
 
 def chat_tokenizer(folder: Path):
-    tok = moekd.load_tokenizer(str(folder))
+    tok = checkpoints.load_tokenizer(str(folder))
     data.set_template(tok, "chat")
     return tok
 
@@ -72,7 +73,7 @@ def test_chat_script_reproduces_the_committed_files(tmp_path):
 
 def test_the_tiny_tokenizers_behave_like_their_models():
     """No BOS from the ChatML tokenizer; Llama 3's encode() adds <|begin_of_text|>; specials at the end."""
-    chatml, llama3 = moekd.load_tokenizer(str(CHATML)), moekd.load_tokenizer(str(LLAMA3))
+    chatml, llama3 = checkpoints.load_tokenizer(str(CHATML)), checkpoints.load_tokenizer(str(LLAMA3))
     assert chatml.encode("Add 2 and 13.") == [389, 220, 17, 388, 220, 16, 18, 13]  # Add Ġ 2 Ġand Ġ 1 3 .
     assert llama3.encode("Add 2 and 13.") == [BEGIN, 402, 220, 17, 401, 220, 448, 13]  # digits in threes: 13
     assert (len(chatml), chatml.eos_token_id, chatml.pad_token_id, chatml.bos_token_id) == (1000, ENDOFTEXT,
@@ -89,24 +90,24 @@ def test_stop_ids_are_the_end_of_turn_then_eos_then_generation_config(chatml, ll
     the tokenizer's EOS and every eos id of generation_config.json (Llama 3.1 lists several)."""
     assert sampling.stop_ids(chatml) == [IM_END, ENDOFTEXT]        # <|im_end|> from the template alone
     assert sampling.stop_ids(llama3) == [EOT, END_OF_TEXT, EOM]    # <|eom_id|> from generation_config alone
-    plain = moekd.load_tokenizer(str(CHATML))
+    plain = checkpoints.load_tokenizer(str(CHATML))
     data.set_template(plain, "alpaca")
     assert sampling.stop_ids(plain) == [ENDOFTEXT]                 # the paper's template: EOS, as before
 
 
 def test_end_of_turn_rule_errors(tmp_path):
     shutil.copytree(CHATML_STUDENT, tmp_path / "m")
-    tok = moekd.load_tokenizer(str(tmp_path / "m"))
+    tok = checkpoints.load_tokenizer(str(tmp_path / "m"))
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    with pytest.raises(moekd.MoekdError, match=r"^--template chat: the chat template of --model .*m writes "
+    with pytest.raises(errors.MoekdError, match=r"^--template chat: the chat template of --model .*m writes "
                                                r"no special token after an assistant turn"):
         data.set_template(tok, "chat")
-    with pytest.raises(moekd.MoekdError, match=r"^--template chat: --model .*tiny_moe/student has no chat "
+    with pytest.raises(errors.MoekdError, match=r"^--template chat: --model .*tiny_moe/student has no chat "
                                                r"template"):
-        data.set_template(moekd.load_tokenizer(str(ROOT / "tiny_moe" / "student")), "chat")
+        data.set_template(checkpoints.load_tokenizer(str(ROOT / "tiny_moe" / "student")), "chat")
     (tmp_path / "m" / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
-    with pytest.raises(moekd.MoekdError, match=r"generation_config.json: eos_token_id must be an id or a "):
-        data.set_template(moekd.load_tokenizer(str(tmp_path / "m")), "chat")
+    with pytest.raises(errors.MoekdError, match=r"generation_config.json: eos_token_id must be an id or a "):
+        data.set_template(checkpoints.load_tokenizer(str(tmp_path / "m")), "chat")
 
 
 # ----------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def test_rows_without_the_prefix_property_are_counted_and_dropped(chatml, capsys
     assert [it["input_ids"][-5:] for it in items] == [[285, 675, 564, 220, IM_END]]  # the one with a system
     assert "2 dropped whose chat template renders their prompt other than as the start of the conversation" \
         in capsys.readouterr().out
-    with pytest.raises(moekd.MoekdError, match=r"no examples left .* 2 not split by the chat template"):
+    with pytest.raises(errors.MoekdError, match=r"no examples left .* 2 not split by the chat template"):
         moekd.tokenize_examples(chatml, rows[1:], cfg, name="dev")
 
 
@@ -239,7 +240,7 @@ def test_eval_py_with_the_chat_template(tmp_path, capsys):
 def test_the_sampler_stops_rows_at_any_stop_id_and_pads_after(llama3):
     """moekd's sampler and generate() end each row at its first stop id of the list, whichever it is (here
     the list's second ends the row that stops first), and pad it afterwards."""
-    model = moekd.load_model(str(LLAMA3))
+    model = checkpoints.load_model(str(LLAMA3))
     prompts = [llama3.encode("Spell cup.", add_special_tokens=False), llama3.encode("Add 2 and 13.")]
     kw = dict(pad_id=llama3.pad_token_id, max_new_tokens=12, batch_size=2, seeds=[3, 4])
     free = sampling.sample_tokens(model, prompts, eos_id=-1, **kw)
@@ -263,12 +264,12 @@ def test_teacher_and_student_must_render_one_chat_template(tmp_path):
     (other / "tokenizer_config.json").write_text(json.dumps(config))
     args = ["--tiny", "--template", "chat", "--method", "gkd", "--model", str(CHATML_STUDENT),
             "--data", str(CHAT / "conversations.jsonl"), "--dev-size", "32", "--out", str(tmp_path / "run")]
-    with pytest.raises(moekd.MoekdError, match=rf"^--template chat: --teacher {other} and --model "
+    with pytest.raises(errors.MoekdError, match=rf"^--template chat: --teacher {other} and --model "
                                                rf"{CHATML_STUDENT} render different chat templates \(e.g. "):
         moekd.main(args + ["--teacher", str(other)])
     config.pop("chat_template")
     (other / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(moekd.MoekdError, match=r"render different chat templates \(the teacher has none\)"):
+    with pytest.raises(errors.MoekdError, match=r"render different chat templates \(the teacher has none\)"):
         moekd.main(args + ["--teacher", str(other)])
 
 
@@ -297,7 +298,7 @@ def test_instruction_rows_become_one_user_turn_under_chat():
                                 r"with --prompt-column/--response-column; got \['question'\]"),
 ])
 def test_bad_conversations_are_one_line_errors(tmp_path, row, template, pattern):
-    with pytest.raises(moekd.MoekdError, match=pattern):
+    with pytest.raises(errors.MoekdError, match=pattern):
         data.read_jsonl(write_jsonl(tmp_path / "c.jsonl", [row]), template=template)
 
 
@@ -383,7 +384,7 @@ def test_missing_column_or_split_is_one_line_error(tmp_path, capsys, flags, patt
     capsys.readouterr()  # what writing the files printed
     argv = ["--tiny", "--data", files["parquet"], *[f.format(**files) for f in flags],
             "--out", str(tmp_path / "r")]
-    code = checkpoints.run_cli(lambda: moekd.main(argv))
+    code = errors.run_cli(lambda: moekd.main(argv))
     err = capsys.readouterr().err.strip().splitlines()
     pattern = pattern.format(**{k: re.escape(v) for k, v in files.items()})
     assert code == 2 and len(err) == 1 and re.search(pattern, err[0].removeprefix("error: ")), err

@@ -1,26 +1,31 @@
-"""Routing control on every supported transformers MoE family: one tiny random model per family, built from its
-config class (no downloads). Default suite: native equality, KA at prob 0, all experts vs a naive recomputation,
-SAR's gradients, restore on errors. `-m slow`: every method with each family as teacher and as student.
-docs/families.md's family table is written from FAMILIES and checked here, so it cannot drift."""
+"""Routing control on every supported transformers MoE family: one tiny random model per family, built from
+its config class (no downloads). Default suite: native equality, KA at prob 0, all experts vs a naive
+recomputation, SAR's gradients, restore on errors. `-m slow`: every method with each family as teacher and as
+student. docs/families.md's family table is written from FAMILIES and checked here, so it cannot drift."""
 import contextlib
 import functools
 import math
-import shutil
+import sys
 from pathlib import Path
 
-import pytest
-import torch
-from torch.testing import assert_close
+if __name__ == "__main__":  # the script (python tests/test_families.py): the repository root's modules
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import moekd
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.testing import assert_close  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-TINY = ROOT / "tiny_moe"
+import moekd  # noqa: E402
+
+from conftest import ROOT, copy_tokenizer, tiny_model  # noqa: E402
+
 E, K = 8, 3  # experts, native top-k (3 > 2: a sorted=False top-k orders experts differently)
-MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, head_dim=4, qk_nope_head_dim=8, v_head_dim=8)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, head_dim=4,
+           qk_nope_head_dim=8, v_head_dim=8)
 DSV3 = dict(n_routed_experts=E, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0,
             routed_scaling_factor=2.5, norm_topk_prob=True)
-# model_type -> config overrides of the tiny common ones; the router class decides the mechanism (moekd.HF_ROUTERS)
+# model_type -> config overrides of the tiny common ones; the router class decides the mechanism
+# (moekd.HF_ROUTERS)
 FAMILIES = {
     "mixtral": dict(num_local_experts=E),
     "minimax": dict(num_local_experts=E, layer_types=["full_attention"] * 2),
@@ -28,21 +33,25 @@ FAMILIES = {
     "qwen3_moe": dict(num_experts=E, norm_topk_prob=True),
     "olmoe": dict(num_experts=E),
     "flex_olmo": dict(num_experts=E),
-    "qwen3_next": dict(num_experts=E, shared_expert_intermediate_size=24, layer_types=["linear_attention", "full_attention"],
-                       linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4),
+    "qwen3_next": dict(num_experts=E, shared_expert_intermediate_size=24,
+                       layer_types=["linear_attention", "full_attention"],
+                       linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                       linear_num_value_heads=4),
     "qwen3_5_moe_text": dict(num_experts=E, shared_expert_intermediate_size=24,
                              layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
                              linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4),
-    "jamba": dict(num_experts=E, expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,
-                  mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False),
+    "jamba": dict(num_experts=E, expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2,
+                  attn_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False),
     "hunyuan_v1_moe": dict(num_experts=E, moe_topk=K, use_mixed_mlp_moe=False),
     "ernie4_5_moe": dict(moe_num_experts=E, moe_k=K, moe_layer_start_index=0, moe_num_shared_experts=0),
-    "deepseek_v2": dict(n_routed_experts=E, n_shared_experts=1, first_k_dense_replace=0, n_group=2, topk_group=1,
-                        topk_method="group_limited_greedy", routed_scaling_factor=2.5, **MLA),
-    "gpt_oss": dict(num_local_experts=E, layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+    "deepseek_v2": dict(n_routed_experts=E, n_shared_experts=1, first_k_dense_replace=0, n_group=2,
+                        topk_group=1, topk_method="group_limited_greedy", routed_scaling_factor=2.5, **MLA),
+    "gpt_oss": dict(num_local_experts=E, layer_types=["sliding_attention", "full_attention"],
+                    sliding_window=4),
     "granitemoe": dict(num_local_experts=E),
     "granitemoeshared": dict(num_local_experts=E, shared_intermediate_size=24),
-    "granitemoehybrid": dict(num_local_experts=E, shared_intermediate_size=24, layer_types=["mamba", "attention"],
+    "granitemoehybrid": dict(num_local_experts=E, shared_intermediate_size=24,
+                             layer_types=["mamba", "attention"],
                              mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
     "deepseek_v3": dict(DSV3, **MLA),
     "deepseek_v32": dict(DSV3, index_n_heads=2, index_head_dim=8, index_topk=4, **MLA),
@@ -58,32 +67,27 @@ FAMILIES = {
     "exaone_moe": dict(DSV3, num_experts=E, num_shared_experts=1),
     "solar_open": dict(DSV3),
     "minimax_m2": dict(num_local_experts=E),
-    "lfm2_moe": dict(num_experts=E, num_dense_layers=0, layer_types=["conv", "full_attention"], routed_scaling_factor=2.5),
+    "lfm2_moe": dict(num_experts=E, num_dense_layers=0, layer_types=["conv", "full_attention"],
+                     routed_scaling_factor=2.5),
     "afmoe": dict(num_experts=E, num_dense_layers=0, num_shared_experts=1, route_scale=2.5),
     "llama4_text": dict(num_local_experts=E, num_experts_per_tok=2, intermediate_size_mlp=24),
 }
 
 
-def tiny_config(family: str):
-    from transformers import CONFIG_MAPPING
-    common = dict(vocab_size=2039, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=8, intermediate_size=24, moe_intermediate_size=16, num_experts_per_tok=K, pad_token_id=2,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    return CONFIG_MAPPING[family](**{**common, **FAMILIES[family]})
+COMMON = dict(vocab_size=2039, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2,
+              head_dim=8, intermediate_size=24, moe_intermediate_size=16, num_experts_per_tok=K,
+              pad_token_id=2, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def fields(family: str, **overrides) -> dict:
+    """The family's tiny config fields: the common ones, the family's, `overrides`."""
+    return {**COMMON, **FAMILIES[family], **overrides}
 
 
 @functools.lru_cache(maxsize=None)
 def _tiny_state(family: str):
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
-    with torch.no_grad():  # random routers (some families initialise them to 0: every expert ties) and selection
-        for p in moekd.router_parameters(model):  # biases, so that biased and unbiased selection differ
-            p.normal_(0.0, 0.3)
-        for name, buf in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                buf.copy_(torch.randn(buf.shape) * 0.1)
-    return model
+    return tiny_model(family, random_routers=True, **fields(family))
 
 
 def tiny_moe(family: str):
@@ -124,8 +128,7 @@ def model_in(family: str, dtype: str, device: str = "cpu"):
     bf16 as moekd loads a teacher ("bf16-load": from_pretrained(dtype=bf16) keeps the family's
     _keep_in_fp32_modules, e.g. DeepSeek-V3's gate weight and selection bias, in fp32)."""
     if dtype == "bf16-load":
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.bfloat16).eval()
+        model = tiny_model(family, seed=None, dtype=torch.bfloat16, **fields(family))
         model.load_state_dict(_tiny_state(family).state_dict())  # copied into each tensor's own dtype
         return model.to(device)
     return tiny_moe(family).to(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
@@ -235,9 +238,9 @@ def test_cuda_family_routing_equals_native(family, dtype):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_routing_modes(family):
-    """"all" keeps the routed mass of the family's own forward (the weights' per-token sum), and in mass "literal"
-    gives every expert the family's weight, the experts' output equal to each expert applied densely and weighted
-    by hand; routing is restored on exit and on errors (topk, KA at prob 0: the tests above)."""
+    """"all" keeps the routed mass of the family's own forward (the weights' per-token sum), and in mass
+    "literal" gives every expert the family's weight, the experts' output equal to each expert applied densely
+    and weighted by hand; routing is restored on exit and on errors (topk, KA at prob 0: the tests above)."""
     model = tiny_moe(family)
     router = router_of(model)
     assert all(type(r).__name__ in moekd.HF_ROUTERS for r in moekd.moe_routers(model))
@@ -249,7 +252,8 @@ def test_family_routing_modes(family):
         model(ids())
         hooks[0].remove()
         (x, native_out), seen[:] = seen[0], []
-        with moekd.moe_routing(model, "all"):  # mass "native": the routed weights sum as the native selection's
+        # mass "native": the routed weights sum as the native selection's
+        with moekd.moe_routing(model, "all"):
             all_out = router(x)
         hooks = [router.register_forward_hook(lambda m, a, out: seen.append(out)),
                  block.experts.register_forward_hook(lambda m, a, out: seen.append((a, out)))]
@@ -261,7 +265,8 @@ def test_family_routing_modes(family):
             raise RuntimeError("boom")
         assert torch.equal(model(ids()).logits, native) and "forward" not in router.__dict__
     assert not torch.equal(dense, native)
-    if family == "llama4_text":  # dense [N, E] scores: the sigmoid of every logit (inputs scaled: mass literal)
+    # dense [N, E] scores: the sigmoid of every logit (inputs scaled: mass literal)
+    if family == "llama4_text":
         scores, logits = seen[0]
         assert_close(scores, naive_all_weights(router, logits))
         return
@@ -277,8 +282,8 @@ def test_family_routing_modes(family):
 
 @pytest.mark.parametrize("family", ["mixtral", "granitemoe", "deepseek_v3", "llama4_text"])
 def test_ka_samples_by_the_family_law(family):
-    """KA with k=1 on one token repeated: the expert frequencies follow softmax (softmax and logits routers) or
-    sigmoid normalised, without the selection bias (sigmoid routers), within 5 standard errors."""
+    """KA with k=1 on one token repeated: the expert frequencies follow softmax (softmax and logits routers)
+    or sigmoid normalised, without the selection bias (sigmoid routers), within 5 standard errors."""
     model = tiny_moe(family)
     router, n = router_of(model), 20000
     if family == "deepseek_v3":
@@ -296,8 +301,8 @@ def test_ka_samples_by_the_family_law(family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_sar_gradients_reach_exactly_the_routers(family):
-    """SAR's setting: all experts, router parameters trainable (never the selection bias), the family's balance
-    term (its own aux loss, else cv2): gradients reach every router parameter and nothing else."""
+    """SAR's setting: all experts, router parameters trainable (never the selection bias), the family's
+    balance term (its own aux loss, else cv2): gradients reach every router parameter and nothing else."""
     model = tiny_moe(family)
     params = moekd.router_parameters(model)
     names = {n for n, p in model.named_parameters() if any(p is q for q in params)}
@@ -319,19 +324,22 @@ def test_unsupported_family_is_a_one_line_error():
     model = AutoModelForCausalLM.from_config(PhimoeConfig(
         vocab_size=101, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
-    with pytest.raises(ValueError, match=r"^MoE family 'phimoe' \(PhimoeTopKRouter\) is not supported[^\n]*$"):
+    with pytest.raises(ValueError,
+                       match=r"^MoE family 'phimoe' \(PhimoeTopKRouter\) is not supported[^\n]*$"):
         with moekd.moe_routing(model, "all"):
             pass
 
 
 def test_all_experts_switch_a_batched_backend(capsys):
-    """batched_mm materialises (T·K, 2I, H) weights: "all" runs grouped_mm instead, says so, and restores it."""
+    """batched_mm materialises (T·K, 2I, H) weights: "all" runs grouped_mm instead, says so, and restores
+    it."""
     model = tiny_moe("qwen3_moe")
     model.config._experts_implementation = "batched_mm"
     with torch.no_grad():
         native = model(ids()).logits
         with moekd.moe_routing(model, "topk"):
-            assert torch.equal(model(ids()).logits, native) and model.config._experts_implementation == "batched_mm"
+            assert torch.equal(model(ids()).logits,
+                               native) and model.config._experts_implementation == "batched_mm"
         with moekd.moe_routing(model, "all"):
             assert model.config._experts_implementation == "grouped_mm"
             model(ids())
@@ -344,14 +352,14 @@ def saved_family(family: str, root: str) -> Path:
     """The family's tiny model as a checkpoint with the tiny tokenizer (the student's vocabulary)."""
     path = Path(root) / family
     tiny_moe(family).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TINY / name, path / name)
-    return path
+    return copy_tokenizer(path)
 
 
 def one_step(out: Path, method: str, *extra: str) -> dict:
-    result = moekd.main(["--tiny", "--method", method, "--out", str(out), "--synthetic-train", "8", "--batch-size", "4",
-                         "--max-steps", "1", "--no-dev-eval", "--log-every", "1", *(["--ka-m", "2"] if moekd.METHODS[method].passes else []), *extra])
+    result = moekd.main(["--tiny", "--method", method, "--out", str(out), "--synthetic-train", "8",
+                         "--batch-size", "4",
+                         "--max-steps", "1", "--no-dev-eval", "--log-every", "1",
+                         *(["--ka-m", "2"] if moekd.METHODS[method].passes else []), *extra])
     assert result["finished"] and all(math.isfinite(v) for h in result["history"] for v in h.values())
     return result
 
@@ -364,14 +372,16 @@ TEACHER_METHODS = [m for m in moekd.METHODS if moekd.METHODS[m].teacher]
 
 def matrix(role: str, methods: list[str]) -> list:
     return [pytest.param(f, m, marks=pytest.mark.xfail(strict=True, reason=GAPS[f, role]))
-            if (f, role) in GAPS and (role == "teacher" or moekd.METHODS[m].on_policy or "qwen3_5" in f) else (f, m)
+            if (f, role) in GAPS
+            and (role == "teacher" or moekd.METHODS[m].on_policy or "qwen3_5" in f) else (f, m)
             for f in FAMILIES for m in methods]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,method", matrix("teacher", TEACHER_METHODS))
 def test_every_method_with_the_family_as_teacher(tmp_path_factory, tmp_path, family, method):
-    one_step(tmp_path / "run", method, "--teacher", str(saved_family(family, str(tmp_path_factory.getbasetemp()))))
+    one_step(tmp_path / "run", method, "--teacher",
+             str(saved_family(family, str(tmp_path_factory.getbasetemp()))))
 
 
 @pytest.mark.slow
@@ -380,33 +390,39 @@ def test_every_method_with_the_family_as_student(tmp_path_factory, tmp_path, fam
     """The MoE student keeps its own balance loss where its family has one (transformers' aux_loss)."""
     model = saved_family(family, str(tmp_path_factory.getbasetemp()))
     result = one_step(tmp_path / "run", method, "--model", str(model))
-    has_aux = hasattr(moekd.sys.modules[type(router_of(tiny_moe(family))).__module__], "load_balancing_loss_func")
+    has_aux = hasattr(sys.modules[type(router_of(tiny_moe(family))).__module__], "load_balancing_loss_func")
     assert all(("lb" in h and h["lb"] > 0) == has_aux for h in result["history"])
 
 
 DOC = ROOT / "docs" / "families.md"
-BEGIN, END = "<!-- family table: written by `python test_families.py` -->", "<!-- end of the family table -->"
+BEGIN, END = ("<!-- family table: written by `python tests/test_families.py` -->",
+              "<!-- end of the family table -->")
 
 
 def family_table() -> str:
     """docs/families.md's table, from FAMILIES (every row is a parametrisation of the tests above)."""
     cells = lambda role, methods: ", ".join(m for m in methods if (family, m) in  # noqa: E731
-                                            [p if isinstance(p, tuple) else () for p in matrix(role, methods)])
-    rows = ["| family | model_type | router | mechanism | routed mass under all, KA, top-p, k ≠ native | default suite "
-            "| teacher (`-m slow`) | student (`-m slow`) |", "|---|---|---|---|---|---|---|---|"]
+                                            [p if isinstance(p, tuple) else ()
+                                             for p in matrix(role, methods)])
+    rows = ["| family | model_type | router | mechanism | routed mass under all, KA, top-p, k ≠ native | "
+            "default suite | teacher (`-m slow`) | student (`-m slow`) |",
+            "|---|---|---|---|---|---|---|---|"]
     for family in FAMILIES:
         router = router_of(tiny_moe(family))
         row = moekd.HF_ROUTERS[type(router).__name__]
         name, mechanism = row.name, row.mechanism
-        aux = hasattr(moekd.sys.modules[type(router).__module__], "load_balancing_loss_func")
+        aux = hasattr(sys.modules[type(router).__module__], "load_balancing_loss_func")
         renorm = {True: "renormalises already", False: "scaled to the native top-k's mass"}
-        mass = ("literal (its scores scale the experts' inputs)" if mechanism == "sigmoid_logits" else renorm[True]
-                if mechanism == "logits" else renorm[row.norm] if row.norm is not None else
+        mass = ("literal (its scores scale the experts' inputs)" if mechanism == "sigmoid_logits" else
+                renorm[True] if mechanism == "logits" else renorm[row.norm] if row.norm is not None else
                 "by the checkpoint's `norm_topk_prob`: False → scaled, True → renormalises")
         rows.append(f"| {name} | `{family}` | `{type(router).__name__}` | {mechanism} | {mass} | "
-                    f"topk = native, KA λ=0 = native (fp32, bf16), all keeps the native mass, literal all = naive, "
-                    f"SAR grads, restore | {cells('teacher', TEACHER_METHODS) or GAPS[family, 'teacher']} | "
-                    f"{cells('student', list(moekd.METHODS)) or '-'}{'' if (family, 'student') not in GAPS else ' (not: ' + GAPS[family, 'student'] + ')'}, "
+                    f"topk = native, KA λ=0 = native (fp32, bf16), all keeps the native mass, literal all = "
+                    f"naive, SAR grads, restore | "
+                    f"{cells('teacher', TEACHER_METHODS) or GAPS[family, 'teacher']} | "
+                    f"{cells('student', list(moekd.METHODS)) or '-'}"
+                    f"{'' if (family, 'student') not in GAPS else ' (not: ' + GAPS[family, 'student'] + ')'}"
+                    f", "
                     f"{'own aux loss kept' if aux else 'no aux loss of its own'} |")
     return "\n".join(rows)
 
@@ -414,9 +430,10 @@ def family_table() -> str:
 def test_docs_family_table_is_generated():
     text = DOC.read_text()
     assert text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip() == family_table(), \
-        "docs/families.md is stale: run `python test_families.py`"
+        "docs/families.md is stale: run `python tests/test_families.py`"
 
 
 if __name__ == "__main__":
     text = DOC.read_text()
-    DOC.write_text(text[:text.index(BEGIN) + len(BEGIN)] + "\n" + family_table() + "\n" + text[text.index(END):])
+    DOC.write_text(text[:text.index(BEGIN) + len(BEGIN)] + "\n" + family_table() + "\n"
+                   + text[text.index(END):])

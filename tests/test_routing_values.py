@@ -1,6 +1,6 @@
 """Routing values written out by hand (float64, from the routers' own parameters; no project helper in the
-references): which experts each mode picks, their weights per mechanism x renormalisation at k != native and in
-KA's two branches, the group-limit preference order, SAR's balance term, and KA's lambda against the exact
+references): which experts each mode picks, their weights per mechanism x renormalisation at k != native and
+in KA's two branches, the group-limit preference order, SAR's balance term, and KA's lambda against the exact
 probability of its draws."""
 import itertools
 import math
@@ -9,30 +9,21 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import checkpoints
 import moekd
 import test_families as tf
+
+from conftest import TINY, naive_cv2, tiny_model
 
 E = tf.E
 
 
 def model_of(family: str, **overrides):
-    """The family's tiny random model (test_families' build), or a variant of its config built the same way."""
+    """The family's tiny random model (test_families' build), or a variant of its config built the same
+    way."""
     if not overrides:
         return tf.tiny_moe(family)
-    from transformers import AutoModelForCausalLM
-    config = tf.tiny_config(family)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".gate." in name or ".router." in name:
-                p.normal_(0.0, 0.3)
-        for name, buf in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                buf.copy_(torch.randn(buf.shape) * 0.1)
-    return model
+    return tiny_model(family, random_routers=True, **tf.fields(family, **overrides))
 
 
 def first_router(model):
@@ -87,7 +78,8 @@ def test_group_limits_keep_the_familys_preference_order_for_every_k(family):
             with moekd.moe_routing(model, "topk", k=k):
                 index = router(h)[2]
             assert [sorted(r) for r in index.tolist()] == [sorted(o[:k]) for o in order], k
-        with moekd.moe_routing(model, "sample", k=E - 1, prob=0.0, generator=torch.Generator().manual_seed(0)):
+        with moekd.moe_routing(model, "sample", k=E - 1, prob=0.0,
+                               generator=torch.Generator().manual_seed(0)):
             index = router(h)[2]
     left_out = [(set(range(E)) - set(r)).pop() for r in index.tolist()]
     assert left_out == [o[-1] for o in order]
@@ -100,7 +92,8 @@ MECHANISMS = {  # case -> (family, config overrides)
 }
 
 
-def weights_by_hand(case: str, z: list[float], chosen: list[int], native: list[int], mass: str) -> dict[int, float]:
+def weights_by_hand(case: str, z: list[float], chosen: list[int], native: list[int],
+                    mass: str) -> dict[int, float]:
     """Each chosen expert's weight by the family's rule written out; mass "native": a router that does not
     renormalise scales them so they sum as its native selection's would."""
     p = [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
@@ -121,8 +114,8 @@ def weights_by_hand(case: str, z: list[float], chosen: list[int], native: list[i
 
 
 def top_p_by_hand(case: str, z: list[float], top_p: float) -> list[int]:
-    """The official gate's top-p: experts by falling probability (softmax; sigmoid routers: s / Sum s), the first
-    and then each while the mass before it is <= top_p."""
+    """The official gate's top-p: experts by falling probability (softmax; sigmoid routers: s / Sum s), the
+    first and then each while the mass before it is <= top_p."""
     law = [math.exp(v) for v in z] if case in ("softmax, norm", "softmax, no norm", "logits") else \
         [1 / (1 + math.exp(-v)) for v in z]
     law = [v / sum(law) for v in law]
@@ -148,10 +141,10 @@ RUNS = [("topk", 1, None, None), ("topk", E - 1, None, None), ("sample", E - 1, 
 
 @pytest.mark.parametrize("case", list(MECHANISMS))
 def test_weights_in_every_mode_and_routed_mass_by_hand(case):
-    """topk at k = 1 and N-1 (native 3, Llama 4's 2), KA's top-(N-1) branch (prob 0) and drawn branch (prob 1),
-    all and top-p: each expert's weight (0 if not chosen) as the family's rule gives it, written out in float64,
-    in mass "literal" and "native" (non-renormalising routers scaled to their native selection's mass; every
-    other mechanism bit-identical in both)."""
+    """topk at k = 1 and N-1 (native 3, Llama 4's 2), KA's top-(N-1) branch (prob 0) and drawn branch (prob
+    1), all and top-p: each expert's weight (0 if not chosen) as the family's rule gives it, written out in
+    float64, in mass "literal" and "native" (non-renormalising routers scaled to their native selection's
+    mass; every other mechanism bit-identical in both)."""
     family, overrides = MECHANISMS[case]
     model = model_of(family, **overrides)
     router = first_router(model)
@@ -162,17 +155,19 @@ def test_weights_in_every_mode_and_routed_mass_by_hand(case):
         got = {}
         for mass in ("literal", "native"):
             generator = torch.Generator().manual_seed(1)
-            with torch.no_grad(), moekd.moe_routing(model, mode, k=k, prob=prob, generator=generator, top_p=top_p,
-                                                    mass=mass):
+            with torch.no_grad(), moekd.moe_routing(model, mode, k=k, prob=prob, generator=generator,
+                                                    top_p=top_p, mass=mass):
                 got[mass] = dense_weights(router, router(h), family)
             for t in range(len(h)):
                 drawn = torch.nonzero(got[mass][t]).flatten().tolist()
-                chosen = {"all": list(range(E)), "topp": top_p_by_hand(case, z[t].tolist(), top_p or 0.0)}.get(
+                chosen = {"all": list(range(E)),
+                          "topp": top_p_by_hand(case, z[t].tolist(), top_p or 0.0)}.get(
                     mode, drawn if prob == 1.0 else order[t][:k])
                 assert sorted(drawn) == sorted(chosen), (case, mode, k, prob, mass, t)
                 want = weights_by_hand(case, z[t].tolist(), chosen, order[t][:router.top_k], mass)
                 expected = torch.tensor([want.get(e, 0.0) for e in range(E)], dtype=torch.float32)
-                assert_close(got[mass][t], expected, rtol=1e-5, atol=1e-6, msg=f"{case} {mode} k={k} {mass} t={t}")
+                assert_close(got[mass][t], expected, rtol=1e-5, atol=1e-6,
+                             msg=f"{case} {mode} k={k} {mass} t={t}")
         if "no norm" not in case:
             assert torch.equal(got["native"], got["literal"]), (case, mode)
         else:  # the per-token sum is the native selection's, whatever was chosen
@@ -182,8 +177,9 @@ def test_weights_in_every_mode_and_routed_mass_by_hand(case):
 
 
 def test_llama_moe_routing_is_the_same_in_both_mass_modes():
-    """moekd's Llama-MoE gate renormalises (softmax over the chosen): mass "native" changes nothing, bit for bit."""
-    model = moekd.load_model(str(tf.TINY)).eval()
+    """moekd's Llama-MoE gate renormalises (softmax over the chosen): mass "native" changes nothing, bit for
+    bit."""
+    model = checkpoints.load_model(str(TINY)).eval()
     ids = torch.tensor([[1, 5, 9, 13, 400, 7, 31, 8]])
     for mode, k, prob, top_p in RUNS:
         logits = {}
@@ -216,7 +212,8 @@ def test_the_native_mass_factor_carries_the_router_gradient():
 def sar_balance(model):
     """SAR's balance term (beta 0.01) of one forward under all experts, and each router's (module, input)."""
     inputs = []
-    hooks = [r.register_forward_hook(lambda m, a, out: inputs.append((m, a[0]))) for r in moekd.moe_routers(model)]
+    hooks = [r.register_forward_hook(lambda m, a, out: inputs.append((m, a[0])))
+             for r in moekd.moe_routers(model)]
     with torch.no_grad(), moekd.moe_routing(model, "all"), moekd.record_routing(model) as routed:
         model(tf.ids())
         loss = moekd.router_balance_loss(routed, 0.01)
@@ -226,10 +223,12 @@ def sar_balance(model):
 
 
 def test_sar_balance_term_of_mixtral_is_the_switch_loss_by_hand():
-    """Mixtral's own aux loss under SAR (all experts): beta * E * Sum_e f_e P_e over every layer's tokens, f_e the
-    fraction of tokens whose native top-k holds e, P_e the mean softmax probability, from the routers' inputs."""
+    """Mixtral's own aux loss under SAR (all experts): beta * E * Sum_e f_e P_e over every layer's tokens, f_e
+    the fraction of tokens whose native top-k holds e, P_e the mean softmax probability, from the routers'
+    inputs."""
     loss, inputs = sar_balance(model_of("mixtral"))
-    z = torch.cat([logits_by_hand(m, x.reshape(-1, 32)) for m, x in inputs])             # [layers * tokens, E]
+    # [layers * tokens, E]
+    z = torch.cat([logits_by_hand(m, x.reshape(-1, 32)) for m, x in inputs])
     top = z.topk(inputs[0][0].top_k, dim=-1).indices
     f = torch.tensor([sum(e in row for row in top.tolist()) for e in range(E)], dtype=torch.float64) / len(z)
     P = z.softmax(-1).mean(0)
@@ -237,24 +236,21 @@ def test_sar_balance_term_of_mixtral_is_the_switch_loss_by_hand():
 
 
 def test_sar_balance_term_of_a_family_without_its_own_is_cv_squared_by_hand():
-    """DeepSeek-V3 (no aux loss in its modeling file) under SAR: beta * Sum_layers cv2(importance) + cv2(load),
-    cv2 = unbiased variance / mean^2, importance the per-expert sum of the routing weights (2.5 sigmoid, norm)."""
+    """DeepSeek-V3 (no aux loss in its modeling file) under SAR: beta * Sum_layers cv2(importance) +
+    cv2(load), cv2 = unbiased variance / mean^2, importance the per-expert sum of the routing weights (2.5
+    sigmoid, norm)."""
     loss, inputs = sar_balance(model_of("deepseek_v3"))
-
-    def cv2(x):
-        mean = sum(x) / len(x)
-        return sum((v - mean) ** 2 for v in x) / (len(x) - 1) / (mean ** 2 + 1e-10)
-
     expected = 0.0
     for m, x in inputs:
         s = logits_by_hand(m, x.reshape(-1, 32)).sigmoid()
         w = 2.5 * s / s.sum(-1, keepdim=True)
-        expected += cv2(w.sum(0).tolist()) + cv2([float(len(w))] * E)
+        expected += naive_cv2(w.sum(0).tolist()) + naive_cv2([float(len(w))] * E)
     assert len(inputs) == 2 and abs(float(loss) - 0.01 * expected) < 1e-6 * max(1.0, expected)
 
 
 def prob_of_set(p: list[float], chosen: set[int]) -> float:
-    """P(k draws without replacement, in proportion to p, give exactly `chosen`): a sum over its draw orders."""
+    """P(k draws without replacement, in proportion to p, give exactly `chosen`): a sum over its draw
+    orders."""
     total = 0.0
     for order in itertools.permutations(sorted(chosen)):
         prob, left = 1.0, 1.0
@@ -267,9 +263,10 @@ def prob_of_set(p: list[float], chosen: set[int]) -> float:
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_kas_lambda_against_the_exact_probability_of_its_draws(family):
-    """Four fixed tokens, each repeated 30000 times, KA at k = N-1 and lambda 0.5: the frequency with which a token's
-    set differs from its top-(N-1) set equals 0.5 * (1 - P(the draw gives the top set)) within 5 standard errors,
-    P by enumerating the 7! draw orders of the law (softmax; DeepSeek-V3: sigmoid normalised, without the bias)."""
+    """Four fixed tokens, each repeated 30000 times, KA at k = N-1 and lambda 0.5: the frequency with which a
+    token's set differs from its top-(N-1) set equals 0.5 * (1 - P(the draw gives the top set)) within 5
+    standard errors, P by enumerating the 7! draw orders of the law (softmax; DeepSeek-V3: sigmoid normalised,
+    without the bias)."""
     model = model_of(family)
     router = first_router(model)
     base, n, lam = hidden(4, seed=11), 30000, 0.5
@@ -289,8 +286,8 @@ def test_kas_lambda_against_the_exact_probability_of_its_draws(family):
 
 
 def test_native_mass_by_hand_and_a_token_of_mass_zero():
-    """native_mass on hand values: [0.2, 0.1] to the native 0.3 + 0.3 + 0.15 is x2.5; a token whose weights (or
-    native mass) underflowed to 0 keeps weights 0, with finite gradients (no 0/0)."""
+    """native_mass on hand values: [0.2, 0.1] to the native 0.3 + 0.3 + 0.15 is x2.5; a token whose weights
+    (or native mass) underflowed to 0 keeps weights 0, with finite gradients (no 0/0)."""
     weights = torch.tensor([[0.2, 0.1], [0.0, 0.0], [0.4, 0.1]], requires_grad=True)
     native = torch.tensor([[0.3, 0.3, 0.15], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     scaled = moekd.native_mass(weights, native)

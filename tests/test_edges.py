@@ -10,6 +10,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import errors
 import moekd
 import sampling
 
@@ -22,10 +23,11 @@ def logit_rows(V: int, rows: int):
 
 
 def naive_kl(a: list[float], b: list[float]) -> float:
-    """KL(softmax(a) || softmax(b)) in float64, term by term; a term whose p underflows to 0 (in float64) is 0,
-    p log(p/0) = +inf; NaN if a row holds +inf or only -inf (no distribution)."""
+    """KL(softmax(a) || softmax(b)) in float64, term by term; a term whose p underflows to 0 (in float64) is
+    0, p log(p/0) = +inf; NaN if a row holds +inf or only -inf (no distribution)."""
     a64, b64 = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    if (a64 == math.inf).any() or (b64 == math.inf).any() or (a64 == -math.inf).all() or (b64 == -math.inf).all():
+    if (a64 == math.inf).any() or (b64 == math.inf).any() or (a64 == -math.inf).all() or \
+            (b64 == -math.inf).all():
         return math.nan
     la, lb = a64.log_softmax(-1), b64.log_softmax(-1)
     return sum(math.exp(x) * (x - y) for x, y in zip(la.tolist(), lb.tolist()) if math.exp(x) > 0)
@@ -51,8 +53,10 @@ def test_kls_on_ties_infinities_and_large_magnitudes_match_the_naive_formula(cas
             elif want == math.inf:
                 assert got == math.inf, (fn.__name__, i, got)
             else:
-                finite = [abs(v) for v in a[i, 0].float().tolist() + b[i, 0].float().tolist() if math.isfinite(v)]
-                assert abs(got - want) <= 1e-4 * max(1.0, want) + 2e-6 * max(finite, default=1.0), (fn.__name__, got, want)
+                finite = [abs(v) for v in a[i, 0].float().tolist() + b[i, 0].float().tolist()
+                          if math.isfinite(v)]
+                assert abs(got - want) <= 1e-4 * max(1.0, want) + 2e-6 * max(finite, default=1.0), \
+                    (fn.__name__, got, want)
 
 
 @given(st.integers(2, 8).flatmap(lambda V: logit_rows(V, 1)), st.booleans())
@@ -93,9 +97,9 @@ def test_a_teacher_minus_inf_where_the_student_has_mass_stops_the_run_in_one_lin
 
     monkeypatch.setattr(moekd, "_prepared_teacher", minus_inf_head)
     out = tmp_path / "run"
-    with pytest.raises(moekd.MoekdError) as e:
-        moekd.main(["--tiny", "--method", "gkd", "--out", str(out), "--synthetic-train", "16", "--batch-size", "4",
-                    "--max-steps", "2", "--no-dev-eval"])
+    with pytest.raises(errors.MoekdError) as e:
+        moekd.main(["--tiny", "--method", "gkd", "--out", str(out), "--synthetic-train", "16", "--batch-size",
+                    "4", "--max-steps", "2", "--no-dev-eval"])
     message = str(e.value)
-    assert "\n" not in message and re.match(r"^step 1: the loss is inf, nothing of this step is kept \(a token the "
-                                            r"teacher gives probability 0", message), message
+    assert "\n" not in message and re.match(r"^step 1: the loss is inf, nothing of this step is kept \(a "
+                                            r"token the teacher gives probability 0", message), message

@@ -1,14 +1,10 @@
 """Fault cases of issue 25: each ended badly (a deletion, random weights, a traceback, work lost) and
 must now end well: a one-line error naming the file, flag or field, or a clean stop that --resume
 continues. CPU, offline; the tests that need trained tiny models share one module-scoped fixture.
-Run: pytest -q test_faults.py"""
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
+Run: pytest -q tests/test_faults.py"""
 import errno
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -24,12 +20,11 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import data
+import errors
 import eval as moe_eval
 import moekd
 
-ROOT = Path(__file__).resolve().parent
-TINY = ROOT / "tiny_moe"
-STUDENT = TINY / "student"
+from conftest import ROOT, TINY, STUDENT, without_timing
 
 
 def quick(out, *extra):
@@ -69,7 +64,7 @@ def eval_args(model, out, sets, *extra):
 
 def fails(pattern: str):
     """The one-line error (MoekdError) whose message matches `pattern`."""
-    return pytest.raises(moekd.MoekdError, match=pattern)
+    return pytest.raises(errors.MoekdError, match=pattern)
 
 
 @pytest.fixture
@@ -151,8 +146,8 @@ def test_trained_folder_without_weights_is_an_error(tmp_path, runs, sets, capsys
     old = json.loads((model / "config.json").read_text())  # a folder the previous version saved: seed kept
     (model / "config.json").write_text(json.dumps({**old, "moekd_init_seed": 1}))
     with fails(r"no weights .*saved with weights, which are gone"):
-        moekd.load_model(str(model))
-    moekd.load_model(str(STUDENT))
+        checkpoints.load_model(str(model))
+    checkpoints.load_model(str(STUDENT))
     assert f"--model {STUDENT}: no weights, initialising from moekd_init_seed=1" in capsys.readouterr().out
 
 
@@ -211,10 +206,6 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def without_timing(log: str) -> list[str]:
-    return [re.sub(r" \| [\d.]+ tok/s \| \d+ ms$", "", line) for line in log.splitlines()]
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_finishes_the_step_checkpoints_and_resumes_bit_identical(tmp_path, uninterrupted, sig):
     """I3, I4: the signal lets the step end, a checkpoint is written, one line says where to go on, exit
@@ -248,7 +239,7 @@ def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(runguard, "REPEAT_S", 0.0)
     stop, before = runguard.StopSignals(tmp_path), signal.getsignal(signal.SIGINT)
     with stop:
-        with pytest.raises(checkpoints.RunInterrupted, match=r"^stopped \(SIGINT\) before training started"):
+        with pytest.raises(errors.RunInterrupted, match=r"^stopped \(SIGINT\) before training started"):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
         stop.deferred, stop.step = True, 4
@@ -256,7 +247,7 @@ def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
         time.sleep(0.05)
         assert stop.agreed() == signal.SIGTERM
         at_once = r"^stopped at once \(SIGTERM, a second signal\) in step 5; no checkpoint was saved"
-        with pytest.raises(checkpoints.RunInterrupted, match=at_once) as e:
+        with pytest.raises(errors.RunInterrupted, match=at_once) as e:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
         assert e.value.code == 143
@@ -408,7 +399,7 @@ def test_writes_name_the_file_on_a_read_only_disk(tmp_path, monkeypatch):
     def write_text(self, *args, **kw):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
     monkeypatch.setattr(pathlib.Path, "write_text", write_text)
-    with pytest.raises(checkpoints.RunStopped, match=rf"^read-only file system writing {tmp_path}/m.json$"):
+    with pytest.raises(errors.RunStopped, match=rf"^read-only file system writing {tmp_path}/m.json$"):
         checkpoints.write_json(tmp_path / "m.json", {"a": 1})
 
 
@@ -445,7 +436,7 @@ def test_weights_of_another_shape_than_the_config(tmp_path, runs):
     (model / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
     with fails(rf"^--model {model}: model.embed_tokens.weight has shape \(2039, 36\) "
                rf"in model.safetensors, {model}/config.json gives \(1000, 36\)$"):
-        moekd.load_model(str(model))
+        checkpoints.load_model(str(model))
 
 
 def test_config_that_is_not_an_object(tmp_path, runs, no_model_load):
@@ -538,7 +529,7 @@ def test_shards_outside_the_model_folder_are_refused(tmp_path, runs, family, whe
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: shard for k in keys}}))
     with fails(rf"^{model}/model.safetensors.index.json: shard "
                rf"'{re.escape(shard)}' lies outside {model}; refused$"):
-        moekd.load_model(str(model))
+        checkpoints.load_model(str(model))
 
 
 @pytest.mark.parametrize("pointer", ["absolute", "other-run"])
