@@ -447,3 +447,66 @@ def test_run_folder_of_the_previous_layout_resumes(tmp_path, monkeypatch):
         ROOT / "fixtures" / "run-ace5af2" / "checkpoints" / "step-3" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values()) and any(
         not torch.equal(weights[k], resumed_from[k]) for k in weights)
+
+
+# ----------------------------------------------------------------------------
+# What a run shows: the log line's ETA, flushed lines, training.png, the help text, which flags a method takes
+
+def test_log_lines_end_with_an_eta_and_training_png_is_written(tmp_path, capsys):
+    result = moekd.main(tiny_args(tmp_path / "run"))
+    lines = [line for line in (tmp_path / "run" / "log.txt").read_text().splitlines() if line.startswith("step")]
+    assert len(lines) == 6 and all(re.search(r" \| eta (\d+s|\d+m\d\ds|\d+h\d\dm)$", line) for line in lines)
+    assert lines[-1].endswith("| eta 0s") and lines[-1].startswith("step 12/12")
+    png = (tmp_path / "run" / "training.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000  # a real picture, not an empty canvas
+    assert result["finished"] and "dev step 12 | dev_loss" in capsys.readouterr().out
+
+
+def test_duration_reads_like_a_clock():
+    assert [moekd.duration(s) for s in (0, 12.4, 59.6, 60, 185, 3599, 3600, 3720, 90000)] == \
+        ["0s", "12s", "1m00s", "1m00s", "3m05s", "59m59s", "1h00m", "1h02m", "25h00m"]
+
+
+def test_every_reported_line_is_flushed(tmp_path, monkeypatch):
+    """A run's log and dev lines reach a pipe or file as they happen: each is flushed right after it is
+    written (block-buffered stdout kept them back until exit)."""
+    events = []
+
+    class Recorder:
+        def write(self, text):
+            events.append(("write", text))
+        def flush(self):
+            events.append(("flush", ""))
+        def isatty(self):
+            return False
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    moekd.main(tiny_args(tmp_path / "run"))
+    reported = [i for i, (kind, text) in enumerate(events) if kind == "write" and
+                text.startswith(("step ", "dev step "))]
+    assert len(reported) == 8  # 6 log lines, 2 dev evaluations
+    for i in reported:  # print(line, flush=True): the line, its newline, then a flush
+        assert events[i + 1] == ("write", "\n") and events[i + 2][0] == "flush", events[i:i + 3]
+
+
+def test_help_text_has_an_example_first_and_each_default_once():
+    text = subprocess.run([sys.executable, str(ROOT / "moekd.py"), "--help"], capture_output=True,
+                          text=True).stdout
+    assert text.index("examples:") < text.index("options:")
+    assert "python moekd.py --method sar" in text[:text.index("options:")]
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat and not re.search(r"\(default: [^)]*\)\s*\(default:", flat)
+    options = re.findall(r"^  (--[a-z-]+)[^\n]*\n?((?:\s{20,}[^\n]*\n)*)", text.split("options:")[1], re.M)
+    assert len(options) >= len(dataclasses.fields(moekd.Config))
+
+
+def test_method_flags_follow_from_the_method_rows():
+    """METHOD_FLAGS is derived from the Method table; it must say what the methods use (written out here)."""
+    distill = ("kd", "gkd", "all", "ka", "sar", "ka-gold")
+    on_policy = ("gkd", "all", "ka", "sar")
+    assert moekd.METHOD_FLAGS == {
+        "teacher": distill, "teacher_routers": distill, "teacher_device": distill, "shard_teacher": distill,
+        "routed_mass": distill, "gen_batch_size": on_policy, "sampler": on_policy,
+        "compile_sampler": on_policy, "kd_ratio": ("kd", "ka-gold"), "teacher_k": ("kd", "gkd"),
+        "teacher_top_p": ("kd", "gkd"), "ka_m": ("ka", "ka-gold"), "ka_lambda": ("ka", "ka-gold"),
+        "ka_k": ("ka", "ka-gold"), "ka_updates": ("ka",), "router_lr": ("sar",), "sar_beta": ("sar",),
+        "sar_kl": ("sar",)}

@@ -347,6 +347,20 @@ def test_all_experts_switch_a_batched_backend(capsys):
     assert "experts backend batched_mm -> grouped_mm" in capsys.readouterr().out
 
 
+def test_a_backend_switch_is_said_once_per_model(capsys):
+    """A teacher routed "all" every step switches its backend every step: the line comes once per model and
+    switch, and every exit restores the backend (transformers' set_experts_implementation, no private write)."""
+    models = [tiny_moe("qwen3_moe"), tiny_moe("qwen3_moe")]
+    for model in models:
+        model.set_experts_implementation("batched_mm")
+    for model in models + models:
+        with torch.no_grad(), moekd.moe_routing(model, "all"):
+            assert model.get_experts_implementation()[""] == "grouped_mm"
+            model(ids())
+        assert model.get_experts_implementation()[""] == "batched_mm"
+    assert capsys.readouterr().out.count("experts backend batched_mm -> grouped_mm") == 2
+
+
 @functools.lru_cache(maxsize=None)
 def saved_family(family: str, root: str) -> Path:
     """The family's tiny model as a checkpoint with the tiny tokenizer (the student's vocabulary)."""
