@@ -479,7 +479,8 @@ LOCK = ".lock"
 MKDTEMP = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's random part (write_atomically)
 # Every name moekd.py writes in a run folder, temporary ones included (write_json, truncate_log,
 # write_atomically), and in its checkpoints/ folder.
-RUN_NAMES = re.compile(rf"run\.json|log\.txt|metrics\.json|training\.png|checkpoints|best_rougeL|final|\{LOCK}"
+RUN_NAMES = re.compile(rf"run\.json|log\.txt|metrics\.json|training\.png|checkpoints|best_rougeL|final"
+                       rf"|\{LOCK}"
                        rf"|\.tmp-(run\.json|metrics\.json|log\.txt|training\.png)"
                        rf"|\.tmp-(best_rougeL|final)-{MKDTEMP}|\.old-(best_rougeL|final)-\d+")
 CHECKPOINT_NAMES = re.compile(rf"step-\d+|latest|latest\.tmp|\.tmp-step-\d+-{MKDTEMP}|\.old-step-\d+-\d+")

@@ -1,7 +1,8 @@
-"""Fetch the MiniLLM-format evaluation sets that eval.py reads (and Dolly's dev split) from their public source.
+"""Fetch the MiniLLM-format evaluation sets that eval.py reads (and Dolly's dev split) from their public
+source.
 
     python fetch_data.py                       # into ../shared/data, eval.py's default --data-dir
-    python fetch_data.py --out data            # anywhere else: then pass --data-dir data to eval.py / repro.py
+    python fetch_data.py --out data            # anywhere else: pass --data-dir data to eval.py / repro.py
     python fetch_data.py --sets dolly,vicuna   # a subset
 
 Every file is downloaded to a temporary name beside its destination, checked (byte count, row count and
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = "https://raw.githubusercontent.com/sonho4ng/SRAv2/d7c7263c15d7d9db67eb956ed113381755c6a3c1/llm-data"
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "shared" / "data"  # eval.py's and repro.py's --data-dir
+# eval.py's and repro.py's --data-dir
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in args.sets if s not in known]
     if unknown or not args.sets:
-        raise FetchError(f"--sets: unknown set(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
+        raise FetchError(f"--sets: unknown set(s) {', '.join(unknown) or '(none given)'}; "
+                         f"known: {', '.join(known)}")
     if args.timeout <= 0:
         raise FetchError(f"--timeout must be > 0, got {args.timeout}")
     if "://" not in args.source:  # a local folder
@@ -85,14 +88,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_rows(data_lines: list[bytes], remote: Remote, url: str) -> None:
-    """Every line a JSON object with the MiniLLM fields eval.py reads; an LFS pointer or an HTML page fails."""
+    """Every line a JSON object with the MiniLLM fields eval.py reads; an LFS pointer or an HTML page
+    fails."""
     if data_lines and data_lines[0].startswith(b"version https://git-lfs"):
         raise FetchError(f"set {remote.name}: {url} is a Git LFS pointer, not the data")
     for i, line in enumerate(data_lines, 1):
         try:
             row = json.loads(line)
         except ValueError:
-            raise FetchError(f"set {remote.name}: {url} line {i} is not JSON (not a MiniLLM-format file)") from None
+            raise FetchError(f"set {remote.name}: {url} line {i} is not JSON "
+                             "(not a MiniLLM-format file)") from None
         if not isinstance(row, dict) or "prompt" not in row or "output" not in row:
             raise FetchError(f"set {remote.name}: {url} line {i} lacks the MiniLLM fields prompt and output")
     if not data_lines:

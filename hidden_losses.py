@@ -1,6 +1,6 @@
-"""hidden_losses: exact full-vocabulary cross-entropy and KL from final hidden states and output heads, chunk by
-chunk, without [tokens, V] logits (moekd's training losses; reverse_kl / forward_kl in moekd.py are the formulas on
-logits). Only torch: copy it out on its own.
+"""hidden_losses: exact full-vocabulary cross-entropy and KL from final hidden states and output heads,
+chunk by chunk, without [tokens, V] logits (moekd's training losses; reverse_kl / forward_kl in moekd.py
+are the formulas on logits). Only torch: copy it out on its own.
 
     loss, (ce_sum, kl_sum) = head_losses(h_student[mask], Head(lm_head.weight), labels, h_teacher[:, mask],
                                          Head(teacher_lm_head.weight), kl_weight=1 / n_tokens)   # KL(q || p)
@@ -28,9 +28,11 @@ class Head(NamedTuple):
 
 
 def head_logits(h: torch.Tensor, head: Head, vocab: int) -> tuple[torch.Tensor, torch.Tensor | float]:
-    """fp32 logits [..., vocab] of hidden states h [..., H] over the head's first `vocab` rows (the matmul in
-    the autocast dtype), and d logits / d (h W^T + b): the scale, or a tensor where the soft cap bends them."""
-    z = F.linear(h, head.weight[:vocab], None if head.bias is None else head.bias[:vocab]).float().mul_(head.scale)
+    """fp32 logits [..., vocab] of hidden states h [..., H] over the head's first `vocab` rows (the matmul
+    in the autocast dtype), and d logits / d (h W^T + b): the scale, or a tensor where the soft cap bends
+    them."""
+    z = F.linear(h, head.weight[:vocab],
+                 None if head.bias is None else head.bias[:vocab]).float().mul_(head.scale)
     if head.cap is None:
         return z, head.scale
     z = z.div_(head.cap).tanh_()
@@ -39,16 +41,18 @@ def head_logits(h: torch.Tensor, head: Head, vocab: int) -> tuple[torch.Tensor, 
 
 
 def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool, teacher_grad: bool):
-    """KL per row, dKL/dz_student, dKL/dz_teacher (or None) of student log q [c, V] and M passes' log p [M, c, V],
-    both overwritten. reverse: KL(q || p), log p = mean_m log p_m: dz_s = q (log q - log p - KL), dz_m = (p_m - q) / M;
-    else mean_m KL(p_m || q): dz_s = q - mean_m p_m, dz_m = p_m (log p_m - log q - KL_m) / M. 0 log 0 = 0 (NaN -> 0)."""
+    """KL per row, dKL/dz_student, dKL/dz_teacher (or None) of student log q [c, V] and M passes' log p
+    [M, c, V], both overwritten. reverse: KL(q || p), log p = mean_m log p_m: dz_s = q (log q - log p - KL),
+    dz_m = (p_m - q) / M; else mean_m KL(p_m || q): dz_s = q - mean_m p_m,
+    dz_m = p_m (log p_m - log q - KL_m) / M. 0 log 0 = 0 (NaN -> 0)."""
     M, finite = lp.shape[0], dict(nan=0.0, posinf=math.inf, neginf=-math.inf)
     if reverse:
         diff = (lp.mean(0) if M > 1 or teacher_grad else lp[0]).sub_(log_q).neg_()  # log q - log p
         q = log_q.exp_()
         qd = diff.mul_(q).nan_to_num_(**finite)
         kl = qd.sum(-1)
-        return kl, qd.addcmul_(q, kl.unsqueeze(1), value=-1), lp.exp_().sub_(q).div_(M) if teacher_grad else None
+        return (kl, qd.addcmul_(q, kl.unsqueeze(1), value=-1),
+                lp.exp_().sub_(q).div_(M) if teacher_grad else None)
     p = lp.exp()
     pd = lp.sub_(log_q).mul_(p).nan_to_num_(**finite)  # p_m (log p_m - log q)
     kl_m = pd.sum(-1)
@@ -57,9 +61,10 @@ def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool, teacher_grad
 
 
 def _kl_passes(log_q: torch.Tensor, ht: torch.Tensor, head: Head, vocab: int, reverse: bool):
-    """_kl_chunk's KL per row and dKL/dz_student against M frozen teacher passes' hidden states ht [M, c, H], one
-    pass at a time, so the temporaries stay [c, V] whatever M. reverse: log p = the passes' mean log-probability,
-    accumulated; else mean_m KL(p_m || q), dz_s = q - mean_m p_m. log_q is overwritten."""
+    """_kl_chunk's KL per row and dKL/dz_student against M frozen teacher passes' hidden states
+    ht [M, c, H], one pass at a time, so the temporaries stay [c, V] whatever M. reverse: log p = the
+    passes' mean log-probability, accumulated; else mean_m KL(p_m || q), dz_s = q - mean_m p_m. log_q is
+    overwritten."""
     M, finite = ht.shape[0], dict(nan=0.0, posinf=math.inf, neginf=-math.inf)
     acc, kl = None, 0.0
     for h in ht:
@@ -77,14 +82,15 @@ def _kl_passes(log_q: torch.Tensor, ht: torch.Tensor, head: Head, vocab: int, re
 
 
 def chunk_rows(chunk_mb: float, vocab: int, passes: int = 1) -> int:
-    """Rows per chunk so that one fp32 [rows, V] temporary (or [passes, rows, V], for M teacher passes that need
-    gradients and so go together) holds about chunk_mb MB."""
+    """Rows per chunk so that one fp32 [rows, V] temporary (or [passes, rows, V], for M teacher passes
+    that need gradients and so go together) holds about chunk_mb MB."""
     return max(1, int(chunk_mb * 2**20) // (4 * vocab * passes))
 
 
 class _HeadLosses(torch.autograd.Function):
-    """head_losses, `chunk` rows at a time: each chunk's gradients (hidden states, head weights and biases of both
-    sides) are computed in the forward, so no [rows, V] tensor outlives its chunk; backward scales them (once)."""
+    """head_losses, `chunk` rows at a time: each chunk's gradients (hidden states, head weights and biases
+    of both sides) are computed in the forward, so no [rows, V] tensor outlives its chunk; backward scales
+    them (once)."""
 
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, labels, heads, vocab, chunk_mb, reverse, ce_weight, kl_weight):
@@ -102,7 +108,8 @@ class _HeadLosses(torch.autograd.Function):
                 lab = labels[r].unsqueeze(1)
                 sums[0] -= log_q.gather(1, lab).sum()
             if ce_weight:
-                g = log_q.exp().scatter_add_(1, lab, torch.full(lab.shape, -1.0, device=lab.device)).mul_(ce_weight)
+                g = log_q.exp().scatter_add_(1, lab,
+                                             torch.full(lab.shape, -1.0, device=lab.device)).mul_(ce_weight)
             if ht is not None:
                 head_t = heads[1]._replace(weight=wt, bias=bt)
                 if ht.shape[0] == 1 or teacher_grad:
@@ -124,12 +131,16 @@ class _HeadLosses(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _):
-        grads, ctx.grads = ctx.grads, None  # scaled in place: a second backward is an error, not a wrong gradient
-        return *(None if g is None else g.mul_(grad).to(dtype) for g, dtype in zip(grads, ctx.dtypes)), *[None] * 7
+        # scaled in place: a second backward is an error, not a wrong gradient
+        grads, ctx.grads = ctx.grads, None
+        return (*(None if g is None else g.mul_(grad).to(dtype) for g, dtype in zip(grads, ctx.dtypes)),
+                *[None] * 7)
 
 
-def _back_through_head(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grads: list, r: slice, vocab: int) -> None:
-    """Accumulate one chunk's d/dh = g W, d/dW += g^T h, d/db += Sum g (rows r; g [..., c, vocab]); dW in fp32."""
+def _back_through_head(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grads: list, r: slice,
+                       vocab: int) -> None:
+    """Accumulate one chunk's d/dh = g W, d/dW += g^T h, d/db += Sum g (rows r; g [..., c, vocab]); dW in
+    fp32."""
     gh, gw, gb = grads
     if gh is not None:
         gh[..., r, :] = g.to(w.dtype) @ w[:vocab]
@@ -140,18 +151,20 @@ def _back_through_head(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grads:
         gb[:vocab] += g.reshape(-1, vocab).sum(0)
 
 
-def head_losses(hs: torch.Tensor, head_s: Head, labels: torch.Tensor | None = None, ht: torch.Tensor | None = None,
-                head_t: Head | None = None, *, ce_weight: float = 0.0, kl_weight: float = 0.0, reverse: bool = True,
-                vocab: int | None = None, chunk_mb: float = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """ce_weight * Sum CE(q, labels) + kl_weight * Sum KL over the rows of student hidden states hs [n, Hs] (and M
-    teacher passes' ht [M, n, Ht]), exact over the first `vocab` rows of both heads (default: all the student's), in
-    fp32, without [n, V] logits: chunks of rows whose fp32 [rows, V] temporaries hold about chunk_mb MB each.
-    reverse: KL(q_student || p_teacher) with log p = mean_m log p_m, which is the mean of the M KLs; else
-    mean_m KL(p_m || q). Returns (the weighted sum, differentiable; [CE sum, KL sum], detached)."""
+def head_losses(hs: torch.Tensor, head_s: Head, labels: torch.Tensor | None = None,
+                ht: torch.Tensor | None = None, head_t: Head | None = None, *, ce_weight: float = 0.0,
+                kl_weight: float = 0.0, reverse: bool = True, vocab: int | None = None,
+                chunk_mb: float = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """ce_weight * Sum CE(q, labels) + kl_weight * Sum KL over the rows of student hidden states hs [n, Hs]
+    (and M teacher passes' ht [M, n, Ht]), exact over the first `vocab` rows of both heads (default: all the
+    student's), in fp32, without [n, V] logits: chunks of rows whose fp32 [rows, V] temporaries hold about
+    chunk_mb MB each. reverse: KL(q_student || p_teacher) with log p = mean_m log p_m, which is the mean of
+    the M KLs; else mean_m KL(p_m || q). Returns (the weighted sum, differentiable; [CE sum, KL sum],
+    detached)."""
     vocab = vocab or head_s.weight.shape[0]
     t = (None, None, None) if ht is None else (ht, head_t.weight, head_t.bias)
-    return _HeadLosses.apply(hs, head_s.weight, head_s.bias, *t, labels, (head_s, head_t), vocab, chunk_mb, reverse,
-                             ce_weight, kl_weight)
+    return _HeadLosses.apply(hs, head_s.weight, head_s.bias, *t, labels, (head_s, head_t), vocab, chunk_mb,
+                             reverse, ce_weight, kl_weight)
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -192,15 +205,16 @@ class _ChunkedLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         grads, ctx.grads = ctx.grads, None
-        return None, *(None if g is None else g.mul_(grad).to(d) for g, d in zip(grads, ctx.dtypes)), None, None, None
+        return (None, *(None if g is None else g.mul_(grad).to(d) for g, d in zip(grads, ctx.dtypes)),
+                None, None, None)
 
 
 def chunked_loss(loss_fn, hs: torch.Tensor, head_s: Head, ht: torch.Tensor, head_t: Head, *,
                  vocab: int | None = None, chunk_mb: float = 32) -> torch.Tensor:
-    """Sum over rows of loss_fn(log_q [c, V], log_p [M, c, V]) -> [c], from student hidden states hs [n, Hs] and M
-    teacher passes' ht [M, n, Ht], without [n, V] logits: any new loss is one function of log-probabilities.
-    Each chunk's gradients come from torch.autograd.grad on its recomputed logits (slower than head_losses'
-    hand-derived KLs, which the paper's methods use; the same memory bound)."""
+    """Sum over rows of loss_fn(log_q [c, V], log_p [M, c, V]) -> [c], from student hidden states hs [n, Hs]
+    and M teacher passes' ht [M, n, Ht], without [n, V] logits: any new loss is one function of
+    log-probabilities. Each chunk's gradients come from torch.autograd.grad on its recomputed logits (slower
+    than head_losses' hand-derived KLs, which the paper's methods use; the same memory bound)."""
     vocab = vocab or head_s.weight.shape[0]
     return _ChunkedLoss.apply(loss_fn, hs, head_s.weight, head_s.bias, ht, head_t.weight, head_t.bias,
                               (head_s, head_t), vocab, chunk_mb)

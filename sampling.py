@@ -30,7 +30,8 @@ M32 = 0xFFFFFFFF
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash, in place, of int64 values in [0, 2^32) (products stay below 2^63: no overflow)."""
+    """A 32-bit integer hash, in place, of int64 values in [0, 2^32) (products stay below 2^63: no
+    overflow)."""
     for _ in range(2):
         x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(M32)
     return x.bitwise_xor_(x >> 16)
@@ -55,7 +56,8 @@ def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
 def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
     """fp32 uniforms strictly inside (0, 1) from 32-bit hash values (int64): the top 23 bits, centred.
     23, not 24: (2^24 - 1) + 0.5 rounds to 2^24 in fp32, so u would be 1 and the noise +inf (a token drawn
-    whatever its probability). Here u is in [2^-24, 1 - 2^-24], the noise in [-2.8, 16.6], all exact in fp32."""
+    whatever its probability). Here u is in [2^-24, 1 - 2^-24], the noise in [-2.8, 16.6], all exact in
+    fp32."""
     return (h >> 9).float().add_(0.5).mul_(2.0 ** -23)
 
 
@@ -73,7 +75,8 @@ class RowSeededSampler:
 
 
 def next_token(logits: torch.Tensor, keys: torch.Tensor, step) -> torch.Tensor:
-    """argmax(logits + gumbel_noise): an exact draw from softmax(logits [B, V]) at temperature 1, row-seeded."""
+    """argmax(logits + gumbel_noise): an exact draw from softmax(logits [B, V]) at temperature 1,
+    row-seeded."""
     return (logits.float() + gumbel_noise(keys, step, logits.shape[-1])).argmax(-1)
 
 
@@ -161,16 +164,18 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
     ids, mask = batch["input_ids"], batch["attention_mask"]
     (B, width), ended = ids.shape, torch.zeros(len(prompts), dtype=torch.bool, device=device)
     keys, position = row_keys(seeds, device), (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    static = getattr(model, "_can_compile_fullgraph", False)  # else a family with a cache of its own (MiniMax)
+    static = getattr(model, "_can_compile_fullgraph", False)  # else a family with its own cache (MiniMax)
     cache, step_fn = None, decode_step
     if static:
         length = cache_length(width + max_new_tokens)
-        mask = torch.cat([mask, mask.new_ones(B, length - width)], dim=1)  # later slots: causally masked until written
+        # later slots: causally masked until written
+        mask = torch.cat([mask, mask.new_ones(B, length - width)], dim=1)
         cache = static_cache(model, B, length)
     outputs = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
                     logits_to_keep=1)  # the prompt, eager (its own shape)
     vocab = outputs.logits.shape[-1]
-    token, cache, position, out = next_token(outputs.logits[:, -1], keys, 0), outputs.cache, position[:, -1:], []
+    token, cache, position, out = (next_token(outputs.logits[:, -1], keys, 0), outputs.cache,
+                                   position[:, -1:], [])
     if compile and static:
         step_fn = compiled_decode_step(device)
         if device.type == "cuda":  # CUDA graphs replay on fixed addresses: the cache is written in place
@@ -187,8 +192,9 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
                 mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             if compile and static and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
+            # .clone(): a graph's output is reused by the next
             token = step_fn(model, token[:, None], position, mask, cache, keys,
-                            torch.tensor(step, device=device)).clone()  # a graph's output is reused by the next
+                            torch.tensor(step, device=device)).clone()
         token = token.masked_fill(ended, pad_id)
         out.append(token)
         ended |= torch.isin(token, stop_tensor)
@@ -204,8 +210,8 @@ def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_
 @torch.no_grad()
 def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int | list[int],
                   max_new_tokens: int,
-                  batch_size: int, seeds: list[int] | None = None, desc: str = "generate", sampler: str = "moekd",
-                  compile: bool = False, **options) -> list[list[int]]:
+                  batch_size: int, seeds: list[int] | None = None, desc: str = "generate",
+                  sampler: str = "moekd", compile: bool = False, **options) -> list[list[int]]:
     """Sampled continuations of token-id prompts, left-padded in batches: top_k 0, top_p 1,
     temperature 1 (the paper's sampling), pure ancestral sampling, from the global torch RNG or, with
     `seeds` (one per prompt), from per-row streams: by sample_rows (sampler "moekd", its decode step compiled
@@ -217,25 +223,29 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
     needs every rank in each forward, so its ranks keep stepping until all are done (synced_gpus)."""
     from tqdm import tqdm
     from transformers import GenerationConfig, LogitsProcessorList
-    sampling = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0) if seeds is None else dict(do_sample=False)
-    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                              **options)
+    sampling = (dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0) if seeds is None
+                else dict(do_sample=False))
+    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                              eos_token_id=eos_id, **options)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out, ours = [], seeds is not None and sampler == "moekd"
     if ours and options:
-        raise ValueError(f"moekd's sampler takes no generate() options ({', '.join(options)}); use sampler='generate'")
+        raise ValueError(f"moekd's sampler takes no generate() options ({', '.join(options)}); "
+                         "use sampler='generate'")
     if ours and compile and not _told["compile"]:
         _told["compile"] = True
-        print(f"sampler: moekd's decode step runs compiled (torch.compile{', CUDA graphs' if device.type == 'cuda' else ''}); "
+        print("sampler: moekd's decode step runs compiled "
+              f"(torch.compile{', CUDA graphs' if device.type == 'cuda' else ''}); "
               "each new batch shape compiles first")
-    if ours and is_sharded(model):  # every rank must join each forward until all are done: generate(synced_gpus)
+    # every rank must join each forward until all are done: generate(synced_gpus)
+    if ours and is_sharded(model):
         ours = False
         if not _told["sharded"]:
             _told["sharded"] = True
-            print("sampler: the student is FSDP-sharded, so on-policy samples come from generate(synced_gpus) "
-                  "with the same noise (the same tokens)")
+            print("sampler: the student is FSDP-sharded, so on-policy samples come from "
+                  "generate(synced_gpus) with the same noise (the same tokens)")
     twin, amp = model, torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
     if ours and amp and amp != next(model.parameters()).dtype:  # bf16 autocast over fp32 master weights
         twin = sampling_copy(model, amp)
@@ -248,7 +258,8 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
                                        max_new_tokens=max_new_tokens, seeds=seeds[start:start + batch_size],
                                        compile=compile))
                 continue
-            batch = {k: v.to(device) for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
+            batch = {k: v.to(device)
+                     for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
             extra = {} if seeds is None else {"logits_processor": LogitsProcessorList(
                 [RowSeededSampler(seeds[start:start + batch_size], device)])}
             if is_sharded(model):

@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 
 LEVEL = 0.95
-METHOD = ("95% Student-t interval over training seeds: each training seed contributes one number (a row's Avg, "
-          "or the paired difference of two rows' Avgs from the same training seed, both evaluated on the same "
-          "eval seeds and examples), Avg = mean over the sets of the mean over eval seeds; interval = mean ± "
-          "t(0.975, n-1) · s / sqrt(n), s the sample standard deviation of the n per-seed numbers")
-BOOTSTRAP_METHOD = ("a hierarchical percentile bootstrap of the same paired difference (2000 draws: training seeds "
-                    "with replacement, then each set's examples with replacement, paired; per-example scores "
-                    "averaged over eval seeds)")
+METHOD = ("95% Student-t interval over training seeds: each training seed contributes one number (a row's "
+          "Avg, or the paired difference of two rows' Avgs from the same training seed, both evaluated on "
+          "the same eval seeds and examples), Avg = mean over the sets of the mean over eval seeds; "
+          "interval = mean ± t(0.975, n-1) · s / sqrt(n), s the sample standard deviation of the n "
+          "per-seed numbers")
+BOOTSTRAP_METHOD = ("a hierarchical percentile bootstrap of the same paired difference (2000 draws: "
+                    "training seeds with replacement, then each set's examples with replacement, paired; "
+                    "per-example scores averaged over eval seeds)")
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -25,7 +26,8 @@ def _betacf(a: float, b: float, x: float) -> float:
     h = d
     for m in range(1, 400):
         m2 = 2 * m
-        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)),
+                    -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + num / c
@@ -70,7 +72,8 @@ def t_quantile(p: float, df: int) -> float:
 
 
 def mean_ci(values: list[float], level: float = LEVEL) -> dict:
-    """Mean, sample std and the two-sided t-interval of the mean; with one value the std and interval are None."""
+    """Mean, sample std and the two-sided t-interval of the mean; with one value the std and interval are
+    None."""
     n = len(values)
     if n == 0:
         raise ValueError("mean_ci needs at least one value")
@@ -106,7 +109,8 @@ def fmt(ci: dict, digits: int = 2) -> str:
     return f"{ci['mean']:.{digits}f}" + ("" if ci["half"] is None else f" ± {ci['half']:.{digits}f}")
 
 
-def hierarchical_bootstrap(a: dict, b: dict, *, n_boot: int = 2000, level: float = LEVEL, seed: int = 0) -> dict:
+def hierarchical_bootstrap(a: dict, b: dict, *, n_boot: int = 2000, level: float = LEVEL,
+                           seed: int = 0) -> dict:
     """Percentile interval of the paired Avg difference a - b, resampling training seeds, then examples.
 
     a and b map a training seed to {set: [score of example i]} (each score the mean over eval seeds), the

@@ -221,12 +221,13 @@ def test_dev_and_eval_responses_are_cut_at_the_end_of_turn(chatml, tmp_path):
 
 
 def test_eval_py_with_the_chat_template(tmp_path, capsys):
-    """eval.py --template chat end to end on the tiny chat models: ROUGE-L of conversations (the template in the
-    recorded protocol, the prompt the last user turn) and the gate-mass analysis on their gold responses."""
+    """eval.py --template chat end to end on the tiny chat models: ROUGE-L of conversations (the template
+    in the recorded protocol, the prompt the last user turn) and the gate-mass analysis on their gold
+    responses."""
     import eval as moe_eval
     sets = f"chat={CHAT / 'conversations.jsonl'}"
-    common = ["--template", "chat", "--sets", sets, "--seeds", "10", "--max-examples", "4", "--max-new-tokens",
-              "8", "--no-plots"]
+    common = ["--template", "chat", "--sets", sets, "--seeds", "10", "--max-examples", "4",
+              "--max-new-tokens", "8", "--no-plots"]
     moe_eval.main(["--model", str(CHATML_STUDENT), "--out", str(tmp_path / "rouge"), *common])
     protocol = json.loads((tmp_path / "rouge" / "eval.json").read_text())["protocol"]
     first = json.loads((tmp_path / "rouge" / "generations.jsonl").read_text().splitlines()[0])

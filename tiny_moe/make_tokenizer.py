@@ -62,7 +62,8 @@ def train_sentencepiece_like(texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     pre = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
-                                   pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)])
+                                   pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                            split=True)])
     # learn merges on the words, without "\n" in the alphabet (LLaMA spells it as <0x0A>)
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre
@@ -74,7 +75,8 @@ def train_sentencepiece_like(texts: list[str]):
     vocab = {t: i for i, t in enumerate(SPECIALS + BYTES + words)}
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
     merges = [m for m in merges if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True,
+                               fuse_unk=True))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
@@ -88,7 +90,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dolly", default=str(ROOT.parent / "shared" / "data" / "dolly" / "dev.jsonl"),
                         help="MiniLLM Dolly jsonl added to the corpus ('' to leave it out)")
-    parser.add_argument("--out", nargs="+", default=[str(ROOT / "tiny_moe"), str(ROOT / "tiny_moe" / "student")])
+    parser.add_argument("--out", nargs="+",
+                        default=[str(ROOT / "tiny_moe"), str(ROOT / "tiny_moe" / "student")])
     parser.add_argument("--sp-out", nargs="+", default=[str(ROOT / "tiny_moe" / "sp"),
                                                         str(ROOT / "tiny_moe" / "sp" / "student")])
     args = parser.parse_args(argv)

@@ -43,7 +43,8 @@ def _fact_table(n_facts: int = 240) -> list[tuple[str, str]]:
 
 
 def _attributes(n_facts: int) -> list[tuple[str, str]]:
-    """(favourite colour, password word) of each person of _fact_table(n_facts), from a stream of their own."""
+    """(favourite colour, password word) of each person of _fact_table(n_facts), from a stream of their
+    own."""
     rng = random.Random(4321)
     return [(rng.choice(_COLORS), rng.choice(_WORDS)) for _ in range(n_facts)]
 
@@ -69,7 +70,8 @@ def synthetic_rows(n: int, *, seed: int, families: tuple[str, ...] = DEFAULT_FAM
         return "Reverse the order of the words.", " ".join(w), " ".join(reversed(w))
     def sort():
         x = nums(rng.randint(3, 5))
-        return "Sort the numbers from smallest to largest.", ", ".join(map(str, x)), ", ".join(map(str, sorted(x)))
+        return ("Sort the numbers from smallest to largest.", ", ".join(map(str, x)),
+                ", ".join(map(str, sorted(x))))
     def count():
         w = words(rng.randint(2, 9))
         return "How many words are in the text?", " ".join(w), str(len(w))
@@ -78,8 +80,8 @@ def synthetic_rows(n: int, *, seed: int, families: tuple[str, ...] = DEFAULT_FAM
         return "Spell the word with dashes between the letters.", w, "-".join(w)
     def sequence():
         a, d = rng.randint(1, 10), rng.randint(2, 5)
-        return ("Continue the sequence with the next two numbers.", ", ".join(str(a + d * i) for i in range(3)),
-                f"{a + 3 * d}, {a + 4 * d}")
+        return ("Continue the sequence with the next two numbers.",
+                ", ".join(str(a + d * i) for i in range(3)), f"{a + 3 * d}, {a + 4 * d}")
     def lookup():
         people = rng.sample([p for p, _ in facts], 3)
         items = [(p, rng.choice(_COLORS), rng.choice(_OBJECTS)) for p in people]
@@ -94,7 +96,8 @@ def synthetic_rows(n: int, *, seed: int, families: tuple[str, ...] = DEFAULT_FAM
     def password():
         i = rng.randrange(len(facts))
         return f"Which word is {facts[i][0]}'s password?", "", attributes[i][1]
-    known = {f.__name__: f for f in (add, reverse, sort, count, spell, sequence, lookup, fact, color, password)}
+    known = {f.__name__: f
+             for f in (add, reverse, sort, count, spell, sequence, lookup, fact, color, password)}
     families = {name: known[name] for name in families}
     rows = []
     for _ in range(n):
