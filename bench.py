@@ -1084,16 +1084,16 @@ def main(argv=None) -> dict:
         lv = result["large_vocab_loss"] = large_vocab_loss(args.steps, args.kl_chunk)
         s = lv["shape"]
         print(f"\nloss path from hidden states vs full logits: V {s['V']}, H {s['H']}, {s['B']} x {s['T']} "
-              f"tokens ({s['prompt']} prompt), KA M = {s['M']}, fp32, chunk temporaries {lv['chunk_mb']:g} MB; "
-              f"peak extra MB (RSS) and median ms over {args.steps}")
-        print("| method | logits MB | hidden MB | memory ratio | logits ms | hidden ms | time ratio | generic MB "
-              "| generic ms |\n|---|---|---|---|---|---|---|---|---|")
+              f"tokens ({s['prompt']} prompt), KA M = {s['M']}, fp32, chunk temporaries "
+              f"{lv['chunk_mb']:g} MB; peak extra MB (RSS) and median ms over {args.steps}")
+        print("| method | logits MB | hidden MB | memory ratio | logits ms | hidden ms | time ratio "
+              "| generic MB | generic ms |\n|---|---|---|---|---|---|---|---|---|")
         for r in lv["rows"]:
             generic = f"{r['generic_mb']:.0f} | {r['generic_ms']:.0f}" if "generic_ms" in r else "- | -"
             print(f"| {r['method']} | {r['logits_mb']:.0f} | {r['hidden_mb']:.0f} | {r['memory_ratio']:.3f} "
                   f"| {r['logits_ms']:.0f} | {r['hidden_ms']:.0f} | {r['time_ratio']:.2f} | {generic} |")
-        print("generic: hidden_losses.chunked_loss, a loss written as a function of log-probabilities (what a "
-              "new loss costs before its gradients are derived by hand)")
+        print("generic: hidden_losses.chunked_loss, a loss written as a function of log-probabilities "
+              "(what a new loss costs before its gradients are derived by hand)")
         print(f"worst: memory ratio {lv['memory_ratio']:.3f} (target <= 0.2), time ratio "
               f"{lv['time_ratio']:.2f} (targets <= 1.2 distillation, <= 1.35 sft)")
     if not args.no_scaling and sizes:

@@ -40,9 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import (ROUTERS_FILE, append_line, check_resume_config, check_vocab, default_out,
-                         latest_checkpoint, load_model, load_state_dict_strict, load_tokenizer, prepare_out_dir,
-                         read_safetensors, replace_file, save_checkpoint, save_run_model, saved_config,
-                         start_out_dir, truncate_log, write_atomically, write_json)
+                         latest_checkpoint, load_model, load_state_dict_strict, load_tokenizer,
+                         prepare_out_dir, read_safetensors, replace_file, save_checkpoint, save_run_model,
+                         saved_config, start_out_dir, truncate_log, write_atomically, write_json)
 from data import (DOLLY_HUB, TEMPLATES, check_same_template, data_files, load_splits, prompt_and_response,
                   set_template)
 from errors import MoekdError, RunStopped, run_cli

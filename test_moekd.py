@@ -541,7 +541,8 @@ def test_routing_and_losses_copy_out_of_moekd(tmp_path):
     """moe_routing, reverse_kl and forward_kl with everything they need, written to a file of their own, run
     in a bare interpreter (python -E -s from that folder: no PYTHONPATH, the project not on the path) on three
     families with different mechanisms: Mixtral (softmax, renormalised), Qwen3-MoE (softmax, native mass),
-    Dots1 (DeepSeek-V3's sigmoid router with groups and bias). docs/methods.md gives the closure's line count."""
+    Dots1 (DeepSeek-V3's sigmoid router with groups and bias). docs/methods.md gives the closure's line
+    count."""
     code = closure_source({"moe_routing", "reverse_kl", "forward_kl"})
     assert "LlamaMoE" not in code and not re.search(
         r"^(from|import) (checkpoints|parallel|llama_moe|sampling|errors|data|hidden_losses)\b", code, re.M)

@@ -454,7 +454,8 @@ def test_run_folder_of_the_previous_layout_resumes(tmp_path, monkeypatch):
 
 def test_log_lines_end_with_an_eta_and_training_png_is_written(tmp_path, capsys):
     result = moekd.main(tiny_args(tmp_path / "run"))
-    lines = [line for line in (tmp_path / "run" / "log.txt").read_text().splitlines() if line.startswith("step")]
+    log = (tmp_path / "run" / "log.txt").read_text().splitlines()
+    lines = [line for line in log if line.startswith("step")]
     assert len(lines) == 6 and all(re.search(r" \| eta (\d+s|\d+m\d\ds|\d+h\d\dm)$", line) for line in lines)
     assert lines[-1].endswith("| eta 0s") and lines[-1].startswith("step 12/12")
     png = (tmp_path / "run" / "training.png").read_bytes()

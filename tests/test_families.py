@@ -349,7 +349,8 @@ def test_all_experts_switch_a_batched_backend(capsys):
 
 def test_a_backend_switch_is_said_once_per_model(capsys):
     """A teacher routed "all" every step switches its backend every step: the line comes once per model and
-    switch, and every exit restores the backend (transformers' set_experts_implementation, no private write)."""
+    switch, and every exit restores the backend (transformers' set_experts_implementation: no private
+    write)."""
     models = [tiny_moe("qwen3_moe"), tiny_moe("qwen3_moe")]
     for model in models:
         model.set_experts_implementation("batched_mm")
