@@ -269,14 +269,15 @@ def check_same_template(teacher_tok, student_tok, *, teacher: str, model: str) -
 # Sources: files, folders, `datasets` tables, the hub; the train/dev split
 
 def load_hub(name: str, flag: str = "--data", *, split: str | None = None, template: str = "alpaca",
-             columns: tuple[str, str] | None = None, kinds: Counter | None = None) -> list[dict]:
+             columns: tuple[str, str] | None = None, kinds: Counter | None = None,
+             split_flag: str = "--data-split") -> list[dict]:
     try:
         import datasets
         table = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # offline, unknown name, unknown split, ...
         text = str(e).splitlines()[0] if str(e) else ""
         if "Unknown split" in text:
-            raise MoekdError(f"{flag} {name}: no split {split or 'train'!r} ({text})") from None
+            raise MoekdError(f"{flag} {name}: no split {split or 'train'!r} ({split_flag}; {text})") from None
         raise MoekdError(f"{flag} {name}: could not load from the hub ({type(e).__name__}: {text}); "
                          f"pass a local file") from None
     return table_examples(table, name, flag, template=template, columns=columns, kinds=kinds)
@@ -293,13 +294,14 @@ def looks_like_hub_name(source: str) -> bool:
 
 
 def load_table(source: str, flag: str, *, split: str | None, template: str, columns: tuple[str, str] | None,
-               kinds: Counter | None = None) -> list[dict]:
+               kinds: Counter | None = None, split_flag: str = "--data-split") -> list[dict]:
     """The examples of a parquet/arrow/csv file, a save_to_disk folder or a hub dataset, through `datasets`;
     `split` where the source has splits (default train), an error where it has none."""
     path = Path(source)
     if not path.exists():
         if looks_like_hub_name(source):
-            return load_hub(source, flag, split=split, template=template, columns=columns, kinds=kinds)
+            return load_hub(source, flag, split=split, template=template, columns=columns, kinds=kinds,
+                            split_flag=split_flag)
         raise MoekdError(f"{flag} {source}: no such file or folder (or use 'synthetic', a hub dataset name)")
     import datasets
     bars = datasets.is_progress_bar_enabled()
@@ -318,10 +320,10 @@ def load_table(source: str, flag: str, *, split: str | None, template: str, colu
     if isinstance(table, datasets.DatasetDict):
         if (split or "train") not in table:
             raise MoekdError(f"{flag} {source}: no split {split or 'train'!r} "
-                             f"(its splits: {', '.join(table)})")
+                             f"({split_flag}; its splits: {', '.join(table)})")
         table = table[split or "train"]
     elif split is not None:
-        raise MoekdError(f"{flag} {source}: one table without splits, so no split {split!r}")
+        raise MoekdError(f"{flag} {source}: one table without splits, so no split {split!r} ({split_flag})")
     return table_examples(table, source, flag, template=template, columns=columns, kinds=kinds)
 
 
@@ -338,15 +340,17 @@ def table_examples(table, source: str, flag: str, *, template: str, columns: tup
     return rows
 
 
-def read_source(source: str, flag: str, cfg, *, split: str | None, kinds: Counter) -> list[dict]:
+def read_source(source: str, flag: str, cfg, *, split: str | None, kinds: Counter,
+                split_flag: str = "--data-split") -> list[dict]:
     """One --data/--dev-data file or dataset (not a folder of jsonl files) -> examples."""
     fmt = dict(template=cfg.template, columns=columns_of(cfg), kinds=kinds)
     path = Path(source)
     if path.is_file() and path.suffix not in TABLE_FILES:
         if split is not None:
-            raise MoekdError(f"{flag} {source}: a jsonl file has no splits, so no split {split!r}")
+            raise MoekdError(f"{flag} {source}: a jsonl file has no splits, so no split {split!r} "
+                             f"({split_flag})")
         return read_jsonl(path, **fmt)
-    return load_table(source, flag, split=split, **fmt)
+    return load_table(source, flag, split=split, split_flag=split_flag, **fmt)
 
 
 def columns_of(cfg) -> tuple[str, str] | None:
@@ -437,6 +441,6 @@ def load_examples(cfg) -> list[dict]:
     if not path.exists() and not looks_like_hub_name(source):
         raise MoekdError(f"{flag} {path}: no such file or folder")
     kinds: Counter = Counter()
-    rows = read_source(source, flag, cfg, split=cfg.dev_split, kinds=kinds)
+    rows = read_source(source, flag, cfg, split=cfg.dev_split, kinds=kinds, split_flag="--dev-split")
     log_source(flag, source, cfg.dev_split, rows, kinds, cfg)
     return rows
