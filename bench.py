@@ -160,14 +160,14 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
     tok = Tokens()
     rows = random_rows(BATCH, PROMPT, RESPONSE, vocab)
     teacher.requires_grad_(False)
-    if method == "sar":
+    if cfg.spec.routers:  # as moekd loads a SAR teacher
         moekd.train_routers(teacher)
     optimizer = torch.optim.AdamW(moekd.param_groups(student, cfg.weight_decay), lr=cfg.lr)
     state = moekd.method_state(cfg, teacher, torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with fixed_length_responses():
         first_gen = 0.0  # the first call compiles the decode step
-        if method in moekd.ON_POLICY:
+        if cfg.spec.on_policy:
             first_gen = timed(lambda: moekd.generate_on_policy(student, rows, tok, cfg,
                                                                list(range(len(rows)))), sync)
         parts = step_parts(cfg, student, teacher, tok, rows, optimizer, state)
@@ -205,7 +205,8 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
 def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
     """The parts of a step as separate callables: generation, teacher forward(s), student forward +
     loss + backward, SAR's router update, clip + AdamW (run on real gradients)."""
-    on_policy = cfg.method in moekd.ON_POLICY
+    spec = cfg.spec  # the method's row: what the step does (no method names tested here)
+    on_policy = spec.on_policy
     seeds = list(range(len(rows)))  # per-row streams, as train_step samples
     items = moekd.generate_on_policy(student, rows, tok, cfg, seeds) if on_policy else rows
     batch = moekd.collate(items, tok.pad_token_id)
@@ -215,7 +216,7 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
     def teacher_part():  # the teacher's forward(s) under the method's routing
         with moekd.teacher_routing(teacher, cfg, state.generator):
             return moekd.teacher_hidden(teacher, batch, repeat=M)
-    t_hidden = teacher_part() if cfg.method != "sft" else None
+    t_hidden = teacher_part() if spec.teacher else None
 
     def student_part():  # the method's own step function, its teacher forward replaced by the states above
         student.zero_grad(set_to_none=True)
@@ -232,14 +233,14 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
     parts = {}
     if on_policy:
         parts["gen"] = lambda: moekd.generate_on_policy(student, rows, tok, cfg, seeds)
-    if cfg.method != "sft":
+    if spec.teacher:
         parts["teacher"] = teacher_part
     parts["student"] = student_part
-    if cfg.method == "sar":
+    if spec.routers:
         parts["router"] = lambda: moekd.sar_router_update(student, teacher, [batch], [norm], cfg, state)
     parts["optimizer"] = optimizer_part
     # a reference, not a part: this work is inside student_part's chunked loss
-    if M > 1 or cfg.method == "ka":
+    if spec.passes:
         parts["teacher_head"] = teacher_head_reference(cfg, teacher, batch, t_hidden, M)
     return parts
 

@@ -106,27 +106,22 @@ class Config:
     kd_ratio: float = knob(0.5, "weight r of the KL in kd's (1-r) CE + r KL")
     teacher_k: int | None = knob(None, "the teacher's top-k (default its own; the paper's Fig. 2 sweeps it)")
     teacher_top_p: float | None = knob(None, "route by the official gate's top-p: experts up to mass P")
-    routed_mass: str = knob("native", "routers that do not renormalise, under all/ka/sar/another k: native = "
-                                      "scaled to the native top-k's mass (the paper's gate), literal = as is",
+    routed_mass: str = knob("native", "non-renormalising routers off top-k: native top-k's mass, or as is",
                             ("native", "literal"))
     ka_m: int = knob(2, "KA's M: teacher passes per sample, each with fresh expert draws")
     ka_lambda: float = knob(0.05, "KA's lambda: per token and layer, probability of the sampled expert set")
     ka_k: int | None = knob(None, "experts per token of KA's draws (default N-1, the official scripts')")
-    ka_updates: str = knob("mean", "mean: one update on the M losses' mean (official code); each: M updates "
-                                   "(the paper's Algorithm 1)", ("mean", "each"))
+    ka_updates: str = knob("mean", "one update on the M losses' mean, or M (Alg. 1)", ("mean", "each"))
     router_lr: float = knob(1e-6, "LR of SAR's router AdamW (official loop scripts; the paper says 1e-5)")
-    sar_kl: str = knob("teacher-student", "SAR routers' KL: teacher-student = KL(p || q), the paper's Eq. 9; "
-                       "student-teacher = KL(q || p)", ("teacher-student", "student-teacher"))
+    sar_kl: str = knob("teacher-student", "SAR routers' KL(p || q) (Eq. 9), or KL(q || p)",
+                       ("teacher-student", "student-teacher"))
     sar_beta: float = knob(0.01, "SAR's balance-loss weight (a Llama-MoE teacher: its config's)")
     teacher_routers: str | None = knob(None, "load router weights: a teacher_routers.safetensors or its run")
     # -- data
-    data: str = knob(DOLLY_HUB, "training data: synthetic, a jsonl (Dolly, MiniLLM, chat messages), parquet, "
-                                "arrow or csv file, a folder, or a hub dataset")
+    data: str = knob(DOLLY_HUB, "training data: synthetic, a jsonl/parquet/arrow/csv file, folder, hub name")
     dev_data: str | None = knob(None, "dev data (default: Dolly's MiniLLM split, dev.jsonl, --dev-size rows)")
     dev_size: int = knob(1000, "rows of --data held out as dev when no dev data is given")
-    template: str = knob("alpaca", "prompt format: alpaca = the paper's (MiniLLM prompts verbatim); chat = "
-                         "the student's chat template (messages, or instruction + input as a user turn)",
-                         TEMPLATES)
+    template: str = knob("alpaca", "prompts: the paper's Alpaca template, or the student's chat", TEMPLATES)
     prompt_column: str | None = knob(None, "read --data by column: the prompt (text or chat turns)")
     response_column: str | None = knob(None, "read --data by column: the response (text, references, turns)")
     data_split: str | None = knob(None, "the split of a --data that has splits (default train)")
@@ -143,16 +138,13 @@ class Config:
     grad_accum: int | None = knob(None, "micro-batches per device and step (default 1)")
     global_batch_size: int | None = knob(None, "rows per step over all devices (sets --grad-accum)")
     lr: float | None = knob(None, "peak learning rate (default: the method's, 1e-5; sar 1e-6)")
-    lr_schedule: str | None = knob(None, "default: cosine on gold data, constant on-policy",
-                                   ("constant", "cosine"))
+    lr_schedule: str | None = knob(None, "default cosine on gold data, else constant", ("constant", "cosine"))
     lr_min: float = knob(1e-7, "the cosine schedule's final LR")
     warmup_steps: int = knob(0, "linear warm-up steps")
     weight_decay: float = knob(1e-2, "AdamW decay on matrices (the paper's teacher SFT: 0.1)")
     grad_clip: float = knob(1.0, "clip the global gradient norm (0: off)")
-    loss_norm: str = knob("global", "global: token mean over the global batch; micro: mean of micro-batch "
-                          "means (the official DeepSpeed split)", ("global", "micro"))
-    restart_epochs: bool | None = knob(None, "fresh optimizer and the first epoch's order every epoch, as "
-                                       "the official 1-epoch loop jobs (default: on-policy methods)")
+    loss_norm: str = knob("global", "token mean of the global batch, or of micro means", ("global", "micro"))
+    restart_epochs: bool | None = knob(None, "each epoch: a fresh optimizer, epoch 1's order (on-policy: on)")
     # -- the run: its folder, checkpoints, dev evaluation
     out: str | None = knob(None, "run folder (default runs/<method>-<model>)")
     overwrite: bool = knob(False, "empty an existing --out (a moekd run folder only) and start over")
@@ -162,24 +154,22 @@ class Config:
     log_every: int = knob(10, "steps between log lines")
     save_every: int = knob(0, "also checkpoint every N steps (0: at epoch ends only)")
     dev_eval: bool = knob(True, "dev loss and ROUGE-L after every epoch")
-    select: str | None = knob(None, "the model a run hands on: best (best_rougeL/) or last (final/); "
-                              "default: the official choice for the method", ("best", "last"))
+    select: str | None = knob(None, "the model handed on: best dev ROUGE-L or last (default: the method's)",
+                              ("best", "last"))
     dev_num: int | None = knob(None, "dev rows scored by ROUGE-L (default all)")
     eval_batch_size: int = knob(32, "batch size of dev generation")
     # -- hardware
     device: str = knob("auto", "cuda, cpu, ... (auto: cuda if available)")
-    dtype: str = knob("auto", "compute dtype under autocast, fp32 master weights (auto: bf16 on cuda)",
-                      ("auto", "bf16", "fp32"))
+    dtype: str = knob("auto", "autocast dtype, fp32 weights (auto: bf16 on cuda)", ("auto", "bf16", "fp32"))
     teacher_device: str | None = knob(None, "the teacher's device (default --device)")
     shard_teacher: bool = knob(False, "torchrun: shard the teacher over the ranks (FSDP2)")
     shard_student: bool = knob(False, "torchrun: shard the student and its optimizer (FSDP2, not DDP)")
     dist_timeout: int = knob(60, "torchrun: minutes a rank waits in a collective")
     grad_checkpointing: bool = knob(False, "recompute each layer in the backward (a third more compute)")
     gen_batch_size: int = knob(16, "rows sampled together on-policy")
-    sampler: str = knob("moekd", "on-policy sampler: moekd's on the KV cache, or transformers' generate "
-                        "with the same noise", ("moekd", "generate"))
-    compile_sampler: str = knob("auto", "torch.compile the decode step (auto: on CUDA)",
-                                ("auto", "on", "off"))
+    sampler: str = knob("moekd", "on-policy sampler: moekd's, or generate (same noise)",
+                        ("moekd", "generate"))
+    compile_sampler: str = knob("auto", "torch.compile the decode step (auto: CUDA)", ("auto", "on", "off"))
     kl_chunk: int = knob(32, "MB of each fp32 [tokens, V] temporary of the chunked losses")
 
     @property
