@@ -15,7 +15,7 @@ import fetch_data
 import moekd
 from tiny_moe import synthetic
 
-from conftest import ROOT, TINY, STUDENT, SHARED, NEEDS_DATA
+from conftest import ROOT, TINY, STUDENT, SHARED, EVAL_SETS
 
 pytestmark = pytest.mark.usefixtures("seeded")  # torch seeded 0 before each test
 
@@ -33,12 +33,14 @@ def test_template_golden_strings():
         "### Input:\n1 and 2\n\n### Response:\n")
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_template_reproduces_minillm_prompts():
-    for name in ("dolly/valid.jsonl", "dolly/dev.jsonl"):
-        for line in (SHARED / name).read_text().splitlines():
-            row = json.loads(line)
-            assert data.format_prompt(row["instruction"], row["input"]) == row["prompt"]
+    """On the committed rows, and on every row of the full sets where fetch_data.py put them."""
+    files = [root / name for root in (EVAL_SETS, SHARED)
+             for name in ("dolly/valid.jsonl", "dolly/dev.jsonl")]
+    rows = [json.loads(line) for f in files if f.is_file() for line in f.read_text().splitlines()]
+    assert len(rows) >= 16 and any(r["input"] for r in rows) and any(not r["input"] for r in rows)
+    for row in rows:
+        assert data.format_prompt(row["instruction"], row["input"]) == row["prompt"]
 
 
 def official_response_ids(tokenizer, prompt: str, response: str) -> list[int]:
@@ -204,13 +206,19 @@ def test_synthetic_set_is_deterministic_and_correct():
 def test_tokenizer_script_reproduces_committed_tokenizer():
     sys.path.insert(0, str(TINY))
     import make_tokenizer
-    dolly = SHARED / "dolly" / "dev.jsonl"
-    if not dolly.exists():
-        pytest.skip(NEEDS_DATA)
-    tok = make_tokenizer.train(make_tokenizer.corpus(dolly))
     committed = json.loads((TINY / "tokenizer.json").read_text())
-    assert json.loads(tok.backend_tokenizer.to_str()) == committed
     assert (STUDENT / "tokenizer.json").read_text() == (TINY / "tokenizer.json").read_text()
+    dolly = SHARED / "dolly" / "dev.jsonl"
+    if dolly.exists():  # the corpus it was made from: byte for byte the committed tokenizer
+        tok = make_tokenizer.train(make_tokenizer.corpus(dolly))
+        assert json.loads(tok.backend_tokenizer.to_str()) == committed
+        return
+    # without the full corpus: the script is deterministic and makes a tokenizer of the committed kind
+    small = EVAL_SETS / "dolly" / "dev.jsonl"
+    a, b = (json.loads(make_tokenizer.train(make_tokenizer.corpus(small)).backend_tokenizer.to_str())
+            for _ in range(2))
+    assert a == b and a["model"]["type"] == committed["model"]["type"]
+    assert [t["content"] for t in a["added_tokens"]] == [t["content"] for t in committed["added_tokens"]]
 
 
 # ----------------------------------------------------------------------------
@@ -283,9 +291,19 @@ def test_fetch_data_knows_the_recorded_sources():
     """The checks match the files eval.py reads (where ../shared/data has them, byte for byte)."""
     import hashlib
     assert {f.path for f in fetch_data.FILES} >= set(moe_eval.SETS.values())
+    checked = [r for r in fetch_data.FILES if r.sha256 is not None]  # uinst: no copy to record
+    assert {r.name for r in fetch_data.FILES} - {r.name for r in checked} == {"uinst"}
+    for remote in checked:  # every recorded source is checkable: a size, a row count, a sha256
+        assert remote.size > 0 and remote.rows > 0 and re.fullmatch(r"[0-9a-f]{64}", remote.sha256), remote
+    for remote in fetch_data.FILES:
+        fixture = EVAL_SETS / remote.path  # the committed rows are the file's first lines
+        if fixture.is_file():
+            assert remote.sha256 is not None and len(fixture.read_text().splitlines()) == 8, remote.name
     for remote in fetch_data.FILES:
         local = SHARED / remote.path
         if remote.sha256 and local.is_file():
             data = local.read_bytes()
+            fixture = EVAL_SETS / remote.path
+            assert not fixture.is_file() or data.startswith(fixture.read_bytes()), remote.name
             assert (len(data), len(data.splitlines()), hashlib.sha256(data).hexdigest()) == \
                 (remote.size, remote.rows, remote.sha256), remote.name

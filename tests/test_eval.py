@@ -12,7 +12,7 @@ import eval as moe_eval
 import moekd
 import sampling
 
-from conftest import (TINY, STUDENT, SHARED, NEEDS_DATA, TINY_CFG, assert_close, eval_args,
+from conftest import (TINY, STUDENT, TINY_CFG, assert_close, eval_args,
                       saved_with_generation_config)
 
 pytestmark = pytest.mark.usefixtures("seeded")  # torch seeded 0 before each test
@@ -61,7 +61,6 @@ def test_activated_mass_and_router_kl_hand_computed():
     assert_close(kl, torch.tensor([0.5 * math.log(2) + 0.5 * math.log(2 / 3)])) and clamped == 0
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_eval_writes_table_json_generations_and_lists_missing_sets(tmp_path):
     absent = tmp_path / "absent.jsonl"  # UnNI stays missing even where fetch_data.py got it
     result = moe_eval.main(eval_args(tmp_path, "--seeds", "10,20", "--sets",
@@ -78,7 +77,6 @@ def test_eval_writes_table_json_generations_and_lists_missing_sets(tmp_path):
     assert result["avg"] == pytest.approx(sum(s["mean"] for s in data["sets"].values()) / 4)
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_eval_generation_is_deterministic_by_seed(tmp_path):
     def responses(name, seeds):
         moe_eval.main(eval_args(tmp_path, "--sets", "vicuna", "--seeds", seeds, name=name))
@@ -88,7 +86,6 @@ def test_eval_generation_is_deterministic_by_seed(tmp_path):
     assert responses("a2", "10") != responses("c", "20")
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_gate_mass_analysis(tmp_path):
     result = moe_eval.main(eval_args(tmp_path, "--analysis", "gate-mass", "--sets", "dolly",
                                      "--max-examples", "6"))
@@ -101,7 +98,6 @@ def test_gate_mass_analysis(tmp_path):
         (tmp_path / "ev" / "gate_mass.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_router_shift_is_zero_for_unchanged_routers_and_positive_after_change(tmp_path):
     from safetensors.torch import save_file
     teacher = checkpoints.load_model(str(TINY))
@@ -120,7 +116,6 @@ def test_router_shift_is_zero_for_unchanged_routers_and_positive_after_change(tm
     assert (tmp_path / "moved" / "router_shift_hist.png").exists()
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_k_sweep_and_routing_flags(tmp_path):
     result = moe_eval.main(eval_args(tmp_path, "--analysis", "k-sweep", "--sets", "vicuna", "--max-examples",
                                      "2", "--max-new-tokens", "4"))
@@ -169,7 +164,6 @@ def test_eval_missing_data_is_an_error_unless_sets_are_named(tmp_path):
     assert not (tmp_path / "ev").exists()
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=NEEDS_DATA)
 def test_eval_saves_each_pair_and_a_rerun_skips_finished_ones(tmp_path, monkeypatch):
     args = lambda name, *e: eval_args(tmp_path, "--sets", "dolly,vicuna", "--seeds", "10,20",
                                       "--max-examples", "2",  # noqa: E731
