@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"as missing); {', '.join(SHIPPED_SETS)}: the set shipped in tiny_moe/, offline")
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
     p.add_argument("--analysis", default="rouge", choices=ANALYSES, help="what to run")
-    p.add_argument("--out", default=None, help="output folder (default results/<analysis>-<model>)")
+    p.add_argument("--out", default=None, help="output folder (default results/<analysis>-<model folder>; a run's "
+                                               "best_rougeL/ or final/ adds its run: results/rouge-tiny-sar-final)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an existing --out written by eval.py (a rerun without it skips finished pairs)")
     p.add_argument("--max-examples", type=int, default=None, help="first N examples of each set (quick runs)")
@@ -469,7 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     name = Path(args.model.rstrip("/")).name
-    out = Path(args.out or Path("results") / f"{args.analysis}-{name}")
+    run_name = name if name not in ("best_rougeL", "final") else f"{Path(args.model.rstrip('/')).parent.name}-{name}"
+    out = Path(args.out or Path("results") / f"{args.analysis}-{run_name}")
     if (args.routing == "topp") != (args.top_p is not None):
         raise MoekdError("--top-p goes with --routing topp (and --routing topp needs --top-p)")
     if args.analysis == "router-shift" and args.routers is None:

@@ -126,3 +126,17 @@ def test_the_formatter_adds_a_default_only_where_it_says_something():
     helps = option_helps(p)
     assert {k: helps[k] for k in ("--a", "--b", "--c", "--d")} == {
         "--a": "plain (default: 5)", "--b": "told (default five)", "--c": "none", "--d": "flag"}
+
+
+def test_the_default_out_tells_two_runs_best_models_apart(tmp_path, monkeypatch):
+    """runs/a/best_rougeL and runs/b/best_rougeL (the quick start's teacher and student) get folders of their own."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(moe_eval, "generate", lambda model, tok, examples, seed, args, desc: [""] * len(examples))
+    for run in ("tiny-teacher", "tiny-student"):
+        shutil.copytree(STUDENT, tmp_path / "runs" / run / "best_rougeL")
+        result = moe_eval.main(["--model", f"runs/{run}/best_rougeL", "--sets", "synthetic", "--seeds", "10",
+                                "--max-examples", "2", "--no-plots"])
+        assert result["out"] == str(Path("results") / f"rouge-{run}-best_rougeL")
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["rouge-tiny-student-best_rougeL",
+                                                                       "rouge-tiny-teacher-best_rougeL"]
