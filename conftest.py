@@ -167,8 +167,9 @@ def run_args(out, method, *extra):
 
 
 def eval_args(tmp_path, *extra, name="ev"):
-    return ["--model", str(TINY), "--data-dir", str(EVAL_SETS), "--out", str(tmp_path / name), "--max-examples",
-            "3", "--max-new-tokens", "12", "--seeds", "10", "--sets", ",".join(moe_eval.SETS), *extra]
+    return ["--model", str(TINY), "--data-dir", str(EVAL_SETS), "--out", str(tmp_path / name),
+            "--max-examples", "3", "--max-new-tokens", "12", "--seeds", "10",
+            "--sets", ",".join(moe_eval.SETS), *extra]
 
 
 def without_timing(log: str) -> list[str]:

@@ -378,11 +378,17 @@ def load_splits(cfg) -> tuple[list[dict], list[dict]]:
     fmt = dict(template=cfg.template, columns=columns_of(cfg))
     kinds: Counter = Counter()
     if cfg.data == "synthetic":
-        from tiny_moe.synthetic import synthetic_rows
+        from tiny_moe.synthetic import FAMILIES, synthetic_rows
+        families = tuple(f.strip() for f in cfg.synthetic_families.split(","))
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown or not families:
+            raise MoekdError(f"--synthetic-families: unknown {', '.join(unknown) or '(none given)'}; known: "
+                             f"{', '.join(FAMILIES)}")
+        kind = dict(families=families, n_facts=cfg.synthetic_facts)
         train = [to_example(r, where="synthetic", **fmt)
-                 for r in synthetic_rows(cfg.synthetic_train, seed=cfg.seed)]
+                 for r in synthetic_rows(cfg.synthetic_train, seed=cfg.seed, **kind)]
         dev = [to_example(r, where="synthetic", **fmt)
-               for r in synthetic_rows(cfg.synthetic_dev, seed=cfg.seed + 1)]
+               for r in synthetic_rows(cfg.synthetic_dev, seed=cfg.seed + 1, **kind)]
         return train, (load_examples(cfg) if cfg.dev_data or cfg.dev_split else dev)
     raw_dolly = cfg.data == DOLLY_HUB
     path = Path(cfg.data)

@@ -1,11 +1,12 @@
 """eval.py: the paper's ROUGE-L evaluation protocol and its MoE analyses.
 
-    python eval.py --model runs/sar-4_16/best_rougeL --data-dir ../shared/data --out results/sar-4_16
+    python eval.py --model runs/sar-4_16/final --data-dir ../shared/data --out results/sar-4_16
+    python eval.py --model runs/tiny-sar/final --sets synthetic       # offline: the shipped synthetic set
     python eval.py --analysis gate-mass --model runs/sft-moe/best_rougeL --data-dir ../shared/data  # Fig. 1
     python eval.py --analysis k-sweep --model runs/sft-moe/best_rougeL \
         --data-dir ../shared/data  # Fig. 2, teacher
     python eval.py --analysis router-shift --model runs/sft-moe/best_rougeL \
-        --routers runs/sar-4_16/best_rougeL --data-dir ../shared/data  # Fig. 5
+        --routers runs/sar-4_16/final --data-dir ../shared/data  # Fig. 5
 
 Protocol (MiniLLM / MoEKD evaluate.py): MiniLLM-format sets (`prompt`, `output` = one reference or a list);
 the prompt is encoded *with* special tokens (BOS), cut to its first 256 tokens and left-padded; responses
@@ -39,28 +40,47 @@ from errors import MoekdError, RunStopped, run_cli
 
 SETS = {"dolly": "dolly/valid.jsonl", "self-inst": "self-inst/valid.jsonl", "vicuna": "vicuna/valid.jsonl",
         "sinst": "sinst/11_/valid.jsonl", "uinst": "uinst/11_/valid.jsonl"}
+# Sets shipped in the repository (not in --data-dir), evaluated only when named in --sets. "synthetic": the
+# quick start's task families, made by tiny_moe/make_eval_set.py (its docstring: how and from which seed).
+SHIPPED_SETS = {"synthetic": Path(__file__).resolve().parent / "tiny_moe" / "synthetic_test.jsonl"}
 PAPER_NAMES = {"dolly": "Dolly", "self-inst": "SelfInst", "vicuna": "Vicuna", "sinst": "S-NI",
-               "uinst": "UnNI"}
+               "uinst": "UnNI", "synthetic": "Synthetic"}
 ANALYSES = ("rouge", "gate-mass", "router-shift", "k-sweep")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written (its usage examples keep their lines); "(default: X)" after a flag's help
+    only where X says something: not for None or False, nor where the help already gives "(default ...)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and not action.required
+                and "(default" not in text and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    examples = __doc__.split("\n\n")[1]
+    p = argparse.ArgumentParser(prog="eval.py", formatter_class=HelpFormatter,
+                                description=f"{__doc__.split(chr(10))[0]}\n\nexamples:\n{examples}")
     p.add_argument("--model", required=True,
                    help="anything checkpoints.load_model loads: Llama-MoE dir, HF name or dir")
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent / "shared" / "data"),
                    help="folder with the MiniLLM sets (dolly/valid.jsonl, self-inst/valid.jsonl, ...)")
     p.add_argument("--sets", default=None,
                    help=f"comma-separated set names, or name=path.jsonl for any other MiniLLM-format file "
-                        f"(default: {','.join(SETS)}, all of which must exist; a missing set named here is "
-                        f"listed as missing)")
+                        f"(default: {','.join(SETS)}, all of which must exist in --data-dir; a missing set "
+                        f"named here is listed as missing); {', '.join(SHIPPED_SETS)}: the set shipped in "
+                        f"tiny_moe/, offline")
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
     p.add_argument("--template", default="alpaca", choices=data.TEMPLATES,
                    help="alpaca: the sets' prompts as they are (the paper's template); chat: the model's "
                         "chat template, the instruction and input as one user turn")
     p.add_argument("--analysis", default="rouge", choices=ANALYSES, help="what to run")
-    p.add_argument("--out", default=None, help="output folder (default results/<analysis>-<model>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default results/<analysis>-<model folder>; a run's best_rougeL/ or "
+                        "final/ adds its run: results/rouge-tiny-sar-final)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an existing --out written by eval.py (a rerun without it skips "
                         "finished pairs)")
@@ -84,10 +104,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--routers", default=None,
                    help="load SAR-trained routers (teacher_routers.safetensors or its dir)")
     p.add_argument("--label", default=None, help="row name in the table (default: from --model)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--device", default="auto",
+                   help="cuda, cpu, cuda:1, ... (auto: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="compute dtype of generation (auto: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--no-plots", action="store_true", help="CSV only (no matplotlib needed)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -128,8 +154,11 @@ def resolve_sets(spec: str | None, data_dir: str | Path) -> dict[str, Path | Non
             sets[name] = Path(path)
         elif name in SETS:
             sets[name] = Path(data_dir) / SETS[name]
+        elif name in SHIPPED_SETS:
+            sets[name] = SHIPPED_SETS[name]
         else:
-            raise MoekdError(f"--sets: unknown set {name!r}; known: {', '.join(SETS)} (or name=path.jsonl)")
+            raise MoekdError(f"--sets: unknown set {name!r}; known: {', '.join([*SETS, *SHIPPED_SETS])} "
+                             f"(or name=path.jsonl)")
     for name, path in sets.items():
         if not path.is_file():
             print(f"warning: set {name}: {path} not found, listed as missing", file=sys.stderr)
@@ -480,7 +509,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     name = Path(args.model.rstrip("/")).name
-    out = Path(args.out or Path("results") / f"{args.analysis}-{name}")
+    run_name = name if name not in ("best_rougeL", "final") else \
+        f"{Path(args.model.rstrip('/')).parent.name}-{name}"
+    out = Path(args.out or Path("results") / f"{args.analysis}-{run_name}")
     if (args.routing == "topp") != (args.top_p is not None):
         raise MoekdError("--top-p goes with --routing topp (and --routing topp needs --top-p)")
     if args.analysis == "router-shift" and args.routers is None:

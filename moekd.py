@@ -130,6 +130,9 @@ class Config:
     max_len: int = knob(512, "prompt + response truncated to this many tokens")
     synthetic_train: int = knob(3000, "rows of the synthetic training set")
     synthetic_dev: int = knob(200, "rows of the synthetic dev set")
+    synthetic_families: str = knob("add,count,fact,lookup,reverse,sequence,sort,spell",
+                                   "the synthetic task families (tiny_moe/synthetic.py's)")
+    synthetic_facts: int = knob(240, "people in the synthetic fact table (the closed-book families)")
     # -- optimisation
     seed: int = knob(10, "seed of init, data order, gate noise and sampling")
     epochs: int = knob(10, "passes over the training data")
@@ -1607,6 +1610,7 @@ BOUNDS = (  # (flags, bound, bound excluded); None values are "not given"
     (("batch_size", "epochs", "dist_timeout", "max_prompt_len", "max_len", "log_every", "ka_m",
       "gen_batch_size", "kl_chunk", "grad_accum", "global_batch_size", "max_steps", "stop_after", "dev_size",
       "dev_num", "eval_batch_size", "synthetic_train", "synthetic_dev"), 1, False),
+    (("synthetic_facts",), 3, False),
     (("warmup_steps", "save_every"), 0, False))
 
 

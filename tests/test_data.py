@@ -307,3 +307,20 @@ def test_fetch_data_knows_the_recorded_sources():
             assert not fixture.is_file() or data.startswith(fixture.read_bytes()), remote.name
             assert (len(data), len(data.splitlines()), hashlib.sha256(data).hexdigest()) == \
                 (remote.size, remote.rows, remote.sha256), remote.name
+
+
+def test_synthetic_families_and_fact_table_by_flag():
+    """--synthetic-families and --synthetic-facts choose what --data synthetic draws (the quick start's
+    closed-book questions); an unknown family is a one-line error naming the flag and the known ones."""
+    cfg = moekd.Config(data="synthetic", synthetic_families="color,password", synthetic_facts=5,
+                       synthetic_train=60, synthetic_dev=10)
+    train, dev = data.load_splits(cfg)
+    assert len(train) == 60 and len(dev) == 10
+    people = {r["prompt"].split("### Instruction:\n")[1].split("\n")[0] for r in train + dev}
+    assert all("color" in p or "password" in p for p in people), sorted(people)[:3]
+    # 5 made-up people, 2 questions each: at most 10 different questions
+    assert len(people) <= 10
+    with pytest.raises(errors.MoekdError, match=r"^--synthetic-families: unknown nope; known: add, "):
+        data.load_splits(moekd.Config(data="synthetic", synthetic_families="color,nope"))
+    with pytest.raises(errors.MoekdError, match=r"^--synthetic-facts must be >= 3"):
+        moekd.Config(synthetic_facts=2)

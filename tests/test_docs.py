@@ -1,10 +1,12 @@
 """The README and docs/: the "use it in your code" snippet runs as written, the README is short and its links
 and the docs' resolve, the published reproduction tables are what their seed files give."""
+import json
 import re
 
 import pytest
 import torch
 
+import moekd
 from conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("seeded")  # torch seeded 0 before each test
@@ -61,3 +63,33 @@ def test_published_reproduction_is_what_its_seed_files_give():
         assert repro.assembled_markdown(result) == (folder / "results.md").read_text(), folder.name
     table = repro.summary_markdown(root)
     assert table in (repro.HERE / "README.md").read_text() and table in (root.parent / "repro.md").read_text()
+
+
+def test_readme_quick_start_runs_and_ends_with_the_three_numbers(tmp_path, capsys, monkeypatch):
+    """The README's quick start, as written (its environment, its variable, its three moekd runs), at a tenth
+    of its size: every flag parses, the runs chain through their folders, and the SAR run's last line sets
+    the teacher's, the student's SFT and its own dev ROUGE-L side by side, as the runs' metrics.json say."""
+    import shlex
+    text = README.read_text()
+    block = text[text.index("## Quick start (CPU)"):]
+    command = re.search(r"```bash\n(.*?)\n```", block, re.S).group(1)
+    steps = [s.strip() for s in command.split("&&")]
+    assert steps[0].startswith("pip install") and steps[1] == "export OMP_NUM_THREADS=1"
+    name, value = steps[2].split("=", 1)
+    flags = shlex.split(shlex.split(value)[0])
+    runs = [shlex.split(s.replace(f"${name}", " ".join(flags)))[2:] for s in steps[3:]]
+    assert [r[r.index("--out") + 1] for r in runs] == ["runs/tiny-teacher", "runs/tiny-student", "runs/tiny-sar"]
+    assert runs[-1][runs[-1].index("--method") + 1] == "sar"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny_moe").symlink_to(ROOT / "tiny_moe")  # the commands' relative model paths
+    small = ["--synthetic-train", "200", "--dev-num", "16", "--synthetic-dev", "16", "--log-every", "5"]
+    for argv in runs:
+        moekd.main(argv + small + (["--epochs", "2"] if "--method" not in argv else []))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    scores = [json.loads((tmp_path / "runs" / r / "metrics.json").read_text()) for r in
+              ("tiny-teacher", "tiny-student", "tiny-sar")]
+    want = (f"dev ROUGE-L: teacher {scores[0]['best_rougeL']:.2f} | student before {scores[1]['best_rougeL']:.2f}"
+            f" | student after sar {scores[2]['dev_rougeL']:.2f} "
+            f"({scores[2]['dev_rougeL'] - scores[1]['best_rougeL']:+.2f})")
+    assert last == want
+    assert (tmp_path / "runs" / "tiny-sar" / "training.png").is_file()
