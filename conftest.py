@@ -222,6 +222,11 @@ def pytest_runtest_logreport(report):
         _SKIPPED.append((report.nodeid, "cuda" in report.keywords))
 
 
+def pytest_collectreport(report):
+    if report.skipped:  # a whole file skipped at import (pytest.importorskip, allow_module_level)
+        _SKIPPED.append((report.nodeid, False))
+
+
 def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("MOEKD_ONLY_CUDA_SKIPS") != "1":
         return

@@ -2,11 +2,9 @@
 
     python eval.py --model runs/sar-4_16/final --data-dir ../shared/data --out results/sar-4_16
     python eval.py --model runs/tiny-sar/final --sets synthetic       # offline: the shipped synthetic set
-    python eval.py --analysis gate-mass --model runs/sft-moe/best_rougeL --data-dir ../shared/data  # Fig. 1
-    python eval.py --analysis k-sweep --model runs/sft-moe/best_rougeL \
-        --data-dir ../shared/data  # Fig. 2, teacher
-    python eval.py --analysis router-shift --model runs/sft-moe/best_rougeL \
-        --routers runs/sar-4_16/final --data-dir ../shared/data  # Fig. 5
+    python eval.py --analysis gate-mass --model runs/sft-moe/best_rougeL                 # Fig. 1
+    python eval.py --analysis k-sweep --model runs/sft-moe/best_rougeL                   # Fig. 2, teacher
+    python eval.py --analysis router-shift --model runs/sft-moe/best_rougeL --routers runs/sar/final  # Fig. 5
 
 Protocol (MiniLLM / MoEKD evaluate.py): MiniLLM-format sets (`prompt`, `output` = one reference or a list);
 the prompt is encoded *with* special tokens (BOS), cut to its first 256 tokens and left-padded; responses
@@ -63,6 +61,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     examples = __doc__.split("\n\n")[1]
     p = argparse.ArgumentParser(prog="eval.py", formatter_class=HelpFormatter,
+                                usage="eval.py --model M [--sets S] [--analysis A] ...",
                                 description=f"{__doc__.split(chr(10))[0]}\n\nexamples:\n{examples}")
     p.add_argument("--model", required=True,
                    help="anything checkpoints.load_model loads: Llama-MoE dir, HF name or dir")
