@@ -1544,19 +1544,14 @@ def plot_training(history: list[dict], path: Path, *, title: str) -> None:
 TINY_PRESET = dict(model=str(HERE / "tiny_moe" / "student"), teacher=str(HERE / "tiny_moe"),
                    data="synthetic", lr=3e-3, epochs=8, batch_size=16, max_prompt_len=96,
                    max_len=128, log_every=20, dev_num=64, warmup_steps=10)
-ON_POLICY = tuple(m for m, p in METHODS.items() if p.on_policy)
-DISTILL = tuple(m for m, p in METHODS.items() if p.teacher)
-APPLIES = {  # flags of some methods only: Config field -> which Method rows use it (any other: every method)
-    "teacher": lambda m: m.teacher is not None, "teacher_routers": lambda m: m.teacher is not None,
-    "teacher_device": lambda m: m.teacher is not None, "shard_teacher": lambda m: m.teacher is not None,
-    "routed_mass": lambda m: m.teacher is not None,
-    "gen_batch_size": lambda m: m.on_policy, "sampler": lambda m: m.on_policy,
-    "compile_sampler": lambda m: m.on_policy,
-    "kd_ratio": lambda m: m.step == "kd",
-    "teacher_k": lambda m: m.teacher == "native", "teacher_top_p": lambda m: m.teacher == "native",
-    "ka_m": lambda m: m.passes, "ka_lambda": lambda m: m.passes, "ka_k": lambda m: m.passes,
-    "ka_updates": lambda m: m.passes and m.on_policy,
-    "router_lr": lambda m: m.routers, "sar_beta": lambda m: m.routers, "sar_kl": lambda m: m.routers,
+APPLIES = {  # flags of some methods only: Config field -> the Method attribute (or test) that uses it
+    **dict.fromkeys(("teacher", "teacher_routers", "teacher_device", "shard_teacher", "routed_mass"),
+                    lambda m: m.teacher is not None),
+    **dict.fromkeys(("gen_batch_size", "sampler", "compile_sampler"), lambda m: m.on_policy),
+    **dict.fromkeys(("teacher_k", "teacher_top_p"), lambda m: m.teacher == "native"),
+    **dict.fromkeys(("ka_m", "ka_lambda", "ka_k"), lambda m: m.passes),
+    **dict.fromkeys(("router_lr", "sar_beta", "sar_kl"), lambda m: m.routers),
+    "kd_ratio": lambda m: m.step == "kd", "ka_updates": lambda m: m.passes and m.on_policy,
 }
 # Config field -> the methods that use it; given explicitly with any other method, the flag is an error.
 METHOD_FLAGS = {flag: tuple(name for name, m in METHODS.items() if uses(m)) for flag, uses in APPLIES.items()}

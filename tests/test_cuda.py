@@ -25,7 +25,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_cuda_every_method_steps_in_bf16(tmp_path, method):
     """Every method, two steps on the tiny pair on CUDA in bf16 (autocast, fp32 master weights, the compiled
     sampler with CUDA graphs for on-policy methods): finite losses, the student changed, fp32 weights kept."""
-    extra = ["--compile-sampler", "on"] if method in moekd.ON_POLICY else []
+    extra = ["--compile-sampler", "on"] if moekd.METHODS[method].on_policy else []
     result = moekd.main(run_args(tmp_path / "run", method, "--device", "cuda", "--dtype", "bf16", *extra))
     assert result["finished"] and all(math.isfinite(v) for h in result["history"] for v in h.values())
     trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
