@@ -534,7 +534,7 @@ def _main(args: argparse.Namespace, lock: checkpoints.RunLock) -> dict:
     if out.is_dir():  # known to be ours (or empty): locked before anything is loaded
         lock.acquire(out)
     device = parallel.resolve_device(args.device)
-    args.amp_dtype = moekd.resolve_dtype(args.dtype, device)
+    args.amp_dtype = parallel.resolve_dtype(args.dtype, device)
     model = checkpoints.load_model(args.model, device=device, dtype=args.amp_dtype)
     tokenizer = checkpoints.load_tokenizer(args.model)
     data.set_template(tokenizer, args.template)  # chat: generation stops at the end of turn too

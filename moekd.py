@@ -1,27 +1,18 @@
 """moekd: knowledge distillation from Mixture-of-Experts teachers.
 
-Reference implementation of "Every Expert Matters" (Kim, Chu, Yang; arXiv 2502.12947; official code
-github.com/gmkim-ai/MoEKD). A dense student learns from an MoE teacher by on-policy reverse KL (GKD, Agarwal
-et al. 2024); the paper's two MoE-specific methods let it hear the experts the router did not pick:
-  KA  (knowledge augmentation, Sec. 4.1): M teacher passes, each token and layer routed w.p. lambda to
-      N-1 experts sampled without replacement from the router softmax; the M reverse KLs are averaged.
-  SAR (student-aware router, Sec. 4.2): all experts on; every step the teacher's routers first learn
-      KL(teacher || student) + beta * balance loss, then the student learns from the updated teacher.
-
-    python moekd.py --tiny --model tiny_moe --out runs/tiny-teacher    # SFT the tiny MoE on CPU
-    python moekd.py --method sar --model SFT_STUDENT --teacher SFT_MOE --device cuda
+"Every Expert Matters" (Kim, Chu, Yang; arXiv 2502.12947; code github.com/gmkim-ai/MoEKD): a dense student
+learns from an MoE teacher by on-policy reverse KL (GKD) and hears the experts its router did not pick:
+  KA  (Sec. 4.1): M teacher passes, each token and layer routed w.p. lambda to N-1 experts sampled without
+      replacement from the router softmax; the M reverse KLs are averaged.
+  SAR (Sec. 4.2): all experts on; each step the teacher's routers first learn KL(teacher || student) +
+      beta * balance loss, then the student learns from the updated teacher.
 
 Read top to bottom: the method table, config, data, generation, routing control, losses, method steps, the
-training loop and main; the command line's paperwork comes after main. Routing, losses and method steps copy
-out on their own (moe_routing, reverse_kl and forward_kl need nothing but torch). The engine lives beside it:
-llama_moe.py (the Llama-MoE port), checkpoints.py (model files, run folders), parallel.py (torchrun),
-sampling.py (generation), hidden_losses.py (the training losses from hidden states), data.py (the files).
+training loop and main; loading and checking the models after main. cli.py holds the command line; the
+engine is beside: llama_moe.py, checkpoints.py, parallel.py, sampling.py, hidden_losses.py, data.py.
 """
-
-
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -41,18 +32,18 @@ import torch.nn.functional as F
 
 from checkpoints import (ROUTERS_FILE, append_line, check_resume_config, check_vocab, default_out,
                          latest_checkpoint, load_model, load_state_dict_strict, load_tokenizer,
-                         prepare_out_dir, read_safetensors, replace_file, save_checkpoint, save_run_model,
-                         saved_config, start_out_dir, truncate_log, write_atomically, write_json)
+                         prepare_out_dir, read_safetensors, save_checkpoint, save_run_model, start_out_dir,
+                         truncate_log, write_atomically, write_json)
+from cli import RunGuard, StopSignals, check_config, config_values, done_line, duration, plot_training
 from data import (DOLLY_HUB, TEMPLATES, check_same_template, data_files, load_splits, prompt_and_response,
                   set_template)
 from errors import MoekdError, RunStopped, run_cli
 from hidden_losses import Head, head_logits, head_losses
 from llama_moe import cv_squared
-from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, enable_checkpointing, full,
-                      full_state_dict, gradient_sync, init_distributed, is_sharded, load_optimizer_state,
-                      memory_per_rank, one_rank_at_a_time, optimizer_state, resolve_device, shard_loaded,
-                      split_global_batch, unwrap, wrap_student)
-from runguard import RunGuard, StopSignals
+from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, device_mesh,
+                      enable_checkpointing, full, full_state_dict, gradient_sync, init_distributed,
+                      is_sharded, load_optimizer_state, memory_per_rank, one_rank_at_a_time, optimizer_state,
+                      resolve_device, resolve_dtype, shard_loaded, split_global_batch, unwrap, wrap_student)
 from sampling import sample_responses, sample_tokens, stop_ids
 
 HERE = Path(__file__).resolve().parent
@@ -282,9 +273,9 @@ _rouge_scorer_cache: dict = {}
 
 
 def response_through_eos(tokens: list[int], eos_id: int | list[int]) -> list[int]:
-    """A sampled response cut after its first stop id (EOS; stop_ids: also a chat model's end of turn), kept
-    (the student learns to stop); one that never stopped ends in the first stop id instead of its last token
-    (the official code forces the last generated column to pad = eos)."""
+    """A sampled response cut after its first stop id, which it keeps (the student learns to stop).
+    One that never stopped ends in the first stop id instead of its last token, as the official code forces
+    the last generated column to pad = eos. Stop ids: EOS, and a chat model's end of turn (stop_ids)."""
     stops = [eos_id] if isinstance(eos_id, int) else eos_id
     end = next((i for i, t in enumerate(tokens) if t in stops), None)
     return tokens[:-1] + [stops[0]] if end is None else tokens[:end + 1]
@@ -292,8 +283,9 @@ def response_through_eos(tokens: list[int], eos_id: int | list[int]) -> list[int
 
 def generate_on_policy(model: nn.Module, items: list[dict], tokenizer, cfg: Config,
                        seeds: list[int] | None = None) -> list[dict]:
-    """On-policy training items: each prompt's sampled response (at most max_len - max_prompt_len tokens,
-    one random stream per row from `seeds`) after the gold prompt, the prompt masked out of the labels."""
+    """On-policy training items: each gold prompt followed by the student's sampled response.
+    Responses are at most max_len - max_prompt_len tokens, one random stream per row from `seeds`; the
+    prompt is masked out of the labels."""
     eos = stop_ids(tokenizer)
     responses = sample_tokens(model, [it["prompt_ids"] for it in items], pad_id=tokenizer.pad_token_id,
                               eos_id=eos, max_new_tokens=cfg.max_len - cfg.max_prompt_len,
@@ -443,11 +435,12 @@ def chosen_weights(family: Family, scores: Scores, index: torch.Tensor, keep: to
 
 @dataclass(frozen=True)
 class Routing:
-    """How MoE layers pick experts. topk: the k best (k None: native); sample (KA): w.p. `prob` per token
-    (None: always) k experts drawn without replacement from the router's probabilities, else the top-k; topp:
-    the official gate's top-p, the most probable experts until their mass exceeds `top_p`; all: every expert.
-    mass: "native" (a router that does not renormalise its chosen weights keeps the mass of its native
-    selection, as the paper's gate; native_mass) or "literal" (the family's rule as is)."""
+    """How MoE layers pick experts: top-k, KA's sampled sets, the official gate's top-p, or all.
+    topk: the k best (k None: native). sample (KA): w.p. `prob` per token (None: always) k experts drawn
+    without replacement from the router's probabilities, else the top-k. topp: the most probable experts
+    until their mass exceeds `top_p`. all: every expert. mass "native": a router that does not renormalise
+    its chosen weights keeps the mass of its native selection, as the paper's gate (native_mass);
+    "literal": the family's rule as is."""
     mode: str = "topk"
     k: int | None = None
     prob: float | None = None
@@ -485,8 +478,9 @@ def sample_experts(probs: torch.Tensor, k: int, *, generator: torch.Generator | 
 
 
 def top_p_experts(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Experts by falling probability [N, K] and which are kept [N, K] (the official gate: the first, then
-    each while the mass before it is <= p); K is the batch's largest set, the other slots get weight 0."""
+    """The official gate's top-p: experts by falling probability [N, K] and which are kept [N, K].
+    The first expert is kept, then each while the mass before it is <= p; K is the batch's largest set, and
+    the other slots get weight 0."""
     values, index = probs.float().sort(dim=-1, descending=True)
     mass_before = values.cumsum(-1)
     keep = torch.ones_like(index, dtype=torch.bool)
@@ -497,9 +491,10 @@ def top_p_experts(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Te
 
 def select_experts(choice: torch.Tensor, routing: Routing, native_k: int, probs: torch.Tensor | None = None,
                    top=top_k) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(index [N, K], kept slots or None) from selection scores [N, E] and the router's probabilities (KA's
-    law, top-p's; default softmax(choice)); `top(scores, k)`: the family's top-k. "sample" draws the set S
-    and one uniform per token, and takes S where u < prob."""
+    """The chosen experts (index [N, K], kept slots or None) under `routing`.
+    From selection scores [N, E] and the router's probabilities (KA's law and top-p's; default
+    softmax(choice)); `top(scores, k)` is the family's top-k. "sample" draws the set S and one uniform u
+    per token, and takes S where u < prob."""
     N, E = choice.shape
     probs = torch.softmax(choice.float(), dim=-1) if probs is None else probs
     if routing.mode == "all":
@@ -546,10 +541,10 @@ def native_top_k(model: nn.Module) -> int:
 
 def group_limited(router: nn.Module, choice: torch.Tensor, k: int, *, by_max: bool,
                   sort: bool) -> torch.Tensor:
-    """The k best experts [N, k] under the router's group limit, as the family selects: groups score by
-    their best two experts (DeepSeek-V3) or best one (by_max, DeepSeek-V2), the topk_group best groups'
-    experts compete. k beyond those experts (KA's N-1, --teacher-k): they come first, then the rest by score,
-    so the sets stay nested as k grows."""
+    """The k best experts [N, k] under the router's group limit, as the family selects them.
+    Groups score by their best two experts (DeepSeek-V3) or best one (by_max, DeepSeek-V2); the topk_group
+    best groups' experts compete. For k beyond those experts (KA's N-1, --teacher-k) they come first, then
+    the rest by score, so the sets stay nested as k grows."""
     groups = choice.view(choice.shape[0], router.num_group, -1)
     score = groups.max(-1).values if by_max else groups.topk(2, dim=-1).values.sum(-1)
     best = score.topk(router.topk_group, dim=-1, sorted=False).indices                   # as the family's own
@@ -608,9 +603,9 @@ def hf_routed_forward(router: nn.Module, routing: Routing, hidden_states: torch.
 
 
 def native_mass(weights: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
-    """Chosen weights [N, K] scaled per token to the native selection's total [N, k], so a router that does
-    not renormalise is as loud under ALL, KA, top-p or another k as the paper's gate (the factor keeps its
-    gradient); a token of mass 0 stays 0."""
+    """Chosen weights [N, K] scaled per token to the native selection's total [N, k].
+    So a router that does not renormalise is as loud under ALL, KA, top-p or another k as the paper's gate;
+    the factor keeps its gradient, and a token of mass 0 stays 0."""
     total = weights.sum(-1, keepdim=True)
     return weights * torch.where(total > 0, native.sum(-1, keepdim=True) / total.where(total > 0, 1.0), 0.0)
 
@@ -705,16 +700,17 @@ def record_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What SAR trains: Llama-MoE gate.gate_network + gate.weight_noise; transformers routers' parameters, not
-    a selection bias (e_score_correction_bias, balanced by counting, not by gradients)."""
+    """What SAR trains: every router's parameters but a selection bias.
+    Llama-MoE: gate.gate_network and gate.weight_noise. Not e_score_correction_bias, which its families
+    balance by counting, not by gradients."""
     return [p for r in moe_routers(model) for name, p in r.named_parameters()
             if "e_score_correction_bias" not in name]
 
 
 def router_balance_loss(records: list[tuple[nn.Module, Any]], beta: float) -> torch.Tensor:
-    """SAR's balance term from the routers' outputs of one forward (record_routing): a Llama-MoE gate's own
-    loss (its config's weight), else beta times the family's own auxiliary loss (load_balancing_loss_func)
-    or, without one, beta * Sum_layers cv2(importance) + cv2(load)."""
+    """SAR's balance term from the routers' outputs of one forward (record_routing).
+    A Llama-MoE gate's own loss (weighted by its config); else beta times the family's own auxiliary loss
+    (load_balancing_loss_func) or, without one, beta * Sum_layers cv2(importance) + cv2(load)."""
     terms, own = [], {}
     for router, out in records:
         aux = getattr(sys.modules[type(router).__module__], "load_balancing_loss_func", None)
@@ -771,8 +767,9 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
 # group (the global batch by default), so micro-batching does not change the update.
 
 def balance_loss(model: nn.Module, outputs) -> torch.Tensor | None:
-    """An MoE's own load-balancing loss of the last forward: its routers' (a Llama-MoE gate's, weighted by
-    its config, summed over layers), or a transformers MoE's router_aux_loss_coef * aux_loss."""
+    """An MoE's own load-balancing loss of the last forward (None for a dense model).
+    A Llama-MoE model's: its gates' losses, weighted by its config, summed over layers; a transformers
+    MoE's: router_aux_loss_coef * aux_loss."""
     own = [m.balance_loss for m in model.modules()
            if hasattr(m, "routing") and getattr(m, "balance_loss", None) is not None]
     if own:
@@ -783,9 +780,9 @@ def balance_loss(model: nn.Module, outputs) -> torch.Tensor | None:
 
 @contextlib.contextmanager
 def final_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Inside the block a forward computes no logits: the head gets an empty slice (logits [B, 0, V]) and the
-    yielded list the final hidden states [B, T, H], also put into the output before FSDP2's hooks (the
-    backward must enter the model there)."""
+    """Inside the block a forward computes no logits; the yielded list gets the final hidden states.
+    The head gets an empty slice (logits [B, 0, V]); the hidden states [B, T, H] also go into the output
+    before FSDP2's hooks, since the backward must enter the model there."""
     kept, inner = [], unwrap(model)
     def keep(module, args):
         kept.append(args[0])
@@ -803,8 +800,9 @@ def final_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def output_head(model: nn.Module, device: torch.device | None = None) -> Head:
-    """A causal LM's output head on `device` (FSDP2-sharded: gathered) with the logit scaling or soft cap of
-    the families that have one (Cohere, Granite, Gemma); check_head verifies it gives the model's logits."""
+    """A causal LM's output head on `device`, with its family's logit scaling or soft cap.
+    FSDP2-sharded weights are gathered. The scale and cap are Cohere's, Granite's and Gemma's; check_head
+    verifies the head gives the model's own logits."""
     inner = unwrap(model)
     linear, c = inner.get_output_embeddings(), inner.config
     bias = None if linear.bias is None else full(linear.bias).to(device)
@@ -814,8 +812,9 @@ def output_head(model: nn.Module, device: torch.device | None = None) -> Head:
 
 @torch.no_grad()
 def check_head(model: nn.Module, what: str) -> None:
-    """The losses apply output_head to the final hidden states themselves: check, on random hidden states
-    whose logits are large enough for a scaling or soft cap to show, that this is what the model computes."""
+    """Check that output_head on the final hidden states gives the model's own logits.
+    The losses apply the head themselves; random hidden states with logits large enough for a scaling or
+    soft cap to show make a family that does something else an error."""
     kept = []
     def probe(module, args):
         h = torch.randn_like(args[0])
@@ -848,8 +847,9 @@ def forward_with_balance(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
 
 def step_losses(model, teacher, h: torch.Tensor, t: torch.Tensor | None, batch: dict, cfg: Config,
                 state: MethodState, **weights) -> tuple[torch.Tensor, torch.Tensor]:
-    """head_losses at the batch's loss positions, on the student's device: hidden states h [B, T, H],
-    the teacher's t [M*B, T, H] or None, over state.vocab (the tokenizer's size; default the smaller head)."""
+    """head_losses at the batch's loss positions, on the student's device.
+    h: the student's hidden states [B, T, H]; t: the teacher's [M*B, T, H] or None. The vocabulary is
+    state.vocab (the tokenizer's size; default the smaller head)."""
     mask = loss_mask(batch["labels"]).view(-1)
     head_s, head_t = output_head(model), None if teacher is None else output_head(teacher, h.device)
     if t is not None:
@@ -870,8 +870,9 @@ def add_balance(parts: dict, balance: torch.Tensor | None, n_micro: int) -> dict
 
 @dataclass
 class MethodState:
-    """What a method step needs beyond the batch: the compute dtype, KA's expert-draw generator (seeded per
-    micro-batch), SAR's router optimizer, and whether the teacher is FSDP2-sharded."""
+    """What a method step needs beyond the batch.
+    The compute dtype, KA's expert-draw generator (seeded per micro-batch), SAR's router optimizer, whether
+    the teacher is FSDP2-sharded, and the distillation vocabulary."""
     amp_dtype: torch.dtype = torch.float32
     generator: torch.Generator | None = None
     router_optimizer: torch.optim.Optimizer | None = None
@@ -883,8 +884,9 @@ class MethodState:
 
 
 def method_state(cfg: Config, teacher, amp_dtype: torch.dtype, vocab: int | None = None) -> MethodState:
-    """SAR's router AdamW (constant LR, the student's weight decay and clip); KA's generator; the distillation
-    vocabulary (`vocab`, the tokenizer's size)."""
+    """The method's state: SAR's router AdamW, KA's generator, the distillation vocabulary.
+    The router AdamW has a constant LR and the student's weight decay and clip; `vocab` is the tokenizer's
+    size."""
     m = cfg.spec
     state = MethodState(amp_dtype, sharded_teacher=cfg.shard_teacher, vocab=vocab if m.teacher else None)
     if m.routers:
@@ -895,8 +897,8 @@ def method_state(cfg: Config, teacher, amp_dtype: torch.dtype, vocab: int | None
 
 
 def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator | None):
-    """The teacher's routing for the method: KA's draws, all experts (ALL, SAR), or the native top-k
-    (--teacher-k, --teacher-top-p)."""
+    """The teacher's routing for the method, as a context manager.
+    KA's draws, all experts (ALL, SAR), or the native top-k (changed by --teacher-k or --teacher-top-p)."""
     routing = cfg.spec.teacher
     if routing == "sample":
         k = cfg.ka_k or num_experts(teacher) - 1
@@ -914,8 +916,8 @@ def teacher_routing(teacher: nn.Module, cfg: Config, generator: torch.Generator 
 @torch.no_grad()
 def teacher_hidden(teacher: nn.Module, batch: dict, *, repeat: int = 1,
                    amp_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The teacher's final hidden states [repeat*B, T, H] on its device, no logits. Repeating the rows runs
-    KA's M passes as one batched forward, each row with its own expert draws."""
+    """The teacher's final hidden states [repeat*B, T, H] on its device, without logits.
+    Repeating the rows runs KA's M passes as one batched forward, each row with its own expert draws."""
     device = next(teacher.parameters()).device
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with autocast(device, amp_dtype), final_hidden(teacher) as kept:
@@ -931,9 +933,9 @@ def sft_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) 
 
 
 def kd_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodState()) -> dict[str, torch.Tensor]:
-    """KD on gold data: (1 - r) CE + r KL(p_teacher || q_student), r = --kd-ratio. ka-gold: the KL term is
-    the mean over KA's M sampled teachers (the official temp_nr scripts). The official code writes the soft
-    term as -Sum p log q, which differs from KL by the constant H(p)."""
+    """KD on gold data: (1 - r) CE + r KL(p_teacher || q_student), r = --kd-ratio.
+    ka-gold: the KL term is the mean over KA's M sampled teachers (the official temp_nr scripts). The
+    official code writes the soft term as -Sum p log q, which differs from the KL by the constant H(p)."""
     M = cfg.ka_m if cfg.spec.passes else 1
     with teacher_routing(teacher, cfg, state.generator):
         t = teacher_hidden(teacher, batch, repeat=M, amp_dtype=state.amp_dtype)
@@ -957,9 +959,10 @@ def reverse_kl_step(model, teacher, batch, cfg, *, norm, n_micro, state=MethodSt
 
 def sar_router_update(model, teacher, micro: list[dict], norms: list[float], cfg: Config,
                       state: MethodState, *, step: int = 0, dist: Dist = SINGLE) -> dict[str, float]:
-    """SAR step (a), before the student's: the teacher's routers alone learn KL(p_teacher || q_student) +
-    beta * balance (Eq. 9; --sar-kl student-teacher: KL(q || p)), teacher in train mode, all experts. Router
-    gradients are averaged over ranks so every rank's routers stay identical."""
+    """SAR step (a): the teacher's routers alone learn, before the student's step.
+    Loss KL(p_teacher || q_student) + beta * balance (Eq. 9; --sar-kl student-teacher: KL(q || p)), the
+    teacher in train mode with all experts. Router gradients are averaged over ranks so every rank's
+    routers stay equal."""
     student = unwrap(model)
     device, t_device = next(student.parameters()).device, next(teacher.parameters()).device
     student.eval()
@@ -1010,8 +1013,9 @@ def method_step(method: str):
 # how the batch is split over devices and accumulation, and resuming needs no RNG state.
 
 def stream_seed(seed: int, step: int, index: int, stream: str) -> int:
-    """Seed of one random stream: a hash of (run seed, step, index of the row or micro-batch in the
-    global batch, stream name), so streams never collide and do not depend on the device count."""
+    """The seed of one random stream, a hash of (run seed, step, index, stream name).
+    The index is the row's or micro-batch's in the global batch, so streams never collide and do not depend
+    on the device count."""
     digest = hashlib.blake2b(f"{seed}/{step}/{index}/{stream}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
@@ -1034,8 +1038,9 @@ def lr_at(step: int, *, lr: float, schedule: str, total: int, warmup: int = 0, l
 
 
 def step_rows(items: list[dict], cfg: Config, step: int, steps_per_epoch: int, world: int = 1) -> list[dict]:
-    """The global batch of one optimizer step: a pure function of (seed, step). With --restart-epochs
-    every epoch repeats the first epoch's order, as the official loop scripts (same seed, set_epoch(0))."""
+    """The global batch of one optimizer step: a pure function of (seed, step).
+    With --restart-epochs every epoch repeats the first epoch's order, as the official loop scripts (same
+    seed, set_epoch(0))."""
     epoch, i = divmod(step, steps_per_epoch)
     order = epoch_order(len(items), seed=cfg.seed, epoch=0 if cfg.restart_epochs else epoch)
     size = cfg.batch_size * world * cfg.grad_accum
@@ -1043,8 +1048,9 @@ def step_rows(items: list[dict], cfg: Config, step: int, steps_per_epoch: int, w
 
 
 def loss_norms(micro: list[dict], mode: str, dist: Dist = SINGLE) -> list[float]:
-    """Divisor of each micro-batch's token-sum loss. global: all loss tokens of the step on every rank
-    (as TRL fixed it for accumulation, trl PR #6006); micro: own tokens x micro-batches (mean of means)."""
+    """The divisor of each micro-batch's token-sum loss.
+    global: all loss tokens of the step on every rank (as TRL fixed it for accumulation, trl PR #6006);
+    micro: own tokens x micro-batches (a mean of means)."""
     counts = [max(int(loss_mask(mb["labels"]).sum()), 1) for mb in micro]
     if mode == "global":
         return [all_reduce_sum([float(sum(counts))], dist)[0]] * len(micro)
@@ -1053,8 +1059,8 @@ def loss_norms(micro: list[dict], mode: str, dist: Dist = SINGLE) -> list[float]
 
 def train_step(cfg: Config, model, teacher, tokenizer, rows: list[dict], optimizer, lr: float,
                state: MethodState, *, step: int = 0, dist: Dist = SINGLE) -> dict[str, float]:
-    """One optimizer step on a global batch: on-policy samples, SAR's router update, the student's micro-
-    batches, clip and AdamW. Returns the loss parts summed over all ranks, and the token count."""
+    """One optimizer step on a global batch; returns the loss parts summed over ranks, and the tokens.
+    On-policy samples, SAR's router update, the student's micro-batches, clip and AdamW."""
     device, amp_dtype, student, method = next(model.parameters()).device, state.amp_dtype, unwrap(model), \
         cfg.spec
     first, per_rank = dist.rank * cfg.grad_accum, cfg.batch_size * cfg.grad_accum
@@ -1136,14 +1142,6 @@ class Progress:
         self.history.append({"step": done, **{k: v / n for k, v in self.window.items()}})
         self.window, self.window_steps, self.busy = {}, 0, 0.0
         return line
-
-
-def duration(seconds: float) -> str:
-    """12s, 3m05s, 1h02m."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 @dataclass
@@ -1284,8 +1282,8 @@ def start_run(cfg: Config, student: nn.Module, teacher, tokenizer, amp_dtype: to
 
 
 def finish(r: Run, total: int, *, device: torch.device) -> dict:
-    """The end of an invocation: final/ when the run is complete, the memory report, metrics.json and
-    training.png (the loss and dev ROUGE-L curves)."""
+    """The end of an invocation: final/ when the run is complete, the memory report, metrics.json.
+    Also training.png, the loss and dev ROUGE-L curves."""
     cfg, out, run, dist = r.cfg, r.out, r.progress, r.dist
     finished = run.step >= total
     if finished:
@@ -1308,6 +1306,11 @@ def finish(r: Run, total: int, *, device: torch.device) -> dict:
 
 # ----------------------------------------------------------------------------
 # Main
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Config from the command line: explicit flags > --tiny preset > defaults (--resume: its run.json)."""
+    return Config(**config_values(Config, METHODS, argv, about=__doc__.split("\n\n")[0]))
+
 
 def main(argv: list[str] | None = None) -> dict:
     """Run one training job (one process of a torchrun launch); returns its metrics."""
@@ -1343,7 +1346,7 @@ def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dic
     tokenizer = load_tokenizer(cfg.model)
     set_template(tokenizer, cfg.template)  # chat: the ids that end a response
     ckpt = latest_checkpoint(out) if state is not None else None
-    mesh = device_mesh(cfg, device, dist)
+    mesh = device_mesh(cfg.shard_teacher or cfg.shard_student, device, dist)
     model = load_student(cfg, str(ckpt or cfg.model), tokenizer, device=device, mesh=mesh, dist=dist)
     routers = [p for p in (cfg.teacher_routers, ckpt if cfg.spec.routers else None) if p]
     teacher = setup_teacher(cfg, model, tokenizer, amp_dtype, device=device, routers=routers, dist=dist,
@@ -1375,14 +1378,6 @@ def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dic
 # ----------------------------------------------------------------------------
 # The paperwork of a run: loading and checking the models, the command line, the run's last lines
 
-def device_mesh(cfg: Config, device: torch.device, dist: Dist):
-    """torchrun's 1-D device mesh of the FSDP2-sharded models (None without sharding)."""
-    if not (cfg.shard_teacher or cfg.shard_student):
-        return None
-    from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh(device.type, (dist.world,))
-
-
 def load_student(cfg: Config, source: str, tokenizer, *, device: torch.device, mesh, dist: Dist) -> nn.Module:
     """The student in fp32 master weights, checked (--shard-student: read one rank at a time, sharded)."""
     if cfg.shard_student:
@@ -1399,8 +1394,9 @@ def load_student(cfg: Config, source: str, tokenizer, *, device: torch.device, m
 def setup_teacher(cfg: Config, student: nn.Module, tokenizer, amp_dtype: torch.dtype, *,
                   device: torch.device | None = None, routers: list[str | Path] = (), dist: Dist = SINGLE,
                   mesh=None) -> nn.Module | None:
-    """Load and check the teacher: frozen in the compute dtype, SAR's routers trainable in fp32 (so LR 1e-6
-    updates survive); `routers` files load in order. --shard-teacher: read one rank at a time, sharded."""
+    """Load and check the teacher (None for a method without one).
+    Frozen in the compute dtype, SAR's routers trainable in fp32 (so LR 1e-6 updates survive); `routers`
+    files load in order. --shard-teacher: read one rank at a time, sharded."""
     if not cfg.spec.teacher:
         return None
     device = device or resolve_device(cfg.device)
@@ -1433,8 +1429,9 @@ def train_routers(teacher: nn.Module) -> None:
 
 
 def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_tok, cfg: Config) -> None:
-    """One tokenizer, heads moekd can compute logits of, an MoE teacher it can steer where the method needs
-    one, and expert counts that fit the flags."""
+    """Check that the teacher fits the student and the flags.
+    One tokenizer, heads moekd can compute logits of, an MoE teacher it can steer where the method needs
+    one, and expert counts that fit --teacher-k and --ka-k."""
     if teacher_tok.get_vocab() != student_tok.get_vocab():
         raise MoekdError(f"--teacher tokenizer {teacher_tok.name_or_path} ({len(teacher_tok)} tokens) "
                          f"differs from --model tokenizer {student_tok.name_or_path} ({len(student_tok)}); "
@@ -1460,16 +1457,16 @@ def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_t
 
 
 def router_state_dict(teacher: nn.Module) -> dict[str, torch.Tensor]:
-    """The teacher's router parameters, full tensors on the CPU. On an FSDP2-sharded teacher this
-    gathers the shards: every rank must call it."""
+    """The teacher's router parameters, full tensors on the CPU.
+    On an FSDP2-sharded teacher this gathers the shards: every rank must call it."""
     ids = {id(p) for p in router_parameters(teacher)}
     return {name: full(p.detach()).contiguous().cpu() for name, p in teacher.named_parameters()
             if id(p) in ids}
 
 
 def load_routers(teacher: nn.Module, path: str | Path) -> None:
-    """Load SAR-trained routers (a teacher_routers.safetensors, or a directory holding one); the file must
-    hold exactly the teacher's router parameters."""
+    """Load SAR-trained routers: a teacher_routers.safetensors, or a folder holding one.
+    The file must hold exactly the teacher's router parameters."""
     path = Path(path)
     path = path / ROUTERS_FILE if path.is_dir() else path
     if not path.is_file():
@@ -1491,150 +1488,6 @@ def describe_run(cfg: Config, model, teacher, device, amp_dtype, out: Path, worl
         line += f", teacher {cfg.teacher} ({size(teacher)}{', sharded' if cfg.shard_teacher else ''})"
     ranks = f" x {world} ranks" if world > 1 else ""
     return f"{line} on {device}{ranks}, {str(amp_dtype).removeprefix('torch.')}, out {out}"
-
-
-def done_line(cfg: Config, result: dict) -> str:
-    """The run's last line; a distillation from moekd runs also sets teacher, student before and after side
-    by side (the dev ROUGE-L their runs' metrics.json recorded for the folders given)."""
-    dev = (f"dev_loss {result['dev_loss']:.4f} | dev_rougeL {result['dev_rougeL']:.2f} | best dev_rougeL "
-           f"{result['best_rougeL']:.2f} | " if result.get("best_rougeL") is not None else "")
-    line = f"done: {dev}model ({cfg.select}) -> {result['model']}"
-    scores = {"teacher": run_score(cfg.teacher), "student before": run_score(cfg.model)} \
-        if cfg.spec.teacher else {}
-    after = result.get("best_rougeL" if cfg.select == "best" else "dev_rougeL")
-    if not scores or after is None or None in scores.values():
-        return line
-    side = " | ".join(f"{name} {score:.2f}" for name, score in scores.items())
-    gain = after - scores["student before"]
-    return f"{line}\ndev ROUGE-L: {side} | student after {cfg.method} {after:.2f} ({gain:+.2f})"
-
-
-def run_score(model_dir: str) -> float | None:
-    """The dev ROUGE-L a moekd run recorded for a model folder it handed on (best_rougeL/ or final/)."""
-    path = Path(model_dir)
-    metrics = path.parent / "metrics.json"
-    if path.name not in ("best_rougeL", "final") or not metrics.is_file():
-        return None
-    record = json.loads(metrics.read_text())
-    return record.get("best_rougeL" if path.name == "best_rougeL" else "dev_rougeL")
-
-
-def plot_training(history: list[dict], path: Path, *, title: str) -> None:
-    """training.png: the logged losses by step, and the dev ROUGE-L beside them."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in sorted({k for h in history for k in h} - {"step", "dev_rougeL"}):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        left.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
-    dev = [(h["step"], h["dev_rougeL"]) for h in history if "dev_rougeL" in h]
-    if dev:
-        right.plot(*zip(*dev), marker="o", color="tab:green")
-    left.set(xlabel="step", ylabel="loss", title=title)
-    right.set(xlabel="step", ylabel="dev ROUGE-L", title="dev ROUGE-L")
-    if history:
-        left.legend(fontsize="small")
-    fig.tight_layout()
-    replace_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-
-
-# `--tiny`: everything a laptop CPU needs for an end-to-end run in a minute or two.
-TINY_PRESET = dict(model=str(HERE / "tiny_moe" / "student"), teacher=str(HERE / "tiny_moe"),
-                   data="synthetic", lr=3e-3, epochs=8, batch_size=16, max_prompt_len=96,
-                   max_len=128, log_every=20, dev_num=64, warmup_steps=10)
-APPLIES = {  # flags of some methods only: Config field -> the Method attribute (or test) that uses it
-    **dict.fromkeys(("teacher", "teacher_routers", "teacher_device", "shard_teacher", "routed_mass"),
-                    lambda m: m.teacher is not None),
-    **dict.fromkeys(("gen_batch_size", "sampler", "compile_sampler"), lambda m: m.on_policy),
-    **dict.fromkeys(("teacher_k", "teacher_top_p"), lambda m: m.teacher == "native"),
-    **dict.fromkeys(("ka_m", "ka_lambda", "ka_k"), lambda m: m.passes),
-    **dict.fromkeys(("router_lr", "sar_beta", "sar_kl"), lambda m: m.routers),
-    "kd_ratio": lambda m: m.step == "kd", "ka_updates": lambda m: m.passes and m.on_policy,
-}
-# Config field -> the methods that use it; given explicitly with any other method, the flag is an error.
-METHOD_FLAGS = {flag: tuple(name for name, m in METHODS.items() if uses(m)) for flag, uses in APPLIES.items()}
-EXAMPLES = """examples:
-  python moekd.py --tiny --model tiny_moe --out runs/tiny-teacher     # SFT the tiny MoE teacher on CPU
-  python moekd.py --method sar --model SFT_STUDENT --teacher SFT_MOE --device cuda
-  torchrun --nproc-per-node 8 moekd.py --method ka --model ... --teacher ... --shard-teacher
-
-Defaults are the official code's; --tiny sets a CPU preset (explicit flags win). More: docs/reference.md."""
-
-
-def check_method_flags(method: str, given: dict) -> None:
-    wrong = [f"--{k.replace('_', '-')} ({'/'.join(METHOD_FLAGS[k])} only)"
-             for k in given if method not in METHOD_FLAGS.get(k, (method,))]
-    if wrong:
-        raise MoekdError(f"--method {method} does not use {', '.join(wrong)}")
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Config from the command line: explicit flags > --tiny preset > defaults. --resume: the run's run.json
-    replaces preset and defaults, and explicit flags must agree with it (except RESUME_MAY_CHANGE)."""
-    parser = argparse.ArgumentParser(usage="python moekd.py [--method METHOD] [--model M] [--teacher T] ...",
-                                     description=f"{__doc__.split(chr(10) * 2)[0]}\n\n{EXAMPLES}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        shown = "" if f.default is None or "default" in f.metadata["help"] else f" (default: {f.default})"
-        kw: dict[str, Any] = dict(help=f.metadata["help"] + shown, default=argparse.SUPPRESS)
-        if str(f.type).startswith("bool"):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            kw["choices"] = f.metadata.get("choices")
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
-    values = dict(TINY_PRESET) if given.get("tiny") else {}
-    values.update(given)
-    if given.get("resume"):
-        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-        values = {**saved_config(values, given, {**defaults, "routed_mass": "literal"}), **given}
-        if "routed_mass" not in values:  # neither in run.json nor given
-            values["routed_mass"] = "literal"
-            print("resume: run.json predates --routed-mass, so the run goes on with the rule it was trained "
-                  "with (--routed-mass literal)")
-    check_method_flags(values.get("method", "sft"), given)
-    return Config(**values)
-
-
-BOUNDS = (  # (flags, bound, bound excluded); None values are "not given"
-    (("lr",), 0.0, True),
-    (("lr_min", "weight_decay", "grad_clip", "router_lr", "sar_beta"), 0.0, False),
-    (("batch_size", "epochs", "dist_timeout", "max_prompt_len", "max_len", "log_every", "ka_m",
-      "gen_batch_size", "kl_chunk", "grad_accum", "global_batch_size", "max_steps", "stop_after", "dev_size",
-      "dev_num", "eval_batch_size", "synthetic_train", "synthetic_dev"), 1, False),
-    (("synthetic_facts",), 3, False),
-    (("warmup_steps", "save_every"), 0, False))
-
-
-def check_config(cfg: Config) -> None:
-    """One-line errors for values no run can use, and for flags that contradict each other."""
-    if cfg.select == "best" and not cfg.dev_eval:
-        raise MoekdError("--select best needs the dev evaluation (drop --no-dev-eval)")
-    if not 0.0 <= cfg.ka_lambda <= 1.0 or not 0.0 <= cfg.kd_ratio <= 1.0:
-        raise MoekdError("--ka-lambda and --kd-ratio must be in [0, 1]")
-    if cfg.teacher_top_p is not None and (cfg.teacher_k is not None or not 0.0 <= cfg.teacher_top_p <= 1.0):
-        raise MoekdError("--teacher-top-p must be in [0, 1] and cannot be combined with --teacher-k")
-    for names, low, strict in BOUNDS:
-        for name in names:
-            value = getattr(cfg, name)
-            if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
-                raise MoekdError(f"--{name.replace('_', '-')} must be {'>' if strict else '>='} {low:g} "
-                                 f"and finite, got {value}")
-    if (cfg.prompt_column is None) != (cfg.response_column is None):
-        raise MoekdError("--prompt-column and --response-column go together")
-    if cfg.max_prompt_len >= cfg.max_len:
-        raise MoekdError(f"--max-prompt-len ({cfg.max_prompt_len}) must be < --max-len ({cfg.max_len})")
-    if cfg.resume and cfg.overwrite:
-        raise MoekdError("--resume and --overwrite contradict each other")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 if __name__ == "__main__":

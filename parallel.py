@@ -44,6 +44,13 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
     return device
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: bf16 autocast on CUDA by default, fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def init_distributed(cfg) -> tuple[Dist, torch.device]:
     """Join the torchrun process group (nccl on GPUs, gloo on CPU) and pick this rank's device;
     without torchrun, a single process on --device."""
@@ -160,6 +167,14 @@ def wrap_student(model: nn.Module, dist: Dist, device: torch.device, *, moe: boo
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    find_unused_parameters=moe, forward_sync_buffers=False)
+
+
+def device_mesh(sharded: bool, device: torch.device, dist: Dist):
+    """torchrun's 1-D device mesh of the FSDP2-sharded models (None without sharding)."""
+    if not sharded:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device.type, (dist.world,))
 
 
 def shard_model(model: nn.Module, mesh, separate: list[nn.Module] = (), *, frozen: bool = False) -> nn.Module:

@@ -3,7 +3,6 @@ steps (on-policy data, KD, KA, SAR, accumulation), and that the routing and loss
 Routing control: tests/test_routing.py; the losses from hidden states: tests/test_hidden_losses.py; every
 other area (model port, data, runs, evaluation, ...): tests/. CPU, offline, tiny models. Run: pytest -q"""
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -416,12 +415,6 @@ def test_restart_epochs_repeat_the_first_order():
     assert on.restart_epochs and not moekd.Config(method="sft").restart_epochs
     assert moekd.step_rows(items, on, 3, 3) == moekd.step_rows(items, on, 0, 3)
     assert moekd.step_rows(items, off, 3, 3) != moekd.step_rows(items, off, 0, 3)
-
-
-def test_method_flag_table_names_config_fields_and_methods():
-    fields = {f.name for f in dataclasses.fields(moekd.Config)}
-    assert set(moekd.METHOD_FLAGS) <= fields
-    assert all(methods and set(methods) <= set(moekd.METHODS) for methods in moekd.METHOD_FLAGS.values())
 
 
 def test_a_new_method_is_one_row_and_one_step(monkeypatch, teacher, student, tokenizer):

@@ -78,7 +78,8 @@ def test_readme_quick_start_runs_and_ends_with_the_three_numbers(tmp_path, capsy
     name, value = steps[2].split("=", 1)
     flags = shlex.split(shlex.split(value)[0])
     runs = [shlex.split(s.replace(f"${name}", " ".join(flags)))[2:] for s in steps[3:]]
-    assert [r[r.index("--out") + 1] for r in runs] == ["runs/tiny-teacher", "runs/tiny-student", "runs/tiny-sar"]
+    outs = [r[r.index("--out") + 1] for r in runs]
+    assert outs == ["runs/tiny-teacher", "runs/tiny-student", "runs/tiny-sar"]
     assert runs[-1][runs[-1].index("--method") + 1] == "sar"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny_moe").symlink_to(ROOT / "tiny_moe")  # the commands' relative model paths
@@ -88,8 +89,9 @@ def test_readme_quick_start_runs_and_ends_with_the_three_numbers(tmp_path, capsy
     last = capsys.readouterr().out.strip().splitlines()[-1]
     scores = [json.loads((tmp_path / "runs" / r / "metrics.json").read_text()) for r in
               ("tiny-teacher", "tiny-student", "tiny-sar")]
-    want = (f"dev ROUGE-L: teacher {scores[0]['best_rougeL']:.2f} | student before {scores[1]['best_rougeL']:.2f}"
-            f" | student after sar {scores[2]['dev_rougeL']:.2f} "
+    want = (f"dev ROUGE-L: teacher {scores[0]['best_rougeL']:.2f} | "
+            f"student before {scores[1]['best_rougeL']:.2f} | "
+            f"student after sar {scores[2]['dev_rougeL']:.2f} "
             f"({scores[2]['dev_rougeL'] - scores[1]['best_rougeL']:+.2f})")
     assert last == want
     assert (tmp_path / "runs" / "tiny-sar" / "training.png").is_file()

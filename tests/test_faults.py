@@ -235,9 +235,9 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_bit_identical(tmp_path
 def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
     """The first signal is deferred to the step boundary, a second (after the repeat window) stops at
     once; before training starts a signal stops at once (nothing to save)."""
-    import runguard
-    monkeypatch.setattr(runguard, "REPEAT_S", 0.0)
-    stop, before = runguard.StopSignals(tmp_path), signal.getsignal(signal.SIGINT)
+    import cli
+    monkeypatch.setattr(cli, "REPEAT_S", 0.0)
+    stop, before = cli.StopSignals(tmp_path), signal.getsignal(signal.SIGINT)
     with stop:
         with pytest.raises(errors.RunInterrupted, match=r"^stopped \(SIGINT\) before training started"):
             os.kill(os.getpid(), signal.SIGINT)
