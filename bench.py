@@ -126,8 +126,9 @@ class Tokens:
 
 @contextlib.contextmanager
 def fixed_length_responses():
-    """Inside the block the samplers produce exactly the requested number of tokens, so every step has the
-    same shape: moekd's sampler gets an EOS id no token has, generate() a min_new_tokens."""
+    """Inside the block the samplers produce exactly the requested number of tokens.
+    So every step has the same shape: moekd's sampler gets an EOS id no token has, generate() a
+    min_new_tokens."""
     original = moekd.sample_tokens
     def sample(*args, **kwargs):
         if kwargs.get("sampler") == "generate":
@@ -203,8 +204,9 @@ def run_one(size: str, name_: str, experts: int | None, steps: int, warmup: int,
 
 
 def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
-    """The parts of a step as separate callables: generation, teacher forward(s), student forward +
-    loss + backward, SAR's router update, clip + AdamW (run on real gradients)."""
+    """The parts of a step as separate callables, by name.
+    Generation, teacher forward(s), student forward + loss + backward, SAR's router update, clip + AdamW
+    (run on real gradients)."""
     spec = cfg.spec  # the method's row: what the step does (no method names tested here)
     on_policy = spec.on_policy
     seeds = list(range(len(rows)))  # per-row streams, as train_step samples
@@ -246,8 +248,9 @@ def step_parts(cfg, student, teacher, tok, rows, optimizer, state) -> dict:
 
 
 def teacher_head_reference(cfg, teacher, batch, t_hidden, M: int):
-    """The teacher side of the loss on its own: the M passes' head logits and log-softmax over the loss rows,
-    in the chunks and pass by pass as the hidden-state loss runs them (KA's teacher needs no gradient)."""
+    """The teacher side of the loss on its own (a callable): the M passes' head logits and log-softmax.
+    Over the loss rows, in the chunks and pass by pass as the hidden-state loss runs them (KA's teacher
+    needs no gradient)."""
     mask = moekd.loss_mask(batch["labels"]).view(-1)
     head = moekd.output_head(teacher)
     t = t_hidden.view(M, mask.numel(), -1)[:, mask]
@@ -359,8 +362,8 @@ GENERIC_LOSSES = {"gkd": hidden_losses.reverse_kl_rows, "ka": hidden_losses.reve
 
 
 def generic_loss_path(method: str, x: dict, chunk_mb: float) -> None:
-    """The same KL through hidden_losses.chunked_loss: the loss a function of log-probabilities, each chunk's
-    gradients from torch.autograd.grad (the path a new loss takes)."""
+    """The same KL through hidden_losses.chunked_loss, the path a new loss takes.
+    The loss is a function of log-probabilities; each chunk's gradients come from torch.autograd.grad."""
     mask = moekd.loss_mask(x["labels"]).view(-1)
     hs, ht = x["hs"].flatten(0, 1)[mask], x["ht"].view(x["M"], mask.numel(), -1)[:, mask]
     loss = hidden_losses.chunked_loss(GENERIC_LOSSES[method], hs, hidden_losses.Head(x["ws"]), ht,
@@ -430,8 +433,9 @@ CHECKS = {"paper": dict(shapes=PAPER_SHAPES, micro=4, accum=4, prompt=256, respo
 
 @contextlib.contextmanager
 def part_timers(sync, optimizer) -> dict:
-    """Seconds spent in the parts of moekd.train_step, timed where it calls them: generation, the teacher's
-    forwards, SAR's router update, the optimizer step (the student's forward + backward is the rest)."""
+    """Seconds spent in the parts of moekd.train_step, timed where it calls them.
+    Generation, the teacher's forwards, SAR's router update, the optimizer step; the student's forward +
+    backward is the rest."""
     spent = {"gen": 0.0, "teacher": 0.0, "router": 0.0, "optimizer": 0.0}
 
     def wrap(name, fn):
@@ -479,8 +483,9 @@ def build_pair(shapes: dict, device, teacher_dtype) -> tuple:
 
 
 def tiny_method_steps(device, amp) -> dict:
-    """Every method, one step on the tiny shapes in bf16 autocast: its loss parts (all must be finite) and the
-    teacher's trainable parameters (frozen as build_pair and moekd freeze it: SAR trains its routers only)."""
+    """One step of each method on the tiny shapes in bf16 autocast: loss parts, trainable teacher parameters.
+    The loss parts must all be finite; the teacher is frozen as build_pair and moekd freeze it (SAR trains
+    its routers only)."""
     out = {}
     for method in moekd.METHODS:
         teacher, student = build("tiny", None, device)
@@ -499,8 +504,8 @@ def tiny_method_steps(device, amp) -> dict:
 
 
 def paper_method(method: str, check: dict, teacher, student, device, amp, sync) -> dict:
-    """`steps` optimizer steps of one method at the check's shapes: step time and its parts, generation
-    tokens/s, peak memory."""
+    """Time `steps` optimizer steps of one method at the check's shapes.
+    Returns the step time and its parts, generation tokens/s and peak memory."""
     batch = check["micro"] * check["accum"]
     cfg = moekd.Config(method=method, batch_size=check["micro"], grad_accum=check["accum"], ka_m=2,
                        max_prompt_len=check["prompt"], max_len=check["prompt"] + check["response"],
@@ -531,8 +536,9 @@ def paper_method(method: str, check: dict, teacher, student, device, amp, sync) 
 
 
 def bandwidth_floor_tokens_per_s(check: dict, bandwidth: float) -> float:
-    """Decoding at memory bandwidth: each step reads the bf16 student weights and, on average, half the
-    final KV cache (bf16); `batch` tokens per step."""
+    """Tokens/s of decoding at memory bandwidth.
+    Each step reads the bf16 student weights and, on average, half the final KV cache (bf16); `batch`
+    tokens per step."""
     s = check["shapes"]["student"]
     batch = check["micro"] * check["accum"]
     params = s["vocab_size"] * s["hidden_size"] * 2 + s["num_hidden_layers"] * (
@@ -545,9 +551,9 @@ CUDA_TESTS_TIMEOUT_S = 240
 
 
 def run_tests(cmd: list[str], log: Path, timeout: float) -> dict:
-    """A test command with its whole output (stdout and stderr) written to `log` as it runs, so a timeout or
-    a crash keeps what it printed: the exit code (None when killed at the timeout), the last line, and the
-    FAILED/ERROR lines of pytest's -rfE summary."""
+    """Run a test command, its whole output (stdout and stderr) written to `log` as it runs.
+    So a timeout or a crash keeps what it printed. Returns the exit code (None when killed at the timeout),
+    the last line, and the FAILED/ERROR lines of pytest's -rfE summary."""
     with open(log, "w") as f:
         try:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, timeout=timeout)
@@ -562,8 +568,9 @@ def run_tests(cmd: list[str], log: Path, timeout: float) -> dict:
 
 
 def environment(device) -> dict:
-    """What ran the check: versions (torch, CUDA, cuDNN, transformers, Triton), the GPU, `nvidia-smi`, and the
-    SDPA backends torch may pick (a kernel missing here changes speed, or NaN behaviour, silently)."""
+    """What ran the check: versions, the GPU, `nvidia-smi`, and the SDPA backends torch may pick.
+    Versions of torch, CUDA, cuDNN, transformers and Triton. A kernel missing here changes speed, or NaN
+    behaviour, silently."""
     import platform
     import transformers
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -589,8 +596,9 @@ def environment(device) -> dict:
 
 
 def compile_counters() -> dict:
-    """torch.compile's counters so far: frames compiled, graphs, recompiles (guard failures), CUDA graphs
-    skipped (the fallback to plain launches) and recorded (moekd's decode step: once per shape per run)."""
+    """torch.compile's counters so far.
+    Frames compiled, graphs, recompiles (guard failures), CUDA graphs skipped (the fallback to plain
+    launches) and recorded (moekd's decode step: once per shape per run)."""
     from torch._dynamo.utils import counters, guard_failures
     return {"frames_compiled": counters["frames"]["ok"], "unique_graphs": counters["stats"]["unique_graphs"],
             "recompiles": sum(len(v) for v in guard_failures.values()),
@@ -603,8 +611,8 @@ _cudagraph_recordings = [0]
 
 @contextlib.contextmanager
 def counting_cudagraph_recordings(device):
-    """Inside the block each CUDA graph recorded by torch.compile's cudagraph trees adds one to
-    compile_counters()'s cudagraph_recordings (torch keeps no counter of its own for it)."""
+    """Inside the block, count the CUDA graphs that torch.compile's cudagraph trees record.
+    Each adds one to compile_counters()'s cudagraph_recordings (torch keeps no counter of its own for it)."""
     if device.type != "cuda":
         yield
         return
@@ -622,9 +630,10 @@ def counting_cudagraph_recordings(device):
 
 
 def run_stage(report: dict, name: str, fn, device, save) -> bool:
-    """One stage of the GPU check: `fn()` (which puts its figures into `report`), or its full traceback if it
-    raises; its seconds, peak memory and compile counters either way; then the report is saved, so a later
-    stage that fails or is killed cannot take this one's figures with it."""
+    """Run one stage of the GPU check; True if it succeeded.
+    `fn()` puts its figures into `report`, or its full traceback is kept if it raises; its seconds, peak
+    memory and compile counters are kept either way. Then the report is saved, so a later stage that fails
+    or is killed cannot take this one's figures with it."""
     entry = report["stages"][name] = {"ok": False}
     if device.type == "cuda":
         try:  # an earlier stage's kernel error is sticky: fn() then fails too, with its own traceback
@@ -673,11 +682,11 @@ def save_report(report: dict, json_path: Path | None) -> None:
 
 
 def gpu_check(scale: str, device, bandwidth: float, json_path: Path | None = None) -> dict:
-    """(1) the environment, the cuda-marked tests (CUDA only) and every method's tiny bf16 step, (2) gkd, ka
+    """The GPU check in three parts, each stage on its own (run_stage), the JSON and Markdown saved after it.
+    (1) the environment, the cuda-marked tests (CUDA only) and every method's tiny bf16 step, (2) gkd, ka
     and sar at the check's shapes (the paper's: 4/16 Llama-MoE-3.5B teacher, Sheared-LLaMA-1.3B student,
-    global batch 16 = 4 x 4, 256 + 256 tokens, bf16) against the bandwidth floor and the memory plan, (3) the
-    sampler against generate(). Each stage runs on its own (run_stage): a failure is recorded with its
-    traceback and the others still run; the JSON and Markdown are rewritten after every stage."""
+    global batch 16 = 4 x 4, 256 + 256 tokens, bf16) against the bandwidth floor and the memory plan, (3)
+    the sampler against generate(). A failed stage is recorded with its traceback and the others still run."""
     t0 = time.perf_counter()
     check, amp = CHECKS[scale], torch.bfloat16
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -749,8 +758,8 @@ def gpu_check(scale: str, device, bandwidth: float, json_path: Path | None = Non
 
 
 def sampler_comparison(check: dict, student, device, amp, sync) -> dict:
-    """moekd's sampler against generate() on the student and the same random prompts (one warm-up call
-    each, then one timed)."""
+    """moekd's sampler against generate() on the student and the same random prompts: tokens/s, speedup.
+    One warm-up call each, then one timed."""
     cfg = moekd.Config(method="gkd", max_prompt_len=check["prompt"],
                        max_len=check["prompt"] + check["response"],
                        gen_batch_size=check["micro"] * check["accum"],
@@ -860,8 +869,8 @@ LAYOUTS = [("1 process", 1, []), ("2 ranks: DDP student, replicated teacher", 2,
 
 
 def model_dirs(size: str, root: Path) -> tuple[Path, Path]:
-    """The bench sizes as model directories moekd.py loads (weights from moekd_init_seed; the tiny
-    tokenizer, whose ids all fit the larger vocabulary)."""
+    """The bench sizes as model directories moekd.py loads.
+    Weights from moekd_init_seed; the tiny tokenizer, whose ids all fit the larger vocabulary."""
     spec, tok = SIZES[size], HERE / "tiny_moe"
     per_layer = ("score_scale_factor", "size_experts")  # tiny_moe's per-layer lists fit only its 3 layers
     teacher = {**{k: v for k, v in json.loads((tok / "config.json").read_text()).items()

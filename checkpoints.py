@@ -65,8 +65,9 @@ def refuse_remote_code(directory: Path, what: str) -> Path:
 
 
 def load_tensors_only(path: Path, hint: str = "", **kw) -> dict:
-    """torch.load with the weights-only unpickler: a pickle holding anything else is refused, never run;
-    a truncated or damaged file is a one-line error naming it."""
+    """torch.load with the weights-only unpickler.
+    A pickle holding anything else is refused, never run; a truncated or damaged file is a one-line error
+    naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except pickle.UnpicklingError:
@@ -80,9 +81,9 @@ def first_line(e: BaseException) -> str:
 
 
 def weight_shards(directory: Path) -> list[Path]:
-    """The weight files of a model folder: the single file, or the shards its index names. A shard name
-    that resolves outside the folder (`../`, an absolute path, a link) is refused: a model folder is read
-    as a unit and must not pull weights from elsewhere."""
+    """The weight files of a model folder: the single file, or the shards its index names.
+    A shard name that resolves outside the folder (`../`, an absolute path, a link) is refused: a model
+    folder is read as a unit and must not pull weights from elsewhere."""
     for name in WEIGHT_FILES:
         if (directory / name).exists():
             break
@@ -128,9 +129,9 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_weight_files(directory: Path) -> dict[str, tuple[Path, tuple]]:
-    """Open every weight file before a model is built from it: a truncated safetensors file, a .bin that
-    pickles code, a shard outside the folder are one-line errors here, not tracebacks deep in a loader.
-    Returns key -> (file, shape)."""
+    """Open every weight file before a model is built from it; returns key -> (file, shape).
+    A truncated safetensors file, a .bin that pickles code, a shard outside the folder are one-line errors
+    here, not tracebacks deep in a loader."""
     shapes = {}
     for path in weight_shards(directory):
         if path.name.endswith(".safetensors"):
@@ -155,8 +156,8 @@ def read_state_dict_files(directory: Path) -> Iterator[tuple[str, torch.Tensor]]
 
 
 def check_finite_weights(model: nn.Module, what: str) -> None:
-    """Weights with NaN or inf make every output NaN: an error at load naming the tensor, not a
-    wrong diagnosis (or a sampling crash) later."""
+    """Refuse weights with NaN or inf, naming the tensor.
+    They make every output NaN: an error at load, not a wrong diagnosis (or a sampling crash) later."""
     for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             bad = int((~torch.isfinite(p)).sum())
@@ -165,9 +166,9 @@ def check_finite_weights(model: nn.Module, what: str) -> None:
 
 
 def check_shapes(directory: Path, config, shapes: dict[str, tuple[Path, tuple]], what: str) -> None:
-    """The weight files' shapes against the model config.json describes (built on the meta device): a
-    mismatch (a vocab_size edited, another model's weights) names the key instead of transformers'
-    load report and traceback."""
+    """Check the weight files' shapes against the model config.json describes (built on the meta device).
+    A mismatch (a vocab_size edited, another model's weights) names the key instead of transformers' load
+    report and traceback."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in
@@ -181,8 +182,9 @@ def check_shapes(directory: Path, config, shapes: dict[str, tuple[Path, tuple]],
 
 def load_state_dict_strict(model: nn.Module, pairs: Iterator[tuple[str, torch.Tensor]], *, where: str,
                            partial: bool = False) -> None:
-    """Copy every checkpoint tensor into the model; missing (unless `partial`), unexpected or mis-shaped
-    keys are errors. Stray `rotary_emb.inv_freq` buffers of older checkpoints are ignored (recomputed)."""
+    """Copy every checkpoint tensor into the model.
+    Missing (unless `partial`), unexpected or mis-shaped keys are errors. Stray `rotary_emb.inv_freq`
+    buffers of older checkpoints are ignored (recomputed)."""
     params = dict(model.named_parameters())
     seen = set()
     with torch.no_grad():
@@ -207,9 +209,9 @@ def has_weights(directory: Path) -> bool:
 
 def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=torch.float32,
                what: str = "--model") -> nn.Module:
-    """A causal LM in eval mode: Llama-MoE natively (no remote code), anything else via
-    AutoModelForCausalLM. A local config-only folder with `moekd_init_seed` (tiny_moe/) is initialised
-    from that seed; a saved model's folder without its weights is an error, never random weights."""
+    """A causal LM in eval mode: Llama-MoE natively (no remote code), anything else via AutoModelForCausalLM.
+    A local config-only folder with `moekd_init_seed` (tiny_moe/) is initialised from that seed; a saved
+    model's folder without its weights is an error, never random weights."""
     directory = local_model_dir(name_or_path, what=what)
     try:
         raw = json.loads((directory / "config.json").read_text())
@@ -249,8 +251,8 @@ def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype=t
 
 
 def load_llama_moe(directory: Path, raw: dict, *, device, dtype, init_seed: int | None) -> nn.Module:
-    """A Llama-MoE checkpoint directory (its config.json read as `raw`) in eval mode; with `init_seed`
-    and no weights, seeded random weights instead."""
+    """A Llama-MoE checkpoint directory (its config.json read as `raw`) in eval mode.
+    With `init_seed` and no weights, seeded random weights instead."""
     model = build_llama_moe(check_llama_moe_config(raw, where=str(directory / "config.json")), device=device,
                             dtype=dtype, init_seed=init_seed)
     if init_seed is None:
@@ -259,8 +261,9 @@ def load_llama_moe(directory: Path, raw: dict, *, device, dtype, init_seed: int 
 
 
 def seeded(raw: dict) -> int | None:
-    """The seed of a config-only model folder (tiny_moe/, repro.py's and bench.py's); None for a folder
-    save_pretrained wrote (transformers_version), whose missing weights are lost, not to be drawn."""
+    """The seed of a config-only model folder (tiny_moe/, repro.py's and bench.py's), else None.
+    None for a folder save_pretrained wrote (transformers_version): its missing weights are lost, not
+    drawn."""
     return None if "transformers_version" in raw else raw.get("moekd_init_seed")
 
 
@@ -388,8 +391,8 @@ def output_error(e: OSError, path: Path) -> RunStopped:
 
 @contextlib.contextmanager
 def writing(path: Path, *partial: Path):
-    """Around every output write: an OSError (full disk, read-only file system, ...) becomes a one-line
-    error naming `path`, and the `partial` files it leaves (temporary files) are removed."""
+    """Around every output write: an OSError becomes a one-line error naming `path`.
+    Full disk, read-only file system, ...; the `partial` files it leaves (temporary files) are removed."""
     try:
         yield
     except OSError as e:
@@ -418,8 +421,8 @@ ROUTERS_FILE = "teacher_routers.safetensors"
 
 def save_run_model(directory: Path, model, tokenizer, routers: dict[str, torch.Tensor] | None, *,
                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """A student directory load_model reads (`state_dict`: a sharded student's gathered weights);
-    SAR runs add the trained teacher routers beside it."""
+    """Save a student directory that load_model reads; SAR runs add the trained teacher routers beside it.
+    `state_dict`: a sharded student's gathered weights."""
     save_model(model, tokenizer, directory, state_dict=state_dict)
     if routers is not None:
         from safetensors.torch import save_file
@@ -447,8 +450,8 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, weights, routers, st
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """A resume from step N goes on logging after N: drop what a killed run logged after its checkpoint
-    (step and dev lines of later steps, a half-written last line)."""
+    """Drop what a killed run logged after its checkpoint, so a resume from step N logs on after N.
+    Step and dev lines of later steps, and a half-written last line."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
@@ -462,8 +465,9 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint `checkpoints/latest` names; it must be a step-N folder beside it, so an edited
-    pointer can never resume from another run's (or any other) folder."""
+    """The checkpoint `checkpoints/latest` names (None without one).
+    It must be a step-N folder beside it, so an edited pointer can never resume from another run's (or any
+    other) folder."""
     pointer = out / "checkpoints" / "latest"
     if not pointer.exists():
         return None
@@ -488,10 +492,10 @@ CHECKPOINT_NAMES = re.compile(rf"step-\d+|latest|latest\.tmp|\.tmp-step-\d+-{MKD
 
 def check_own_folder(out: Path, marker: str, names: re.Pattern, inner: dict[str, re.Pattern],
                      marker_keys: set[str], required: set[str]) -> None:
-    """--overwrite removes only a folder moekd wrote, judged by content: every name one moekd writes
-    (`names`; in the subfolders of `inner`, theirs), and the marker a JSON object with moekd's keys
-    (`required` present, nothing outside `marker_keys`). A folder holding only a killed run's
-    leftovers (the lock, temporary files) needs no marker."""
+    """Check that --overwrite removes only a folder moekd wrote, judged by content.
+    Every name is one moekd writes (`names`; in the subfolders of `inner`, theirs), and the marker a JSON
+    object with moekd's keys (`required` present, nothing outside `marker_keys`). A folder holding only a
+    killed run's leftovers (the lock, temporary files) needs no marker."""
     entries = sorted(p.name for p in out.iterdir())
     foreign = [n for n in entries if not names.fullmatch(n)]
     for sub, pattern in inner.items():
@@ -550,8 +554,8 @@ def check_out_apart(out: Path, reads: dict[str, str | list[str] | None]) -> None
 
 
 def check_writable(out: Path, flag: str = "--out") -> None:
-    """Before any model loads: `out` (or the folder it will be made in) must be writable, so a
-    read-only disk is one line now, not a traceback after minutes of loading."""
+    """Before any model loads: `out` (or the folder it will be made in) must be writable.
+    So a read-only disk is one line now, not a traceback after minutes of loading."""
     base = out
     while not base.exists() and base != base.parent:
         base = base.parent
@@ -568,9 +572,9 @@ def check_writable(out: Path, flag: str = "--out") -> None:
 
 
 class RunLock:
-    """An exclusive flock on `out/.lock`: one moekd process per folder (two runs, or a run and an
-    evaluation, would interleave their files). The kernel drops it when the process dies, so a
-    killed run never leaves a stale lock; the pid and host inside are only for the message."""
+    """An exclusive flock on `out/.lock`: one moekd process per folder, released when the process dies.
+    Two runs, or a run and an evaluation, would interleave their files; a killed run never leaves a stale
+    lock. The pid and host inside are only for the message."""
 
     def __init__(self, active: bool = True):
         self.active, self.fd, self.out = active, None, None
@@ -613,8 +617,9 @@ def default_out(method: str, model: str) -> str:
 
 
 def saved_config(values: dict, given: dict, fields: dict) -> dict:
-    """The config of the run a --resume continues (its run.json); every explicit flag that differs from it,
-    other than RESUME_MAY_CHANGE, is listed in one error. `fields`: the config's field defaults."""
+    """The config of the run a --resume continues (its run.json).
+    Every explicit flag that differs from it, other than RESUME_MAY_CHANGE, is listed in one error.
+    `fields`: the config's field defaults."""
     out = Path(values.get("out")
                or default_out(values.get("method", "sft"), values.get("model", fields["model"])))
     if not (out / "run.json").is_file():
@@ -655,9 +660,10 @@ def check_resume_config(cfg, saved: dict, world: int) -> None:
 
 def prepare_out_dir(cfg, *, reads: dict[str, str | None] | None = None, lock: RunLock | None = None,
                     fields: set[str] = frozenset()) -> tuple[Path, dict | None]:
-    """Check --out before any work: apart from the inputs, writable, never touching an existing run
-    unless --resume/--overwrite, and --overwrite only a moekd run (`fields`: run.json's keys). An
-    existing folder is locked here (rank 0: `lock`), a new one when start_out_dir makes it."""
+    """Check --out before any work; returns it and, on --resume, the checkpoint's trainer state.
+    Apart from the inputs, writable, never touching an existing run unless --resume/--overwrite, and
+    --overwrite only a moekd run (`fields`: run.json's keys). An existing folder is locked here (rank 0:
+    `lock`), a new one when start_out_dir makes it."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MoekdError(f"--out {out}: exists and is not a directory")
@@ -681,8 +687,8 @@ def prepare_out_dir(cfg, *, reads: dict[str, str | None] | None = None, lock: Ru
 
 
 def start_out_dir(out: Path, overwrite: bool, lock: RunLock | None) -> None:
-    """Rank 0, once the inputs loaded: empty (--overwrite) or make --out, and hold its lock; a folder
-    another process filled meanwhile is refused."""
+    """Rank 0, once the inputs loaded: empty (--overwrite) or make --out, and hold its lock.
+    A folder another process filled meanwhile is refused."""
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
     if lock is not None:

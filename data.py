@@ -20,8 +20,8 @@ TABLE_FILES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}  # read 
 
 
 def format_prompt(instruction: str, context: str = "") -> str:
-    """The Alpaca-style template of MiniLLM and the official code (tools/process_data_dolly.py),
-    byte-exact."""
+    """The Alpaca-style template of MiniLLM and the official code, byte-exact.
+    As in the official tools/process_data_dolly.py."""
     if context:
         return ("Below is an instruction that describes a task, paired with an input that provides "
                 "further context. Write a response that appropriately completes the request.\n\n"
@@ -77,11 +77,11 @@ def row_kind(row: dict, columns: tuple[str, str] | None) -> str | None:
 
 def to_example(row: dict, *, where: str, template: str = "alpaca", columns: tuple[str, str] | None = None,
                kinds: Counter | None = None) -> dict:
-    """One row -> {prompt, responses} (the Alpaca template, or MiniLLM's prompt verbatim) or, with --template
-    chat, {messages, responses, where}: a conversation that ends with the assistant turn to learn, rendered
-    later with the student's chat template (prompt_and_response). responses[0] is the target, all of them
-    ROUGE-L's references. Under chat an instruction (+ its context/input) or a --prompt-column value is one
-    user turn."""
+    """One row -> an example: {prompt, responses}, or with --template chat {messages, responses, where}.
+    {prompt, responses}: the Alpaca template, or MiniLLM's prompt verbatim. Chat: a conversation that ends
+    with the assistant turn to learn, rendered later with the student's chat template
+    (prompt_and_response). responses[0] is the target, all of them ROUGE-L's references. Under chat an
+    instruction (+ its context/input) or a --prompt-column value is one user turn."""
     kind = row_kind(row, columns)
     if kinds is not None and kind:
         kinds[kind] += 1
@@ -126,8 +126,9 @@ def turn_example(user: str, responses: list[str]) -> dict:
 
 
 def column_example(row: dict, columns: tuple[str, str], *, where: str, template: str) -> dict:
-    """A row read by --prompt-column/--response-column: strings (the response: one or a list of references),
-    or TRL's conversational prompt/completion (lists of turns, joined into one conversation)."""
+    """An example from a row read by --prompt-column/--response-column.
+    Strings (the response: one or a list of references), or TRL's conversational prompt/completion (lists
+    of turns, joined into one conversation)."""
     for flag, column in zip(("--prompt-column", "--response-column"), columns):
         if column not in row:
             raise MoekdError(f"{where}: no column {column!r} ({flag}); the row has {', '.join(sorted(row))}")
@@ -205,9 +206,10 @@ def generation_eos_ids(tokenizer, flag: str) -> list[int]:
 
 
 def chat_stop_ids(tokenizer, flag: str = "--model") -> list[int]:
-    """The ids that end a response under the chat template, the response's own end first: the first special
-    token the template writes after an assistant message's content (<|im_end|>, <|eot_id|>, <end_of_turn>,
-    </s>), then the tokenizer's EOS and the eos_token_id(s) of the model's generation_config.json."""
+    """The ids that end a response under the chat template, the response's own end first.
+    The first special token the template writes after an assistant message's content (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, </s>), then the tokenizer's EOS and the eos_token_id(s) of the model's
+    generation_config.json."""
     name = f"{flag} {tokenizer.name_or_path}"
     if not getattr(tokenizer, "chat_template", None):
         raise MoekdError(f"--template chat: {name} has no chat template (chat_template in "
@@ -226,8 +228,9 @@ def chat_stop_ids(tokenizer, flag: str = "--model") -> list[int]:
 
 
 def set_template(tokenizer, template: str, flag: str = "--model") -> None:
-    """Ready `tokenizer` for --template. chat: the ids that end a response (chat_stop_ids) become
-    tokenizer.moekd_stop_ids, which sampling.stop_ids reads; alpaca: the tokenizer's EOS, as before."""
+    """Ready `tokenizer` for --template.
+    chat: the ids that end a response (chat_stop_ids) become tokenizer.moekd_stop_ids, which
+    sampling.stop_ids reads; alpaca: the tokenizer's EOS, as before."""
     if template != "chat":
         return
     stops = tokenizer.moekd_stop_ids = chat_stop_ids(tokenizer, flag)
@@ -237,10 +240,11 @@ def set_template(tokenizer, template: str, flag: str = "--model") -> None:
 
 
 def prompt_and_response(tokenizer, example: dict) -> tuple[str, str] | None:
-    """An example's prompt and response text. A conversation: the turns before its last one rendered with the
-    generation prompt, and the text the template writes after them up to the response's end token (appended as
-    an id by tokenize_example). None where the template's prefix property fails: the prompt rendered alone is
-    not the start of the whole conversation rendered (or no end token follows), so no split is right."""
+    """An example's prompt and response text; None where its conversation cannot be split right.
+    A conversation: the turns before its last one rendered with the generation prompt, and the text the
+    template writes after them up to the response's end token (appended as an id by tokenize_example). No
+    split is right where the template's prefix property fails: the prompt rendered alone is not the start
+    of the whole conversation rendered (or no end token follows)."""
     if "messages" not in example:
         return example["prompt"], example["responses"][0]
     stops = getattr(tokenizer, "moekd_stop_ids", None)
@@ -295,7 +299,7 @@ def looks_like_hub_name(source: str) -> bool:
 
 def load_table(source: str, flag: str, *, split: str | None, template: str, columns: tuple[str, str] | None,
                kinds: Counter | None = None, split_flag: str = "--data-split") -> list[dict]:
-    """The examples of a parquet/arrow/csv file, a save_to_disk folder or a hub dataset, through `datasets`;
+    """The examples of a parquet/arrow/csv file, a save_to_disk folder or a hub dataset, through `datasets`.
     `split` where the source has splits (default train), an error where it has none."""
     path = Path(source)
     if not path.exists():
@@ -418,8 +422,8 @@ def load_splits(cfg) -> tuple[list[dict], list[dict]]:
 
 
 def data_files(source: str | None, names: tuple[str, ...] = ("train.jsonl", "dev.jsonl")) -> list[str]:
-    """The files a --data (or, with `names` dev.jsonl/valid.jsonl, --dev-data) source reads: the file
-    itself, those of its folder, or a dataset's folder."""
+    """The files a --data source reads: the file itself, those of its folder, or a dataset's folder.
+    With `names` dev.jsonl/valid.jsonl, those a --dev-data source reads."""
     if not source:
         return []
     path = Path(source)
@@ -433,8 +437,9 @@ def _is_raw_dolly_file(path: Path) -> bool:
 
 
 def load_examples(cfg) -> list[dict]:
-    """The dev examples: --dev-data (a file, a folder's dev.jsonl or valid.jsonl, a dataset) or --dev-split
-    (of --dev-data, else of --data)."""
+    """The dev examples, from --dev-data or --dev-split.
+    --dev-data: a file, a folder's dev.jsonl or valid.jsonl, a dataset; --dev-split: of --dev-data, else of
+    --data."""
     source, flag = (cfg.dev_data, "--dev-data") if cfg.dev_data else (cfg.data, "--data")
     path = Path(source)
     if path.is_dir() and not is_saved_dataset(path) or source == "synthetic":

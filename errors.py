@@ -16,8 +16,8 @@ class RunStopped(MoekdError):
 
 
 class RunInterrupted(BaseException):
-    """SIGINT/SIGTERM stopped a run: printed as one line, exit code 128 + the signal's number. A
-    BaseException, as KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+    """SIGINT/SIGTERM stopped a run: printed as one line, exit code 128 + the signal's number.
+    A BaseException, as KeyboardInterrupt, so no `except Exception` on the way swallows it."""
 
     def __init__(self, message: str, signum: int, *, quiet: bool = False):
         super().__init__(message)

@@ -47,8 +47,9 @@ ANALYSES = ("rouge", "gate-mass", "router-shift", "k-sweep")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The description as written (its usage examples keep their lines); "(default: X)" after a flag's help
-    only where X says something: not for None or False, nor where the help already gives "(default ...)"."""
+    """The description as written; "(default: X)" after a flag's help only where X says something.
+    The usage examples keep their lines; no default for None or False, nor where the help already gives
+    "(default ...)"."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -133,8 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Data and generation
 
 def resolve_sets(spec: str | None, data_dir: str | Path) -> dict[str, Path | None]:
-    """Set name -> file. The default sets must all exist; a missing set named in --sets is None (reported
-    and listed as missing, never silently dropped). Unknown names are errors."""
+    """Set name -> file.
+    The default sets must all exist; a missing set named in --sets is None (reported and listed as missing,
+    never silently dropped). Unknown names are errors."""
     if spec is None:
         if not Path(data_dir).is_dir():
             raise MoekdError(f"--data-dir {data_dir}: no such folder; fetch the sets with "
@@ -168,8 +170,9 @@ def resolve_sets(spec: str | None, data_dir: str | Path) -> dict[str, Path | Non
 
 
 def load_set(path: Path, max_examples: int | None, template: str = "alpaca") -> list[dict]:
-    """[{prompt, references}] from a MiniLLM-format jsonl (errors name the file and line); with --template
-    chat also the conversation (messages, ending with the reference's turn), its prompt the last user turn."""
+    """[{prompt, references}] from a MiniLLM-format jsonl (errors name the file and line).
+    With --template chat also the conversation (messages, ending with the reference's turn), its prompt the
+    last user turn."""
     rows = data.read_jsonl(path, template=template)
     return [{"prompt": r["prompt"], "references": r["responses"]} if "messages" not in r else
             {"prompt": r["messages"][-2]["content"], "references": r["responses"], "messages": r["messages"],
@@ -182,8 +185,9 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> list[l
 
 
 def chat_prompt_ids(tokenizer, examples: list[dict], max_prompt_len: int) -> list[list[int]]:
-    """The conversations before their answers through the chat template (+ generation prompt), no added
-    special tokens (the template writes its BOS); the last N tokens kept: the generation prompt survives."""
+    """Prompt ids: the conversations before their answers through the chat template (+ generation prompt).
+    No added special tokens (the template writes its BOS); the last N tokens are kept, so the generation
+    prompt survives."""
     texts = [data.render(tokenizer, e["messages"][:-1], generation_prompt=True, where=e["where"])
              for e in examples]
     return [tokenizer.encode(t, add_special_tokens=False)[-max_prompt_len:] for t in texts]
@@ -304,8 +308,8 @@ def protocol(args) -> dict:
 # MoE analyses
 
 def gold_batches(tokenizer, name: str, examples: list[dict], args, batch_size: int = 16):
-    """Teacher-forced gold sequences (first reference) in the training format, with a mask of the
-    response tokens."""
+    """Batches of teacher-forced gold sequences (first reference) in the training format.
+    Each with a mask of the response tokens."""
     cfg = moekd.Config(max_prompt_len=args.max_prompt_len, max_len=args.max_prompt_len + args.max_new_tokens)
     rows = [{"prompt": e["prompt"], "responses": e["references"]} if "messages" not in e else
             {"messages": e["messages"], "responses": e["references"], "where": e["where"]} for e in examples]
@@ -336,8 +340,7 @@ def activated_mass(probs: torch.Tensor) -> torch.Tensor:
 
 
 def router_kl(p_orig: torch.Tensor, p_new: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """KL(p_orig || p_new) per token; negative rounding is clamped to 0 and counted (as the official
-    script)."""
+    """KL(p_orig || p_new) per token, negative rounding clamped to 0 and counted (as the official script)."""
     kl = (p_orig * (p_orig.clamp_min(1e-30).log() - p_new.clamp_min(1e-30).log())).sum(-1)
     return kl.clamp_min(0.0), int((kl < 0).sum())
 
@@ -474,8 +477,9 @@ EVAL_KEYS = {"model", "analysis", "label", "dtype", "batch_size", "sets", "proto
 
 
 def check_out(out: Path, settings: dict, overwrite: bool) -> None:
-    """--out must be new, empty, or an earlier run of the same evaluation (continued: finished pairs are
-    kept); --overwrite starts over, in a folder eval.py wrote only."""
+    """Check that --out is new, empty, or an earlier run of the same evaluation.
+    An earlier run is continued (finished pairs are kept); --overwrite starts over, in a folder eval.py
+    wrote only."""
     if out.exists() and not out.is_dir():
         raise MoekdError(f"--out {out}: exists and is not a directory")
     if not checkpoints.busy(out):

@@ -88,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_rows(data_lines: list[bytes], remote: Remote, url: str) -> None:
-    """Every line a JSON object with the MiniLLM fields eval.py reads; an LFS pointer or an HTML page
-    fails."""
+    """Check that every line is a JSON object with the MiniLLM fields eval.py reads.
+    An LFS pointer or an HTML page fails."""
     if data_lines and data_lines[0].startswith(b"version https://git-lfs"):
         raise FetchError(f"set {remote.name}: {url} is a Git LFS pointer, not the data")
     for i, line in enumerate(data_lines, 1):

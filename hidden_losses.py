@@ -28,9 +28,9 @@ class Head(NamedTuple):
 
 
 def head_logits(h: torch.Tensor, head: Head, vocab: int) -> tuple[torch.Tensor, torch.Tensor | float]:
-    """fp32 logits [..., vocab] of hidden states h [..., H] over the head's first `vocab` rows (the matmul
-    in the autocast dtype), and d logits / d (h W^T + b): the scale, or a tensor where the soft cap bends
-    them."""
+    """fp32 logits [..., vocab] of hidden states h [..., H], and d logits / d (h W^T + b).
+    Over the head's first `vocab` rows, the matmul in the autocast dtype; the derivative is the scale, or a
+    tensor where the soft cap bends the logits."""
     z = F.linear(h, head.weight[:vocab],
                  None if head.bias is None else head.bias[:vocab]).float().mul_(head.scale)
     if head.cap is None:
@@ -41,9 +41,9 @@ def head_logits(h: torch.Tensor, head: Head, vocab: int) -> tuple[torch.Tensor, 
 
 
 def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool, teacher_grad: bool):
-    """KL per row, dKL/dz_student, dKL/dz_teacher (or None) of student log q [c, V] and M passes' log p
-    [M, c, V], both overwritten. reverse: KL(q || p), log p = mean_m log p_m: dz_s = q (log q - log p - KL),
-    dz_m = (p_m - q) / M; else mean_m KL(p_m || q): dz_s = q - mean_m p_m,
+    """KL per row, dKL/dz_student and dKL/dz_teacher (or None) from log q [c, V] and log p [M, c, V].
+    Student log q and the M passes' log p, both overwritten. reverse: KL(q || p), log p = mean_m log p_m:
+    dz_s = q (log q - log p - KL), dz_m = (p_m - q) / M; else mean_m KL(p_m || q): dz_s = q - mean_m p_m,
     dz_m = p_m (log p_m - log q - KL_m) / M. 0 log 0 = 0 (NaN -> 0)."""
     M, finite = lp.shape[0], dict(nan=0.0, posinf=math.inf, neginf=-math.inf)
     if reverse:
@@ -61,10 +61,9 @@ def _kl_chunk(log_q: torch.Tensor, lp: torch.Tensor, reverse: bool, teacher_grad
 
 
 def _kl_passes(log_q: torch.Tensor, ht: torch.Tensor, head: Head, vocab: int, reverse: bool):
-    """_kl_chunk's KL per row and dKL/dz_student against M frozen teacher passes' hidden states
-    ht [M, c, H], one pass at a time, so the temporaries stay [c, V] whatever M. reverse: log p = the
-    passes' mean log-probability, accumulated; else mean_m KL(p_m || q), dz_s = q - mean_m p_m. log_q is
-    overwritten."""
+    """_kl_chunk's KL per row and dKL/dz_student against M frozen teacher passes' hidden states ht [M, c, H].
+    One pass at a time, so the temporaries stay [c, V] whatever M. reverse: log p = the passes' mean
+    log-probability, accumulated; else mean_m KL(p_m || q), dz_s = q - mean_m p_m. log_q is overwritten."""
     M, finite = ht.shape[0], dict(nan=0.0, posinf=math.inf, neginf=-math.inf)
     acc, kl = None, 0.0
     for h in ht:
@@ -82,15 +81,15 @@ def _kl_passes(log_q: torch.Tensor, ht: torch.Tensor, head: Head, vocab: int, re
 
 
 def chunk_rows(chunk_mb: float, vocab: int, passes: int = 1) -> int:
-    """Rows per chunk so that one fp32 [rows, V] temporary (or [passes, rows, V], for M teacher passes
-    that need gradients and so go together) holds about chunk_mb MB."""
+    """Rows per chunk so that one fp32 [rows, V] temporary holds about chunk_mb MB.
+    [passes, rows, V] for M teacher passes that need gradients and so go together."""
     return max(1, int(chunk_mb * 2**20) // (4 * vocab * passes))
 
 
 class _HeadLosses(torch.autograd.Function):
-    """head_losses, `chunk` rows at a time: each chunk's gradients (hidden states, head weights and biases
-    of both sides) are computed in the forward, so no [rows, V] tensor outlives its chunk; backward scales
-    them (once)."""
+    """head_losses, `chunk` rows at a time, each chunk's gradients computed in the forward.
+    The gradients of hidden states, head weights and biases of both sides, so no [rows, V] tensor outlives
+    its chunk; backward scales them (once)."""
 
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, labels, heads, vocab, chunk_mb, reverse, ce_weight, kl_weight):
@@ -139,8 +138,8 @@ class _HeadLosses(torch.autograd.Function):
 
 def _back_through_head(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grads: list, r: slice,
                        vocab: int) -> None:
-    """Accumulate one chunk's d/dh = g W, d/dW += g^T h, d/db += Sum g (rows r; g [..., c, vocab]); dW in
-    fp32."""
+    """Accumulate one chunk's d/dh = g W, d/dW += g^T h, d/db += Sum g; dW in fp32.
+    Rows r; g [..., c, vocab]."""
     gh, gw, gb = grads
     if gh is not None:
         gh[..., r, :] = g.to(w.dtype) @ w[:vocab]
@@ -155,12 +154,12 @@ def head_losses(hs: torch.Tensor, head_s: Head, labels: torch.Tensor | None = No
                 ht: torch.Tensor | None = None, head_t: Head | None = None, *, ce_weight: float = 0.0,
                 kl_weight: float = 0.0, reverse: bool = True, vocab: int | None = None,
                 chunk_mb: float = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """ce_weight * Sum CE(q, labels) + kl_weight * Sum KL over the rows of student hidden states hs [n, Hs]
-    (and M teacher passes' ht [M, n, Ht]), exact over the first `vocab` rows of both heads (default: all the
-    student's), in fp32, without [n, V] logits: chunks of rows whose fp32 [rows, V] temporaries hold about
-    chunk_mb MB each. reverse: KL(q_student || p_teacher) with log p = mean_m log p_m, which is the mean of
-    the M KLs; else mean_m KL(p_m || q). Returns (the weighted sum, differentiable; [CE sum, KL sum],
-    detached)."""
+    """ce_weight * Sum CE(q, labels) + kl_weight * Sum KL over the rows of hidden states, chunked, in fp32.
+    Student hs [n, Hs] (and M teacher passes' ht [M, n, Ht]); exact over the first `vocab` rows of both
+    heads (default: all the student's), without [n, V] logits: chunks of rows whose fp32 [rows, V]
+    temporaries hold about chunk_mb MB each. reverse: KL(q_student || p_teacher) with
+    log p = mean_m log p_m, which is the mean of the M KLs; else mean_m KL(p_m || q).
+    Returns (the weighted sum, differentiable; [CE sum, KL sum], detached)."""
     vocab = vocab or head_s.weight.shape[0]
     t = (None, None, None) if ht is None else (ht, head_t.weight, head_t.bias)
     return _HeadLosses.apply(hs, head_s.weight, head_s.bias, *t, labels, (head_s, head_t), vocab, chunk_mb,
@@ -168,8 +167,9 @@ def head_losses(hs: torch.Tensor, head_s: Head, labels: torch.Tensor | None = No
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """chunked_loss, `chunk` rows at a time: each chunk's logits are recomputed under autograd, the loss's
-    gradients taken there (torch.autograd.grad) and accumulated, and the chunk's [rows, V] tensors dropped."""
+    """chunked_loss, `chunk` rows at a time, each chunk's logits recomputed under autograd.
+    The loss's gradients are taken there (torch.autograd.grad) and accumulated, and the chunk's [rows, V]
+    tensors dropped."""
 
     @staticmethod
     def forward(ctx, loss_fn, hs, ws, bs, ht, wt, bt, heads, vocab, chunk_mb):
@@ -211,10 +211,10 @@ class _ChunkedLoss(torch.autograd.Function):
 
 def chunked_loss(loss_fn, hs: torch.Tensor, head_s: Head, ht: torch.Tensor, head_t: Head, *,
                  vocab: int | None = None, chunk_mb: float = 32) -> torch.Tensor:
-    """Sum over rows of loss_fn(log_q [c, V], log_p [M, c, V]) -> [c], from student hidden states hs [n, Hs]
-    and M teacher passes' ht [M, n, Ht], without [n, V] logits: any new loss is one function of
-    log-probabilities. Each chunk's gradients come from torch.autograd.grad on its recomputed logits (slower
-    than head_losses' hand-derived KLs, which the paper's methods use; the same memory bound)."""
+    """Sum over rows of loss_fn(log_q [c, V], log_p [M, c, V]) -> [c], without [n, V] logits.
+    From student hidden states hs [n, Hs] and M teacher passes' ht [M, n, Ht]: any new loss is one function
+    of log-probabilities. Each chunk's gradients come from torch.autograd.grad on its recomputed logits
+    (slower than head_losses' hand-derived KLs, which the paper's methods use; the same memory bound)."""
     vocab = vocab or head_s.weight.shape[0]
     return _ChunkedLoss.apply(loss_fn, hs, head_s.weight, head_s.bias, ht, head_t.weight, head_t.bias,
                               (head_s, head_t), vocab, chunk_mb)
@@ -233,8 +233,8 @@ def forward_kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
 
 
 def jsd_rows(log_q: torch.Tensor, log_p: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
-    """Generalised Jensen-Shannon divergence per row (GKD's, Agarwal et al. 2024): beta KL(p || m) +
-    (1 - beta) KL(q || m), m = beta p + (1 - beta) q, against the first teacher pass."""
+    """Generalised Jensen-Shannon divergence per row, against the first teacher pass.
+    beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (GKD's, Agarwal et al. 2024)."""
     log_p = log_p[0]
     log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
     def kl(log_a):

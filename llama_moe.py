@@ -64,9 +64,9 @@ def gate_balance_loss(importance: torch.Tensor, load: torch.Tensor, weight: floa
 
 
 class LlamaMoEGate(nn.Module):
-    """TopKBalancedNoisyGate: keys gate.gate_network.{0,2}.weight (mlp) or gate.gate_network.weight
-    (linear), gate.weight_noise.weight. forward(x [N, H]) -> (index [N, K], weights [N, K])
-    and stores this call's balance loss in `self.balance_loss`."""
+    """Llama-MoE's TopKBalancedNoisyGate: forward(x [N, H]) -> (index [N, K], weights [N, K]).
+    It stores this call's balance loss in `self.balance_loss`. Keys: gate.gate_network.{0,2}.weight (mlp)
+    or gate.gate_network.weight (linear), gate.weight_noise.weight."""
 
     def __init__(self, hidden_size: int, num_experts: int, num_selects: int, *, gate_network: str,
                  add_noise: bool, noise_epsilon: float, use_balance: bool, balance_loss_weight: float):
@@ -113,8 +113,9 @@ class LlamaMoEGate(nn.Module):
 
 
 class LlamaMoEExperts(nn.Module):
-    """SwiGLU experts of per-expert sizes s_j: keys weight_gate.j [s_j, H], weight_up.j [s_j, H],
-    weight_down.j [H, s_j] (nn.ParameterLists, as the checkpoints)."""
+    """SwiGLU experts of per-expert sizes s_j.
+    Keys weight_gate.j [s_j, H], weight_up.j [s_j, H], weight_down.j [H, s_j] (nn.ParameterLists, as the
+    checkpoints)."""
 
     def __init__(self, hidden_size: int, sizes: list[int]):
         super().__init__()
@@ -151,9 +152,9 @@ class LlamaMoECalculator(nn.Module):
 
 
     def all_experts(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token (ALL, SAR, k = N): the experts are slices of one SwiGLU FFN, so
-        three matmuls over the concatenated weights replace the per-expert loop; each expert's hidden
-        units are scaled by its routing weight before the down projection."""
+        """Every expert on every token (ALL, SAR, k = N) in three matmuls over the concatenated weights.
+        The experts are slices of one SwiGLU FFN, so these replace the per-expert loop; each expert's
+        hidden units are scaled by its routing weight before the down projection."""
         ex = self.experts
         sizes = torch.tensor([w.shape[0] for w in ex.weight_gate], device=x.device)
         full = torch.zeros(x.shape[0], len(sizes), dtype=weights.dtype, device=x.device).scatter(
@@ -241,8 +242,8 @@ def check_llama_moe_config(raw: dict, *, where: str) -> dict:
 
 
 def llama_config_from_moe(c: dict):
-    """The transformers LlamaConfig of the dense backbone. RoPE base 10000 is hard-coded in
-    Llama-MoE (its configs carry no rope_theta)."""
+    """The transformers LlamaConfig of the dense backbone.
+    RoPE base 10000 is hard-coded in Llama-MoE (its configs carry no rope_theta)."""
     from transformers import LlamaConfig
     return LlamaConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],

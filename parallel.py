@@ -52,8 +52,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def init_distributed(cfg) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group (nccl on GPUs, gloo on CPU) and pick this rank's device;
-    without torchrun, a single process on --device."""
+    """Join the torchrun process group (nccl on GPUs, gloo on CPU) and pick this rank's device.
+    Without torchrun, a single process on --device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         for flag in ("shard_teacher", "shard_student"):
@@ -87,8 +87,8 @@ def init_distributed(cfg) -> tuple[Dist, torch.device]:
 
 
 def split_global_batch(cfg, world: int) -> int:
-    """Set cfg.grad_accum from --global-batch-size (if given); returns the global batch, which must be
-    batch_size x devices x grad_accum."""
+    """Set cfg.grad_accum from --global-batch-size (if given); returns the global batch.
+    The global batch must be batch_size x devices x grad_accum."""
     per_step = cfg.batch_size * world
     if cfg.global_batch_size is not None:
         accum, rest = divmod(cfg.global_batch_size, per_step)
@@ -103,8 +103,9 @@ def split_global_batch(cfg, world: int) -> int:
 
 
 def enable_checkpointing(model: nn.Module, what: str) -> None:
-    """Activation checkpointing of every decoder layer: transformers' own, non-reentrant (so it composes
-    with DDP and FSDP2), and the recomputation replays the RNG state, so gate noise is the same."""
+    """Activation checkpointing of every decoder layer, transformers' own.
+    Non-reentrant, so it composes with DDP and FSDP2; the recomputation replays the RNG state, so gate
+    noise is the same."""
     try:
         model.activation_checkpointing_enable()
     except (ValueError, AttributeError):
@@ -133,8 +134,8 @@ def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
 
 
 def average_gradients(params: list[nn.Parameter], dist: Dist) -> None:
-    """What DDP does to the student, for the replicated teacher's routers: every rank ends with the
-    mean of the ranks' gradients (one flat all-reduce)."""
+    """What DDP does to the student, for the replicated teacher's routers.
+    Every rank ends with the mean of the ranks' gradients (one flat all-reduce)."""
     grads = [p.grad for p in params if p.grad is not None]
     if dist.world == 1 or not grads:
         return
@@ -159,9 +160,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def wrap_student(model: nn.Module, dist: Dist, device: torch.device, *, moe: bool) -> nn.Module:
-    """DDP over the student (a --shard-student one was sharded as it was loaded). An MoE student may
-    leave experts without tokens in a micro-batch, so DDP must look for unused parameters; the ranks
-    load identical weights, so buffers need no syncing during training."""
+    """DDP over the student (a --shard-student one was sharded as it was loaded).
+    An MoE student may leave experts without tokens in a micro-batch, so DDP must look for unused
+    parameters; the ranks load identical weights, so buffers need no syncing during training."""
     if dist.world == 1 or is_sharded(model):
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -178,11 +179,11 @@ def device_mesh(sharded: bool, device: torch.device, dist: Dist):
 
 
 def shard_model(model: nn.Module, mesh, separate: list[nn.Module] = (), *, frozen: bool = False) -> nn.Module:
-    """FSDP2 over a causal LM: each decoder layer is one sharded unit (gathered for its forward, freed
-    after), embeddings and head the root's; parameters move to the mesh's device. `separate` modules get
-    units of their own: FSDP2 gathers one dtype per unit, and SAR keeps fp32 routers in a bf16 teacher.
-    FSDP2 keeps the root gathered between forward and backward; a `frozen` model (the teacher) has no
-    backward to wait for, so its root is freed after each forward too."""
+    """FSDP2 over a causal LM: each decoder layer one sharded unit, embeddings and head the root's.
+    Each layer is gathered for its forward and freed after; parameters move to the mesh's device.
+    `separate` modules get units of their own: FSDP2 gathers one dtype per unit, and SAR keeps fp32 routers
+    in a bf16 teacher. FSDP2 keeps the root gathered between forward and backward; a `frozen` model (the
+    teacher) has no backward to wait for, so its root is freed after each forward too."""
     from torch.distributed.fsdp import fully_shard
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
@@ -193,8 +194,9 @@ def shard_model(model: nn.Module, mesh, separate: list[nn.Module] = (), *, froze
 
 
 def one_rank_at_a_time(dist: Dist, build):
-    """build() on each rank in turn, a barrier between turns: a model sharded right after it is read
-    into host memory then has one full host copy alive at a time, not one per rank."""
+    """build() on each rank in turn, a barrier between turns.
+    So a model sharded right after it is read into host memory has one full host copy alive at a time, not
+    one per rank."""
     built = None
     for r in range(dist.world):
         if r == dist.rank:
@@ -204,16 +206,16 @@ def one_rank_at_a_time(dist: Dist, build):
 
 
 def shard_loaded(model: nn.Module, mesh, device: torch.device, **options) -> nn.Module:
-    """shard_model for a model load_model read onto the CPU: first restore the GPU experts kernel
-    (load_model picks the eager one for the CPU)."""
+    """shard_model for a model load_model read onto the CPU, after restoring the GPU experts kernel.
+    load_model picks the eager one for the CPU."""
     if device.type != "cpu" and type(model)._can_set_experts_implementation():
         model.set_experts_implementation("grouped_mm")
     return shard_model(model, mesh, **options)
 
 
 def gradient_sync(model: nn.Module, enabled: bool):
-    """Gradient all-reduce on (the last micro-batch of a step) or off (the ones before): DDP's no_sync(),
-    FSDP2's set_requires_gradient_sync(); nothing to do in a single process."""
+    """Gradient all-reduce on (the last micro-batch of a step) or off (the ones before).
+    DDP's no_sync(), FSDP2's set_requires_gradient_sync(); nothing to do in a single process."""
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)
     elif not enabled and hasattr(model, "no_sync"):
@@ -222,15 +224,16 @@ def gradient_sync(model: nn.Module, enabled: bool):
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of a (possibly sharded) model as full CPU tensors on rank 0, empty elsewhere; a
-    collective when sharded, so every rank calls it."""
+    """The weights of a (possibly sharded) model as full CPU tensors on rank 0, empty elsewhere.
+    A collective when sharded, so every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def optimizer_state(model: nn.Module, optimizer) -> dict:
-    """An optimizer's state keyed by parameter name with full tensors, so a checkpoint resumes on any
-    number of ranks, sharded or not (a collective for a sharded model: every rank calls it)."""
+    """An optimizer's state keyed by parameter name with full tensors.
+    So a checkpoint resumes on any number of ranks, sharded or not; a collective for a sharded model, so
+    every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     return get_optimizer_state_dict(model, optimizer,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -249,9 +252,9 @@ def local_mb(tensors) -> float:
 
 def memory_per_rank(student: nn.Module, teacher: nn.Module | None, optimizers: list, device: torch.device,
                     dist: Dist) -> list[dict[str, float]]:
-    """Per rank: MB of student weights + gradients, teacher weights, optimizer state (each rank's
-    shards), and the process's peak (CUDA allocation; on CPU the peak RSS, Python and libraries included).
-    Gradients are counted at their full size: they are freed after each step (zero_grad)."""
+    """Per rank: MB of student weights + gradients, teacher weights, optimizer state, and the peak.
+    Each rank's shards; the peak is the process's CUDA allocation, on CPU its peak RSS (Python and
+    libraries included). Gradients are counted at full size: they are freed after each step (zero_grad)."""
     import resource
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -182,8 +182,8 @@ def write_model_dir(path: Path, config: dict, *, moe: bool, seed: int) -> Path:
 
 
 def write_jsonl_once(path: Path, rows: list[dict]) -> None:
-    """Write rows unless the file exists (it then must hold the same rows: the data never changes under a
-    run)."""
+    """Write rows unless the file exists, which then must hold the same rows.
+    The data never changes under a run."""
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if path.exists():
         if path.read_text() != text:
@@ -194,8 +194,8 @@ def write_jsonl_once(path: Path, rows: list[dict]) -> None:
 
 
 def synthetic_training_data(folder: Path, spec: dict) -> Path:
-    """train.jsonl and dev.jsonl of a synthetic preset (moekd's folder form), seeded by DATA_SEED, not the
-    training seed: every training seed trains on the same rows."""
+    """train.jsonl and dev.jsonl of a synthetic preset (moekd's folder form), seeded by DATA_SEED.
+    Not by the training seed: every training seed trains on the same rows."""
     kind = dict(families=tuple(spec["families"]), n_facts=spec["n_facts"])
     write_jsonl_once(folder / "train.jsonl", synthetic.synthetic_rows(spec["train"], seed=DATA_SEED, **kind))
     write_jsonl_once(folder / "dev.jsonl", synthetic.synthetic_rows(spec["dev"], seed=DATA_SEED + 1, **kind))
@@ -255,8 +255,9 @@ def check_settings(args) -> None:
 # Stages of one training seed (each skipped when complete, resumed when interrupted)
 
 def train(args, run_args, name: str, flags: list[str]) -> Path:
-    """One moekd.py run in <seed>/runs/<name>; returns the model it hands on (--select: best dev ROUGE-L for
-    SFT and KD, the last model for the on-policy methods, as the official scripts)."""
+    """One moekd.py run in <seed>/runs/<name>; returns the model it hands on.
+    --select: best dev ROUGE-L for SFT and KD, the last model for the on-policy methods, as the official
+    scripts."""
     run = run_args.dir / "runs" / name
     tag = f"seed {run_args.seed} {name}"
     if (run / "final").exists():
@@ -277,8 +278,8 @@ def train(args, run_args, name: str, flags: list[str]) -> Path:
 
 
 def evaluate(args, run_args, name: str, model: Path, sets: dict[str, Path], extra: list[str] = ()) -> dict:
-    """eval.py's result for one row, with "examples": per set, each example's ROUGE-L averaged over the eval
-    seeds (rounded to 0.01; for the hierarchical bootstrap)."""
+    """eval.py's result for one row, with "examples": per set, each example's ROUGE-L over the eval seeds.
+    Averaged and rounded to 0.01, for the hierarchical bootstrap."""
     out = run_args.dir / "eval" / name
     if (out / "results.json").exists():
         print(f"[repro] seed {run_args.seed} eval {name}: done, skipped")
@@ -368,8 +369,8 @@ def expert_specialisation(teacher_dir: Path, args) -> list[list[list[float]]]:
 # One training seed's report, and its publication
 
 def small(result: dict, examples: bool = True) -> dict:
-    """An eval.py result reduced to what the tables need: per set the mean, std and per-eval-seed ROUGE-L, and
-    (for the bootstrap) the per-example scores."""
+    """An eval.py result reduced to what the tables need.
+    Per set the mean, std and per-eval-seed ROUGE-L, and (for the bootstrap) the per-example scores."""
     return {"avg": result["avg"], "sets": result["sets"],
             **({"examples": result["examples"]} if examples else {})}
 
@@ -417,8 +418,8 @@ def publish(args, seed: int, summary: dict) -> Path:
 
 
 def specialisation_bits(share: torch.Tensor) -> list[float]:
-    """Mutual information (bits) between task family (uniform) and top-1 expert, per layer: share is
-    P(expert | family) [L, F, E]."""
+    """Mutual information (bits) between task family (uniform) and top-1 expert, per layer.
+    share is P(expert | family) [L, F, E]."""
     p_e = share.mean(1, keepdim=True)                                   # [L, 1, E]
     ratio = torch.where(share > 0, share / p_e.clamp_min(1e-12), torch.ones_like(share))
     return (share * ratio.log2()).sum(-1).mean(-1).tolist()
@@ -470,8 +471,9 @@ def load_seed_files(folder: Path) -> dict[int, dict]:
 
 
 def assemble_stats(seeds: dict[int, dict]) -> dict:
-    """Mean ± 95% t-interval over training seeds per row and set, the paired differences of every row to GKD
-    and KD with verdicts, the teacher-student gap, the k sweep and the expert specialisation."""
+    """The statistics assembled over training seeds.
+    Mean ± 95% t-interval per row and set, the paired differences of every row to GKD and KD with verdicts,
+    the teacher-student gap, the k sweep and the expert specialisation."""
     first = next(iter(seeds.values()))
     set_names = first["sets"]
     labels = [label for label in first["rows"] if all(label in s["rows"] for s in seeds.values())]
@@ -558,9 +560,9 @@ SUMMARY = [("GKD", "KD"), ("ALL", "GKD"), ("KA", "GKD"), ("SAR", "GKD"), ("KA", 
 
 
 def summary_markdown(root: Path) -> str:
-    """One table over the presets assembled under root (<preset>/results.json): the SFT rows' Avg, the
-    teacher-student gap and the paired differences behind the paper's ordering (KA, SAR > ALL > GKD > KD),
-    each a 95% t-interval over training seeds with its verdict."""
+    """One table over the presets assembled under root (<preset>/results.json).
+    The SFT rows' Avg, the teacher-student gap and the paired differences behind the paper's ordering
+    (KA, SAR > ALL > GKD > KD), each a 95% t-interval over training seeds with its verdict."""
     results = {p: json.loads((root / p / "results.json").read_text()) for p in PRESETS
                if (root / p / "results.json").is_file()}
     if not results:
@@ -603,7 +605,8 @@ def assemble(args) -> dict:
 
 
 def plot_assembled(result: dict, path: Path) -> None:
-    """Left: each row's Avg, mean and 95% t-interval over training seeds (dots: the seeds). Right: paired
+    """The assembled result's figure, saved to `path`.
+    Left: each row's Avg, mean and 95% t-interval over training seeds (dots: the seeds). Right: paired
     differences to GKD, KD and ALL with their intervals. Third panel, when there is one: the k sweep."""
     plt = moe_eval.pyplot()
     sweep = result["k_sweep"]

@@ -30,8 +30,8 @@ M32 = 0xFFFFFFFF
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash, in place, of int64 values in [0, 2^32) (products stay below 2^63: no
-    overflow)."""
+    """A 32-bit integer hash, in place, of int64 values in [0, 2^32).
+    Products stay below 2^63: no overflow."""
     for _ in range(2):
         x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(M32)
     return x.bitwise_xor_(x >> 16)
@@ -44,9 +44,10 @@ def row_keys(seeds: list[int], device) -> torch.Tensor:
 
 
 def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, V] fp32, a pure function of (row key, step, token id): counter-based, so a row's
-    draws depend on its seed and position only, never on its batch, device or rank, and a whole batch
-    costs a dozen tensor ops (no per-row generator). argmax(logits + noise) is a draw from softmax(logits)."""
+    """Gumbel(0, 1) noise [B, V] fp32, a pure function of (row key, step, token id).
+    Counter-based, so a row's draws depend on its seed and position only, never on its batch, device or
+    rank, and a whole batch costs a dozen tensor ops (no per-row generator). argmax(logits + noise) is a
+    draw from softmax(logits)."""
     k = mix32(keys ^ mix32(keys * 0 + step))             # [B]; step: an int or a 0-d tensor (compiled decode)
     h = torch.arange(vocab, device=keys.device, dtype=torch.long).mul_(0x9E3779B1)
     h = mix32(h.unsqueeze(0).add(k[:, None]).bitwise_and_(M32))                           # [B, V]
@@ -62,8 +63,9 @@ def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
 
 
 class RowSeededSampler:
-    """transformers' `generate` as the reference sampler: a logits processor that turns greedy decoding into
-    the same per-row seeded ancestral sampling as sample_rows (the t-th call adds gumbel_noise(keys, t))."""
+    """A logits processor that makes transformers' `generate` the reference sampler.
+    It turns greedy decoding into the same per-row seeded ancestral sampling as sample_rows (the t-th call
+    adds gumbel_noise(keys, t))."""
 
     def __init__(self, seeds: list[int], device: torch.device):
         self.keys, self.step = row_keys(seeds, device), 0
@@ -75,15 +77,14 @@ class RowSeededSampler:
 
 
 def next_token(logits: torch.Tensor, keys: torch.Tensor, step) -> torch.Tensor:
-    """argmax(logits + gumbel_noise): an exact draw from softmax(logits [B, V]) at temperature 1,
-    row-seeded."""
+    """argmax(logits + gumbel_noise): an exact row-seeded draw from softmax(logits [B, V]), temperature 1."""
     return (logits.float() + gumbel_noise(keys, step, logits.shape[-1])).argmax(-1)
 
 
 def decode_step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache,
                 keys: torch.Tensor, step) -> torch.Tensor:
-    """One token for every row: the model on the static cache, then next_token [B]. Shapes are fixed for a
-    batch (token, position [B, t], mask [B, cache length]), so it compiles once."""
+    """One token for every row: the model on the static cache, then next_token [B].
+    Shapes are fixed for a batch (token, position [B, t], mask [B, cache length]), so it compiles once."""
     logits = model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]                                        # [B, V]
     return next_token(logits, keys, step)
@@ -93,8 +94,9 @@ _compiled: dict[str, object] = {}
 
 
 def compiled_decode_step(device: torch.device):
-    """decode_step under torch.compile, made once per device type: fixed shapes (dynamic=False), and on CUDA
-    "reduce-overhead" (CUDA graphs: one launch per token). A new batch shape or model recompiles once."""
+    """decode_step under torch.compile, made once per device type.
+    Fixed shapes (dynamic=False), and on CUDA "reduce-overhead" (CUDA graphs: one launch per token). A new
+    batch shape or model recompiles once."""
     if device.type not in _compiled:
         mode = "reduce-overhead" if device.type == "cuda" else None
         _compiled[device.type] = torch.compile(decode_step, dynamic=False, mode=mode)
@@ -102,8 +104,8 @@ def compiled_decode_step(device: torch.device):
 
 
 def cache_length(width: int) -> int:
-    """Static cache length for prompt + new tokens: the next power of two (>= 64), so batches of other
-    prompt widths reuse one compiled step instead of compiling their own."""
+    """Static cache length for prompt + new tokens: the next power of two (>= 64).
+    So batches of other prompt widths reuse one compiled step instead of compiling their own."""
     return max(64, 1 << (width - 1).bit_length())
 
 
@@ -112,10 +114,11 @@ EOS_CHECK_EVERY = 8  # decode steps between the host's checks that every row has
 
 
 def static_cache(model: nn.Module, batch: int, length: int):
-    """The model's StaticCache for (batch, length), made once and reset() on every later call: the compiled
-    decode step then sees the same cache tensors (the same addresses) each call, so its CUDA graph is recorded
-    once per shape for a whole run instead of re-recorded every training step, which counts against torch's
-    re-record limit and silently drops the graph after ~128 steps. One cache per shape stays allocated."""
+    """The model's StaticCache for (batch, length), made once and reset() on every later call.
+    The compiled decode step then sees the same cache tensors (the same addresses) each call, so its CUDA
+    graph is recorded once per shape for a whole run instead of re-recorded every training step, which
+    counts against torch's re-record limit and silently drops the graph after ~128 steps. One cache per
+    shape stays allocated."""
     from transformers import StaticCache
     param = next(model.parameters())
     key = (batch, length, param.device, param.dtype)
@@ -128,8 +131,9 @@ def static_cache(model: nn.Module, batch: int, length: int):
 
 
 def stop_ids(tokenizer) -> list[int]:
-    """The ids that end a response, the response's own end token first: those data.set_template found for
-    --template chat (the template's end-of-turn token, EOS, generation_config's eos ids), else the EOS."""
+    """The ids that end a response, the response's own end token first.
+    Those data.set_template found for --template chat (the template's end-of-turn token, EOS,
+    generation_config's eos ids), else the EOS."""
     return list(getattr(tokenizer, "moekd_stop_ids", None) or [tokenizer.eos_token_id])
 
 
@@ -150,15 +154,16 @@ def batch_ended(ended: torch.Tensor) -> bool:
 @torch.no_grad()
 def sample_rows(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int | list[int],
                 max_new_tokens: int, seeds: list[int], compile: bool = False) -> list[list[int]]:
-    """moekd's own decoder for on-policy sampling: the whole left-padded batch advances one token per step
-    on a preallocated static KV cache, the next token is argmax(logits + gumbel_noise) (exact sampling from
-    softmax(logits) at temperature 1, per-row seeded), no Python work per row, and it stops once every row
-    has ended, checked every EOS_CHECK_EVERY steps (never without a possible EOS) so the host does not wait
-    for each token; the extra steps are cut off. `compile`: the decode step runs compiled
-    (compiled_decode_step) on the model's reused static cache (static_cache). A family that transformers
-    marks as not compilable (its own cache class: MiniMax) keeps its own cache and runs eager. Ended rows get
-    pad tokens, as in `generate`. Same tokens as `generate` with RowSeededSampler, and as a loop without
-    cache. `eos_id`: the id, or the ids (a chat model's end of turn, its EOS, ...), that end a row."""
+    """moekd's own decoder for on-policy sampling: the whole batch advances one token per step.
+    The left-padded batch runs on a preallocated static KV cache; the next token is
+    argmax(logits + gumbel_noise) (exact sampling from softmax(logits) at temperature 1, per-row seeded), no
+    Python work per row, and it stops once every row has ended, checked every EOS_CHECK_EVERY steps (never
+    without a possible EOS) so the host does not wait for each token; the extra steps are cut off. `compile`:
+    the decode step runs compiled (compiled_decode_step) on the model's reused static cache (static_cache).
+    A family that transformers marks as not compilable (its own cache class: MiniMax) keeps its own cache and
+    runs eager. Ended rows get pad tokens, as in `generate`. Same tokens as `generate` with RowSeededSampler,
+    and as a loop without cache. `eos_id`: the id, or the ids (a chat model's end of turn, its EOS, ...),
+    that end a row."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -212,15 +217,14 @@ def sample_tokens(model: nn.Module, prompts: list[list[int]], *, pad_id: int, eo
                   max_new_tokens: int,
                   batch_size: int, seeds: list[int] | None = None, desc: str = "generate",
                   sampler: str = "moekd", compile: bool = False, **options) -> list[list[int]]:
-    """Sampled continuations of token-id prompts, left-padded in batches: top_k 0, top_p 1,
-    temperature 1 (the paper's sampling), pure ancestral sampling, from the global torch RNG or, with
-    `seeds` (one per prompt), from per-row streams: by sample_rows (sampler "moekd", its decode step compiled
-    with `compile`), or `generate` with
-    RowSeededSampler (sampler "generate", the reference; also used for a sharded model). The model's own
-    generation_config (a checkpoint's temperature 0.6, repetition_penalty 1.1, ...) is not consulted:
-    `options` (eval's no_repeat_ngram_size) are the only other settings; `eos_id` may list several ids
-    (each ends a row). An FSDP-sharded model
-    needs every rank in each forward, so its ranks keep stepping until all are done (synced_gpus)."""
+    """Sampled continuations of token-id prompts, left-padded in batches, by pure ancestral sampling.
+    top_k 0, top_p 1, temperature 1 (the paper's sampling), from the global torch RNG or, with `seeds` (one
+    per prompt), from per-row streams: by sample_rows (sampler "moekd", its decode step compiled with
+    `compile`), or `generate` with RowSeededSampler (sampler "generate", the reference; also used for a
+    sharded model). The model's own generation_config (a checkpoint's temperature 0.6,
+    repetition_penalty 1.1, ...) is not consulted: `options` (eval's no_repeat_ngram_size) are the only
+    other settings; `eos_id` may list several ids (each ends a row). An FSDP-sharded model needs every rank
+    in each forward, so its ranks keep stepping until all are done (synced_gpus)."""
     from tqdm import tqdm
     from transformers import GenerationConfig, LogitsProcessorList
     sampling = (dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0) if seeds is None
@@ -276,10 +280,11 @@ _copies: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDict
 
 @torch.no_grad()
 def sampling_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The model with its weights in `dtype` (bf16), for sampling under autocast: each token then reads the
-    bf16 weights once instead of casting the fp32 master weights in every op (memory-bound decoding moves
-    half the bytes; the official code's DeepSpeed bf16 model also samples in bf16). Made once per model
-    (no fp32 transient: the copy's parameters are made directly in `dtype`), refreshed on every call."""
+    """The model with its weights in `dtype` (bf16), for sampling under autocast.
+    Each token then reads the bf16 weights once instead of casting the fp32 master weights in every op
+    (memory-bound decoding moves half the bytes; the official code's DeepSpeed bf16 model also samples in
+    bf16). Made once per model (no fp32 transient: the copy's parameters are made directly in `dtype`),
+    refreshed on every call."""
     params = list(model.parameters())
     twin = _copies.get(model)
     if twin is None or next(twin.parameters()).dtype != dtype:
@@ -293,10 +298,11 @@ def sampling_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 @contextlib.contextmanager
 def neutral_generation_defaults(model: nn.Module) -> Iterator[None]:
-    """transformers fills every decoding setting a call leaves unset from the model's own generation_config,
+    """Inside the block the model's generation defaults are the library's neutral ones.
+    transformers fills every decoding setting a call leaves unset from the model's own generation_config,
     so a checkpoint's repetition_penalty, no_repeat_ngram_size, min_length, bad_words_ids, forced or
-    suppressed tokens would silently change the samples. Inside the block the model's defaults are the
-    library's neutral ones: sampling is softmax(logits) plus exactly what the caller set."""
+    suppressed tokens would silently change the samples; inside, sampling is softmax(logits) plus exactly
+    what the caller set."""
     from transformers import GenerationConfig
     saved = getattr(model, "generation_config", None)
     if saved is not None:
@@ -310,9 +316,9 @@ def neutral_generation_defaults(model: nn.Module) -> Iterator[None]:
 
 def sample_responses(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                      batch_size: int, seed: int, desc: str = "generate", **options) -> list[str]:
-    """Decoded sampled responses, each cut at its first stop id (stop_ids: a chat model's end of turn too),
-    seeded on their own: the global RNG is restored afterwards, so evaluating in the middle of training
-    does not change the training run."""
+    """Decoded sampled responses, each cut at its first stop id, seeded on their own.
+    Stop ids (stop_ids) include a chat model's end of turn. The global RNG is restored afterwards, so
+    evaluating in the middle of training does not change the training run."""
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

@@ -72,8 +72,8 @@ def t_quantile(p: float, df: int) -> float:
 
 
 def mean_ci(values: list[float], level: float = LEVEL) -> dict:
-    """Mean, sample std and the two-sided t-interval of the mean; with one value the std and interval are
-    None."""
+    """Mean, sample std and the two-sided t-interval of the mean.
+    With one value the std and interval are None."""
     n = len(values)
     if n == 0:
         raise ValueError("mean_ci needs at least one value")
