@@ -525,7 +525,8 @@ for folder in sys.argv[1:]:
     for got, want in ((reverse_kl(native, dense, mask), textbook(native, dense)),
                       (forward_kl(native, dense, mask), textbook(dense, native))):
         torch.testing.assert_close(got.double(), (want * mask).sum() / n, atol=1e-6, rtol=1e-4)
-project = {"moekd", "checkpoints", "data", "errors", "hidden_losses", "llama_moe", "parallel", "sampling"}
+project = {"moekd", "checkpoints", "cli", "data", "errors", "hidden_losses", "llama_moe", "parallel",
+           "sampling"}
 print(json.dumps({"ok": len(sys.argv) - 1, "project_modules": sorted(project & set(sys.modules))}))
 """
 
@@ -537,8 +538,8 @@ def test_routing_and_losses_copy_out_of_moekd(tmp_path):
     Dots1 (DeepSeek-V3's sigmoid router with groups and bias). docs/methods.md gives the closure's line
     count."""
     code = closure_source({"moe_routing", "reverse_kl", "forward_kl"})
-    assert "LlamaMoE" not in code and not re.search(
-        r"^(from|import) (checkpoints|parallel|llama_moe|sampling|errors|data|hidden_losses)\b", code, re.M)
+    project = "checkpoints|cli|parallel|llama_moe|sampling|errors|data|hidden_losses"
+    assert "LlamaMoE" not in code and not re.search(rf"^(from|import) ({project})\b", code, re.M)
     folder = tmp_path / "copy"
     folder.mkdir()
     (folder / "copied.py").write_text(code)
