@@ -1376,7 +1376,7 @@ def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dic
 
 
 # ----------------------------------------------------------------------------
-# The paperwork of a run: loading and checking the models, the command line, the run's last lines
+# The paperwork of a run: loading and checking the models, its first line (the command line: cli.py)
 
 def load_student(cfg: Config, source: str, tokenizer, *, device: torch.device, mesh, dist: Dist) -> nn.Module:
     """The student in fp32 master weights, checked (--shard-student: read one rank at a time, sharded)."""
