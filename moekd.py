@@ -1307,11 +1307,6 @@ def finish(r: Run, total: int, *, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------
 # Main
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Config from the command line: explicit flags > --tiny preset > defaults (--resume: its run.json)."""
-    return Config(**config_values(Config, METHODS, argv, about=__doc__.split("\n\n")[0]))
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run one training job (one process of a torchrun launch); returns its metrics."""
     cfg = parse_config(argv)
@@ -1377,6 +1372,11 @@ def _main(cfg: Config, dist: Dist, device: torch.device, guard: RunGuard) -> dic
 
 # ----------------------------------------------------------------------------
 # The paperwork of a run: loading and checking the models, its first line (the command line: cli.py)
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Config from the command line: explicit flags > --tiny preset > defaults (--resume: its run.json)."""
+    return Config(**config_values(Config, METHODS, argv, about=__doc__.split("\n\n")[0]))
+
 
 def load_student(cfg: Config, source: str, tokenizer, *, device: torch.device, mesh, dist: Dist) -> nn.Module:
     """The student in fp32 master weights, checked (--shard-student: read one rank at a time, sharded)."""
