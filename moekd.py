@@ -46,8 +46,6 @@ from parallel import (SINGLE, Dist, all_reduce_sum, average_gradients, barrier, 
                       resolve_device, resolve_dtype, shard_loaded, split_global_batch, unwrap, wrap_student)
 from sampling import sample_responses, sample_tokens, stop_ids
 
-HERE = Path(__file__).resolve().parent
-
 
 # Shapes: B batch, T time, H hidden, V vocab, E experts, K selected experts, N tokens (B*T flattened),
 # M teacher passes. p is the teacher's distribution, q the student's.
